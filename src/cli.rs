@@ -1,0 +1,172 @@
+//! The command-line edge: turns a parsed [`Cli`] into calls on the library,
+//! with `anyhow` errors and exit codes. Signals become shutdown futures here.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+
+use crate::config::{Cli, Command, flag_in_argv, parse_metrics_addr};
+use crate::telemetry::Metrics;
+
+fn env_vars() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let argv: Vec<String> = std::env::args().collect();
+    let db_in_argv = flag_in_argv(&argv, "--database-url");
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = args.to_config(db_in_argv, env_vars())?;
+            tracing::info!(
+                db = %crate::sink::describe(&cfg.database),
+                brokers = %cfg.kafka.brokers,
+                topic = %cfg.kafka.topic,
+                group = %cfg.kafka.group_id,
+                batch_max_rows = cfg.batch_max_rows,
+                batch_max_wait_ms = cfg.batch_max_wait.as_millis() as u64,
+                "starting pipeline"
+            );
+            let rt = runtime()?;
+            let summary =
+                rt.block_on(crate::pipeline::run(cfg, Metrics::new(), shutdown_signal()))?;
+            tracing::info!(
+                written = summary.events_written,
+                rejected = summary.rejected,
+                "clean exit"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate(db) => {
+            let config = db.require(db_in_argv)?;
+            let rt = runtime()?;
+            let report = rt.block_on(async {
+                let mut client = crate::sink::connect(&config).await?;
+                crate::sink::migrate::migrate(&mut client).await
+            })?;
+            println!(
+                "migrations: {} applied ({}), {} already in place",
+                report.applied.len(),
+                report.applied.join(", "),
+                report.already
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate(args) => {
+            let cfg = crate::generate::GenerateConfig {
+                events: args.events,
+                customers: args.customers,
+                days: args.days,
+                start: args.start,
+                seed: args.seed,
+                bad_ratio: args.bad_ratio,
+            };
+            let summary = match &args.output {
+                Some(path) => {
+                    let f = std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    crate::generate::generate(&cfg, f)?
+                }
+                None => crate::generate::generate(&cfg, std::io::stdout().lock())?,
+            };
+            eprintln!(
+                "generated {} events ({} valid, {} invalid)",
+                summary.good + summary.bad,
+                summary.good,
+                summary.bad
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Produce(args) => {
+            let cfg = crate::produce::ProduceConfig {
+                kafka: args.kafka.to_config("energy-stream-producer", env_vars())?,
+                input: args.input.clone(),
+                partitions: args.partitions,
+                rate: args.rate,
+                shuffle: args.shuffle,
+                repeat: args.repeat,
+                bad_lines: args.bad_lines.clone(),
+            };
+            let metrics = Metrics::new();
+            let stop = Arc::new(AtomicBool::new(false));
+            let rt = runtime()?;
+            let metrics_addr =
+                parse_metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
+            let health = Arc::new(crate::telemetry::Health::default());
+            health.kafka_ok.store(true, Ordering::Relaxed);
+            health.postgres_ok.store(true, Ordering::Relaxed);
+            {
+                let stop = stop.clone();
+                rt.spawn(async move {
+                    shutdown_signal().await;
+                    stop.store(true, Ordering::Relaxed);
+                });
+            }
+            if let Some(addr) = metrics_addr {
+                let stop = stop.clone();
+                rt.block_on(crate::telemetry::serve(
+                    addr,
+                    metrics.clone(),
+                    health,
+                    async move {
+                        while !stop.load(Ordering::Relaxed) {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                    },
+                ))
+                .with_context(|| format!("cannot bind the metrics endpoint on {addr}"))?;
+            }
+            let summary = crate::produce::produce(&cfg, &stop, metrics)?;
+            println!("{summary}");
+            if summary.bad_lines > 0 {
+                println!("bad lines written to {}", cfg.bad_lines.display());
+            }
+            Ok(if summary.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Demo(args) => {
+            let cfg = crate::demo::DemoConfig {
+                database: args.db.resolve(db_in_argv)?,
+                input: args.input.clone(),
+                keep_running: args.keep_running,
+                metrics_addr: if args.keep_running {
+                    parse_metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?
+                } else {
+                    None
+                },
+            };
+            let rt = runtime()?;
+            let report = rt.block_on(crate::demo::run(cfg, shutdown_signal()))?;
+            println!("\n{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

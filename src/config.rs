@@ -1,0 +1,539 @@
+//! Config: the command line, its environment fallbacks, and the typed settings
+//! handed to the stages.
+//!
+//! This is the only module that reads the environment or argv. Every flag has
+//! an env fallback (shown in `--help`); secrets are accepted only from the
+//! environment or from a `*_FILE` path, never from argv, and `--help` hides
+//! env values. Stages receive plain typed structs ([`PipelineConfig`] and its
+//! parts) and never see clap.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use clap::{Args, Parser, Subcommand};
+
+use crate::decode::DecodeConfig;
+use crate::source::KafkaConfig;
+use crate::validate::ValidationRules;
+
+/// Errors in the user's configuration, each a one-line explanation.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no database configured: set DATABASE_URL (or DATABASE_URL_FILE), e.g. postgres://user@localhost:5432/energy"
+    )]
+    NoDatabase,
+    #[error("invalid database URL: {0}")]
+    BadDatabaseUrl(String),
+    #[error(
+        "refusing a password on the command line (it would show in `ps`): pass the URL in DATABASE_URL or DATABASE_URL_FILE, or the password in DATABASE_PASSWORD_FILE"
+    )]
+    PasswordInArgv,
+    #[error("cannot read {var} file {path}: {source}")]
+    SecretFile {
+        var: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid --kafka-option {0:?}: expected key=value")]
+    BadKafkaOption(String),
+    #[error(
+        "refusing Kafka option {0} on the command line because it holds a secret: set KAFKA_OPT_{env} (or KAFKA_OPT_{env}_FILE) instead",
+        env = .0.to_uppercase().replace('.', "_")
+    )]
+    SecretKafkaOption(String),
+    #[error("--batch-max-rows must be at least 1")]
+    BatchRows,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "energy-stream",
+    version,
+    about = "Streams energy-retail events from Kafka into PostgreSQL through Arrow micro-batches, exactly once."
+)]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "LOG_JSON", global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pipeline: consume, validate, write to Postgres exactly once.
+    Run(RunArgs),
+    /// Apply the schema migrations in sql/ and exit.
+    Migrate(DbArgs),
+    /// Write deterministic, realistic sample events as JSONL.
+    Generate(GenerateArgs),
+    /// Replay a JSONL file into a Kafka topic.
+    Produce(ProduceArgs),
+    /// The newcomer's tour: in-process Kafka, a local Postgres, sample data, one summary.
+    Demo(DemoArgs),
+}
+
+/// Where Postgres is. The URL may carry a password only when it comes from the
+/// environment or a file.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL, e.g. postgres://energy@localhost:5432/energy?sslmode=require.
+    /// Without a password here; put secrets in DATABASE_URL or the *_FILE variables.
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// A file holding the database URL (for container secrets).
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+    /// A file holding the database password, applied to the URL.
+    #[arg(long, env = "DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+    /// Topic to read (run) or write (produce).
+    #[arg(long, env = "TOPIC", default_value = "energy_events")]
+    pub topic: String,
+    /// Any librdkafka option, as key=value (repeatable): SASL, TLS, fetch tuning.
+    /// Options holding secrets (sasl.password, ssl.key.password, ...) must come
+    /// from KAFKA_OPT_* environment variables instead, e.g.
+    /// KAFKA_OPT_SASL_PASSWORD or KAFKA_OPT_SASL_PASSWORD_FILE.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    pub kafka_options: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Consumer group; consumers with the same group share the partitions.
+    #[arg(long, env = "GROUP_ID", default_value = "energy-stream")]
+    pub group_id: String,
+    /// A micro-batch closes at this many messages...
+    #[arg(long, env = "BATCH_MAX_ROWS", default_value_t = 20_000)]
+    pub batch_max_rows: usize,
+    /// ...or this many milliseconds after its first message, whichever comes first.
+    #[arg(long, env = "BATCH_MAX_WAIT_MS", default_value_t = 500)]
+    pub batch_max_wait_ms: u64,
+    /// Serve /metrics, /healthz and /readyz here ("off" to disable).
+    /// Loopback by default; the container image sets 0.0.0.0:9898.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
+    pub metrics_addr: String,
+    /// Messages larger than this are rejected as too_large.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Events before this instant are rejected (event_time_too_old).
+    #[arg(long, env = "MIN_EVENT_TIME", default_value = "2000-01-01T00:00:00Z")]
+    pub min_event_time: DateTime<Utc>,
+    /// Events more than this many seconds ahead of the clock are rejected (event_time_in_future).
+    #[arg(long, env = "MAX_FUTURE_SECS", default_value_t = 86_400)]
+    pub max_future_secs: i64,
+    /// Do not apply migrations at start.
+    #[arg(long, env = "NO_MIGRATE")]
+    pub no_migrate: bool,
+    /// Exit once every assigned partition is consumed to its end and committed.
+    #[arg(long)]
+    pub stop_when_caught_up: bool,
+    /// On SIGTERM/SIGINT, how long to keep trying to commit in-flight batches.
+    #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+    /// Seconds between progress log lines.
+    #[arg(long, env = "PROGRESS_INTERVAL_SECS", default_value_t = 10)]
+    pub progress_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// Number of lines to write.
+    #[arg(long, default_value_t = 10_000)]
+    pub events: u64,
+    #[arg(long, default_value_t = 200)]
+    pub customers: u32,
+    #[arg(long, default_value_t = 7)]
+    pub days: u32,
+    /// First instant of the generated period (RFC 3339).
+    #[arg(long, default_value = "2025-06-01T00:00:00Z")]
+    pub start: DateTime<Utc>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Fraction of lines replaced by invalid ones of every kind.
+    #[arg(long, default_value_t = 0.0)]
+    pub bad_ratio: f64,
+    /// Output file; standard output when absent.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProduceArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// The JSONL file to replay.
+    #[arg(long, short, default_value = "data/events.jsonl")]
+    pub input: PathBuf,
+    /// Partitions for the topic when it has to be created.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// Events per second; as fast as possible when absent.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Send the lines in a random (seeded) order.
+    #[arg(long)]
+    pub shuffle: bool,
+    /// Replay the file again and again until interrupted.
+    #[arg(long = "loop")]
+    pub repeat: bool,
+    /// Where refused lines go, with their reason.
+    #[arg(long, default_value = "bad-lines.jsonl")]
+    pub bad_lines: PathBuf,
+    /// Serve /metrics here while producing ("off" to disable).
+    #[arg(long, env = "PRODUCER_METRICS_ADDR", default_value = "off")]
+    pub metrics_addr: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Keep the pipeline and the metrics endpoint running after the summary, until Ctrl-C.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// The events to replay.
+    #[arg(long, default_value = "data/events.jsonl")]
+    pub input: PathBuf,
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
+    pub metrics_addr: String,
+}
+
+/// Everything the pipeline needs, typed.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub kafka: KafkaConfig,
+    pub database: tokio_postgres::Config,
+    pub decode: DecodeConfig,
+    pub rules: ValidationRules,
+    pub batch_max_rows: usize,
+    pub batch_max_wait: Duration,
+    pub migrate: bool,
+    pub stop_when_caught_up: bool,
+    pub drain_timeout: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    pub progress_interval: Duration,
+}
+
+impl PipelineConfig {
+    /// Defaults for tests, the demo and benches: everything but where things are.
+    pub fn new(kafka: KafkaConfig, database: tokio_postgres::Config) -> Self {
+        PipelineConfig {
+            kafka,
+            database,
+            decode: DecodeConfig::default(),
+            rules: ValidationRules::default(),
+            batch_max_rows: 20_000,
+            batch_max_wait: Duration::from_millis(500),
+            migrate: true,
+            stop_when_caught_up: false,
+            drain_timeout: Duration::from_secs(30),
+            metrics_addr: None,
+            progress_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+fn read_secret_file(var: &str, path: &PathBuf) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|source| ConfigError::SecretFile {
+            var: var.into(),
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+impl DbArgs {
+    /// Resolves the database settings. `from_argv` tells whether `--database-url`
+    /// was typed on the command line (as opposed to taken from DATABASE_URL).
+    pub fn resolve(&self, from_argv: bool) -> Result<Option<tokio_postgres::Config>, ConfigError> {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (Some(u), _) => Some(u.clone()),
+            (None, Some(f)) => Some(read_secret_file("DATABASE_URL_FILE", f)?),
+            (None, None) => None,
+        };
+        let Some(url) = url else { return Ok(None) };
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| ConfigError::BadDatabaseUrl(e.to_string()))?;
+        if from_argv && self.database_url.is_some() && config.get_password().is_some() {
+            return Err(ConfigError::PasswordInArgv);
+        }
+        if let Some(f) = &self.database_password_file {
+            config.password(read_secret_file("DATABASE_PASSWORD_FILE", f)?);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("energy-stream");
+        }
+        Ok(Some(config))
+    }
+
+    pub fn require(&self, from_argv: bool) -> Result<tokio_postgres::Config, ConfigError> {
+        self.resolve(from_argv)?.ok_or(ConfigError::NoDatabase)
+    }
+}
+
+/// Option keys that hold secrets and are refused on argv.
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("token")
+}
+
+impl KafkaArgs {
+    /// `--kafka-option` values, then `KAFKA_OPT_*` variables from `env`
+    /// (`KAFKA_OPT_SASL_MECHANISM=PLAIN` → `sasl.mechanism=PLAIN`; a `_FILE`
+    /// suffix reads the value from that file).
+    pub fn options(
+        &self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut out = Vec::new();
+        for kv in &self.kafka_options {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadKafkaOption(kv.clone()))?;
+            if k.trim().is_empty() {
+                return Err(ConfigError::BadKafkaOption(kv.clone()));
+            }
+            if is_secret_key(k) {
+                return Err(ConfigError::SecretKafkaOption(k.to_string()));
+            }
+            out.push((k.trim().to_string(), v.to_string()));
+        }
+        let mut from_env: Vec<(String, String)> = Vec::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("KAFKA_OPT_") else {
+                continue;
+            };
+            if let Some(base) = rest.strip_suffix("_FILE") {
+                let v = read_secret_file(&name, &PathBuf::from(&value))?;
+                from_env.push((base.to_lowercase().replace('_', "."), v));
+            } else {
+                from_env.push((rest.to_lowercase().replace('_', "."), value));
+            }
+        }
+        from_env.sort();
+        out.extend(from_env);
+        Ok(out)
+    }
+
+    pub fn to_config(
+        &self,
+        group_id: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<KafkaConfig, ConfigError> {
+        Ok(KafkaConfig {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            group_id: group_id.to_string(),
+            options: self.options(env)?,
+        })
+    }
+}
+
+/// "off" or an address.
+pub fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("invalid metrics address {s:?}: {e} (expected host:port or off)"))
+}
+
+impl RunArgs {
+    pub fn to_config(
+        &self,
+        database_from_argv: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<PipelineConfig> {
+        if self.batch_max_rows == 0 {
+            return Err(ConfigError::BatchRows.into());
+        }
+        let database = self.db.require(database_from_argv)?;
+        let kafka = self.kafka.to_config(&self.group_id, env)?;
+        let mut cfg = PipelineConfig::new(kafka, database);
+        cfg.decode = DecodeConfig {
+            max_message_bytes: self.max_message_bytes,
+        };
+        cfg.rules = ValidationRules {
+            min_event_time: self.min_event_time,
+            max_future: TimeDelta::seconds(self.max_future_secs),
+        };
+        cfg.batch_max_rows = self.batch_max_rows;
+        cfg.batch_max_wait = Duration::from_millis(self.batch_max_wait_ms);
+        cfg.migrate = !self.no_migrate;
+        cfg.stop_when_caught_up = self.stop_when_caught_up;
+        cfg.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
+        cfg.metrics_addr = parse_metrics_addr(&self.metrics_addr).map_err(anyhow::Error::msg)?;
+        cfg.progress_interval = Duration::from_secs(self.progress_interval_secs.max(1));
+        Ok(cfg)
+    }
+}
+
+/// True when `flag` (e.g. `--database-url`) was typed in `args`.
+pub fn flag_in_argv(args: &[String], flag: &str) -> bool {
+    args.iter()
+        .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults_and_options() {
+        let cli = parse(&[
+            "energy-stream",
+            "run",
+            "--database-url",
+            "postgres://u@h/db",
+            "--kafka-option",
+            "security.protocol=SASL_SSL",
+            "--batch-max-rows",
+            "500",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        let env = vec![
+            ("KAFKA_OPT_SASL_MECHANISM".to_string(), "PLAIN".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let cfg = args.to_config(true, env).unwrap();
+        assert_eq!(cfg.batch_max_rows, 500);
+        assert_eq!(cfg.batch_max_wait, Duration::from_millis(500));
+        assert_eq!(cfg.kafka.topic, "energy_events");
+        assert_eq!(
+            cfg.kafka.options,
+            vec![
+                ("security.protocol".to_string(), "SASL_SSL".to_string()),
+                ("sasl.mechanism".to_string(), "PLAIN".to_string())
+            ]
+        );
+        assert_eq!(cfg.decode.max_message_bytes, 1 << 20);
+        assert_eq!(cfg.rules.max_future, TimeDelta::hours(24));
+        assert_eq!(
+            cfg.metrics_addr,
+            Some("127.0.0.1:9898".parse().unwrap()),
+            "loopback by default"
+        );
+        assert!(
+            !format!("{:?}", cfg.kafka).contains("PLAIN"),
+            "option values are not logged"
+        );
+    }
+
+    #[test]
+    fn secrets_are_refused_on_argv() {
+        let cli = parse(&[
+            "energy-stream",
+            "run",
+            "--database-url",
+            "postgres://u:hunter2@h/db",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        let err = args.to_config(true, vec![]).unwrap_err().to_string();
+        assert!(err.contains("refusing a password"), "{err}");
+        assert!(!err.contains("hunter2"));
+        // The same URL from the environment is fine.
+        assert!(args.to_config(false, vec![]).is_ok());
+
+        let cli = parse(&[
+            "energy-stream",
+            "run",
+            "--database-url",
+            "postgres://u@h/db",
+            "--kafka-option",
+            "sasl.password=hunter2",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        let err = args.to_config(true, vec![]).unwrap_err().to_string();
+        assert!(err.contains("KAFKA_OPT_SASL_PASSWORD"), "{err}");
+        assert!(!err.contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_files() {
+        let dir = std::env::temp_dir().join(format!("es-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let db = DbArgs {
+            database_url: Some("postgres://u@h/db".into()),
+            database_url_file: None,
+            database_password_file: Some(pw.clone()),
+        };
+        let c = db.require(false).unwrap();
+        assert_eq!(c.get_password(), Some(&b"s3cret"[..]));
+        let k = KafkaArgs {
+            brokers: "b".into(),
+            topic: "t".into(),
+            kafka_options: vec![],
+        };
+        let opts = k
+            .options(vec![(
+                "KAFKA_OPT_SASL_PASSWORD_FILE".to_string(),
+                pw.display().to_string(),
+            )])
+            .unwrap();
+        assert_eq!(
+            opts,
+            vec![("sasl.password".to_string(), "s3cret".to_string())]
+        );
+        let missing = DbArgs {
+            database_url: None,
+            database_url_file: Some(dir.join("nope")),
+            database_password_file: None,
+        };
+        assert!(
+            missing
+                .require(false)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot read")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn help_never_shows_env_values() {
+        // SAFETY: tests in this module do not read this variable concurrently.
+        unsafe { std::env::set_var("DATABASE_URL", "postgres://u:hunter2@h/db") };
+        let mut cmd = Cli::command();
+        let run = cmd.find_subcommand_mut("run").unwrap();
+        let help = run.render_long_help().to_string();
+        unsafe { std::env::remove_var("DATABASE_URL") };
+        assert!(help.contains("DATABASE_URL"));
+        assert!(!help.contains("hunter2"));
+    }
+}

@@ -1,0 +1,201 @@
+//! Demo: the whole path on one machine with nothing but Rust and Postgres.
+//!
+//! It owns the newcomer's tour: an in-process Kafka (librdkafka's MockCluster),
+//! `DATABASE_URL` or else a throwaway local Postgres, the sample events replayed
+//! into a 6-partition topic, the real pipeline run until caught up, and a
+//! summary read back from Postgres. With a `DATABASE_URL` it works in its own
+//! schema, `energy_stream_demo`, which it recreates on every run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::mocking::MockCluster;
+
+use crate::config::PipelineConfig;
+use crate::localpg::LocalPostgres;
+use crate::produce::{ProduceConfig, produce};
+use crate::source::KafkaConfig;
+use crate::telemetry::Metrics;
+
+pub const DEMO_SCHEMA: &str = "energy_stream_demo";
+const TOPIC: &str = "energy_events";
+
+pub struct DemoConfig {
+    pub database: Option<tokio_postgres::Config>,
+    pub input: PathBuf,
+    pub keep_running: bool,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// What the demo found in Postgres at the end.
+#[derive(Debug, Default)]
+pub struct DemoReport {
+    pub by_event_type: BTreeMap<String, i64>,
+    pub by_reason: BTreeMap<String, i64>,
+    pub rows_written: i64,
+    pub rejected: i64,
+    pub elapsed: Duration,
+    pub bad_lines: u64,
+}
+
+impl std::fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{:<28} {:>10}", "events by type", "rows")?;
+        for (k, v) in &self.by_event_type {
+            writeln!(f, "  {k:<26} {v:>10}")?;
+        }
+        writeln!(f, "{:<28} {:>10}", "rejects by reason", "rows")?;
+        if self.by_reason.is_empty() {
+            writeln!(f, "  {:<26} {:>10}", "(none)", 0)?;
+        }
+        for (k, v) in &self.by_reason {
+            writeln!(f, "  {k:<26} {v:>10}")?;
+        }
+        writeln!(
+            f,
+            "{:<28} {:>10}",
+            "rows written to events", self.rows_written
+        )?;
+        writeln!(f, "{:<28} {:>10}", "rows in rejected_events", self.rejected)?;
+        if self.bad_lines > 0 {
+            writeln!(f, "{:<28} {:>10}", "input lines not sent", self.bad_lines)?;
+        }
+        write!(f, "{:<28} {:>9.1}s", "elapsed", self.elapsed.as_secs_f64())
+    }
+}
+
+/// Runs the demo. `shutdown` ends `--keep-running`.
+pub async fn run(
+    cfg: DemoConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<DemoReport> {
+    let started = Instant::now();
+    let mut local = None;
+    let mut database = match cfg.database {
+        Some(db) => {
+            println!(
+                "Postgres: {} (schema {DEMO_SCHEMA})",
+                crate::sink::describe(&db)
+            );
+            db
+        }
+        None => {
+            let pg = tokio::task::spawn_blocking(LocalPostgres::start)
+                .await?
+                .context("DATABASE_URL is not set, so the demo starts its own Postgres")?;
+            println!(
+                "Postgres: started a throwaway cluster at {} (data in {}; removed on exit)",
+                pg.url(),
+                pg.data_dir().display()
+            );
+            let db = pg.url().parse()?;
+            local = Some(pg);
+            db
+        }
+    };
+    database.options(format!("-c search_path={DEMO_SCHEMA}"));
+    let mut admin = database.clone();
+    admin.options("");
+    let client = crate::sink::connect(&admin).await?;
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {DEMO_SCHEMA} CASCADE; CREATE SCHEMA {DEMO_SCHEMA}"
+        ))
+        .await
+        .context("cannot create the demo schema")?;
+
+    let cluster = MockCluster::new(1).context("cannot start the in-process Kafka")?;
+    let brokers = cluster.bootstrap_servers();
+    println!("Kafka: in-process mock cluster at {brokers}, topic {TOPIC} (6 partitions)");
+    let kafka = KafkaConfig {
+        brokers,
+        topic: TOPIC.into(),
+        group_id: "energy-stream-demo".into(),
+        options: vec![],
+    };
+
+    let input = resolve_input(&cfg.input)?;
+    let produce_cfg = ProduceConfig {
+        kafka: kafka.clone(),
+        input: input.clone(),
+        partitions: 6,
+        rate: None,
+        shuffle: false,
+        repeat: false,
+        bad_lines: std::env::temp_dir().join("energy-stream-demo-bad-lines.jsonl"),
+    };
+    let metrics = Metrics::new();
+    let m = metrics.clone();
+    let produced =
+        tokio::task::spawn_blocking(move || produce(&produce_cfg, &AtomicBool::new(false), m))
+            .await??;
+    println!("Produced {} from {}", produced, input.display());
+
+    let mut pcfg = PipelineConfig::new(kafka, database.clone());
+    pcfg.batch_max_wait = Duration::from_millis(200);
+    pcfg.stop_when_caught_up = !cfg.keep_running;
+    pcfg.metrics_addr = cfg.metrics_addr;
+    if cfg.keep_running {
+        println!("Running until Ctrl-C; metrics on {:?}", cfg.metrics_addr);
+    }
+    crate::pipeline::run(pcfg, metrics, shutdown).await?;
+
+    let mut report = DemoReport {
+        bad_lines: produced.bad_lines,
+        ..DemoReport::default()
+    };
+    let client = crate::sink::connect(&database).await?;
+    for r in client
+        .query(
+            "SELECT event_type, count(*) FROM events GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?
+    {
+        report.by_event_type.insert(r.get(0), r.get(1));
+    }
+    for r in client
+        .query(
+            "SELECT reason, count(*) FROM rejected_events GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?
+    {
+        report.by_reason.insert(r.get(0), r.get(1));
+    }
+    report.rows_written = report.by_event_type.values().sum();
+    report.rejected = report.by_reason.values().sum();
+    report.elapsed = started.elapsed();
+    drop(cluster);
+    if let Some(pg) = local {
+        tokio::task::spawn_blocking(move || drop(pg)).await?;
+    }
+    Ok(report)
+}
+
+/// The sample file, or a freshly generated one when it is not there (running
+/// outside the repository, or from the container image).
+fn resolve_input(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let generated = std::env::temp_dir().join("energy-stream-demo-events.jsonl");
+    println!(
+        "{} not found; generating sample events into {}",
+        path.display(),
+        generated.display()
+    );
+    let file = std::fs::File::create(&generated)
+        .with_context(|| format!("cannot write {}", generated.display()))?;
+    crate::generate::generate(
+        &crate::generate::GenerateConfig {
+            bad_ratio: 0.02,
+            ..Default::default()
+        },
+        file,
+    )?;
+    Ok(generated)
+}

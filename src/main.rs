@@ -1,0 +1,19 @@
+//! The `energy-stream` binary: parse flags, start logging, hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use energy_stream::config::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    energy_stream::telemetry::init_logging(cli.log_json);
+    match energy_stream::cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, no backtrace: every error is written for the operator.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

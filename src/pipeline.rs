@@ -1,0 +1,635 @@
+//! Pipeline: the only module that knows how the stages connect.
+//!
+//! ```text
+//!  intake thread                         writer task (tokio)
+//!  ─────────────                         ───────────────────
+//!  source.poll ─► decode.push ─► cut ──► validate ─► sink::prepare (one tx:
+//!      ▲   (rebalance callbacks run       offsets fence, COPY events,
+//!      │    here and set ownership)       rejects, [KPI merges], offsets)
+//!      │                                  ─► gate + generation check ─► COMMIT
+//!      └── pause while the channel is full    ─► Kafka group commit (copy only)
+//! ```
+//!
+//! The channel between the two holds at most [`CHANNEL_DEPTH`] batches; when it
+//! is full (Postgres slow or away) the intake pauses its partitions but keeps
+//! polling, so rebalances are still served and memory stays bounded. Batch N+1
+//! is decoded while batch N is written, and commits stay in order because there
+//! is one writer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::TimestampMicrosecondType;
+use prometheus::core::Collector;
+use rdkafka::Message;
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+
+use crate::config::PipelineConfig;
+use crate::decode::{BatchDecoder, MessageMeta};
+use crate::event::col;
+use crate::sink::{self, BatchWrite, PartitionOffsets, SinkError};
+use crate::source::{KafkaSource, OffsetLoader, Ownership, Polled};
+use crate::telemetry::{Health, Metrics, stage};
+use crate::validate::validate;
+
+/// Batches decoded ahead of the writer.
+pub const CHANNEL_DEPTH: usize = 2;
+
+/// A decoded micro-batch on its way to the writer.
+struct Batch {
+    decoded: RecordBatch,
+    generation: u64,
+    offsets: Vec<PartitionOffsets>,
+    /// Kafka timestamp (ms) of the oldest message, for end-to-end latency.
+    oldest_ts_ms: Option<i64>,
+    decode_time: Duration,
+}
+
+/// What a finished run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    pub batches: u64,
+    pub events_written: u64,
+    pub rejected: u64,
+    pub by_event_type: BTreeMap<String, u64>,
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+/// Why `run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error("cannot bind the metrics endpoint on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "shutdown drain timed out after {0:?} with a batch still uncommitted; it will be consumed again on restart"
+    )]
+    DrainTimeout(Duration),
+    #[error("the intake thread failed: {0}")]
+    Intake(String),
+}
+
+struct PgOffsetLoader {
+    handle: tokio::runtime::Handle,
+    db: tokio_postgres::Config,
+    group_id: String,
+    topic: String,
+}
+
+impl OffsetLoader for PgOffsetLoader {
+    fn load(&self) -> Result<HashMap<i32, i64>, String> {
+        self.handle.block_on(async {
+            let client = sink::connect(&self.db).await.map_err(|e| e.to_string())?;
+            sink::load_offsets(&client, &self.group_id, &self.topic)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Runs the pipeline until `shutdown` resolves (or, with
+/// `stop_when_caught_up`, until every owned partition is consumed to its end
+/// and committed). On shutdown it stops intake, commits the in-flight batches
+/// and returns.
+pub async fn run(
+    cfg: PipelineConfig,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<RunSummary, PipelineError> {
+    let health = Arc::new(Health::default());
+    let (stop_http_tx, stop_http_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = cfg.metrics_addr {
+        let (bound, _) = crate::telemetry::serve(addr, metrics.clone(), health.clone(), async {
+            let _ = stop_http_rx.await;
+        })
+        .await
+        .map_err(|source| PipelineError::Metrics { addr, source })?;
+        tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    }
+
+    let mut client = connect_with_retry(&cfg, &health, &metrics).await?;
+    if cfg.migrate {
+        let report = sink::migrate::migrate(&mut client).await?;
+        if !report.applied.is_empty() {
+            tracing::info!(applied = ?report.applied, "schema migrations applied");
+        }
+    }
+
+    let loader = PgOffsetLoader {
+        handle: tokio::runtime::Handle::current(),
+        db: cfg.database.clone(),
+        group_id: cfg.kafka.group_id.clone(),
+        topic: cfg.kafka.topic.clone(),
+    };
+    let source = Arc::new(KafkaSource::new(
+        &cfg.kafka,
+        Box::new(loader),
+        metrics.clone(),
+        health.clone(),
+    )?);
+    let ownership = source.ownership();
+
+    let stop = ownership.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: stopping intake, committing in-flight batches");
+        stop.request_stop();
+    });
+
+    let (tx, rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
+    let intake = {
+        let source = source.clone();
+        let cfg = cfg.clone();
+        let metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("intake".into())
+            .spawn(move || intake(&source, &cfg, &metrics, tx))
+            .map_err(|e| PipelineError::Intake(e.to_string()))?
+    };
+
+    let result = writer(&cfg, client, &source, &ownership, &metrics, &health, rx).await;
+    ownership.request_stop();
+    // Joining, leaving the group and dropping the consumer can all run
+    // rebalance callbacks, which block: keep them off the async workers.
+    let intake_result = tokio::task::spawn_blocking(move || {
+        let joined = intake.join();
+        source.close();
+        drop(source);
+        joined
+    })
+    .await
+    .map_err(|e| PipelineError::Intake(e.to_string()))?;
+    let _ = stop_http_tx.send(());
+    match intake_result {
+        Ok(()) => {}
+        Err(_) => return Err(PipelineError::Intake("the intake thread panicked".into())),
+    }
+    result
+}
+
+async fn connect_with_retry(
+    cfg: &PipelineConfig,
+    health: &Health,
+    metrics: &Metrics,
+) -> Result<Client, PipelineError> {
+    let mut backoff = Backoff::new();
+    loop {
+        match sink::connect(&cfg.database).await {
+            Ok(c) => {
+                health.postgres_ok.store(true, Ordering::Relaxed);
+                return Ok(c);
+            }
+            Err(e) if e.is_retryable() => {
+                health.postgres_ok.store(false, Ordering::Relaxed);
+                metrics.db_errors.with_label_values(&[e.kind()]).inc();
+                tracing::warn!(error = %e, db = %sink::describe(&cfg.database), "cannot reach Postgres; retrying");
+                backoff.wait().await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Exponential backoff, 100 ms doubling to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The intake thread: poll, decode, cut batches, hand them over.
+fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mpsc::Sender<Batch>) {
+    let ownership = source.ownership();
+    let mut waited = Instant::now();
+    let mut warned_missing = false;
+    while !source.topic_exists() {
+        if ownership.stop_requested() {
+            return;
+        }
+        if !warned_missing || waited.elapsed() > Duration::from_secs(30) {
+            tracing::warn!(topic = %source.topic(), "topic does not exist yet (or the broker is unreachable); waiting for it");
+            warned_missing = true;
+            waited = Instant::now();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    if let Err(e) = source.subscribe() {
+        tracing::error!(error = %e, "cannot subscribe");
+        return;
+    }
+    tracing::info!(topic = %source.topic(), group = %cfg.kafka.group_id, "subscribed");
+
+    let mut dec = BatchDecoder::new(cfg.decode);
+    let mut cut = Cutter::new(ownership.generation());
+    let mut pending: Option<Batch> = None;
+    let mut eof: HashMap<i32, bool> = HashMap::new();
+    let mut last_generation = ownership.generation();
+    let mut decode_time = Duration::ZERO;
+
+    loop {
+        let stopping = ownership.stop_requested();
+        source.resync_if_requested();
+
+        // Hand over a waiting batch first; while the writer is behind, keep
+        // polling with fetching paused so callbacks are still served.
+        if let Some(b) = pending.take() {
+            match tx.try_send(b) {
+                Ok(()) => source.set_paused(false),
+                Err(mpsc::error::TrySendError::Full(b)) => pending = Some(b),
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+
+        if stopping && pending.is_none() {
+            if !dec.is_empty() && ownership.generation() == cut.generation {
+                let b = cut.cut(&mut dec, &ownership, decode_time);
+                metrics.events_consumed.inc_by(b.decoded.num_rows() as u64);
+                let _ = tx.blocking_send(b);
+            }
+            // Leaving the group waits for the writer (see `run`): revoking now
+            // would discard the batches it is still committing.
+            return;
+        }
+
+        let timeout = match cut.first_at {
+            Some(t) if pending.is_none() => cfg
+                .batch_max_wait
+                .saturating_sub(t.elapsed())
+                .min(Duration::from_millis(100)),
+            _ => Duration::from_millis(100),
+        };
+        match source.poll(timeout) {
+            Polled::Message(m) => {
+                let (partition, offset) = (m.partition(), m.offset());
+                let timestamp_ms = m.timestamp().to_millis();
+                let generation = ownership.generation();
+                if generation != cut.generation {
+                    // A rebalance happened inside poll: what we hold belongs to
+                    // the old assignment and may now be someone else's.
+                    dec.finish();
+                    cut = Cutter::new(generation);
+                }
+                let t = Instant::now();
+                dec.push(
+                    m.payload(),
+                    MessageMeta {
+                        partition,
+                        offset,
+                        timestamp_ms,
+                    },
+                );
+                decode_time += t.elapsed();
+                cut.note(partition, offset, timestamp_ms);
+                eof.insert(partition, false);
+            }
+            Polled::PartitionEof(p) => {
+                eof.insert(p, true);
+            }
+            Polled::Idle => {}
+        }
+        if ownership.generation() != last_generation {
+            last_generation = ownership.generation();
+            eof.clear();
+            if ownership.generation() != cut.generation {
+                dec.finish();
+                cut = Cutter::new(last_generation);
+            }
+        }
+
+        let full = dec.len() >= cfg.batch_max_rows;
+        let due = cut
+            .first_at
+            .is_some_and(|t| t.elapsed() >= cfg.batch_max_wait);
+        if pending.is_none() && (full || due) {
+            let b = cut.cut(&mut dec, &ownership, decode_time);
+            decode_time = Duration::ZERO;
+            metrics.events_consumed.inc_by(b.decoded.num_rows() as u64);
+            match tx.try_send(b) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(b)) => {
+                    source.set_paused(true);
+                    pending = Some(b);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        } else if full && pending.is_some() {
+            source.set_paused(true);
+        }
+
+        if cfg.stop_when_caught_up && dec.is_empty() && pending.is_none() {
+            let assigned = ownership.assigned();
+            if !assigned.is_empty() && assigned.iter().all(|p| eof.get(p) == Some(&true)) {
+                tracing::info!("caught up with every assigned partition");
+                ownership.request_stop();
+            }
+        }
+    }
+}
+
+/// Tracks what the batch being built covers, and cuts it.
+struct Cutter {
+    generation: u64,
+    first_at: Option<Instant>,
+    last_offsets: BTreeMap<i32, i64>,
+    oldest_ts_ms: Option<i64>,
+}
+
+impl Cutter {
+    fn new(generation: u64) -> Self {
+        Cutter {
+            generation,
+            first_at: None,
+            last_offsets: BTreeMap::new(),
+            oldest_ts_ms: None,
+        }
+    }
+
+    fn note(&mut self, partition: i32, offset: i64, ts_ms: Option<i64>) {
+        self.first_at.get_or_insert_with(Instant::now);
+        self.last_offsets.insert(partition, offset);
+        if let Some(ts) = ts_ms {
+            self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
+        }
+    }
+
+    fn cut(
+        &mut self,
+        dec: &mut BatchDecoder,
+        ownership: &Ownership,
+        decode_time: Duration,
+    ) -> Batch {
+        let offsets = self
+            .last_offsets
+            .iter()
+            .map(|(&partition, &last)| PartitionOffsets {
+                partition,
+                expected: ownership.advance(partition, last + 1),
+                next: last + 1,
+            })
+            .collect();
+        let batch = Batch {
+            decoded: dec.finish(),
+            generation: self.generation,
+            offsets,
+            oldest_ts_ms: self.oldest_ts_ms,
+            decode_time,
+        };
+        *self = Cutter::new(self.generation);
+        batch
+    }
+}
+
+/// The writer: validate, write, commit, in batch order.
+async fn writer(
+    cfg: &PipelineConfig,
+    client: Client,
+    source: &KafkaSource,
+    ownership: &Ownership,
+    metrics: &Metrics,
+    health: &Health,
+    mut rx: mpsc::Receiver<Batch>,
+) -> Result<RunSummary, PipelineError> {
+    let mut client = Some(client);
+    let mut summary = RunSummary::default();
+    let mut progress = Progress::new(cfg.progress_interval);
+    let mut stop_seen_at: Option<Instant> = None;
+
+    while let Some(batch) = rx.recv().await {
+        let t = Instant::now();
+        let validated = validate(&batch.decoded, &cfg.rules, Utc::now())
+            .map_err(|e| PipelineError::Intake(format!("validate: {e}")))?;
+        let validate_time = t.elapsed();
+
+        let mut backoff = Backoff::new();
+        let committed = loop {
+            if ownership.stop_requested() {
+                let since = *stop_seen_at.get_or_insert_with(Instant::now);
+                if since.elapsed() > cfg.drain_timeout {
+                    return Err(PipelineError::DrainTimeout(cfg.drain_timeout));
+                }
+            }
+            if ownership.generation() != batch.generation {
+                metrics
+                    .batches_discarded
+                    .with_label_values(&["rebalance"])
+                    .inc();
+                break false;
+            }
+            let c = match client.as_mut() {
+                Some(c) if !c.is_closed() => c,
+                _ => match sink::connect(&cfg.database).await {
+                    Ok(c) => {
+                        tracing::info!("reconnected to Postgres");
+                        client.insert(c)
+                    }
+                    Err(e) => {
+                        on_db_error(&e, metrics, health)?;
+                        backoff.wait().await;
+                        continue;
+                    }
+                },
+            };
+            let write = BatchWrite {
+                group_id: &cfg.kafka.group_id,
+                topic: &cfg.kafka.topic,
+                events: &validated.valid,
+                rejects: &validated.rejects,
+                offsets: &batch.offsets,
+            };
+            let result = async {
+                let prepared = sink::prepare(c, &write).await?;
+                let copy_time = prepared.timings.copy;
+                let t = Instant::now();
+                let _gate = ownership.gate.lock().await;
+                if ownership.generation() != batch.generation {
+                    prepared.rollback().await?;
+                    return Ok(None);
+                }
+                prepared.commit().await?;
+                Ok::<_, SinkError>(Some((copy_time, t.elapsed())))
+            }
+            .await;
+            match result {
+                Ok(Some((copy_time, commit_time))) => {
+                    health.postgres_ok.store(true, Ordering::Relaxed);
+                    metrics
+                        .stage_duration
+                        .with_label_values(&[stage::COPY])
+                        .observe(copy_time.as_secs_f64());
+                    metrics
+                        .stage_duration
+                        .with_label_values(&[stage::COMMIT])
+                        .observe(commit_time.as_secs_f64());
+                    break true;
+                }
+                Ok(None) => {
+                    metrics
+                        .batches_discarded
+                        .with_label_values(&["rebalance"])
+                        .inc();
+                    break false;
+                }
+                Err(e @ (SinkError::Fenced { .. } | SinkError::Duplicate(_))) => {
+                    metrics.db_errors.with_label_values(&[e.kind()]).inc();
+                    metrics
+                        .batches_discarded
+                        .with_label_values(&["fenced"])
+                        .inc();
+                    tracing::warn!(error = %e, "batch fenced off; re-reading offsets from Postgres");
+                    ownership.request_resync();
+                    break false;
+                }
+                Err(e) => {
+                    on_db_error(&e, metrics, health)?;
+                    metrics.retries.inc();
+                    backoff.wait().await;
+                }
+            }
+        };
+        if !committed {
+            continue;
+        }
+
+        let now = Utc::now();
+        metrics
+            .stage_duration
+            .with_label_values(&[stage::DECODE])
+            .observe(batch.decode_time.as_secs_f64());
+        metrics
+            .stage_duration
+            .with_label_values(&[stage::VALIDATE])
+            .observe(validate_time.as_secs_f64());
+        metrics.batches.inc();
+        metrics.batch_rows.observe(batch.decoded.num_rows() as f64);
+        metrics.last_commit.set(now.timestamp());
+        if let Some(ts) = batch.oldest_ts_ms {
+            let secs = (now.timestamp_millis() - ts).max(0) as f64 / 1000.0;
+            metrics.end_to_end_latency.observe(secs);
+        }
+        let written = count_by(&validated.valid, col::EVENT_TYPE);
+        let rejected = count_by(&validated.rejects, col::REASON);
+        for (k, n) in &written {
+            metrics.events_written.with_label_values(&[k]).inc_by(*n);
+            *summary.by_event_type.entry(k.clone()).or_default() += n;
+        }
+        for (k, n) in &rejected {
+            metrics.events_rejected.with_label_values(&[k]).inc_by(*n);
+            *summary.by_reason.entry(k.clone()).or_default() += n;
+        }
+        summary.batches += 1;
+        summary.events_written += validated.valid.num_rows() as u64;
+        summary.rejected += validated.rejects.num_rows() as u64;
+        let next: Vec<(i32, i64)> = batch
+            .offsets
+            .iter()
+            .map(|o| (o.partition, o.next))
+            .collect();
+        source.commit_to_group(&next);
+        progress.tick(&summary, metrics);
+    }
+    progress.finish(&summary);
+    Ok(summary)
+}
+
+fn on_db_error(e: &SinkError, metrics: &Metrics, health: &Health) -> Result<(), PipelineError> {
+    metrics.db_errors.with_label_values(&[e.kind()]).inc();
+    if !e.is_retryable() {
+        return Err(PipelineError::Sink(SinkError::Fatal(e.to_string())));
+    }
+    health.postgres_ok.store(false, Ordering::Relaxed);
+    tracing::warn!(error = %e, "Postgres write failed; retrying the same batch, offsets not committed");
+    Ok(())
+}
+
+/// Rows per value of a string column (event type, reject reason): per batch, not per row metric calls.
+fn count_by(batch: &RecordBatch, column: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    if let Some(a) = batch.column_by_name(column) {
+        let a = a.as_string::<i32>();
+        for i in 0..a.len() {
+            if a.is_valid(i) {
+                *out.entry(a.value(i).to_string()).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Oldest Kafka timestamp in a decoded batch, in ms (used by tests and benches).
+pub fn oldest_timestamp_ms(batch: &RecordBatch) -> Option<i64> {
+    let a = batch.column_by_name(col::KAFKA_TIMESTAMP)?;
+    let a = a.as_primitive::<TimestampMicrosecondType>();
+    datafusion::arrow::compute::min(a).map(|us| us / 1000)
+}
+
+/// Periodic progress lines.
+struct Progress {
+    every: Duration,
+    started: Instant,
+    last: Instant,
+    last_written: u64,
+}
+
+impl Progress {
+    fn new(every: Duration) -> Self {
+        let now = Instant::now();
+        Progress {
+            every,
+            started: now,
+            last: now,
+            last_written: 0,
+        }
+    }
+
+    fn tick(&mut self, s: &RunSummary, metrics: &Metrics) {
+        if self.last.elapsed() < self.every {
+            return;
+        }
+        let dt = self.last.elapsed().as_secs_f64();
+        let rate = (s.events_written + s.rejected - self.last_written) as f64 / dt;
+        let lag: i64 = Collector::collect(&metrics.consumer_lag)
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_gauge().value() as i64)
+            .sum();
+        tracing::info!(
+            events_per_sec = rate.round() as u64,
+            written = s.events_written,
+            rejected = s.rejected,
+            batches = s.batches,
+            lag,
+            "progress"
+        );
+        self.last = Instant::now();
+        self.last_written = s.events_written + s.rejected;
+    }
+
+    fn finish(&self, s: &RunSummary) {
+        let secs = self.started.elapsed().as_secs_f64();
+        tracing::info!(
+            written = s.events_written,
+            rejected = s.rejected,
+            batches = s.batches,
+            elapsed_secs = format!("{secs:.1}"),
+            "pipeline stopped; everything consumed is committed"
+        );
+    }
+}

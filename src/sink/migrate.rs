@@ -1,0 +1,107 @@
+//! Versioned schema migrations from `sql/`, embedded in the binary so that a
+//! deployed binary never runs against SQL files of another version.
+//!
+//! Each migration runs once, in its own transaction, and is recorded with a
+//! checksum in `schema_migrations`; an advisory lock keeps concurrent starters
+//! (several consumers starting together) from racing.
+
+use tokio_postgres::Client;
+
+use super::SinkError;
+
+/// (version, name, sql). Every file in `sql/` named `NNN_*.sql` must be listed
+/// here; a unit test checks that.
+pub const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "001_core.sql", include_str!("../../sql/001_core.sql"))];
+
+/// Arbitrary constant shared by every energy-stream process.
+const LOCK_KEY: i64 = 0x656e_6572_6779;
+
+/// What `migrate` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MigrateReport {
+    pub applied: Vec<String>,
+    pub already: usize,
+}
+
+fn checksum(sql: &str) -> String {
+    // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sql.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Applies the pending migrations. Fails if an applied migration's file changed.
+pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                checksum text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let mut report = MigrateReport::default();
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .await?;
+    for (version, name, sql) in MIGRATIONS {
+        let row = tx
+            .query_opt(
+                "SELECT checksum FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?;
+        let sum = checksum(sql);
+        match row {
+            Some(r) => {
+                let stored: String = r.get(0);
+                if stored != sum {
+                    return Err(SinkError::Fatal(format!(
+                        "migration {name} was changed after it was applied (checksum {stored} in the database, {sum} in this binary); add a new migration instead"
+                    )));
+                }
+                report.already += 1;
+            }
+            None => {
+                tx.batch_execute(sql).await.map_err(|e| {
+                    SinkError::Fatal(format!("migration {name} failed: {}", super::classify(&e)))
+                })?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    &[version, name, &sum],
+                )
+                .await?;
+                report.applied.push((*name).to_string());
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sql_file_is_a_listed_migration() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<String> = MIGRATIONS.iter().map(|m| m.1.to_string()).collect();
+        assert_eq!(files, listed);
+        for (i, (v, name, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*v as usize, i + 1, "versions are dense and ordered");
+            assert!(name.starts_with(&format!("{v:03}_")));
+        }
+    }
+}

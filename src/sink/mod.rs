@@ -1,0 +1,364 @@
+//! Sink: everything that touches Postgres on the write path.
+//!
+//! It owns the connection, the migrations, the COPY encoding and the one
+//! transaction per micro-batch: fence the offsets, COPY the valid rows into
+//! `events`, insert the rejects, merge KPI rows, advance the offsets. The caller
+//! decides when to COMMIT ([`Prepared::commit`]), which lets the pipeline check,
+//! at the last moment, that it still owns the partitions.
+//!
+//! Offsets live here and nowhere else: `consumer_offsets` is read on partition
+//! assignment ([`load_offsets`]) and written only inside the batch transaction.
+
+pub mod copy;
+pub mod migrate;
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use futures_util::SinkExt;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Transaction};
+
+use crate::event::event_schema;
+
+/// Where the batch's offsets stand: the stored value it expects to find (None
+/// when this partition has never been written) and the value to store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    pub partition: i32,
+    pub expected: Option<i64>,
+    pub next: i64,
+}
+
+/// What one transaction writes.
+pub struct BatchWrite<'a> {
+    pub group_id: &'a str,
+    pub topic: &'a str,
+    /// Valid rows, in [`event_schema`].
+    pub events: &'a RecordBatch,
+    /// Rejects, in [`crate::event::reject_schema`].
+    pub rejects: &'a RecordBatch,
+    pub offsets: &'a [PartitionOffsets],
+}
+
+/// Sink errors carry the retry decision.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Postgres is down, restarting, or the connection broke: back off and retry
+    /// the same batch. Nothing was committed.
+    #[error("postgres unavailable ({kind}): {message}")]
+    Unavailable { kind: &'static str, message: String },
+    /// Another consumer has advanced this partition since we read its offset:
+    /// our copy of it is stale. Drop in-flight work and re-read the offsets.
+    #[error(
+        "partition {partition}: stored offset is {stored:?}, this consumer expected {expected:?}; another consumer owns it now"
+    )]
+    Fenced {
+        partition: i32,
+        stored: Option<i64>,
+        expected: Option<i64>,
+    },
+    /// A row that this batch writes is already stored: the offsets and the data
+    /// disagree, or another consumer won a race. Handled like [`SinkError::Fenced`].
+    #[error("duplicate row: {0}")]
+    Duplicate(String),
+    /// A mistake that retrying cannot fix: missing tables, missing privileges, a bad URL.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl SinkError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Unavailable { .. })
+    }
+
+    /// A low-cardinality label for `energy_stream_db_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkError::Unavailable { kind, .. } => kind,
+            SinkError::Fenced { .. } | SinkError::Duplicate(_) => "fenced",
+            SinkError::Fatal(_) => "fatal",
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for SinkError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        classify(&e)
+    }
+}
+
+/// Sorts Postgres errors into retryable and fatal by SQLSTATE class.
+pub fn classify(e: &tokio_postgres::Error) -> SinkError {
+    let message = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    };
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the socket closed, the server vanished, or connecting failed.
+        return SinkError::Unavailable {
+            kind: "connection",
+            message,
+        };
+    };
+    let c = code.code();
+    if *code == SqlState::UNDEFINED_TABLE
+        || *code == SqlState::UNDEFINED_COLUMN
+        || *code == SqlState::UNDEFINED_FUNCTION
+    {
+        return SinkError::Fatal(format!(
+            "{message} — the schema is missing or old: run `energy-stream migrate` (or start `run` without --no-migrate)"
+        ));
+    }
+    if *code == SqlState::UNIQUE_VIOLATION {
+        return SinkError::Duplicate(message);
+    }
+    if *code == SqlState::INSUFFICIENT_PRIVILEGE || c.starts_with("28") {
+        return SinkError::Fatal(format!(
+            "{message} — check the database role and its grants"
+        ));
+    }
+    if *code == SqlState::INVALID_CATALOG_NAME {
+        return SinkError::Fatal(format!("{message} — create the database first"));
+    }
+    let kind = match &c[..2] {
+        "08" => "connection",
+        "57" => "shutdown",
+        "40" => "conflict",
+        "53" => "resources",
+        "55" => "lock",
+        _ => "query",
+    };
+    SinkError::Unavailable { kind, message }
+}
+
+/// Connects with TLS when the configuration asks for it (`sslmode=require` in
+/// the URL), plain otherwise.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, SinkError> {
+    let client = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+        client
+    } else {
+        let builder = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())
+            .map_err(|e| SinkError::Fatal(format!("cannot set up TLS: {e}")))?;
+        let tls = postgres_openssl::MakeTlsConnector::new(builder.build());
+        let (client, conn) = config.connect(tls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+        client
+    };
+    Ok(client)
+}
+
+/// Describes a database for logs: user, host, port and database, never the password.
+pub fn describe(c: &tokio_postgres::Config) -> String {
+    let host = c
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgres://{}@{host}:{port}/{}",
+        c.get_user().unwrap_or("?"),
+        c.get_dbname().unwrap_or("?")
+    )
+}
+
+/// Reads the stored next offsets of `partitions`; absent partitions are not in the map.
+pub async fn load_offsets(
+    client: &Client,
+    group_id: &str,
+    topic: &str,
+) -> Result<HashMap<i32, i64>, SinkError> {
+    let rows = client
+        .query(
+            "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+            &[&group_id, &topic],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+        .collect())
+}
+
+/// Timings of one prepared transaction, for the stage histograms.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriteTimings {
+    pub copy: Duration,
+}
+
+/// A batch written inside an open transaction, waiting for COMMIT.
+pub struct Prepared<'c> {
+    tx: Transaction<'c>,
+    pub timings: WriteTimings,
+}
+
+impl Prepared<'_> {
+    pub async fn commit(self) -> Result<(), SinkError> {
+        self.tx.commit().await.map_err(SinkError::from)
+    }
+
+    pub async fn rollback(self) -> Result<(), SinkError> {
+        self.tx.rollback().await.map_err(SinkError::from)
+    }
+
+    /// The open transaction, for further writes that must commit with the batch.
+    pub fn transaction(&self) -> &Transaction<'_> {
+        &self.tx
+    }
+}
+
+/// Opens the batch transaction and writes everything but the COMMIT.
+///
+/// Order matters: the offset rows are locked first (in partition order, so two
+/// consumers never deadlock), and a mismatch aborts before any COPY work.
+pub async fn prepare<'c>(
+    client: &'c mut Client,
+    batch: &BatchWrite<'_>,
+) -> Result<Prepared<'c>, SinkError> {
+    let tx = client.transaction().await?;
+    fence_offsets(&tx, batch).await?;
+
+    let start = Instant::now();
+    if batch.events.num_rows() > 0 {
+        copy_events(&tx, batch.events).await?;
+    }
+    if batch.rejects.num_rows() > 0 {
+        insert_rejects(&tx, batch.topic, batch.rejects).await?;
+    }
+    store_offsets(&tx, batch).await?;
+    Ok(Prepared {
+        tx,
+        timings: WriteTimings {
+            copy: start.elapsed(),
+        },
+    })
+}
+
+async fn fence_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(), SinkError> {
+    let mut partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
+    partitions.sort_unstable();
+    let rows = tx
+        .query(
+            "SELECT kafka_partition, next_offset FROM consumer_offsets \
+             WHERE group_id = $1 AND topic = $2 AND kafka_partition = ANY($3) \
+             ORDER BY kafka_partition FOR UPDATE",
+            &[&batch.group_id, &batch.topic, &partitions],
+        )
+        .await?;
+    let stored: HashMap<i32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for o in batch.offsets {
+        let s = stored.get(&o.partition).copied();
+        if s != o.expected {
+            return Err(SinkError::Fenced {
+                partition: o.partition,
+                stored: s,
+                expected: o.expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn copy_events(tx: &Transaction<'_>, events: &RecordBatch) -> Result<(), SinkError> {
+    let schema = event_schema();
+    let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let sql = format!(
+        "COPY events ({}) FROM STDIN (FORMAT binary)",
+        columns.join(", ")
+    );
+    copy_in(tx, &sql, events).await
+}
+
+/// Streams `batch` as COPY BINARY into the statement `sql`.
+pub async fn copy_in(
+    tx: &Transaction<'_>,
+    sql: &str,
+    batch: &RecordBatch,
+) -> Result<(), SinkError> {
+    let mut buf = BytesMut::new();
+    copy::encode_batch(batch, &mut buf).map_err(|e| SinkError::Fatal(e.to_string()))?;
+    let sink = tx.copy_in(sql).await?;
+    let mut sink = pin!(sink);
+    // One chunk per 4 MiB keeps the socket busy without a second full copy.
+    let mut data = buf.freeze();
+    while !data.is_empty() {
+        let chunk = data.split_to(data.len().min(4 << 20));
+        sink.send(chunk).await?;
+    }
+    sink.as_mut().finish().await?;
+    Ok(())
+}
+
+async fn insert_rejects(
+    tx: &Transaction<'_>,
+    topic: &str,
+    rejects: &RecordBatch,
+) -> Result<(), SinkError> {
+    let mut fields: Vec<_> = rejects.schema().fields().iter().cloned().collect();
+    fields.push(Arc::new(Field::new("topic", DataType::Utf8, false)));
+    let mut columns = rejects.columns().to_vec();
+    columns.push(Arc::new(StringArray::from(vec![topic; rejects.num_rows()])));
+    let with_topic = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| SinkError::Fatal(format!("reject batch: {e}")))?;
+    let names: Vec<&str> = with_topic
+        .schema_ref()
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
+    let sql = format!(
+        "COPY rejected_events ({}) FROM STDIN (FORMAT binary)",
+        names.join(", ")
+    );
+    copy_in(tx, &sql, &with_topic).await
+}
+
+async fn store_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(), SinkError> {
+    for o in batch.offsets {
+        let n = if o.expected.is_some() {
+            tx.execute(
+                "UPDATE consumer_offsets SET next_offset = $4, updated_at = now() \
+                 WHERE group_id = $1 AND topic = $2 AND kafka_partition = $3",
+                &[&batch.group_id, &batch.topic, &o.partition, &o.next],
+            )
+            .await?
+        } else {
+            // A plain INSERT: if another consumer inserted this partition
+            // meanwhile, the unique violation aborts us instead of overwriting it.
+            tx.execute(
+                "INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&batch.group_id, &batch.topic, &o.partition, &o.next],
+            )
+            .await?
+        };
+        if n != 1 {
+            return Err(SinkError::Fenced {
+                partition: o.partition,
+                stored: None,
+                expected: o.expected,
+            });
+        }
+    }
+    Ok(())
+}

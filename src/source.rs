@@ -1,0 +1,464 @@
+//! Source: the Kafka consumer-group member.
+//!
+//! It owns the rdkafka consumer and the answer to "which partitions do I own,
+//! and from which offset". Offsets are never taken from Kafka: when partitions
+//! are assigned, the source asks the [`OffsetLoader`] (Postgres, via the
+//! pipeline) and assigns each partition at its stored offset, or at the
+//! beginning when none is stored. Auto-commit and the auto offset store are off;
+//! the Kafka group commit is only a copy for lag tools.
+//!
+//! Ownership is versioned by a generation number that every rebalance bumps.
+//! The revoke callback takes the commit gate first, so it waits for an
+//! in-flight Postgres COMMIT to finish, and no batch read under an older
+//! generation can commit afterwards (the pipeline checks under the same gate).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+
+use crate::telemetry::{Health, Metrics};
+
+/// Kafka settings; part of [`crate::config`].
+#[derive(Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    /// Passed to librdkafka as they are (SASL, TLS, fetch tuning...). They may
+    /// hold secrets, so they are never logged.
+    pub options: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic", &self.topic)
+            .field("group_id", &self.group_id)
+            .field(
+                "options",
+                &self.options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// The base librdkafka configuration with the user's options applied last.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c.set_log_level(RDKafkaLogLevel::Warning);
+        c
+    }
+}
+
+/// Reads the stored next offsets of the topic's partitions. Blocking: it is
+/// called from the rebalance callback on the intake thread.
+pub trait OffsetLoader: Send + Sync {
+    fn load(&self) -> Result<HashMap<i32, i64>, String>;
+}
+
+/// Shared between the intake thread (rebalance callbacks) and the writer.
+pub struct Ownership {
+    generation: AtomicU64,
+    /// Held by the writer from its ownership check through COMMIT, and by the
+    /// revoke callback while it bumps the generation.
+    pub gate: tokio::sync::Mutex<()>,
+    /// Per assigned partition: the next offset stored in Postgres as far as this
+    /// consumer knows (None: nothing stored yet). Batches are fenced on it.
+    positions: Mutex<HashMap<i32, Option<i64>>>,
+    resync: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Ownership {
+    fn new() -> Self {
+        Ownership {
+            generation: AtomicU64::new(0),
+            gate: tokio::sync::Mutex::new(()),
+            positions: Mutex::new(HashMap::new()),
+            resync: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Asks the intake thread to re-read offsets from Postgres and seek to them.
+    pub fn request_resync(&self) {
+        self.resync.store(true, Ordering::SeqCst);
+    }
+
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The expected stored offset of `partition`, then records `next` as the new one.
+    pub fn advance(&self, partition: i32, next: i64) -> Option<i64> {
+        let mut p = self.positions.lock().expect("positions lock");
+        p.insert(partition, Some(next)).flatten()
+    }
+
+    pub fn assigned(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self
+            .positions
+            .lock()
+            .expect("positions lock")
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Sets a new assignment under the gate, so no batch of the previous one can commit.
+    fn reassign(&self, positions: HashMap<i32, Option<i64>>) {
+        let _gate = self.gate.blocking_lock();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        *self.positions.lock().expect("positions lock") = positions;
+    }
+}
+
+pub struct SourceContext {
+    topic: String,
+    ownership: Arc<Ownership>,
+    loader: Box<dyn OffsetLoader>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl SourceContext {
+    /// Loads stored offsets, retrying while Postgres is away (unless stopping).
+    fn stored_offsets(&self) -> Option<HashMap<i32, i64>> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.loader.load() {
+                Ok(m) => return Some(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read stored offsets from Postgres; retrying");
+                    self.health.postgres_ok.store(false, Ordering::Relaxed);
+                    if self.ownership.stop_requested() {
+                        return None;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Points every partition of `tpl` at its stored offset.
+    fn position(&self, tpl: &mut TopicPartitionList) -> Option<HashMap<i32, Option<i64>>> {
+        let stored = self.stored_offsets()?;
+        let mut positions = HashMap::new();
+        for el in tpl.elements() {
+            positions.insert(el.partition(), stored.get(&el.partition()).copied());
+        }
+        for (&p, &s) in &positions {
+            let offset = s.map_or(Offset::Beginning, Offset::Offset);
+            if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
+                tracing::warn!(partition = p, error = %e, "cannot set start offset");
+            }
+        }
+        Some(positions)
+    }
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, s) in &t.partitions {
+                if *p < 0 || !s.desired {
+                    continue;
+                }
+                let lag = if s.committed_offset >= 0 {
+                    s.hi_offset - s.committed_offset
+                } else if s.app_offset >= 0 {
+                    s.hi_offset - s.app_offset
+                } else {
+                    continue;
+                };
+                self.metrics
+                    .consumer_lag
+                    .with_label_values(&[topic.as_str(), &p.to_string()])
+                    .set(lag.max(0));
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = match error.rdkafka_error_code() {
+            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) => {
+                self.health.kafka_ok.store(false, Ordering::Relaxed);
+                "all_brokers_down"
+            }
+            Some(rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure) => "transport",
+            _ => "other",
+        };
+        self.metrics.kafka_errors.with_label_values(&[kind]).inc();
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let Some(positions) = self.position(tpl) else {
+                    // Stopping while Postgres is away: own nothing, read nothing.
+                    self.ownership.reassign(HashMap::new());
+                    let _ = consumer.assign(&TopicPartitionList::new());
+                    return;
+                };
+                let mut parts: Vec<_> = positions.iter().collect();
+                parts.sort();
+                tracing::info!(partitions = ?parts, "partitions assigned; resuming from offsets stored in Postgres");
+                self.ownership.reassign(positions);
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(
+                    partitions = tpl.count(),
+                    "partitions revoked; uncommitted batches of them are dropped"
+                );
+                self.ownership.reassign(HashMap::new());
+                for el in tpl.elements() {
+                    let _ = self
+                        .metrics
+                        .consumer_lag
+                        .remove_label_values(&[el.topic(), &el.partition().to_string()]);
+                }
+                if let Err(e) = consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                self.ownership.reassign(HashMap::new());
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+/// One consumed message, as the pipeline needs it.
+pub enum Polled<'a> {
+    Message(BorrowedMessage<'a>),
+    /// The partition has no more messages right now.
+    PartitionEof(i32),
+    Idle,
+}
+
+pub struct KafkaSource {
+    consumer: BaseConsumer<SourceContext>,
+    ownership: Arc<Ownership>,
+    topic: String,
+    health: Arc<Health>,
+}
+
+/// Errors creating the consumer.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("invalid Kafka configuration: {0}")]
+    Config(KafkaError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(
+        "partition.assignment.strategy=cooperative-sticky is not supported: ownership is versioned per (eager) rebalance; use range or roundrobin"
+    )]
+    Cooperative,
+}
+
+impl KafkaSource {
+    pub fn new(
+        cfg: &KafkaConfig,
+        loader: Box<dyn OffsetLoader>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<Self, SourceError> {
+        let ownership = Arc::new(Ownership::new());
+        let ctx = SourceContext {
+            topic: cfg.topic.clone(),
+            ownership: ownership.clone(),
+            loader,
+            metrics,
+            health: health.clone(),
+        };
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "true")
+            .set("statistics.interval.ms", "5000")
+            // Bounded prefetch: with 6 partitions this caps the queue at 16 MiB.
+            .set("queued.max.messages.kbytes", "16384")
+            .set("fetch.message.max.bytes", "4194304")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+        for (k, v) in &cfg.options {
+            c.set(k, v);
+        }
+        // Ownership is versioned per rebalance, which needs the eager protocol.
+        if c.get("partition.assignment.strategy")
+            .is_some_and(|s| s.contains("cooperative"))
+        {
+            return Err(SourceError::Cooperative);
+        }
+        c.set_log_level(RDKafkaLogLevel::Warning);
+        let consumer: BaseConsumer<SourceContext> =
+            c.create_with_context(ctx).map_err(SourceError::Config)?;
+        Ok(KafkaSource {
+            consumer,
+            ownership,
+            topic: cfg.topic.clone(),
+            health,
+        })
+    }
+
+    pub fn ownership(&self) -> Arc<Ownership> {
+        self.ownership.clone()
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// True when the broker knows the topic. Errors (broker away) count as "not yet".
+    pub fn topic_exists(&self) -> bool {
+        match self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(5))
+        {
+            Ok(md) => {
+                self.health.kafka_ok.store(true, Ordering::Relaxed);
+                md.topics().iter().any(|t| {
+                    t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty()
+                })
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "metadata request failed");
+                false
+            }
+        }
+    }
+
+    pub fn subscribe(&self) -> Result<(), SourceError> {
+        self.consumer.subscribe(&[&self.topic])?;
+        Ok(())
+    }
+
+    /// Polls once; rebalance callbacks run inside this call.
+    pub fn poll(&self, timeout: Duration) -> Polled<'_> {
+        match self.consumer.poll(timeout) {
+            None => Polled::Idle,
+            Some(Ok(m)) => {
+                self.health.kafka_ok.store(true, Ordering::Relaxed);
+                Polled::Message(m)
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                self.health.kafka_ok.store(true, Ordering::Relaxed);
+                Polled::PartitionEof(p)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                Polled::Idle
+            }
+        }
+    }
+
+    /// Re-reads the stored offsets and restarts every owned partition there.
+    /// Runs on the intake thread when the writer found its view stale.
+    pub fn resync_if_requested(&self) {
+        if !self.ownership.resync.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::new();
+        for el in assignment.elements() {
+            tpl.add_partition(el.topic(), el.partition());
+        }
+        let Some(positions) = self.consumer.context().position(&mut tpl) else {
+            return;
+        };
+        tracing::info!("re-reading offsets from Postgres after a fenced write");
+        self.ownership.reassign(positions);
+        if let Err(e) = self.consumer.assign(&tpl) {
+            tracing::error!(error = %e, "re-assign failed");
+        }
+    }
+
+    /// Pauses or resumes fetching on every owned partition (backpressure).
+    pub fn set_paused(&self, paused: bool) {
+        if let Ok(tpl) = self.consumer.assignment() {
+            let r = if paused {
+                self.consumer.pause(&tpl)
+            } else {
+                self.consumer.resume(&tpl)
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, paused, "pause/resume failed");
+            }
+        }
+    }
+
+    /// Copies committed offsets to the Kafka group, for lag tools. Postgres stays
+    /// the source of truth, so a failure here is only logged.
+    pub fn commit_to_group(&self, offsets: &[(i32, i64)]) {
+        let mut tpl = TopicPartitionList::new();
+        for &(p, next) in offsets {
+            if tpl
+                .add_partition_offset(&self.topic, p, Offset::Offset(next))
+                .is_err()
+            {
+                return;
+            }
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "kafka group commit failed");
+        }
+    }
+
+    /// Leaves the group cleanly (runs the revoke callback).
+    pub fn close(&self) {
+        self.consumer.unsubscribe();
+        // Serve the revoke callback.
+        for _ in 0..20 {
+            if let Polled::Idle = self.poll(Duration::from_millis(50))
+                && self.ownership.assigned().is_empty()
+            {
+                break;
+            }
+        }
+    }
+}

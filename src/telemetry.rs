@@ -1,0 +1,335 @@
+//! Telemetry: every metric name, the registry, the log set-up and the
+//! `/metrics`, `/healthz`, `/readyz` endpoints.
+//!
+//! Metric names are a contract with the dashboards and alerts in `monitoring/`,
+//! so they are spelled once, here. Stages never touch metrics: the pipeline
+//! records them once per batch, never per row, and labels stay low-cardinality
+//! (event type, reject reason, stage, partition).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const EVENTS_CONSUMED: &str = "energy_stream_events_consumed_total";
+pub const EVENTS_WRITTEN: &str = "energy_stream_events_written_total";
+pub const EVENTS_REJECTED: &str = "energy_stream_events_rejected_total";
+pub const BATCHES: &str = "energy_stream_batches_total";
+pub const BATCH_ROWS: &str = "energy_stream_batch_rows";
+pub const STAGE_DURATION: &str = "energy_stream_stage_duration_seconds";
+pub const END_TO_END_LATENCY: &str = "energy_stream_end_to_end_latency_seconds";
+pub const CONSUMER_LAG: &str = "energy_stream_consumer_lag";
+pub const DB_ERRORS: &str = "energy_stream_db_errors_total";
+pub const RETRIES: &str = "energy_stream_retries_total";
+pub const LAST_COMMIT: &str = "energy_stream_last_commit_timestamp_seconds";
+pub const KPI_ROWS_MERGED: &str = "energy_stream_kpi_rows_merged_total";
+pub const BATCHES_DISCARDED: &str = "energy_stream_batches_discarded_total";
+pub const KAFKA_ERRORS: &str = "energy_stream_kafka_errors_total";
+pub const UP: &str = "energy_stream_ready";
+pub const PRODUCER_SENT: &str = "energy_stream_producer_events_sent_total";
+pub const PRODUCER_BAD_LINES: &str = "energy_stream_producer_bad_lines_total";
+
+/// Stage label values of [`STAGE_DURATION`].
+pub mod stage {
+    pub const DECODE: &str = "decode";
+    pub const VALIDATE: &str = "validate";
+    pub const KPI: &str = "kpi";
+    pub const COPY: &str = "copy";
+    pub const COMMIT: &str = "commit";
+}
+
+/// The pipeline's metrics, registered in their own registry so that several
+/// pipelines in one test process do not share counters.
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_consumed: IntCounter,
+    pub events_written: IntCounterVec,
+    pub events_rejected: IntCounterVec,
+    pub batches: IntCounter,
+    pub batch_rows: Histogram,
+    pub stage_duration: HistogramVec,
+    pub end_to_end_latency: Histogram,
+    pub consumer_lag: IntGaugeVec,
+    pub db_errors: IntCounterVec,
+    pub retries: IntCounter,
+    pub last_commit: IntGauge,
+    pub kpi_rows_merged: IntCounterVec,
+    pub batches_discarded: IntCounterVec,
+    pub kafka_errors: IntCounterVec,
+    pub ready: IntGauge,
+    pub producer_sent: IntCounterVec,
+    pub producer_bad_lines: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector");
+        let secs = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ];
+        let batch_rows = Histogram::with_opts(
+            HistogramOpts::new(BATCH_ROWS, "Messages per micro-batch.")
+                .buckets(prometheus::exponential_buckets(1.0, 4.0, 10).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        r.register(Box::new(batch_rows.clone())).expect("unique");
+        let stage_duration = HistogramVec::new(
+            HistogramOpts::new(STAGE_DURATION, "Time per batch spent in each stage.")
+                .buckets(secs.clone()),
+            &["stage"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(stage_duration.clone()))
+            .expect("unique");
+        let e2e = Histogram::with_opts(
+            HistogramOpts::new(
+                END_TO_END_LATENCY,
+                "From the Kafka timestamp of a batch's oldest message to its Postgres commit (one sample per batch).",
+            )
+            .buckets(secs),
+        )
+        .expect("valid metric");
+        r.register(Box::new(e2e.clone())).expect("unique");
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                CONSUMER_LAG,
+                "Messages behind the high watermark per assigned partition.",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(lag.clone())).expect("unique");
+
+        Arc::new(Metrics {
+            events_consumed: counter(&r, EVENTS_CONSUMED, "Messages consumed from Kafka."),
+            events_written: counter_vec(
+                &r,
+                EVENTS_WRITTEN,
+                "Valid events committed to Postgres.",
+                &["event_type"],
+            ),
+            events_rejected: counter_vec(
+                &r,
+                EVENTS_REJECTED,
+                "Messages committed to rejected_events, by reason.",
+                &["reason"],
+            ),
+            batches: counter(&r, BATCHES, "Micro-batches committed."),
+            batch_rows,
+            stage_duration,
+            end_to_end_latency: e2e,
+            consumer_lag: lag,
+            db_errors: counter_vec(
+                &r,
+                DB_ERRORS,
+                "Postgres errors, by kind (connection, shutdown, conflict, fenced, ...).",
+                &["kind"],
+            ),
+            retries: counter(&r, RETRIES, "Batch write attempts retried after an error."),
+            last_commit: gauge(
+                &r,
+                LAST_COMMIT,
+                "Unix time of the last successful Postgres commit.",
+            ),
+            kpi_rows_merged: counter_vec(
+                &r,
+                KPI_ROWS_MERGED,
+                "KPI rows merged into KPI tables.",
+                &["kpi"],
+            ),
+            batches_discarded: counter_vec(
+                &r,
+                BATCHES_DISCARDED,
+                "Batches dropped uncommitted because their partitions moved (rebalance, fencing).",
+                &["cause"],
+            ),
+            kafka_errors: counter_vec(
+                &r,
+                KAFKA_ERRORS,
+                "Errors reported by the Kafka client.",
+                &["kind"],
+            ),
+            ready: gauge(
+                &r,
+                UP,
+                "1 when connected to Kafka and Postgres and able to commit.",
+            ),
+            producer_sent: counter_vec(
+                &r,
+                PRODUCER_SENT,
+                "Events the producer sent, by delivery status.",
+                &["status"],
+            ),
+            producer_bad_lines: counter_vec(
+                &r,
+                PRODUCER_BAD_LINES,
+                "Input lines the producer refused to send, by reason.",
+                &["reason"],
+            ),
+            registry: r,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+/// Liveness and readiness, shared between the pipeline and the HTTP server.
+#[derive(Default)]
+pub struct Health {
+    pub postgres_ok: AtomicBool,
+    pub kafka_ok: AtomicBool,
+}
+
+impl Health {
+    pub fn is_ready(&self) -> bool {
+        self.postgres_ok.load(Ordering::Relaxed) && self.kafka_ok.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Binds the metrics endpoint; the returned future serves until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, health });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let handle = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok((local, handle))
+}
+
+async fn render_metrics(State(s): State<AppState>) -> ([(&'static str, &'static str); 1], String) {
+    s.metrics.ready.set(i64::from(s.health.is_ready()));
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Installs the tracing subscriber: human-readable lines, `RUST_LOG` filter,
+/// `info` by default. Called once, by `main`.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_follows_prometheus_conventions() {
+        let m = Metrics::new();
+        m.events_written.with_label_values(&["user_login"]).inc();
+        m.events_rejected.with_label_values(&["empty"]).inc();
+        m.stage_duration
+            .with_label_values(&[stage::COPY])
+            .observe(0.1);
+        m.consumer_lag.with_label_values(&["t", "0"]).set(3);
+        m.db_errors.with_label_values(&["connection"]).inc();
+        m.kpi_rows_merged.with_label_values(&["k"]).inc();
+        m.batches_discarded.with_label_values(&["rebalance"]).inc();
+        m.kafka_errors.with_label_values(&["transport"]).inc();
+        m.producer_sent.with_label_values(&["ok"]).inc();
+        m.producer_bad_lines.with_label_values(&["x"]).inc();
+        let text = m.render();
+        for name in [
+            EVENTS_CONSUMED,
+            EVENTS_WRITTEN,
+            EVENTS_REJECTED,
+            BATCHES,
+            BATCH_ROWS,
+            STAGE_DURATION,
+            END_TO_END_LATENCY,
+            CONSUMER_LAG,
+            DB_ERRORS,
+            RETRIES,
+            LAST_COMMIT,
+            KPI_ROWS_MERGED,
+            PRODUCER_SENT,
+            PRODUCER_BAD_LINES,
+            "process_resident_memory_bytes",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+            assert!(name.starts_with("energy_stream_") || name.starts_with("process_"));
+        }
+        for name in [EVENTS_CONSUMED, EVENTS_WRITTEN, DB_ERRORS, RETRIES] {
+            assert!(name.ends_with("_total"));
+        }
+    }
+}

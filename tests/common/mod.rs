@@ -1,0 +1,322 @@
+//! Shared fixtures for integration tests: a throwaway Postgres per test binary
+//! (or `DATABASE_URL`), a fresh database per test, Kafka via MockCluster or a
+//! real broker, and event builders.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use energy_stream::localpg::LocalPostgres;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+static PG: OnceLock<LocalPostgres> = OnceLock::new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The server URL: `DATABASE_URL` when set, else a cluster this test binary starts.
+pub fn server_url() -> String {
+    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+        return url;
+    }
+    PG.get_or_init(|| {
+        LocalPostgres::start().unwrap_or_else(|e| {
+            panic!("integration tests need PostgreSQL: {e}. Install it with `apt-get install -y postgresql` or set TEST_DATABASE_URL")
+        })
+    })
+    .url()
+}
+
+/// A fresh, empty database on the shared server.
+pub async fn fresh_db(prefix: &str) -> tokio_postgres::Config {
+    fresh_db_on(&server_url(), prefix).await
+}
+
+pub async fn fresh_db_on(server: &str, prefix: &str) -> tokio_postgres::Config {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let name = format!("{prefix}_{}_{n}", std::process::id());
+    let admin: tokio_postgres::Config = server.parse().unwrap();
+    let client = energy_stream::sink::connect(&admin).await.unwrap();
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let mut cfg = admin.clone();
+    cfg.dbname(&name);
+    cfg
+}
+
+pub async fn client(cfg: &tokio_postgres::Config) -> tokio_postgres::Client {
+    energy_stream::sink::connect(cfg).await.unwrap()
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A valid event line of `event_type` for `customer`.
+pub fn event(event_type: &str, customer: &str, session: i64, minute: u32) -> String {
+    let extra = match event_type {
+        "view_tariffs" | "incentive_claim" => r#","tariff_type":"green""#.to_string(),
+        "tariff_switch" => r#","tariff_type":"green","payment_amount":12.5"#.to_string(),
+        "energy_consumed" => r#","energy_consumed":"1.234""#.to_string(),
+        "bill_payment" => r#","payment_amount":20.5"#.to_string(),
+        _ => String::new(),
+    };
+    format!(
+        r#"{{"event_type":"{event_type}","event_time":"2025-06-01T{:02}:{:02}:00Z","payload":{{"customer_id":"{customer}","session_id":{session},"channel":"web_portal"{extra}}}}}"#,
+        minute / 60 % 24,
+        minute % 60
+    )
+}
+
+pub const TYPES: [&str; 7] = [
+    "user_login",
+    "user_logout",
+    "view_tariffs",
+    "tariff_switch",
+    "energy_consumed",
+    "incentive_claim",
+    "bill_payment",
+];
+
+/// Bad messages with the reason each must be rejected with.
+pub fn bad_messages() -> Vec<(Option<Vec<u8>>, &'static str)> {
+    let b = |s: &str| Some(s.as_bytes().to_vec());
+    vec![
+        (None, "tombstone"),
+        (Some(vec![]), "empty"),
+        (Some(b"\xc3\x28 not utf8".to_vec()), "not_utf8"),
+        (b("{\"event_type\": "), "invalid_json"),
+        (b("[1,2]"), "not_object"),
+        (
+            b(
+                r#"{"event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web"}}"#,
+            ),
+            "missing_event_type",
+        ),
+        (
+            b(
+                r#"{"event_type":"meter_exploded","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web"}}"#,
+            ),
+            "unknown_event_type",
+        ),
+        (
+            b(
+                r#"{"event_type":"user_login","event_time":"not a time","payload":{"customer_id":"C","session_id":1,"channel":"web"}}"#,
+            ),
+            "invalid_event_time",
+        ),
+        (
+            b(
+                r#"{"event_type":"user_login","event_time":"1999-01-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web"}}"#,
+            ),
+            "event_time_too_old",
+        ),
+        (
+            b(
+                r#"{"event_type":"user_login","event_time":"2999-01-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web"}}"#,
+            ),
+            "event_time_in_future",
+        ),
+        (
+            b(
+                r#"{"event_type":"bill_payment","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web"}}"#,
+            ),
+            "missing_field",
+        ),
+        (
+            b(
+                r#"{"event_type":"energy_consumed","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web","energy_consumed":-1}}"#,
+            ),
+            "negative_number",
+        ),
+        (
+            b(
+                r#"{"event_type":"energy_consumed","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web","energy_consumed":"abc"}}"#,
+            ),
+            "invalid_number",
+        ),
+        (
+            b(
+                r#"{"event_type":"energy_consumed","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web","energy_consumed":"NaN"}}"#,
+            ),
+            "non_finite_number",
+        ),
+        (
+            b(
+                r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":"s-1","channel":"web"}}"#,
+            ),
+            "invalid_type",
+        ),
+    ]
+}
+
+/// Sends raw payloads (None = tombstone) to `topic`, keyed so they spread over
+/// the partitions, and waits until all are delivered.
+pub fn send_raw(brokers: &str, topic: &str, messages: &[Option<Vec<u8>>]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.max.bytes", "10485760")
+        .create()
+        .expect("producer");
+    for (i, m) in messages.iter().enumerate() {
+        let key = format!("k{}", i % 97);
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key.as_bytes());
+        if let Some(p) = m {
+            rec = rec.payload(p.as_slice());
+        }
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// A Kafka-compatible broker for real-broker tests: `KAFKA_BROKERS` when set,
+/// else a tansu process this test starts on a free port.
+pub struct Broker {
+    pub brokers: String,
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl Broker {
+    pub fn get() -> Broker {
+        match std::env::var("KAFKA_BROKERS") {
+            Ok(b) if !b.is_empty() => Broker {
+                brokers: b,
+                child: None,
+                port: 0,
+            },
+            _ => Broker::own(),
+        }
+    }
+
+    /// Always a private tansu, for tests that stop and restart the broker.
+    pub fn own() -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut b = Broker {
+            brokers: format!("127.0.0.1:{port}"),
+            child: None,
+            port,
+        };
+        b.start();
+        b
+    }
+
+    pub fn start(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new("tansu")
+            .args([
+                "broker",
+                "--storage-engine",
+                "memory://tansu/",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "real-broker tests need a Kafka-compatible broker: set KAFKA_BROKERS, or install tansu \
+                     (`cargo install tansu --locked --features dynostore`; .ci/run does this): {e}"
+                )
+            });
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("tansu did not listen on port {} within 10 s", self.port);
+    }
+
+    /// Kills the broker process (memory storage: its data is gone too).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Creates a topic through the admin API (tansu does not auto-create).
+pub fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let kafka = energy_stream::source::KafkaConfig {
+        brokers: brokers.to_string(),
+        topic: topic.to_string(),
+        group_id: "admin".into(),
+        options: vec![],
+    };
+    energy_stream::produce::ensure_topic(&kafka, partitions).expect("create topic");
+}
+
+/// Creates `topic` with `partitions` partitions on a mock cluster.
+pub fn mock_topic(
+    cluster: &rdkafka::mocking::MockCluster<'_, impl rdkafka::ClientContext>,
+    topic: &str,
+    partitions: i32,
+) {
+    cluster
+        .create_topic(topic, partitions, 1)
+        .expect("create topic");
+}
+
+/// Counts per value of a text column.
+pub async fn counts(client: &tokio_postgres::Client, sql: &str) -> BTreeMap<String, i64> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect()
+}
+
+/// High watermarks of every partition of `topic`.
+pub fn high_watermarks(brokers: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "watermarks")
+        .create()
+        .unwrap();
+    (0..partitions)
+        .map(|p| {
+            let (_, hi) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            (p, hi)
+        })
+        .collect()
+}

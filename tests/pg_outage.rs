@@ -1,0 +1,161 @@
+//! Postgres goes away for 10 s in the middle of a run: the pipeline keeps
+//! running, retries without committing offsets, and the counts are exact after.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use energy_stream::config::PipelineConfig;
+use energy_stream::localpg::LocalPostgres;
+use energy_stream::source::KafkaConfig;
+use energy_stream::telemetry::Metrics;
+use rdkafka::mocking::MockCluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_for_ten_seconds_mid_run() {
+    // A private server: this test stops it.
+    let pg = Arc::new(
+        tokio::task::spawn_blocking(|| LocalPostgres::start().expect("postgres"))
+            .await
+            .unwrap(),
+    );
+    let db = fresh_db_on(&pg.url(), "outage").await;
+
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("outage");
+    mock_topic(&cluster, &topic, 4);
+
+    let mut cfg = PipelineConfig::new(
+        KafkaConfig {
+            brokers: brokers.clone(),
+            topic: topic.clone(),
+            group_id: unique("g"),
+            options: vec![],
+        },
+        db.clone(),
+    );
+    cfg.batch_max_rows = 200;
+    cfg.batch_max_wait = Duration::from_millis(50);
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(energy_stream::pipeline::run(cfg, metrics.clone(), async {
+        let _ = stop_rx.await;
+    }));
+
+    // Produce 30 000 events over ~12 s while Postgres goes down and comes back.
+    let total = 30_000usize;
+    let producer = {
+        let brokers = brokers.clone();
+        let topic = topic.clone();
+        std::thread::spawn(move || {
+            for chunk in 0..30 {
+                let msgs: Vec<Option<Vec<u8>>> = (0..total / 30)
+                    .map(|i| {
+                        let n = chunk * (total / 30) + i;
+                        Some(
+                            event(
+                                TYPES[n % 7],
+                                &format!("C{}", n % 300),
+                                n as i64,
+                                (n % 1440) as u32,
+                            )
+                            .into_bytes(),
+                        )
+                    })
+                    .collect();
+                send_raw(&brokers, &topic, &msgs);
+                std::thread::sleep(Duration::from_millis(400));
+            }
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = client(&db).await;
+    let before: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(before > 0, "the pipeline committed before the outage");
+    drop(c);
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.stop_immediate().unwrap())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!run.is_finished(), "the pipeline survives the outage");
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.start_again().unwrap())
+            .await
+            .unwrap();
+    }
+    tokio::task::spawn_blocking(move || producer.join().unwrap())
+        .await
+        .unwrap();
+
+    let c = client(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let rows: i64 = c
+            .query_one("SELECT count(*) FROM events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if rows as usize >= total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = stop_tx.send(());
+    let summary = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("clean stop")
+        .unwrap()
+        .expect("no error");
+
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let distinct: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows as usize, total, "exact count after the outage");
+    assert_eq!(distinct, rows);
+    let rejects: i64 = c
+        .query_one("SELECT count(*) FROM rejected_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rejects, 0, "infrastructure errors are never rejects");
+    assert_eq!(summary.events_written as usize, total);
+    let text = metrics.render();
+    let db_errors: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("energy_stream_db_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        db_errors > 0.0,
+        "the outage was counted as db errors:\n{text}"
+    );
+    let hw = high_watermarks(&brokers, &topic, 4);
+    let stored: i64 = c
+        .query_one("SELECT sum(next_offset)::bigint FROM consumer_offsets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, hw.values().sum::<i64>());
+}

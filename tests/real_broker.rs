@@ -1,0 +1,290 @@
+//! End-to-end against a real Kafka-compatible broker (tansu in CI), with the
+//! `energy-stream` binary run as separate processes: `generate` → `produce` →
+//! `run`, and the crash test that SIGKILLs `run` again and again.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use energy_stream::decode::{DecodeConfig, MessageMeta, decode_batch};
+use energy_stream::validate::{ValidationRules, validate};
+use rand::{Rng, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_energy-stream");
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique("es-test"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn db_url(cfg: &tokio_postgres::Config) -> String {
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    format!(
+        "postgres://{}@{}:{}/{}",
+        cfg.get_user().unwrap(),
+        host,
+        cfg.get_ports()[0],
+        cfg.get_dbname().unwrap()
+    )
+}
+
+fn generate(events: u64, bad_ratio: f64, seed: u64) -> PathBuf {
+    let path = tmp("events.jsonl");
+    let status = Command::new(BIN)
+        .args([
+            "generate",
+            "--events",
+            &events.to_string(),
+            "--bad-ratio",
+            &bad_ratio.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--output",
+        ])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    path
+}
+
+fn produce(brokers: &str, topic: &str, input: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["produce", "--brokers", brokers, "--topic", topic, "--input"])
+        .arg(input)
+        .arg("--bad-lines")
+        .arg(input.with_extension("bad"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "produce failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// What the pipeline must make of the lines `produce` sends: (valid, rejected by reason).
+fn expected(input: &Path) -> (i64, BTreeMap<String, i64>) {
+    let text = std::fs::read_to_string(input).unwrap();
+    let sent: Vec<&str> = text
+        .lines()
+        .filter(|l| energy_stream::produce::check_line(l).is_ok())
+        .collect();
+    let decoded = decode_batch(
+        DecodeConfig::default(),
+        sent.iter().enumerate().map(|(i, l)| {
+            (
+                Some(l.as_bytes()),
+                MessageMeta {
+                    partition: 0,
+                    offset: i as i64,
+                    timestamp_ms: None,
+                },
+            )
+        }),
+    );
+    let v = validate(&decoded, &ValidationRules::default(), chrono::Utc::now()).unwrap();
+    let reasons = v.rejects.column_by_name("reason").unwrap();
+    let reasons = datafusion::arrow::array::AsArray::as_string::<i32>(reasons);
+    let mut by = BTreeMap::new();
+    for r in reasons.iter().flatten() {
+        *by.entry(r.to_string()).or_default() += 1;
+    }
+    (v.valid.num_rows() as i64, by)
+}
+
+fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .args([
+            "run",
+            "--brokers",
+            brokers,
+            "--topic",
+            topic,
+            "--group-id",
+            group,
+            "--metrics-addr",
+            "off",
+            "--batch-max-rows",
+            "2000",
+            "--batch-max-wait-ms",
+            "200",
+            "--kafka-option",
+            "session.timeout.ms=6000",
+        ])
+        .args(extra)
+        .env("DATABASE_URL", db)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_success(mut child: Child, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "run exited with {status}");
+            return;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("run did not catch up within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Checked {
+    rows: i64,
+}
+
+/// R == P: every (partition, offset) below the watermarks is in exactly one of
+/// events / rejected_events, and the stored offsets equal the watermarks.
+async fn check_exactly_once(
+    db: &tokio_postgres::Config,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    partitions: i32,
+    input: &Path,
+) -> Checked {
+    let c = client(db).await;
+    let (valid, reasons) = expected(input);
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, valid, "one row per valid produced message");
+    let got = counts(
+        &c,
+        "SELECT reason, count(*) FROM rejected_events GROUP BY 1",
+    )
+    .await;
+    assert_eq!(got, reasons, "the rejects are complete");
+    let hw = high_watermarks(brokers, topic, partitions);
+    let total: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM (SELECT kafka_partition, kafka_offset FROM events UNION ALL SELECT kafka_partition, kafka_offset FROM rejected_events) x",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, hw.values().sum::<i64>(), "no gaps, no duplicates");
+    for (p, h) in &hw {
+        let max: Option<i64> = c
+            .query_one(
+                "SELECT max(o) FROM (SELECT kafka_offset o FROM events WHERE kafka_partition = $1 UNION ALL SELECT kafka_offset FROM rejected_events WHERE kafka_partition = $1) x",
+                &[p],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            max.map_or(0, |m| m + 1),
+            *h,
+            "partition {p} has no gap at the end"
+        );
+    }
+    let stored: BTreeMap<i32, i64> = c
+        .query(
+            "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+            &[&group, &topic],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let nonempty: BTreeMap<i32, i64> = hw.into_iter().filter(|(_, h)| *h > 0).collect();
+    assert_eq!(stored, nonempty, "stored offsets = last offset + 1");
+    Checked { rows }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_then_run_as_processes() {
+    let broker = Broker::get();
+    let topic = unique("e2e");
+    let input = generate(5_000, 0.05, 7);
+    let summary = produce(&broker.brokers, &topic, &input);
+    assert!(summary.contains("sent "), "{summary}");
+    assert!(summary.contains("bad lines "), "{summary}");
+
+    let db = fresh_db("e2e").await;
+    let group = unique("g");
+    let child = spawn_run(
+        &broker.brokers,
+        &topic,
+        &group,
+        &db_url(&db),
+        &["--stop-when-caught-up"],
+    );
+    wait_success(child, Duration::from_secs(180));
+    let checked = check_exactly_once(&db, &broker.brokers, &topic, &group, 6, &input).await;
+    assert!(checked.rows > 4_000);
+
+    // Resume after a clean finish: 0 new rows.
+    let child = spawn_run(
+        &broker.brokers,
+        &topic,
+        &group,
+        &db_url(&db),
+        &["--stop-when-caught-up"],
+    );
+    wait_success(child, Duration::from_secs(120));
+    let again = check_exactly_once(&db, &broker.brokers, &topic, &group, 6, &input).await;
+    assert_eq!(again.rows, checked.rows);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
+    let broker = Broker::get();
+    let topic = unique("crash");
+    let input = generate(100_000, 0.01, 11);
+    produce(&broker.brokers, &topic, &input);
+
+    let db = fresh_db("crash").await;
+    let url = db_url(&db);
+    let group = unique("g");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
+    let c = client(&db).await;
+    let mut progress = Vec::new();
+    for kill in 0..12 {
+        let mut child = spawn_run(&broker.brokers, &topic, &group, &url, &[]);
+        // Random points: sometimes before the first commit, mostly mid-stream.
+        let wait = Duration::from_millis(rng.random_range(300..4_000));
+        std::thread::sleep(wait);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let rows: i64 = c
+            .query_one("SELECT count(*) FROM events", &[])
+            .await
+            .unwrap()
+            .get(0);
+        progress.push((kill, wait.as_millis(), rows));
+    }
+    eprintln!("rows after each kill: {progress:?}");
+    let child = spawn_run(
+        &broker.brokers,
+        &topic,
+        &group,
+        &url,
+        &["--stop-when-caught-up"],
+    );
+    wait_success(child, Duration::from_secs(300));
+    check_exactly_once(&db, &broker.brokers, &topic, &group, 6, &input).await;
+}
