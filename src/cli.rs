@@ -44,7 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             let cfg = args.to_config(db_in_argv, env_vars())?;
             tracing::info!(
-                db = %crate::sink::describe(&cfg.database),
+                db = %cfg.database,
                 brokers = %cfg.kafka.brokers,
                 topic = %cfg.kafka.topic,
                 group = %cfg.kafka.group_id,
@@ -63,10 +63,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate(db) => {
-            let config = db.require(db_in_argv)?;
+            let database = crate::sink::Database {
+                config: db.require(db_in_argv)?,
+                ca_file: db.database_ca_file.clone(),
+            };
             let rt = runtime()?;
             let report = rt.block_on(async {
-                let mut client = crate::sink::connect(&config).await?;
+                let mut client = database.connect().await?;
                 crate::sink::migrate::migrate(&mut client).await
             })?;
             println!(

@@ -90,6 +90,10 @@ pub struct DbArgs {
     /// A file holding the database password, applied to the URL.
     #[arg(long, env = "DATABASE_PASSWORD_FILE")]
     pub database_password_file: Option<PathBuf>,
+    /// CA certificate(s) to verify the server against when TLS is on
+    /// (sslmode=prefer/require). Without it TLS encrypts but does not verify.
+    #[arg(long, env = "DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -217,7 +221,7 @@ pub struct DemoArgs {
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
     pub kafka: KafkaConfig,
-    pub database: tokio_postgres::Config,
+    pub database: crate::sink::Database,
     pub decode: DecodeConfig,
     pub rules: ValidationRules,
     pub batch_max_rows: usize,
@@ -234,7 +238,7 @@ impl PipelineConfig {
     pub fn new(kafka: KafkaConfig, database: tokio_postgres::Config) -> Self {
         PipelineConfig {
             kafka,
-            database,
+            database: crate::sink::Database::new(database),
             decode: DecodeConfig::default(),
             rules: ValidationRules::default(),
             batch_max_rows: 20_000,
@@ -368,6 +372,7 @@ impl RunArgs {
         let database = self.db.require(database_from_argv)?;
         let kafka = self.kafka.to_config(&self.group_id, env)?;
         let mut cfg = PipelineConfig::new(kafka, database);
+        cfg.database.ca_file = self.db.database_ca_file.clone();
         cfg.decode = DecodeConfig {
             max_message_bytes: self.max_message_bytes,
         };
@@ -492,6 +497,7 @@ mod tests {
             database_url: Some("postgres://u@h/db".into()),
             database_url_file: None,
             database_password_file: Some(pw.clone()),
+            database_ca_file: None,
         };
         let c = db.require(false).unwrap();
         assert_eq!(c.get_password(), Some(&b"s3cret"[..]));
@@ -514,6 +520,7 @@ mod tests {
             database_url: None,
             database_url_file: Some(dir.join("nope")),
             database_password_file: None,
+            database_ca_file: None,
         };
         assert!(
             missing

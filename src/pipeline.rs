@@ -7,12 +7,13 @@
 //!      ▲   (rebalance callbacks run       offsets fence, COPY events,
 //!      │    here and set ownership)       rejects, [KPI merges], offsets)
 //!      │                                  ─► gate + generation check ─► COMMIT
-//!      └── pause while the channel is full    ─► Kafka group commit (copy only)
+//!      └── blocks while the channel is full   ─► Kafka group commit (copy only)
 //! ```
 //!
 //! The channel between the two holds at most [`CHANNEL_DEPTH`] batches; when it
-//! is full (Postgres slow or away) the intake pauses its partitions but keeps
-//! polling, so rebalances are still served and memory stays bounded. Batch N+1
+//! is full (Postgres slow or away) the intake blocks and stops polling, and
+//! librdkafka stops fetching once its bounded queue is full, so memory stays
+//! bounded. Batch N+1
 //! is decoded while batch N is written, and commits stay in order because there
 //! is one writer.
 
@@ -83,7 +84,7 @@ pub enum PipelineError {
 
 struct PgOffsetLoader {
     handle: tokio::runtime::Handle,
-    db: tokio_postgres::Config,
+    db: sink::Database,
     group_id: String,
     topic: String,
 }
@@ -91,7 +92,7 @@ struct PgOffsetLoader {
 impl OffsetLoader for PgOffsetLoader {
     fn load(&self) -> Result<HashMap<i32, i64>, String> {
         self.handle.block_on(async {
-            let client = sink::connect(&self.db).await.map_err(|e| e.to_string())?;
+            let client = self.db.connect().await.map_err(|e| e.to_string())?;
             sink::load_offsets(&client, &self.group_id, &self.topic)
                 .await
                 .map_err(|e| e.to_string())
@@ -126,6 +127,8 @@ pub async fn run(
             tracing::info!(applied = ?report.applied, "schema migrations applied");
         }
     }
+
+    sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
 
     let loader = PgOffsetLoader {
         handle: tokio::runtime::Handle::current(),
@@ -186,7 +189,7 @@ async fn connect_with_retry(
 ) -> Result<Client, PipelineError> {
     let mut backoff = Backoff::new();
     loop {
-        match sink::connect(&cfg.database).await {
+        match cfg.database.connect().await {
             Ok(c) => {
                 health.postgres_ok.store(true, Ordering::Relaxed);
                 return Ok(c);
@@ -194,7 +197,7 @@ async fn connect_with_retry(
             Err(e) if e.is_retryable() => {
                 health.postgres_ok.store(false, Ordering::Relaxed);
                 metrics.db_errors.with_label_values(&[e.kind()]).inc();
-                tracing::warn!(error = %e, db = %sink::describe(&cfg.database), "cannot reach Postgres; retrying");
+                tracing::warn!(error = %e, db = %cfg.database, "cannot reach Postgres; retrying");
                 backoff.wait().await;
             }
             Err(e) => return Err(e.into()),
@@ -239,7 +242,6 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
 
     let mut dec = BatchDecoder::new(cfg.decode);
     let mut cut = Cutter::new(ownership.generation());
-    let mut pending: Option<Batch> = None;
     let mut eof: HashMap<i32, bool> = HashMap::new();
     let mut last_generation = ownership.generation();
     let mut decode_time = Duration::ZERO;
@@ -248,17 +250,7 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
         let stopping = ownership.stop_requested();
         source.resync_if_requested();
 
-        // Hand over a waiting batch first; while the writer is behind, keep
-        // polling with fetching paused so callbacks are still served.
-        if let Some(b) = pending.take() {
-            match tx.try_send(b) {
-                Ok(()) => source.set_paused(false),
-                Err(mpsc::error::TrySendError::Full(b)) => pending = Some(b),
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-            }
-        }
-
-        if stopping && pending.is_none() {
+        if stopping {
             if !dec.is_empty() && ownership.generation() == cut.generation {
                 let b = cut.cut(&mut dec, &ownership, decode_time);
                 metrics.events_consumed.inc_by(b.decoded.num_rows() as u64);
@@ -270,7 +262,7 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
         }
 
         let timeout = match cut.first_at {
-            Some(t) if pending.is_none() => cfg
+            Some(t) => cfg
                 .batch_max_wait
                 .saturating_sub(t.elapsed())
                 .min(Duration::from_millis(100)),
@@ -318,23 +310,28 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
         let due = cut
             .first_at
             .is_some_and(|t| t.elapsed() >= cfg.batch_max_wait);
-        if pending.is_none() && (full || due) {
+        if full || due {
             let b = cut.cut(&mut dec, &ownership, decode_time);
             decode_time = Duration::ZERO;
             metrics.events_consumed.inc_by(b.decoded.num_rows() as u64);
-            match tx.try_send(b) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(b)) => {
-                    source.set_paused(true);
-                    pending = Some(b);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            let dropped = source.take_dropped();
+            if dropped > 0 {
+                metrics
+                    .kafka_errors
+                    .with_label_values(&["redelivered"])
+                    .inc_by(dropped);
             }
-        } else if full && pending.is_some() {
-            source.set_paused(true);
+            // Backpressure: while the writer is behind (Postgres slow or away)
+            // this blocks and the intake stops polling, so librdkafka stops
+            // fetching once its bounded queue is full. Pausing partitions
+            // instead would restart fetches mid-batch on every resume.
+            // Rebalances wait meanwhile, bounded by max.poll.interval.ms.
+            if tx.blocking_send(b).is_err() {
+                return;
+            }
         }
 
-        if cfg.stop_when_caught_up && dec.is_empty() && pending.is_none() {
+        if cfg.stop_when_caught_up && dec.is_empty() {
             let assigned = ownership.assigned();
             if !assigned.is_empty() && assigned.iter().all(|p| eof.get(p) == Some(&true)) {
                 tracing::info!("caught up with every assigned partition");
@@ -364,7 +361,8 @@ impl Cutter {
 
     fn note(&mut self, partition: i32, offset: i64, ts_ms: Option<i64>) {
         self.first_at.get_or_insert_with(Instant::now);
-        self.last_offsets.insert(partition, offset);
+        let last = self.last_offsets.entry(partition).or_insert(offset);
+        *last = (*last).max(offset);
         if let Some(ts) = ts_ms {
             self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
         }
@@ -435,7 +433,7 @@ async fn writer(
             }
             let c = match client.as_mut() {
                 Some(c) if !c.is_closed() => c,
-                _ => match sink::connect(&cfg.database).await {
+                _ => match cfg.database.connect().await {
                     Ok(c) => {
                         tracing::info!("reconnected to Postgres");
                         client.insert(c)

@@ -101,14 +101,24 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, Produc
     }
     let topic = NewTopic::new(&kafka.topic, partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| ProduceError::CreateTopic {
-            topic: kafka.topic.clone(),
-            message: e.to_string(),
-        })?;
-    let results = rt.block_on(admin.create_topics([&topic], &opts))?;
+    // The admin API is async; a private runtime on a scoped thread lets this
+    // blocking function run from anywhere, inside another runtime included.
+    let results = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| ProduceError::CreateTopic {
+                        topic: kafka.topic.clone(),
+                        message: e.to_string(),
+                    })?;
+                rt.block_on(admin.create_topics([&topic], &opts))
+                    .map_err(ProduceError::from)
+            })
+            .join()
+            .expect("topic creation thread")
+    })?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -25,6 +24,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message};
 
 use crate::telemetry::{Health, Metrics};
 
@@ -81,8 +81,74 @@ pub struct Ownership {
     /// Per assigned partition: the next offset stored in Postgres as far as this
     /// consumer knows (None: nothing stored yet). Batches are fenced on it.
     positions: Mutex<HashMap<i32, Option<i64>>>,
+    /// Per assigned partition: the offset the next delivered message must have.
+    cursors: Mutex<HashMap<i32, Cursor>>,
     resync: AtomicBool,
     stop: AtomicBool,
+}
+
+/// Where a partition's delivery stands, so that the source hands on each
+/// offset once and in order, whatever the broker sends.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    /// The offset we want next (None: from the beginning, whatever it is).
+    next: Option<i64>,
+    /// The previous message of this partition was below `next`, i.e. the
+    /// broker is sending contiguously from before the wanted offset.
+    prev_below: bool,
+    /// How far before `next` the last corrective seek went.
+    back: i64,
+}
+
+/// What to do with one delivered message.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Accept,
+    /// Already handed on (a broker re-delivered it): drop it.
+    Redelivered,
+    /// The broker skipped past the wanted offset: seek to this offset and drop
+    /// what comes before the wanted one.
+    SeekBack(i64),
+}
+
+impl Cursor {
+    fn at(next: Option<i64>) -> Self {
+        Cursor {
+            next,
+            prev_below: false,
+            back: 0,
+        }
+    }
+
+    /// Some brokers (tansu's memory engine among them) answer a fetch from an
+    /// offset inside a stored record batch with the *next* batch, silently
+    /// skipping the rest of the one asked for, and re-send batches they already
+    /// sent. Kafka returns the whole containing batch and the client drops the
+    /// head. A fetch starts mid-batch after an assignment, a seek, or a
+    /// pause/resume, so the rule is general: drop what is below `next`; when a
+    /// message lands beyond `next`, seek back (doubling the distance) until the
+    /// broker sends from at or before `next`. A gap is real (compaction,
+    /// transaction markers) only when the broker sent a message below `next`
+    /// and then one above it, or when seeking back to 0 did not close it.
+    fn judge(&mut self, offset: i64) -> Verdict {
+        let Some(next) = self.next else {
+            self.next = Some(offset + 1);
+            return Verdict::Accept;
+        };
+        if offset < next {
+            self.prev_below = true;
+            return Verdict::Redelivered;
+        }
+        if offset > next && !self.prev_below && next - self.back > 0 {
+            // Start a few messages back: a skipped batch is usually far larger.
+            self.back = (self.back * 4).max(16);
+            return Verdict::SeekBack((next - self.back).max(0));
+        }
+        self.next = Some(offset + 1);
+        self.prev_below = false;
+        self.back = 0;
+        Verdict::Accept
+    }
 }
 
 impl Ownership {
@@ -91,6 +157,7 @@ impl Ownership {
             generation: AtomicU64::new(0),
             gate: tokio::sync::Mutex::new(()),
             positions: Mutex::new(HashMap::new()),
+            cursors: Mutex::new(HashMap::new()),
             resync: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         }
@@ -135,6 +202,10 @@ impl Ownership {
     fn reassign(&self, positions: HashMap<i32, Option<i64>>) {
         let _gate = self.gate.blocking_lock();
         self.generation.fetch_add(1, Ordering::SeqCst);
+        *self.cursors.lock().expect("cursors lock") = positions
+            .iter()
+            .map(|(&p, &next)| (p, Cursor::at(next)))
+            .collect();
         *self.positions.lock().expect("positions lock") = positions;
     }
 }
@@ -207,6 +278,10 @@ impl ClientContext for SourceContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // Some brokers' end-of-partition notices arrive here as well as through poll.
+        if let Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) = error.rdkafka_error_code() {
+            return;
+        }
         let kind = match error.rdkafka_error_code() {
             Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) => {
                 self.health.kafka_ok.store(false, Ordering::Relaxed);
@@ -278,6 +353,8 @@ pub enum Polled<'a> {
 
 pub struct KafkaSource {
     consumer: BaseConsumer<SourceContext>,
+    /// Re-delivered messages dropped since the last [`KafkaSource::take_dropped`].
+    dropped: std::sync::atomic::AtomicU64,
     ownership: Arc<Ownership>,
     topic: String,
     health: Arc<Health>,
@@ -338,6 +415,7 @@ impl KafkaSource {
             c.create_with_context(ctx).map_err(SourceError::Config)?;
         Ok(KafkaSource {
             consumer,
+            dropped: std::sync::atomic::AtomicU64::new(0),
             ownership,
             topic: cfg.topic.clone(),
             health,
@@ -382,7 +460,40 @@ impl KafkaSource {
             None => Polled::Idle,
             Some(Ok(m)) => {
                 self.health.kafka_ok.store(true, Ordering::Relaxed);
-                Polled::Message(m)
+                let (p, offset) = (m.partition(), m.offset());
+                let verdict = {
+                    let mut cursors = self.ownership.cursors.lock().expect("cursors lock");
+                    match cursors.get_mut(&p) {
+                        Some(c) => c.judge(offset),
+                        // Not (or no longer) ours: never hand it on.
+                        None => Verdict::Redelivered,
+                    }
+                };
+                match verdict {
+                    Verdict::Accept => Polled::Message(m),
+                    Verdict::Redelivered => {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        Polled::Idle
+                    }
+                    Verdict::SeekBack(to) => {
+                        tracing::debug!(
+                            partition = p,
+                            got = offset,
+                            seek_to = to,
+                            "broker started past the requested offset; seeking back"
+                        );
+                        drop(m);
+                        if let Err(e) = self.consumer.seek(
+                            &self.topic,
+                            p,
+                            Offset::Offset(to),
+                            Duration::from_secs(10),
+                        ) {
+                            tracing::warn!(partition = p, error = %e, "seek failed");
+                        }
+                        Polled::Idle
+                    }
+                }
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 self.health.kafka_ok.store(true, Ordering::Relaxed);
@@ -418,18 +529,10 @@ impl KafkaSource {
         }
     }
 
-    /// Pauses or resumes fetching on every owned partition (backpressure).
-    pub fn set_paused(&self, paused: bool) {
-        if let Ok(tpl) = self.consumer.assignment() {
-            let r = if paused {
-                self.consumer.pause(&tpl)
-            } else {
-                self.consumer.resume(&tpl)
-            };
-            if let Err(e) = r {
-                tracing::debug!(error = %e, paused, "pause/resume failed");
-            }
-        }
+    /// How many re-delivered messages were dropped since the last call (for a
+    /// per-batch metric, not a per-message one).
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
     }
 
     /// Copies committed offsets to the Kafka group, for lag tools. Postgres stays
@@ -460,5 +563,73 @@ impl KafkaSource {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_accepts_in_order_and_drops_redeliveries() {
+        let mut c = Cursor::at(Some(10));
+        assert_eq!(c.judge(10), Verdict::Accept);
+        assert_eq!(c.judge(11), Verdict::Accept);
+        assert_eq!(c.judge(5), Verdict::Redelivered);
+        assert_eq!(c.judge(11), Verdict::Redelivered);
+        assert_eq!(c.judge(12), Verdict::Accept);
+        assert_eq!(c.next, Some(13));
+    }
+
+    #[test]
+    fn cursor_seeks_back_when_the_broker_skips() {
+        // Asked for 100, the broker answers from 150: seek back 16, 64, 256, ...
+        let mut c = Cursor::at(Some(100));
+        assert_eq!(c.judge(150), Verdict::SeekBack(84));
+        assert_eq!(c.judge(150), Verdict::SeekBack(36));
+        assert_eq!(c.judge(150), Verdict::SeekBack(0));
+        // Now the fetch starts before 100: the head is dropped, 100 accepted.
+        assert_eq!(c.judge(90), Verdict::Redelivered);
+        assert_eq!(c.judge(99), Verdict::Redelivered);
+        assert_eq!(c.judge(100), Verdict::Accept);
+        assert_eq!(c.back, 0);
+        // Mid-stream too (a fetch restarted after a reconnect).
+        assert_eq!(c.judge(140), Verdict::SeekBack(85));
+    }
+
+    #[test]
+    fn cursor_accepts_a_gap_the_broker_straddles() {
+        // The broker sends 8, 9 (below next = 10) then 12: 10 and 11 do not exist.
+        let mut c = Cursor::at(Some(10));
+        assert_eq!(c.judge(8), Verdict::Redelivered);
+        assert_eq!(c.judge(9), Verdict::Redelivered);
+        assert_eq!(c.judge(12), Verdict::Accept);
+        assert_eq!(c.next, Some(13));
+    }
+
+    #[test]
+    fn cursor_accepts_a_gap_once_it_has_looked_back_to_zero() {
+        let mut c = Cursor::at(Some(3));
+        let mut seeks = 0;
+        loop {
+            match c.judge(7) {
+                Verdict::SeekBack(to) => {
+                    assert!(to >= 0);
+                    seeks += 1;
+                }
+                Verdict::Accept => break,
+                Verdict::Redelivered => panic!("7 is past 3"),
+            }
+        }
+        assert!(seeks <= 1, "bounded: {seeks}");
+        assert_eq!(c.next, Some(8));
+    }
+
+    #[test]
+    fn cursor_from_the_beginning_takes_the_first_offset() {
+        let mut c = Cursor::at(None);
+        assert_eq!(c.judge(42), Verdict::Accept);
+        assert_eq!(c.judge(42), Verdict::Redelivered);
+        assert_eq!(c.judge(43), Verdict::Accept);
     }
 }

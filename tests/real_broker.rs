@@ -151,14 +151,15 @@ struct Checked {
     rows: i64,
 }
 
-/// R == P: every (partition, offset) below the watermarks is in exactly one of
-/// events / rejected_events, and the stored offsets equal the watermarks.
+/// R == P: every message the producer sent is in exactly one of events /
+/// rejected_events, each partition's offsets have no gap, and the stored
+/// offsets are the last offset + 1. (Watermarks are derived from the data
+/// because tansu's ListOffsets does not report the high watermark.)
 async fn check_exactly_once(
     db: &tokio_postgres::Config,
-    brokers: &str,
     topic: &str,
     group: &str,
-    partitions: i32,
+    sent: i64,
     input: &Path,
 ) -> Checked {
     let c = client(db).await;
@@ -175,31 +176,27 @@ async fn check_exactly_once(
     )
     .await;
     assert_eq!(got, reasons, "the rejects are complete");
-    let hw = high_watermarks(brokers, topic, partitions);
-    let total: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM (SELECT kafka_partition, kafka_offset FROM events UNION ALL SELECT kafka_partition, kafka_offset FROM rejected_events) x",
+    let per_partition = c
+        .query(
+            "SELECT kafka_partition, count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset) \
+             FROM (SELECT kafka_partition, kafka_offset FROM events UNION ALL SELECT kafka_partition, kafka_offset FROM rejected_events) x \
+             GROUP BY 1 ORDER BY 1",
             &[],
         )
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(total, hw.values().sum::<i64>(), "no gaps, no duplicates");
-    for (p, h) in &hw {
-        let max: Option<i64> = c
-            .query_one(
-                "SELECT max(o) FROM (SELECT kafka_offset o FROM events WHERE kafka_partition = $1 UNION ALL SELECT kafka_offset FROM rejected_events WHERE kafka_partition = $1) x",
-                &[p],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(
-            max.map_or(0, |m| m + 1),
-            *h,
-            "partition {p} has no gap at the end"
-        );
+        .unwrap();
+    let mut total = 0;
+    let mut ends = BTreeMap::new();
+    for r in &per_partition {
+        let (p, n, distinct, min, max): (i32, i64, i64, i64, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        assert_eq!(n, distinct, "partition {p}: no duplicates");
+        assert_eq!(min, 0, "partition {p}: starts at offset 0");
+        assert_eq!(max + 1, n, "partition {p}: no gaps");
+        total += n;
+        ends.insert(p, max + 1);
     }
+    assert_eq!(total, sent, "every sent message is stored once");
     let stored: BTreeMap<i32, i64> = c
         .query(
             "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
@@ -210,9 +207,17 @@ async fn check_exactly_once(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let nonempty: BTreeMap<i32, i64> = hw.into_iter().filter(|(_, h)| *h > 0).collect();
-    assert_eq!(stored, nonempty, "stored offsets = last offset + 1");
+    assert_eq!(stored, ends, "stored offsets = last offset + 1");
     Checked { rows }
+}
+
+fn sent_count(summary: &str) -> i64 {
+    summary
+        .split("sent ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sent count in {summary:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,8 +226,8 @@ async fn produce_then_run_as_processes() {
     let topic = unique("e2e");
     let input = generate(5_000, 0.05, 7);
     let summary = produce(&broker.brokers, &topic, &input);
-    assert!(summary.contains("sent "), "{summary}");
     assert!(summary.contains("bad lines "), "{summary}");
+    let sent = sent_count(&summary);
 
     let db = fresh_db("e2e").await;
     let group = unique("g");
@@ -234,7 +239,7 @@ async fn produce_then_run_as_processes() {
         &["--stop-when-caught-up"],
     );
     wait_success(child, Duration::from_secs(180));
-    let checked = check_exactly_once(&db, &broker.brokers, &topic, &group, 6, &input).await;
+    let checked = check_exactly_once(&db, &topic, &group, sent, &input).await;
     assert!(checked.rows > 4_000);
 
     // Resume after a clean finish: 0 new rows.
@@ -246,8 +251,15 @@ async fn produce_then_run_as_processes() {
         &["--stop-when-caught-up"],
     );
     wait_success(child, Duration::from_secs(120));
-    let again = check_exactly_once(&db, &broker.brokers, &topic, &group, 6, &input).await;
+    let again = check_exactly_once(&db, &topic, &group, sent, &input).await;
     assert_eq!(again.rows, checked.rows);
+}
+
+async fn row_count(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM events", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +267,27 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let broker = Broker::get();
     let topic = unique("crash");
     let input = generate(100_000, 0.01, 11);
-    produce(&broker.brokers, &topic, &input);
+    create_topic(&broker.brokers, &topic, 6);
+    // Events keep arriving while the consumer is killed again and again.
+    let producer = Command::new(BIN)
+        .args([
+            "produce",
+            "--brokers",
+            &broker.brokers,
+            "--topic",
+            &topic,
+            "--rate",
+            "1200",
+            "--input",
+        ])
+        .arg(&input)
+        .arg("--bad-lines")
+        .arg(input.with_extension("bad"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
 
     let db = fresh_db("crash").await;
     let url = db_url(&db);
@@ -265,19 +297,32 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let mut progress = Vec::new();
     for kill in 0..12 {
         let mut child = spawn_run(&broker.brokers, &topic, &group, &url, &[]);
-        // Random points: sometimes before the first commit, mostly mid-stream.
-        let wait = Duration::from_millis(rng.random_range(300..4_000));
-        std::thread::sleep(wait);
+        // Kill while it is writing: wait until this process has committed
+        // something (the group hands it partitions once the previous, killed
+        // member's session has expired), then a random moment later.
+        let before = row_count(&c).await;
+        let started = Instant::now();
+        while row_count(&c).await == before && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let wait = Duration::from_millis(rng.random_range(0..1_500));
+        tokio::time::sleep(wait).await;
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        let rows: i64 = c
-            .query_one("SELECT count(*) FROM events", &[])
-            .await
-            .unwrap()
-            .get(0);
-        progress.push((kill, wait.as_millis(), rows));
+        progress.push((kill, wait.as_millis(), row_count(&c).await));
     }
-    eprintln!("rows after each kill: {progress:?}");
+    eprintln!("(kill, ms after first commit, rows): {progress:?}");
+    let out = producer.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "produce: {summary}");
+    let sent = sent_count(&summary);
+    assert!(sent >= 99_000, "{summary}");
+    let rows_during: Vec<i64> = progress.iter().map(|p| p.2).collect();
+    assert!(
+        rows_during.windows(2).filter(|w| w[1] > w[0]).count() >= 8,
+        "the kills landed while the pipeline was making progress: {progress:?}"
+    );
+
     let child = spawn_run(
         &broker.brokers,
         &topic,
@@ -286,5 +331,5 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         &["--stop-when-caught-up"],
     );
     wait_success(child, Duration::from_secs(300));
-    check_exactly_once(&db, &broker.brokers, &topic, &group, 6, &input).await;
+    check_exactly_once(&db, &topic, &group, sent, &input).await;
 }

@@ -38,7 +38,8 @@ fn checksum(sql: &str) -> String {
 pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            "SET client_min_messages = warning;
+             CREATE TABLE IF NOT EXISTS schema_migrations (
                 version integer PRIMARY KEY,
                 name text NOT NULL,
                 checksum text NOT NULL,

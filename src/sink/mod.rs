@@ -138,9 +138,19 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
     SinkError::Unavailable { kind, message }
 }
 
-/// Connects with TLS when the configuration asks for it (`sslmode=require` in
-/// the URL), plain otherwise.
+/// Connects, with TLS unless `sslmode=disable`.
+///
+/// As in libpq, `prefer` and `require` encrypt without checking the server's
+/// certificate; set `DATABASE_CA_FILE` (see [`crate::config`]) to verify it
+/// against a CA, which the pipeline passes in as `ca_file`.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, SinkError> {
+    connect_with_ca(config, None).await
+}
+
+pub async fn connect_with_ca(
+    config: &tokio_postgres::Config,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Client, SinkError> {
     let client = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
         let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
@@ -150,9 +160,21 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, SinkErro
         });
         client
     } else {
-        let builder = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls())
-            .map_err(|e| SinkError::Fatal(format!("cannot set up TLS: {e}")))?;
-        let tls = postgres_openssl::MakeTlsConnector::new(builder.build());
+        let tls_err =
+            |e: openssl::error::ErrorStack| SinkError::Fatal(format!("cannot set up TLS: {e}"));
+        let mut builder =
+            openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).map_err(tls_err)?;
+        match ca_file {
+            Some(ca) => builder.set_ca_file(ca).map_err(tls_err)?,
+            None => builder.set_verify(openssl::ssl::SslVerifyMode::NONE),
+        }
+        let mut tls = postgres_openssl::MakeTlsConnector::new(builder.build());
+        if ca_file.is_none() {
+            tls.set_callback(|c, _| {
+                c.set_verify_hostname(false);
+                Ok(())
+            });
+        }
         let (client, conn) = config.connect(tls).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -162,6 +184,40 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, SinkErro
         client
     };
     Ok(client)
+}
+
+/// Where Postgres is, and how to trust its certificate.
+#[derive(Clone)]
+pub struct Database {
+    pub config: tokio_postgres::Config,
+    /// CA bundle to verify the server certificate against; without it TLS
+    /// encrypts but does not verify (libpq's `require`).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl Database {
+    pub fn new(config: tokio_postgres::Config) -> Self {
+        Database {
+            config,
+            ca_file: None,
+        }
+    }
+
+    pub async fn connect(&self) -> Result<Client, SinkError> {
+        connect_with_ca(&self.config, self.ca_file.as_deref()).await
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(&self.config))
+    }
+}
+
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(&self.config))
+    }
 }
 
 /// Describes a database for logs: user, host, port and database, never the password.
@@ -198,6 +254,35 @@ pub async fn load_offsets(
         .iter()
         .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
         .collect())
+}
+
+/// Refuses to start a group on a topic that another group already loads into
+/// this database: `events` is keyed by (partition, offset), so a second copy
+/// of the topic would collide row by row and never make progress.
+pub async fn check_single_group(
+    client: &Client,
+    group_id: &str,
+    topic: &str,
+) -> Result<(), SinkError> {
+    let others: Vec<String> = client
+        .query(
+            "SELECT DISTINCT group_id FROM consumer_offsets WHERE topic = $1 AND group_id <> $2 \
+             AND NOT EXISTS (SELECT 1 FROM consumer_offsets WHERE topic = $1 AND group_id = $2) ORDER BY 1",
+            &[&topic, &group_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(SinkError::Fatal(format!(
+        "topic {topic} is already loaded into this database by consumer group(s) {} and group {group_id} has no offsets here; \
+         one database holds one copy of a topic, so run with --group-id {} or point DATABASE_URL at a fresh database",
+        others.join(", "),
+        others[0]
+    )))
 }
 
 /// Timings of one prepared transaction, for the stage histograms.
