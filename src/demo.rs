@@ -108,6 +108,9 @@ pub async fn run(
         .context("cannot create the demo schema")?;
 
     let cluster = MockCluster::new(1).context("cannot start the in-process Kafka")?;
+    cluster
+        .create_topic(TOPIC, 6, 1)
+        .context("cannot create the demo topic")?;
     let brokers = cluster.bootstrap_servers();
     println!("Kafka: in-process mock cluster at {brokers}, topic {TOPIC} (6 partitions)");
     let kafka = KafkaConfig {

@@ -88,9 +88,11 @@ pub enum ProduceError {
 /// Creates `topic` with `partitions` partitions unless it exists.
 pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, ProduceError> {
     let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    // Ask for all topics: a request naming the topic would auto-create it, with
+    // the broker's default partition count, on brokers that allow that.
     let md = admin
         .inner()
-        .fetch_metadata(Some(&kafka.topic), Duration::from_secs(10))
+        .fetch_metadata(None, Duration::from_secs(10))
         .map_err(|_| ProduceError::Unreachable(kafka.brokers.clone()))?;
     if md
         .topics()

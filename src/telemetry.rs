@@ -275,8 +275,9 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
 /// Installs the tracing subscriber: human-readable lines, `RUST_LOG` filter,
 /// `info` by default. Called once, by `main`.
 pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
