@@ -333,3 +333,109 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     wait_success(child, Duration::from_secs(300));
     check_exactly_once(&db, &topic, &group, sent, &input).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
+    let broker = Broker::get();
+    let topic = unique("late");
+    let db = fresh_db("late").await;
+    let url = db_url(&db);
+    let group = unique("g");
+    // Started before the topic exists: it must wait, not fail.
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--brokers",
+            &broker.brokers,
+            "--topic",
+            &topic,
+            "--group-id",
+            &group,
+            "--metrics-addr",
+            "off",
+            "--batch-max-rows",
+            "500",
+            "--batch-max-wait-ms",
+            "100",
+        ])
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "run waits for the topic"
+    );
+
+    let input = generate(20_000, 0.0, 5);
+    create_topic(&broker.brokers, &topic, 6);
+    let producer = Command::new(BIN)
+        .args([
+            "produce",
+            "--brokers",
+            &broker.brokers,
+            "--topic",
+            &topic,
+            "--rate",
+            "4000",
+            "--input",
+        ])
+        .arg(&input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = client(&db).await;
+    let started = Instant::now();
+    while row_count(&c).await < 2_000 && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        row_count(&c).await >= 2_000,
+        "run picked the topic up once it appeared"
+    );
+
+    // SIGTERM mid-stream: stop intake, commit what is in flight, exit 0.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit 0 after SIGTERM:\n{log}");
+    assert!(
+        log.contains("does not exist yet"),
+        "a clear line about the missing topic:\n{log}"
+    );
+    assert!(log.contains("shutdown requested"), "{log}");
+    // What was consumed is committed: stored offsets match the rows exactly.
+    let consistent: bool = c
+        .query_one(
+            "SELECT bool_and(o.next_offset = e.n AND e.n = e.hi) FROM consumer_offsets o \
+             JOIN (SELECT kafka_partition, count(*) n, max(kafka_offset) + 1 hi FROM events GROUP BY 1) e USING (kafka_partition) \
+             WHERE o.group_id = $1",
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        consistent,
+        "stored offsets equal the committed rows after SIGTERM"
+    );
+
+    let summary = String::from_utf8_lossy(&producer.wait_with_output().unwrap().stdout).to_string();
+    let sent = sent_count(&summary);
+    let child = spawn_run(
+        &broker.brokers,
+        &topic,
+        &group,
+        &url,
+        &["--stop-when-caught-up"],
+    );
+    wait_success(child, Duration::from_secs(120));
+    check_exactly_once(&db, &topic, &group, sent, &input).await;
+}
