@@ -40,6 +40,7 @@ pub async fn shutdown_signal() {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let argv: Vec<String> = std::env::args().collect();
     let db_in_argv = flag_in_argv(&argv, "--database-url");
+    let verify = matches!(cli.command, Command::Verify(_));
     match cli.command {
         Command::Run(args) => {
             let cfg = args.to_config(db_in_argv, env_vars())?;
@@ -153,6 +154,79 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS
+            })
+        }
+        Command::Check(args) => {
+            let rt = runtime()?;
+            let cfg = crate::kpi::KpiConfig {
+                dir: args.queries_dir.clone(),
+                ..Default::default()
+            };
+            let engine = rt.block_on(crate::kpi::KpiEngine::load_dir(&cfg))?;
+            for def in engine.defs() {
+                println!(
+                    "{}  →  view {}, table {}",
+                    def.name,
+                    def.name,
+                    crate::kpi::state_table(def, "")
+                );
+                if let Some(d) = &def.description {
+                    println!("  {d}");
+                }
+                let keys: Vec<&str> = def.keys.iter().map(|k| k.name.as_str()).collect();
+                println!("  keys: {}", keys.join(", "));
+                for m in &def.measures {
+                    println!("  measure {}: {}", m.display, m.func.rule());
+                }
+                let outputs: Vec<&str> = def.outputs.iter().map(|o| o.name.as_str()).collect();
+                println!("  columns: {}, updated_at", outputs.join(", "));
+            }
+            println!("{} KPI file(s) OK", engine.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill(args) | Command::Verify(args) => {
+            let database = crate::sink::Database {
+                config: args.db.require(db_in_argv)?,
+                ca_file: args.db.database_ca_file.clone(),
+            };
+            let rt = runtime()?;
+            rt.block_on(async {
+                let engine = crate::kpi::KpiEngine::load_dir(&crate::kpi::KpiConfig {
+                    dir: args.queries.queries_dir.clone(),
+                    ..Default::default()
+                })
+                .await?;
+                if let Some(k) = &args.kpi
+                    && !engine.defs().any(|d| &d.name == k)
+                {
+                    anyhow::bail!("no KPI named {k} in {}", args.queries.queries_dir.display());
+                }
+                let mut client = database.connect().await?;
+                crate::sink::migrate::migrate(&mut client).await?;
+                if verify {
+                    let mismatches =
+                        crate::kpi::verify(&mut client, &engine, args.kpi.as_deref()).await?;
+                    for m in &mismatches {
+                        println!("{}: {} {}", m.kpi, m.side, m.row);
+                    }
+                    if mismatches.is_empty() {
+                        println!("verify: every KPI equals its recomputation over events");
+                        Ok(ExitCode::SUCCESS)
+                    } else {
+                        println!("verify: {} mismatching row(s)", mismatches.len());
+                        Ok(ExitCode::FAILURE)
+                    }
+                } else {
+                    let names: Vec<String> = engine.defs().map(|d| d.name.clone()).collect();
+                    for (i, name) in names.iter().enumerate() {
+                        if args.kpi.as_ref().is_some_and(|k| k != name) {
+                            continue;
+                        }
+                        let n = crate::kpi::backfill(&mut client, &engine, i).await?;
+                        println!("backfilled {name} from {n} events");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
             })
         }
         Command::Demo(args) => {

@@ -74,6 +74,30 @@ pub enum Command {
     Produce(ProduceArgs),
     /// The newcomer's tour: in-process Kafka, a local Postgres, sample data, one summary.
     Demo(DemoArgs),
+    /// Parse and plan every KPI file; print keys, measures, merge rules and tables.
+    Check(QueriesArgs),
+    /// Recompute KPIs from the events table into fresh tables and swap them in.
+    Backfill(KpiDbArgs),
+    /// Recompute KPIs from the events table and diff them with the streamed tables.
+    Verify(KpiDbArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueriesArgs {
+    /// Directory of KPI files (*.sql).
+    #[arg(long, env = "QUERIES_DIR", default_value = "queries")]
+    pub queries_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KpiDbArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub queries: QueriesArgs,
+    /// Only this KPI (the file name without .sql).
+    #[arg(long)]
+    pub kpi: Option<String>,
 }
 
 /// Where Postgres is. The URL may carry a password only when it comes from the
@@ -149,6 +173,15 @@ pub struct RunArgs {
     /// On SIGTERM/SIGINT, how long to keep trying to commit in-flight batches.
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// Directory of KPI files (*.sql), each computed on every batch.
+    #[arg(long, env = "QUERIES_DIR", default_value = "queries")]
+    pub queries_dir: PathBuf,
+    /// Write raw events and rejects only; compute no KPIs.
+    #[arg(long, env = "NO_KPIS")]
+    pub no_kpis: bool,
+    /// Memory for DataFusion's KPI work on one batch, in MiB.
+    #[arg(long, env = "KPI_MEMORY_MB", default_value_t = 256)]
+    pub kpi_memory_mb: usize,
     /// Seconds between progress log lines.
     #[arg(long, env = "PROGRESS_INTERVAL_SECS", default_value_t = 10)]
     pub progress_interval_secs: u64,
@@ -231,6 +264,8 @@ pub struct PipelineConfig {
     pub drain_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub progress_interval: Duration,
+    /// KPI files to compute; None writes raw events only.
+    pub kpi: Option<crate::kpi::KpiConfig>,
 }
 
 impl PipelineConfig {
@@ -248,6 +283,7 @@ impl PipelineConfig {
             drain_timeout: Duration::from_secs(30),
             metrics_addr: None,
             progress_interval: Duration::from_secs(10),
+            kpi: None,
         }
     }
 }
@@ -387,6 +423,10 @@ impl RunArgs {
         cfg.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
         cfg.metrics_addr = parse_metrics_addr(&self.metrics_addr).map_err(anyhow::Error::msg)?;
         cfg.progress_interval = Duration::from_secs(self.progress_interval_secs.max(1));
+        cfg.kpi = (!self.no_kpis).then(|| crate::kpi::KpiConfig {
+            dir: self.queries_dir.clone(),
+            memory_limit: self.kpi_memory_mb << 20,
+        });
         Ok(cfg)
     }
 }

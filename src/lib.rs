@@ -30,6 +30,7 @@ pub mod decode;
 pub mod demo;
 pub mod event;
 pub mod generate;
+pub mod kpi;
 pub mod localpg;
 pub mod pipeline;
 pub mod produce;

@@ -34,6 +34,7 @@ use tokio_postgres::Client;
 use crate::config::PipelineConfig;
 use crate::decode::{BatchDecoder, MessageMeta};
 use crate::event::col;
+use crate::kpi::KpiEngine;
 use crate::sink::{self, BatchWrite, PartitionOffsets, SinkError};
 use crate::source::{KafkaSource, OffsetLoader, Ownership, Polled};
 use crate::telemetry::{Health, Metrics, stage};
@@ -78,6 +79,8 @@ pub enum PipelineError {
         "shutdown drain timed out after {0:?} with a batch still uncommitted; it will be consumed again on restart"
     )]
     DrainTimeout(Duration),
+    #[error("KPI: {0}")]
+    Kpi(String),
     #[error("the intake thread failed: {0}")]
     Intake(String),
 }
@@ -129,6 +132,21 @@ pub async fn run(
     }
 
     sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
+    let kpis = match &cfg.kpi {
+        Some(k) => {
+            let engine = KpiEngine::load_dir(k)
+                .await
+                .map_err(|e| PipelineError::Kpi(e.to_string()))?;
+            let report = crate::kpi::install(&mut client, &engine).await?;
+            tracing::info!(
+                kpis = engine.len(),
+                backfilled = ?report.backfilled,
+                "KPIs ready"
+            );
+            Some(engine)
+        }
+        None => None,
+    };
 
     let loader = PgOffsetLoader {
         handle: tokio::runtime::Handle::current(),
@@ -162,7 +180,17 @@ pub async fn run(
             .map_err(|e| PipelineError::Intake(e.to_string()))?
     };
 
-    let result = writer(&cfg, client, &source, &ownership, &metrics, &health, rx).await;
+    let result = writer(
+        &cfg,
+        kpis.as_ref(),
+        client,
+        &source,
+        &ownership,
+        &metrics,
+        &health,
+        rx,
+    )
+    .await;
     ownership.request_stop();
     // Joining, leaving the group and dropping the consumer can all run
     // rebalance callbacks, which block: keep them off the async workers.
@@ -396,8 +424,10 @@ impl Cutter {
 }
 
 /// The writer: validate, write, commit, in batch order.
+#[allow(clippy::too_many_arguments)]
 async fn writer(
     cfg: &PipelineConfig,
+    kpis: Option<&KpiEngine>,
     client: Client,
     source: &KafkaSource,
     ownership: &Ownership,
@@ -415,6 +445,18 @@ async fn writer(
         let validated = validate(&batch.decoded, &cfg.rules, Utc::now())
             .map_err(|e| PipelineError::Intake(format!("validate: {e}")))?;
         let validate_time = t.elapsed();
+        let t = Instant::now();
+        let merges = match kpis {
+            Some(engine) => {
+                let deltas = engine
+                    .compute(&validated.valid)
+                    .await
+                    .map_err(|e| PipelineError::Kpi(e.to_string()))?;
+                engine.merge_steps(deltas)
+            }
+            None => Vec::new(),
+        };
+        let kpi_time = t.elapsed();
 
         let mut backoff = Backoff::new();
         let committed = loop {
@@ -451,10 +493,13 @@ async fn writer(
                 events: &validated.valid,
                 rejects: &validated.rejects,
                 offsets: &batch.offsets,
+                merges: &merges,
             };
             let result = async {
                 let prepared = sink::prepare(c, &write).await?;
                 let copy_time = prepared.timings.copy;
+                let merge_time = prepared.timings.merge;
+                let merged = prepared.merged.clone();
                 let t = Instant::now();
                 let _gate = ownership.gate.lock().await;
                 if ownership.generation() != batch.generation {
@@ -462,11 +507,18 @@ async fn writer(
                     return Ok(None);
                 }
                 prepared.commit().await?;
-                Ok::<_, SinkError>(Some((copy_time, t.elapsed())))
+                Ok::<_, SinkError>(Some((copy_time, merge_time, merged, t.elapsed())))
             }
             .await;
             match result {
-                Ok(Some((copy_time, commit_time))) => {
+                Ok(Some((copy_time, merge_time, merged, commit_time))) => {
+                    metrics
+                        .stage_duration
+                        .with_label_values(&[stage::KPI])
+                        .observe((kpi_time + merge_time).as_secs_f64());
+                    for (kpi, n) in merged {
+                        metrics.kpi_rows_merged.with_label_values(&[&kpi]).inc_by(n);
+                    }
                     health.postgres_ok.store(true, Ordering::Relaxed);
                     metrics
                         .stage_duration

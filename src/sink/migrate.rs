@@ -11,8 +11,10 @@ use super::SinkError;
 
 /// (version, name, sql). Every file in `sql/` named `NNN_*.sql` must be listed
 /// here; a unit test checks that.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "001_core.sql", include_str!("../../sql/001_core.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "001_core.sql", include_str!("../../sql/001_core.sql")),
+    (2, "002_kpi.sql", include_str!("../../sql/002_kpi.sql")),
+];
 
 /// Arbitrary constant shared by every energy-stream process.
 const LOCK_KEY: i64 = 0x656e_6572_6779;

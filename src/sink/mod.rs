@@ -45,6 +45,8 @@ pub struct BatchWrite<'a> {
     /// Rejects, in [`crate::event::reject_schema`].
     pub rejects: &'a RecordBatch,
     pub offsets: &'a [PartitionOffsets],
+    /// KPI merges that commit with the batch.
+    pub merges: &'a [crate::kpi::MergeStep],
 }
 
 /// Sink errors carry the retry decision.
@@ -289,12 +291,15 @@ pub async fn check_single_group(
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WriteTimings {
     pub copy: Duration,
+    pub merge: Duration,
 }
 
 /// A batch written inside an open transaction, waiting for COMMIT.
 pub struct Prepared<'c> {
     tx: Transaction<'c>,
     pub timings: WriteTimings,
+    /// Rows merged per KPI step (kpi name, rows).
+    pub merged: Vec<(String, u64)>,
 }
 
 impl Prepared<'_> {
@@ -330,12 +335,23 @@ pub async fn prepare<'c>(
     if batch.rejects.num_rows() > 0 {
         insert_rejects(&tx, batch.topic, batch.rejects).await?;
     }
+    let copy = start.elapsed();
+    let start = Instant::now();
+    let mut merged = Vec::with_capacity(batch.merges.len());
+    for step in batch.merges {
+        tx.batch_execute(&step.stage_ddl).await?;
+        copy_in(&tx, &step.copy_sql, &step.batch).await?;
+        let n = tx.execute(&step.merge_sql, &[]).await?;
+        merged.push((step.kpi.clone(), n));
+    }
     store_offsets(&tx, batch).await?;
     Ok(Prepared {
         tx,
         timings: WriteTimings {
-            copy: start.elapsed(),
+            copy,
+            merge: start.elapsed(),
         },
+        merged,
     })
 }
 

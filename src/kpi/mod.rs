@@ -1,0 +1,832 @@
+//! KPI: the SQL files in `queries/`, computed on each micro-batch with
+//! DataFusion and merged into Postgres inside the batch transaction.
+//!
+//! This module owns the contract of a KPI file ([`plan`]), the plans that run
+//! on every batch (built once against a [`slot`], executed per batch), and the
+//! Postgres side of a KPI: its state table `kpi_state_<name>` (keys plus the
+//! mergeable parts of each measure), one membership table per
+//! count(DISTINCT), the view `<name>` that users query, and the SQL that merges
+//! a batch's partial rows (COPY into a staging table, then `INSERT ... ON
+//! CONFLICT DO UPDATE` with each measure's rule, keys sorted so that
+//! concurrent consumers take row locks in the same order).
+//!
+//! Because each stored part merges exactly (counts and sums add, min and max
+//! take the least and greatest, avg is kept as sum and count, distinct counts
+//! grow by genuinely new members), the streamed table equals the query run
+//! once over all valid events.
+
+pub mod plan;
+pub mod slot;
+
+use std::sync::Arc;
+
+use datafusion::arrow::compute::{cast, concat_batches};
+use datafusion::arrow::datatypes::{Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+pub use plan::{Func, KpiDef, KpiError};
+use plan::{StateCol, quote};
+
+use crate::event::event_schema;
+
+/// Settings of the KPI stage; part of [`crate::config`].
+#[derive(Debug, Clone)]
+pub struct KpiConfig {
+    pub dir: std::path::PathBuf,
+    /// DataFusion's memory pool for one batch's KPI work.
+    pub memory_limit: usize,
+}
+
+impl Default for KpiConfig {
+    fn default() -> Self {
+        KpiConfig {
+            dir: "queries".into(),
+            memory_limit: 256 << 20,
+        }
+    }
+}
+
+struct Kpi {
+    def: KpiDef,
+    partial: Arc<dyn ExecutionPlan>,
+    distinct: Vec<(usize, Arc<dyn ExecutionPlan>)>,
+}
+
+/// Every KPI, planned once.
+pub struct KpiEngine {
+    ctx: SessionContext,
+    slot: Arc<slot::Slot>,
+    kpis: Vec<Kpi>,
+}
+
+/// One batch's contribution to one KPI.
+pub struct KpiDelta {
+    pub kpi: usize,
+    /// keys and partial measures, one row per key.
+    pub partial: RecordBatch,
+    /// per count(DISTINCT) measure: (keys, value) pairs.
+    pub distinct: Vec<(usize, RecordBatch)>,
+}
+
+/// A generic staged merge for the sink: COPY `batch` into `stage`, then run `merge`.
+#[derive(Debug, Clone)]
+pub struct MergeStep {
+    pub kpi: String,
+    pub stage_ddl: String,
+    pub copy_sql: String,
+    pub batch: RecordBatch,
+    pub merge_sql: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KpiLoadError {
+    #[error("cannot read the KPI directory {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(#[from] KpiError),
+    #[error("{count} KPI file(s) are invalid:\n{list}")]
+    Many { count: usize, list: String },
+}
+
+impl KpiEngine {
+    fn context(memory_limit: usize, slot: &Arc<slot::Slot>) -> SessionContext {
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_information_schema(false);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(memory_limit, 1.0)
+            .build_arc()
+            .expect("a memory-limited runtime");
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        ctx.register_table(
+            "events",
+            Arc::new(slot::SlotTable::new(event_schema(), slot.clone())),
+        )
+        .expect("register events");
+        ctx
+    }
+
+    /// Loads every `*.sql` in the directory, in name order. Reports every bad
+    /// file, not only the first.
+    pub async fn load_dir(cfg: &KpiConfig) -> Result<KpiEngine, KpiLoadError> {
+        let dir_err = |source| KpiLoadError::Dir {
+            path: cfg.dir.display().to_string(),
+            source,
+        };
+        let mut files: Vec<_> = std::fs::read_dir(&cfg.dir)
+            .map_err(dir_err)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .collect();
+        files.sort();
+        let mut sources = Vec::new();
+        for f in files {
+            let sql = std::fs::read_to_string(&f).map_err(dir_err)?;
+            sources.push((f, sql));
+        }
+        Self::from_sources(sources, cfg.memory_limit).await
+    }
+
+    /// Plans KPI sources given as (file path, SQL).
+    pub async fn from_sources(
+        sources: Vec<(std::path::PathBuf, String)>,
+        memory_limit: usize,
+    ) -> Result<KpiEngine, KpiLoadError> {
+        let slot = Arc::new(slot::Slot::default());
+        let ctx = Self::context(memory_limit, &slot);
+        let mut kpis = Vec::new();
+        let mut errors = Vec::new();
+        for (path, sql) in sources {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let file = path.display().to_string();
+            match plan::analyse(&ctx, &file, &name, &sql).await {
+                Ok(def) => match Self::physical(&ctx, &def).await {
+                    Ok((partial, distinct)) => kpis.push(Kpi {
+                        def,
+                        partial,
+                        distinct,
+                    }),
+                    Err(e) => errors.push(KpiError {
+                        file,
+                        construct: format!("planning failed: {e}"),
+                        hint: String::new(),
+                    }),
+                },
+                Err(e) => errors.push(e),
+            }
+        }
+        match errors.len() {
+            0 => Ok(KpiEngine { ctx, slot, kpis }),
+            1 => Err(KpiLoadError::Invalid(errors.remove(0))),
+            n => Err(KpiLoadError::Many {
+                count: n,
+                list: errors
+                    .iter()
+                    .map(|e| format!("  {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            }),
+        }
+    }
+
+    async fn physical(
+        ctx: &SessionContext,
+        def: &KpiDef,
+    ) -> datafusion::error::Result<(Arc<dyn ExecutionPlan>, Vec<(usize, Arc<dyn ExecutionPlan>)>)>
+    {
+        let state = ctx.state();
+        let partial = state
+            .create_physical_plan(&state.optimize(&def.partial)?)
+            .await?;
+        let mut distinct = Vec::new();
+        for (i, p) in &def.distinct {
+            distinct.push((*i, state.create_physical_plan(&state.optimize(p)?).await?));
+        }
+        Ok((partial, distinct))
+    }
+
+    pub fn defs(&self) -> impl Iterator<Item = &KpiDef> {
+        self.kpis.iter().map(|k| &k.def)
+    }
+
+    pub fn def(&self, idx: usize) -> &KpiDef {
+        &self.kpis[idx].def
+    }
+
+    pub fn len(&self) -> usize {
+        self.kpis.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kpis.is_empty()
+    }
+
+    /// Runs every KPI's plans on `events` (in [`event_schema`]).
+    pub async fn compute(&self, events: &RecordBatch) -> datafusion::error::Result<Vec<KpiDelta>> {
+        self.compute_some(0..self.kpis.len(), events).await
+    }
+
+    /// Runs one KPI's plans on `events`.
+    pub async fn compute_one(
+        &self,
+        idx: usize,
+        events: &RecordBatch,
+    ) -> datafusion::error::Result<Vec<KpiDelta>> {
+        self.compute_some(idx..idx + 1, events).await
+    }
+
+    async fn compute_some(
+        &self,
+        which: std::ops::Range<usize>,
+        events: &RecordBatch,
+    ) -> datafusion::error::Result<Vec<KpiDelta>> {
+        let mut out = Vec::with_capacity(which.len());
+        if events.num_rows() == 0 {
+            return Ok(out);
+        }
+        self.slot.set(vec![events.clone()]);
+        let result = async {
+            for i in which {
+                let k = &self.kpis[i];
+                let keys: Vec<StateCol> = k.def.keys.iter().map(|k| k.col.clone()).collect();
+                let cols: Vec<StateCol> = keys
+                    .iter()
+                    .cloned()
+                    .chain(
+                        k.def
+                            .measures
+                            .iter()
+                            .filter(|m| m.func != Func::CountDistinct)
+                            .flat_map(|m| m.cols.iter().cloned()),
+                    )
+                    .collect();
+                let partial = self.run(&k.partial, &cols).await?;
+                let mut distinct = Vec::new();
+                for (m, plan) in &k.distinct {
+                    let member = k.def.measures[*m].member.clone().expect("distinct member");
+                    let mut cols = keys.clone();
+                    cols.push(member);
+                    distinct.push((*m, self.run(plan, &cols).await?));
+                }
+                out.push(KpiDelta {
+                    kpi: i,
+                    partial,
+                    distinct,
+                });
+            }
+            Ok(out)
+        }
+        .await;
+        self.slot.set(Vec::new());
+        result
+    }
+
+    /// Executes a prepared plan and returns one batch whose columns have the
+    /// COPY-able types of `cols`, named as the state columns.
+    async fn run(
+        &self,
+        plan: &Arc<dyn ExecutionPlan>,
+        cols: &[StateCol],
+    ) -> datafusion::error::Result<RecordBatch> {
+        let plan = reset_plan_states(plan.clone())?;
+        let batches = datafusion::physical_plan::collect(plan.clone(), self.ctx.task_ctx()).await?;
+        let batch = concat_batches(&plan.schema(), &batches)?;
+        let mut fields = Vec::with_capacity(cols.len());
+        let mut arrays = Vec::with_capacity(cols.len());
+        for (c, a) in cols.iter().zip(batch.columns()) {
+            fields.push(Field::new(&c.name, c.data_type.clone(), true));
+            arrays.push(if a.data_type() == &c.data_type {
+                a.clone()
+            } else {
+                cast(a, &c.data_type)?
+            });
+        }
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
+    }
+
+    /// The staged merges of a batch's deltas, ready for the sink.
+    pub fn merge_steps(&self, deltas: Vec<KpiDelta>) -> Vec<MergeStep> {
+        self.merge_steps_into(deltas, "")
+    }
+
+    /// The same, into tables with a name suffix (backfills build `__new` tables).
+    pub fn merge_steps_into(&self, deltas: Vec<KpiDelta>, suffix: &str) -> Vec<MergeStep> {
+        let mut steps = Vec::new();
+        for d in deltas {
+            let def = &self.kpis[d.kpi].def;
+            if d.partial.num_rows() > 0 {
+                steps.push(main_merge(def, d.partial, suffix));
+            }
+            for (m, batch) in d.distinct {
+                if batch.num_rows() > 0 {
+                    steps.push(distinct_merge(def, m, batch, suffix));
+                }
+            }
+        }
+        steps
+    }
+}
+
+fn key_list(def: &KpiDef) -> String {
+    def.keys
+        .iter()
+        .map(|k| quote(&k.col.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn col_defs<'a>(cols: impl Iterator<Item = &'a StateCol>) -> String {
+    cols.map(|c| format!("{} {}", quote(&c.name), c.pg_type))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn state_table(def: &KpiDef, suffix: &str) -> String {
+    format!("kpi_state_{}{suffix}", def.name)
+}
+
+pub fn members_table(def: &KpiDef, measure: usize, suffix: &str) -> String {
+    format!("kpi_members_{}_m{measure}{suffix}", def.name)
+}
+
+/// DDL of a KPI's state and membership tables (with a name suffix, for backfills).
+pub fn create_tables_sql(def: &KpiDef, suffix: &str) -> String {
+    let state = state_table(def, suffix);
+    let mut cols: Vec<String> = def
+        .keys
+        .iter()
+        .map(|k| format!("{} {}", quote(&k.col.name), k.col.pg_type))
+        .collect();
+    for m in &def.measures {
+        for c in &m.cols {
+            // Sums are widened to unbounded numeric so they never overflow.
+            let ty = match (m.func, c.pg_type.as_str()) {
+                (Func::Count | Func::CountDistinct, _) => "bigint NOT NULL DEFAULT 0".to_string(),
+                (Func::Avg, "bigint") if c.name.ends_with("_n") => {
+                    "bigint NOT NULL DEFAULT 0".into()
+                }
+                (Func::Sum | Func::Avg, t)
+                    if t.starts_with("numeric") || t == "bigint" || t == "integer" =>
+                {
+                    "numeric".into()
+                }
+                (_, t) => t.to_string(),
+            };
+            cols.push(format!("{} {ty}", quote(&c.name)));
+        }
+    }
+    cols.push("updated_at timestamptz NOT NULL DEFAULT now()".into());
+    let mut sql = format!(
+        "CREATE TABLE IF NOT EXISTS {state} ({}, CONSTRAINT {state}_keys UNIQUE NULLS NOT DISTINCT ({}));\n",
+        cols.join(", "),
+        key_list(def)
+    );
+    for (i, m) in def.measures.iter().enumerate() {
+        if let Some(member) = &m.member {
+            let t = members_table(def, i, suffix);
+            sql.push_str(&format!(
+                "CREATE TABLE IF NOT EXISTS {t} ({}, CONSTRAINT {t}_keys UNIQUE NULLS NOT DISTINCT ({}, v));\n",
+                col_defs(def.keys.iter().map(|k| &k.col).chain([member])),
+                key_list(def)
+            ));
+        }
+    }
+    sql
+}
+
+/// The view users query: keys, outputs, updated_at.
+pub fn create_view_sql(def: &KpiDef) -> String {
+    let cols: Vec<String> = def
+        .outputs
+        .iter()
+        .map(|o| format!("{} AS {}", o.pg_expr, quote(&o.name)))
+        .collect();
+    let mut sql = format!(
+        "DROP VIEW IF EXISTS {name};\nCREATE VIEW {name} AS SELECT {}, updated_at FROM {};\n",
+        cols.join(", "),
+        state_table(def, ""),
+        name = quote(&def.name)
+    );
+    if let Some(d) = &def.description {
+        sql.push_str(&format!(
+            "COMMENT ON VIEW {} IS '{}';\n",
+            quote(&def.name),
+            d.replace('\'', "''")
+        ));
+    }
+    sql
+}
+
+fn stage_name(def: &KpiDef, what: &str) -> String {
+    format!("stage_{}_{}_{}", def.name, what, &def.hash[..8])
+}
+
+fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
+    let stage = stage_name(def, "main");
+    let state = state_table(def, suffix);
+    let names: Vec<String> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| quote(f.name()))
+        .collect();
+    let cols = col_defs(
+        def.keys.iter().map(|k| &k.col).chain(
+            def.measures
+                .iter()
+                .filter(|m| m.func != Func::CountDistinct)
+                .flat_map(|m| m.cols.iter()),
+        ),
+    );
+    let mut sets = Vec::new();
+    for m in def
+        .measures
+        .iter()
+        .filter(|m| m.func != Func::CountDistinct)
+    {
+        for c in &m.cols {
+            let n = quote(&c.name);
+            sets.push(match m.func {
+                Func::Count => format!("{n} = s.{n} + EXCLUDED.{n}"),
+                Func::Avg if c.name.ends_with("_n") => format!("{n} = s.{n} + EXCLUDED.{n}"),
+                Func::Sum | Func::Avg => {
+                    format!("{n} = COALESCE(s.{n} + EXCLUDED.{n}, s.{n}, EXCLUDED.{n})")
+                }
+                Func::Min => format!("{n} = LEAST(s.{n}, EXCLUDED.{n})"),
+                Func::Max => format!("{n} = GREATEST(s.{n}, EXCLUDED.{n})"),
+                Func::CountDistinct => unreachable!("filtered"),
+            });
+        }
+    }
+    sets.push("updated_at = now()".into());
+    MergeStep {
+        kpi: def.name.clone(),
+        stage_ddl: format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({cols}) ON COMMIT DELETE ROWS; TRUNCATE {stage}"
+        ),
+        copy_sql: format!(
+            "COPY {stage} ({}) FROM STDIN (FORMAT binary)",
+            names.join(", ")
+        ),
+        merge_sql: format!(
+            "INSERT INTO {state} AS s ({cols}) SELECT {cols} FROM {stage} ORDER BY {keys} \
+             ON CONFLICT ON CONSTRAINT {state_c}_keys DO UPDATE SET {sets}",
+            cols = names.join(", "),
+            keys = key_list(def),
+            state_c = state_table(def, suffix),
+            sets = sets.join(", ")
+        ),
+        batch,
+    }
+}
+
+fn distinct_merge(def: &KpiDef, measure: usize, batch: RecordBatch, suffix: &str) -> MergeStep {
+    let stage = stage_name(def, &format!("m{measure}"));
+    let members = members_table(def, measure, suffix);
+    let state = state_table(def, suffix);
+    let member = def.measures[measure]
+        .member
+        .as_ref()
+        .expect("distinct member");
+    let keys = key_list(def);
+    let m = quote(&format!("m{measure}"));
+    MergeStep {
+        kpi: def.name.clone(),
+        stage_ddl: format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS; TRUNCATE {stage}",
+            col_defs(def.keys.iter().map(|k| &k.col).chain([member]))
+        ),
+        copy_sql: format!("COPY {stage} ({keys}, v) FROM STDIN (FORMAT binary)"),
+        merge_sql: format!(
+            "WITH new AS (INSERT INTO {members} ({keys}, v) SELECT {keys}, v FROM {stage} ORDER BY {keys}, v \
+               ON CONFLICT ON CONSTRAINT {members}_keys DO NOTHING RETURNING {keys}) \
+             INSERT INTO {state} AS s ({keys}, {m}) SELECT {keys}, count(*) FROM new GROUP BY {keys} ORDER BY {keys} \
+             ON CONFLICT ON CONSTRAINT {state}_keys DO UPDATE SET {m} = s.{m} + EXCLUDED.{m}, updated_at = now()"
+        ),
+        batch,
+    }
+}
+
+// ---- Postgres side: install, backfill, verify ------------------------------
+
+use datafusion::arrow::array::{
+    Decimal128Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use tokio_postgres::{Client, Row, Transaction};
+
+use crate::event::{ENERGY_PRECISION, ENERGY_SCALE, MONEY_PRECISION, MONEY_SCALE};
+use crate::sink::{self, SinkError};
+
+/// Rows read from `events` per chunk during backfills.
+const CHUNK_ROWS: i32 = 50_000;
+
+const EVENTS_SELECT: &str = "SELECT kafka_partition, kafka_offset, kafka_timestamp, event_type, event_time, \
+     customer_id, session_id, channel, tariff_type, \
+     (energy_consumed * 1000)::bigint, (payment_amount * 100)::bigint FROM events";
+
+/// Postgres rows of [`EVENTS_SELECT`] → a batch in [`event_schema`].
+pub fn events_from_rows(rows: &[Row]) -> Result<RecordBatch, SinkError> {
+    let mut part = Int32Builder::new();
+    let mut off = Int64Builder::new();
+    let mut kts = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    let mut et = StringBuilder::new();
+    let mut etime = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    let mut cust = StringBuilder::new();
+    let mut sess = Int64Builder::new();
+    let mut chan = StringBuilder::new();
+    let mut tariff = StringBuilder::new();
+    let decimal = |p, s| {
+        Decimal128Builder::new()
+            .with_precision_and_scale(p, s)
+            .expect("valid")
+    };
+    let mut energy = decimal(ENERGY_PRECISION, ENERGY_SCALE);
+    let mut pay = decimal(MONEY_PRECISION, MONEY_SCALE);
+    let ts = |v: Option<chrono::DateTime<chrono::Utc>>| v.map(|t| t.timestamp_micros());
+    for r in rows {
+        part.append_value(r.get(0));
+        off.append_value(r.get(1));
+        kts.append_option(ts(r.get(2)));
+        et.append_value(r.get::<_, &str>(3));
+        etime.append_value(
+            r.get::<_, chrono::DateTime<chrono::Utc>>(4)
+                .timestamp_micros(),
+        );
+        cust.append_value(r.get::<_, &str>(5));
+        sess.append_value(r.get(6));
+        chan.append_value(r.get::<_, &str>(7));
+        tariff.append_option(r.get::<_, Option<&str>>(8));
+        energy.append_option(r.get::<_, Option<i64>>(9).map(i128::from));
+        pay.append_option(r.get::<_, Option<i64>>(10).map(i128::from));
+    }
+    let columns: Vec<datafusion::arrow::array::ArrayRef> = vec![
+        Arc::new(part.finish()),
+        Arc::new(off.finish()),
+        Arc::new(kts.finish()),
+        Arc::new(et.finish()),
+        Arc::new(etime.finish()),
+        Arc::new(cust.finish()),
+        Arc::new(sess.finish()),
+        Arc::new(chan.finish()),
+        Arc::new(tariff.finish()),
+        Arc::new(energy.finish()),
+        Arc::new(pay.finish()),
+    ];
+    RecordBatch::try_new(event_schema(), columns)
+        .map_err(|e| SinkError::Fatal(format!("events → Arrow: {e}")))
+}
+
+fn kpi_err(e: impl std::fmt::Display) -> SinkError {
+    SinkError::Fatal(format!("KPI computation failed: {e}"))
+}
+
+async fn run_steps(tx: &Transaction<'_>, steps: &[MergeStep]) -> Result<u64, SinkError> {
+    let mut n = 0;
+    for step in steps {
+        tx.batch_execute(&step.stage_ddl).await?;
+        sink::copy_in(tx, &step.copy_sql, &step.batch).await?;
+        n += tx.execute(&step.merge_sql, &[]).await?;
+    }
+    Ok(n)
+}
+
+/// What [`install`] did.
+#[derive(Debug, Default)]
+pub struct InstallReport {
+    pub backfilled: Vec<String>,
+}
+
+/// Creates each KPI's tables and view; a KPI that is new or whose SQL changed
+/// (its hash differs from `kpi_registry`) is backfilled from `events` first.
+pub async fn install(client: &mut Client, engine: &KpiEngine) -> Result<InstallReport, SinkError> {
+    let mut report = InstallReport::default();
+    for i in 0..engine.len() {
+        let def = engine.def(i);
+        let stored: Option<String> = client
+            .query_opt(
+                "SELECT sql_hash FROM kpi_registry WHERE name = $1",
+                &[&def.name],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if stored.as_deref() == Some(def.hash.as_str()) {
+            let tx = client.transaction().await?;
+            tx.batch_execute(&create_tables_sql(def, "")).await?;
+            tx.batch_execute(&create_view_sql(def)).await?;
+            tx.commit().await?;
+        } else {
+            backfill(client, engine, i).await?;
+            report.backfilled.push(def.name.clone());
+        }
+    }
+    Ok(report)
+}
+
+/// Recomputes KPI `idx` from `events` (Postgres → Arrow → the same plan →
+/// the same merge) into fresh tables, then swaps them in, all in one
+/// transaction: readers see the old version until it commits, and writers of
+/// `events` wait, so the new tables match `events` exactly.
+pub async fn backfill(
+    client: &mut Client,
+    engine: &KpiEngine,
+    idx: usize,
+) -> Result<u64, SinkError> {
+    let def = &engine.kpis[idx].def;
+    let new = "__new";
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning; LOCK TABLE events IN SHARE MODE")
+        .await?;
+    tx.batch_execute(&drop_tables_sql(&tx, def, new).await?)
+        .await?;
+    tx.batch_execute(&create_tables_sql(def, new)).await?;
+    let portal = tx.bind(EVENTS_SELECT, &[]).await?;
+    let mut events = 0u64;
+    loop {
+        let rows = tx.query_portal(&portal, CHUNK_ROWS).await?;
+        if rows.is_empty() {
+            break;
+        }
+        events += rows.len() as u64;
+        let batch = events_from_rows(&rows)?;
+        let deltas = engine.compute_one(idx, &batch).await.map_err(kpi_err)?;
+        run_steps(&tx, &engine.merge_steps_into(deltas, new)).await?;
+    }
+    let mut swap = drop_tables_sql(&tx, def, "").await?;
+    swap.push_str(&format!("DROP VIEW IF EXISTS {};\n", quote(&def.name)));
+    let state = state_table(def, "");
+    swap.push_str(&format!(
+        "ALTER TABLE {state}{new} RENAME TO {state};\nALTER TABLE {state} RENAME CONSTRAINT {state}{new}_keys TO {state}_keys;\n"
+    ));
+    for (i, m) in def.measures.iter().enumerate() {
+        if m.member.is_some() {
+            let t = members_table(def, i, "");
+            swap.push_str(&format!(
+                "ALTER TABLE {t}{new} RENAME TO {t};\nALTER TABLE {t} RENAME CONSTRAINT {t}{new}_keys TO {t}_keys;\n"
+            ));
+        }
+    }
+    swap.push_str(&create_view_sql(def));
+    tx.batch_execute(&swap).await?;
+    tx.execute(
+        "INSERT INTO kpi_registry (name, sql_hash, sql, backfilled_at) VALUES ($1, $2, $3, now()) \
+         ON CONFLICT (name) DO UPDATE SET sql_hash = EXCLUDED.sql_hash, sql = EXCLUDED.sql, backfilled_at = now()",
+        &[&def.name, &def.hash, &def.sql],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(events)
+}
+
+/// DROP statements for a KPI's state table and every membership table it has,
+/// including those of an older definition.
+async fn drop_tables_sql(
+    tx: &Transaction<'_>,
+    def: &KpiDef,
+    suffix: &str,
+) -> Result<String, SinkError> {
+    let prefix = format!("kpi_members_{}_m", def.name);
+    let tables: Vec<String> = tx
+        .query(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND left(tablename, length($1)) = $1",
+            &[&prefix],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|t| {
+            let rest = &t[prefix.len()..];
+            let digits = rest.trim_end_matches(suffix);
+            (suffix.is_empty() || rest.ends_with(suffix))
+                && !digits.is_empty()
+                && digits.chars().all(|c| c.is_ascii_digit())
+        })
+        .collect();
+    let mut sql = String::new();
+    sql.push_str(&format!(
+        "DROP TABLE IF EXISTS {} CASCADE;\n",
+        state_table(def, suffix)
+    ));
+    for t in tables {
+        sql.push_str(&format!("DROP TABLE IF EXISTS {t};\n"));
+    }
+    Ok(sql)
+}
+
+/// A key whose streamed values differ from a recomputation over `events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub kpi: String,
+    /// "recomputed" (the row as it should be) or "streamed" (the row as stored).
+    pub side: String,
+    pub row: String,
+}
+
+/// Recomputes each KPI (or only `only`) over all of `events` in one batch and
+/// compares every stored part with the streamed state table, in Postgres
+/// (so 12.5 equals 12.50, and NULL keys match). Returns the differences.
+pub async fn verify(
+    client: &mut Client,
+    engine: &KpiEngine,
+    only: Option<&str>,
+) -> Result<Vec<Mismatch>, SinkError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
+    let rows = tx.query(EVENTS_SELECT, &[]).await?;
+    let all = events_from_rows(&rows)?;
+    drop(rows);
+    let mut out = Vec::new();
+    for idx in 0..engine.len() {
+        let def = engine.def(idx);
+        if only.is_some_and(|o| o != def.name) {
+            continue;
+        }
+        let delta = engine.compute_one(idx, &all).await.map_err(kpi_err)?;
+        let keys = key_list(def);
+        let main_cols = col_defs(
+            def.keys.iter().map(|k| &k.col).chain(
+                def.measures
+                    .iter()
+                    .filter(|m| m.func != Func::CountDistinct)
+                    .flat_map(|m| m.cols.iter()),
+            ),
+        );
+        let exp_main = format!("verify_{}_main", def.name);
+        tx.batch_execute(&format!(
+            "CREATE TEMP TABLE {exp_main} ({main_cols}) ON COMMIT DROP"
+        ))
+        .await?;
+        let mut ctes = Vec::new();
+        let mut joins = String::new();
+        let mut select: Vec<String> = def
+            .keys
+            .iter()
+            .map(|k| format!("e.{}", quote(&k.col.name)))
+            .collect();
+        let mut actual: Vec<String> = def.keys.iter().map(|k| quote(&k.col.name)).collect();
+        if let Some(d) = delta.into_iter().next() {
+            if d.partial.num_rows() > 0 {
+                sink::copy_in(
+                    &tx,
+                    &format!("COPY {exp_main} FROM STDIN (FORMAT binary)"),
+                    &d.partial,
+                )
+                .await?;
+            }
+            for (m, batch) in &d.distinct {
+                let member = def.measures[*m].member.as_ref().expect("member");
+                let t = format!("verify_{}_m{m}", def.name);
+                tx.batch_execute(&format!(
+                    "CREATE TEMP TABLE {t} ({}) ON COMMIT DROP",
+                    col_defs(def.keys.iter().map(|k| &k.col).chain([member]))
+                ))
+                .await?;
+                if batch.num_rows() > 0 {
+                    sink::copy_in(&tx, &format!("COPY {t} FROM STDIN (FORMAT binary)"), batch)
+                        .await?;
+                }
+                ctes.push(format!(
+                    "d{m} AS (SELECT {keys}, count(*)::bigint AS n FROM {t} GROUP BY {keys})"
+                ));
+                let on: Vec<String> = def
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        let c = quote(&k.col.name);
+                        format!("e.{c} IS NOT DISTINCT FROM d{m}.{c}")
+                    })
+                    .collect();
+                joins.push_str(&format!(" LEFT JOIN d{m} ON {}", on.join(" AND ")));
+            }
+        }
+        for (i, m) in def.measures.iter().enumerate() {
+            for c in &m.cols {
+                let n = quote(&c.name);
+                if m.func == Func::CountDistinct {
+                    select.push(format!("coalesce(d{i}.n, 0) AS {n}"));
+                } else {
+                    select.push(format!("e.{n}"));
+                }
+                actual.push(n);
+            }
+        }
+        ctes.push(format!(
+            "expected AS (SELECT {} FROM {exp_main} e{joins})",
+            select.join(", ")
+        ));
+        ctes.push(format!(
+            "actual AS (SELECT {} FROM {})",
+            actual.join(", "),
+            state_table(def, "")
+        ));
+        let sql = format!(
+            "WITH {} SELECT 'recomputed', x::text FROM (SELECT * FROM expected EXCEPT ALL SELECT * FROM actual) x \
+             UNION ALL SELECT 'streamed', y::text FROM (SELECT * FROM actual EXCEPT ALL SELECT * FROM expected) y",
+            ctes.join(", ")
+        );
+        for r in tx.query(&sql, &[]).await? {
+            out.push(Mismatch {
+                kpi: def.name.clone(),
+                side: r.get(0),
+                row: r.get(1),
+            });
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}

@@ -1,0 +1,698 @@
+//! Reading a KPI file: the supported shape, its keys, its measures and their
+//! merge rules, all taken from DataFusion's logical plan.
+
+use std::fmt;
+
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::common::Column;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::sum::sum_udaf;
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{
+    Aggregate, BinaryExpr, Expr, LogicalPlan, LogicalPlanBuilder, Operator, Volatility,
+};
+use datafusion::prelude::SessionContext;
+use datafusion::sql::unparser::Unparser;
+use datafusion::sql::unparser::dialect::PostgreSqlDialect;
+
+use datafusion::execution::context::SQLOptions;
+
+/// A KPI file that cannot be used, with what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KpiError {
+    pub file: String,
+    pub construct: String,
+    pub hint: String,
+}
+
+impl fmt::Display for KpiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file, self.construct)?;
+        if !self.hint.is_empty() {
+            write!(f, " — {}", self.hint)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for KpiError {}
+
+/// The aggregate functions a KPI may use, each with its merge rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Func {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+    CountDistinct,
+}
+
+impl Func {
+    /// How a batch's partial value joins the stored one.
+    pub fn rule(self) -> &'static str {
+        match self {
+            Func::Count | Func::Sum => "add",
+            Func::Min => "least",
+            Func::Max => "greatest",
+            Func::Avg => "sum and count added; divided when read",
+            Func::CountDistinct => "exact: new (key, value) members counted and added",
+        }
+    }
+}
+
+/// A column of the KPI's state table.
+#[derive(Debug, Clone)]
+pub struct StateCol {
+    pub name: String,
+    pub data_type: DataType,
+    pub pg_type: String,
+}
+
+/// A group key.
+#[derive(Debug, Clone)]
+pub struct Key {
+    /// Its name in the KPI's view.
+    pub name: String,
+    pub col: StateCol,
+}
+
+/// One aggregate of the query, as stored.
+#[derive(Debug, Clone)]
+pub struct Measure {
+    /// The aggregate as written (for `check`).
+    pub display: String,
+    pub func: Func,
+    /// State columns: one, or sum and count for avg.
+    pub cols: Vec<StateCol>,
+    /// For count(DISTINCT x): the type of x.
+    pub member: Option<StateCol>,
+}
+
+/// A column of the KPI's view: a key, a measure, or an expression over them.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub name: String,
+    /// Postgres expression over the state table's columns.
+    pub pg_expr: String,
+}
+
+/// An analysed KPI file.
+#[derive(Debug, Clone)]
+pub struct KpiDef {
+    pub name: String,
+    pub description: Option<String>,
+    pub sql: String,
+    pub hash: String,
+    pub keys: Vec<Key>,
+    pub measures: Vec<Measure>,
+    pub outputs: Vec<Output>,
+    /// keys k0.. then every non-distinct measure's state columns, per batch.
+    pub(crate) partial: LogicalPlan,
+    /// Per count(DISTINCT) measure index: keys k0.. then the value `v`.
+    pub(crate) distinct: Vec<(usize, LogicalPlan)>,
+}
+
+/// Names a KPI cannot take: the pipeline's own tables.
+const RESERVED: &[&str] = &[
+    "events",
+    "rejected_events",
+    "consumer_offsets",
+    "schema_migrations",
+    "kpi_registry",
+];
+
+/// FNV-1a of the text: stable across builds, used to notice a changed file.
+pub fn hash(sql: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sql.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The optional header: leading `--` comment lines.
+fn description(sql: &str) -> Option<String> {
+    let lines: Vec<&str> = sql
+        .lines()
+        .map(str::trim)
+        .take_while(|l| l.starts_with("--"))
+        .map(|l| l.trim_start_matches('-').trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    (!lines.is_empty()).then(|| lines.join(" "))
+}
+
+/// The Postgres type of an Arrow type, for state, staging and member tables.
+pub fn pg_type(t: &DataType) -> Option<String> {
+    Some(match t {
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => "integer".into(),
+        DataType::Int64 | DataType::UInt32 => "bigint".into(),
+        DataType::Float32 | DataType::Float64 => "double precision".into(),
+        DataType::Boolean => "boolean".into(),
+        DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => "text".into(),
+        DataType::Date32 => "date".into(),
+        DataType::Timestamp(_, Some(_)) => "timestamptz".into(),
+        DataType::Timestamp(_, None) => "timestamp".into(),
+        DataType::Decimal128(p, s) if *s >= 0 => format!("numeric({p},{s})"),
+        _ => return None,
+    })
+}
+
+/// Arrow types the COPY encoder writes directly; others are cast first.
+pub fn copy_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Int8 | DataType::Int16 => DataType::Int32,
+        DataType::UInt32 => DataType::Int64,
+        DataType::Float32 => DataType::Float64,
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::Timestamp(_, tz) => DataType::Timestamp(TimeUnit::Microsecond, tz.clone()),
+        other => other.clone(),
+    }
+}
+
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, construct: impl Into<String>, hint: impl Into<String>) -> KpiError {
+        KpiError {
+            file: self.file.to_string(),
+            construct: construct.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+const SHAPE: &str =
+    "a KPI is one `SELECT <keys>, <aggregates> FROM events [WHERE ...] GROUP BY <keys>`";
+
+/// Parses, plans and checks one KPI file.
+pub async fn analyse(
+    ctx: &SessionContext,
+    file: &str,
+    name: &str,
+    sql: &str,
+) -> Result<KpiDef, KpiError> {
+    let c = Ctx { file };
+    let valid_name = name
+        .chars()
+        .next()
+        .is_some_and(|ch| ch.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+        && name.len() <= 40;
+    if !valid_name {
+        return Err(c.err(
+            format!("file name {name:?}"),
+            "name KPI files with lowercase letters, digits and _ (at most 40), starting with a letter: the name becomes a table and a view",
+        ));
+    }
+    if RESERVED.contains(&name) {
+        return Err(c.err(
+            format!("the name {name}"),
+            "it is one of the pipeline's own tables; rename the file",
+        ));
+    }
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    let df = ctx
+        .sql_with_options(sql, options)
+        .await
+        .map_err(|e| classify_sql_error(&c, &e.to_string()))?;
+    let plan = df.logical_plan().clone();
+
+    let (projection, agg) = match &plan {
+        LogicalPlan::Projection(p) => match p.input.as_ref() {
+            LogicalPlan::Aggregate(a) => (Some(p), a),
+            other => return Err(construct_error(&c, other)),
+        },
+        LogicalPlan::Aggregate(a) => (None, a),
+        other => return Err(construct_error(&c, other)),
+    };
+    check_input(&c, &agg.input)?;
+    let mut all_exprs: Vec<&Expr> = agg.group_expr.iter().chain(&agg.aggr_expr).collect();
+    if let Some(p) = projection {
+        all_exprs.extend(&p.expr);
+    }
+    for e in all_exprs {
+        check_expr(&c, e)?;
+    }
+    if agg.group_expr.is_empty() {
+        return Err(c.err(
+            "a query without GROUP BY",
+            format!("{SHAPE}; group by something, e.g. date_trunc('day', event_time)"),
+        ));
+    }
+    if agg
+        .group_expr
+        .iter()
+        .any(|g| matches!(g, Expr::GroupingSet(_)))
+    {
+        return Err(c.err(
+            "GROUPING SETS / ROLLUP / CUBE",
+            "write one KPI file per grouping",
+        ));
+    }
+
+    let analysed = Analysed::new(&c, agg)?;
+    let partial = analysed.partial_plan(&c, agg)?;
+    let distinct = analysed.distinct_plans(&c, agg)?;
+    let schema = partial.schema().clone();
+    let state_col = |name: &str| -> Result<StateCol, KpiError> {
+        let (_, f) = schema
+            .qualified_field_with_unqualified_name(name)
+            .map_err(|e| c.err(format!("internal planning error: {e}"), ""))?;
+        let data_type = copy_type(f.data_type());
+        let pg = pg_type(&data_type).ok_or_else(|| {
+            c.err(
+                format!("a column of type {}", f.data_type()),
+                "cast it to text, bigint, numeric, double, date or timestamp",
+            )
+        })?;
+        Ok(StateCol {
+            name: name.to_string(),
+            data_type,
+            pg_type: pg,
+        })
+    };
+
+    let mut measures = Vec::new();
+    for (i, m) in analysed.measures.iter().enumerate() {
+        let cols = match m.func {
+            Func::Avg => vec![
+                state_col(&format!("m{i}_sum"))?,
+                state_col(&format!("m{i}_n"))?,
+            ],
+            Func::CountDistinct => vec![StateCol {
+                name: format!("m{i}"),
+                data_type: DataType::Int64,
+                pg_type: "bigint".into(),
+            }],
+            _ => vec![state_col(&format!("m{i}"))?],
+        };
+        let member = match m.func {
+            Func::CountDistinct => {
+                let plan = &distinct.iter().find(|(j, _)| *j == i).expect("planned").1;
+                let (_, f) = plan
+                    .schema()
+                    .qualified_field_with_unqualified_name("v")
+                    .map_err(|e| c.err(format!("internal planning error: {e}"), ""))?;
+                let data_type = copy_type(f.data_type());
+                Some(StateCol {
+                    name: "v".into(),
+                    pg_type: pg_type(&data_type).ok_or_else(|| {
+                        c.err(format!("count(DISTINCT) over type {}", f.data_type()), "")
+                    })?,
+                    data_type,
+                })
+            }
+            _ => None,
+        };
+        measures.push(Measure {
+            display: m.display.clone(),
+            func: m.func,
+            cols,
+            member,
+        });
+    }
+
+    let mut keys = Vec::new();
+    for j in 0..agg.group_expr.len() {
+        keys.push(Key {
+            name: format!("k{j}"),
+            col: state_col(&format!("k{j}"))?,
+        });
+    }
+    let outputs = analysed.outputs(&c, agg, projection.map(|p| p.expr.as_slice()), &mut keys)?;
+
+    Ok(KpiDef {
+        name: name.to_string(),
+        description: description(sql),
+        sql: sql.to_string(),
+        hash: hash(sql),
+        keys,
+        measures,
+        outputs,
+        partial,
+        distinct,
+    })
+}
+
+fn classify_sql_error(c: &Ctx<'_>, msg: &str) -> KpiError {
+    let lower = msg.to_lowercase();
+    if lower.contains("ddl not supported") {
+        c.err(
+            "DDL (CREATE, DROP, ALTER, CREATE EXTERNAL TABLE)",
+            format!("{SHAPE}; tables are managed by the pipeline"),
+        )
+    } else if lower.contains("dml not supported") {
+        c.err(
+            "DML (INSERT, UPDATE, DELETE, COPY)",
+            format!("{SHAPE}; the pipeline writes the results"),
+        )
+    } else if lower.contains("statement not supported") {
+        c.err("a statement such as SET", SHAPE)
+    } else if lower.contains("table") && lower.contains("not found") {
+        c.err(
+            format!("a table other than events ({})", first_line(msg)),
+            "KPIs read only the `events` micro-batch",
+        )
+    } else if lower.contains("single sql statement") {
+        c.err("more than one statement", "one SELECT per file")
+    } else {
+        c.err(format!("SQL error: {}", first_line(msg)), SHAPE)
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+fn construct_error(c: &Ctx<'_>, plan: &LogicalPlan) -> KpiError {
+    match plan {
+        LogicalPlan::Join(_) => c.err(
+            "JOIN",
+            "KPIs read only the events micro-batch; join the KPI's view with other tables when you query it",
+        ),
+        LogicalPlan::Sort(_) => c.err("ORDER BY", "order when you query the KPI's view"),
+        LogicalPlan::Limit(_) => c.err("LIMIT", "limit when you query the KPI's view"),
+        LogicalPlan::Window(_) => c.err(
+            "window functions (OVER)",
+            "they cannot be merged batch by batch; compute them when you query the view",
+        ),
+        LogicalPlan::Distinct(_) => c.err(
+            "SELECT DISTINCT",
+            "use GROUP BY, or count(DISTINCT x) as a measure",
+        ),
+        LogicalPlan::Union(_) => c.err("UNION", "write one KPI file per query"),
+        LogicalPlan::Filter(_) => c.err("HAVING", "filter when you query the KPI's view"),
+        LogicalPlan::Subquery(_) | LogicalPlan::SubqueryAlias(_) => {
+            c.err("a subquery", SHAPE)
+        }
+        LogicalPlan::TableScan(_) | LogicalPlan::Projection(_) => c.err(
+            "a query without aggregates",
+            format!("{SHAPE}; a KPI aggregates, e.g. count(*) or sum(payment_amount)"),
+        ),
+        LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => {
+            c.err("a query that does not read events", SHAPE)
+        }
+        LogicalPlan::Dml(_) | LogicalPlan::Copy(_) => {
+            c.err("DML (INSERT, UPDATE, DELETE, COPY)", SHAPE)
+        }
+        LogicalPlan::Ddl(_) => c.err("DDL", SHAPE),
+        LogicalPlan::Statement(_) => c.err("a statement such as SET", SHAPE),
+        other => c.err(format!("the construct {}", other.display()), SHAPE),
+    }
+}
+
+/// Below the aggregate: filters, projections and aliases over `events` only.
+fn check_input(c: &Ctx<'_>, plan: &LogicalPlan) -> Result<(), KpiError> {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            if scan.table_name.table() != "events" {
+                return Err(c.err(
+                    format!("table {}", scan.table_name),
+                    "KPIs read only the `events` micro-batch",
+                ));
+            }
+            Ok(())
+        }
+        LogicalPlan::Filter(f) => {
+            check_expr(c, &f.predicate)?;
+            check_input(c, &f.input)
+        }
+        LogicalPlan::Projection(p) => {
+            for e in &p.expr {
+                check_expr(c, e)?;
+            }
+            check_input(c, &p.input)
+        }
+        LogicalPlan::SubqueryAlias(a) => match a.input.as_ref() {
+            LogicalPlan::TableScan(_) => check_input(c, &a.input),
+            _ => Err(c.err("a subquery in FROM", SHAPE)),
+        },
+        other => Err(construct_error(c, other)),
+    }
+}
+
+/// No subqueries, no window functions, nothing non-deterministic.
+fn check_expr(c: &Ctx<'_>, e: &Expr) -> Result<(), KpiError> {
+    let mut found: Option<KpiError> = None;
+    let _ = e.apply(|e| {
+        let problem = match e {
+            Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) => {
+                Some(c.err("a subquery", SHAPE))
+            }
+            Expr::WindowFunction(_) => Some(c.err(
+                "window functions (OVER)",
+                "they cannot be merged batch by batch; compute them when you query the view",
+            )),
+            Expr::ScalarFunction(f) if f.func.signature().volatility != Volatility::Immutable => {
+                Some(c.err(
+                    format!("the non-deterministic function {}()", f.func.name()),
+                    "a KPI must give the same result whenever it is recomputed: use event_time, not the clock",
+                ))
+            }
+            Expr::AggregateFunction(f)
+                if f.func.signature().volatility != Volatility::Immutable =>
+            {
+                Some(c.err(
+                    format!("the non-deterministic aggregate {}()", f.func.name()),
+                    "use count, sum, min, max, avg or count(DISTINCT x)",
+                ))
+            }
+            _ => None,
+        };
+        match problem {
+            Some(p) => {
+                found = Some(p);
+                Ok(TreeNodeRecursion::Stop)
+            }
+            None => Ok(TreeNodeRecursion::Continue),
+        }
+    });
+    found.map_or(Ok(()), Err)
+}
+
+struct AnalysedMeasure {
+    func: Func,
+    agg: AggregateFunction,
+    display: String,
+}
+
+struct Analysed {
+    measures: Vec<AnalysedMeasure>,
+}
+
+impl Analysed {
+    fn new(c: &Ctx<'_>, agg: &Aggregate) -> Result<Self, KpiError> {
+        let mut measures = Vec::new();
+        for e in &agg.aggr_expr {
+            let inner = e.clone().unalias();
+            let Expr::AggregateFunction(f) = inner else {
+                return Err(c.err(format!("the expression {e}"), SHAPE));
+            };
+            let name = f.func.name().to_lowercase();
+            let p = &f.params;
+            if !p.order_by.is_empty() {
+                return Err(c.err(
+                    format!("ORDER BY inside {name}()"),
+                    "an ordered aggregate cannot be merged batch by batch",
+                ));
+            }
+            let func = match (name.as_str(), p.distinct) {
+                ("count", true) if p.args.len() == 1 => Func::CountDistinct,
+                (_, true) => {
+                    return Err(c.err(
+                        format!("{name}(DISTINCT ...)"),
+                        "DISTINCT is supported in count(DISTINCT x) only",
+                    ));
+                }
+                ("count", false) => Func::Count,
+                ("sum", false) => Func::Sum,
+                ("min", false) => Func::Min,
+                ("max", false) => Func::Max,
+                ("avg" | "mean", false) => Func::Avg,
+                (other, _) => {
+                    return Err(c.err(
+                        format!("the aggregate {other}()"),
+                        "use count(*), count(x), sum, min, max, avg or count(DISTINCT x); they merge exactly batch by batch",
+                    ));
+                }
+            };
+            measures.push(AnalysedMeasure {
+                func,
+                display: e.schema_name().to_string(),
+                agg: f,
+            });
+        }
+        Ok(Analysed { measures })
+    }
+
+    fn planning_error(c: &Ctx<'_>, e: impl fmt::Display) -> KpiError {
+        c.err(format!("planning failed: {e}"), SHAPE)
+    }
+
+    fn keys(agg: &Aggregate) -> Vec<Expr> {
+        agg.group_expr
+            .iter()
+            .enumerate()
+            .map(|(j, g)| g.clone().alias(format!("k{j}")))
+            .collect()
+    }
+
+    fn partial_plan(&self, c: &Ctx<'_>, agg: &Aggregate) -> Result<LogicalPlan, KpiError> {
+        let mut aggs = Vec::new();
+        for (i, m) in self.measures.iter().enumerate() {
+            let p = &m.agg.params;
+            let make = |func, alias: String| {
+                Expr::AggregateFunction(AggregateFunction::new_udf(
+                    func,
+                    p.args.clone(),
+                    false,
+                    p.filter.clone(),
+                    vec![],
+                    None,
+                ))
+                .alias(alias)
+            };
+            match m.func {
+                Func::Avg => {
+                    aggs.push(make(sum_udaf(), format!("m{i}_sum")));
+                    aggs.push(make(count_udaf(), format!("m{i}_n")));
+                }
+                Func::CountDistinct => {}
+                _ => aggs.push(make(m.agg.func.clone(), format!("m{i}"))),
+            }
+        }
+        LogicalPlanBuilder::from(agg.input.as_ref().clone())
+            .aggregate(Self::keys(agg), aggs)
+            .and_then(|b| b.build())
+            .map_err(|e| Self::planning_error(c, e))
+    }
+
+    fn distinct_plans(
+        &self,
+        c: &Ctx<'_>,
+        agg: &Aggregate,
+    ) -> Result<Vec<(usize, LogicalPlan)>, KpiError> {
+        let mut out = Vec::new();
+        for (i, m) in self.measures.iter().enumerate() {
+            if m.func != Func::CountDistinct {
+                continue;
+            }
+            let p = &m.agg.params;
+            let arg = p.args[0].clone();
+            let mut cond = arg.clone().is_not_null();
+            if let Some(f) = &p.filter {
+                cond = cond.and(f.as_ref().clone());
+            }
+            let mut group = Self::keys(agg);
+            group.push(arg.alias("v"));
+            let plan = LogicalPlanBuilder::from(agg.input.as_ref().clone())
+                .filter(cond)
+                .and_then(|b| b.aggregate(group, Vec::<Expr>::new()))
+                .and_then(|b| b.build())
+                .map_err(|e| Self::planning_error(c, e))?;
+            out.push((i, plan));
+        }
+        Ok(out)
+    }
+
+    /// The view's columns: the projection with aggregate results replaced by
+    /// reads of the stored parts, unparsed as Postgres SQL.
+    fn outputs(
+        &self,
+        c: &Ctx<'_>,
+        agg: &Aggregate,
+        projection: Option<&[Expr]>,
+        keys: &mut [Key],
+    ) -> Result<Vec<Output>, KpiError> {
+        let n_keys = agg.group_expr.len();
+        let out_names: Vec<String> = agg
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        let default_projection: Vec<Expr> = agg
+            .schema
+            .iter()
+            .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+            .collect();
+        let exprs = projection.unwrap_or(&default_projection);
+        let read = |idx: usize| -> Expr {
+            if idx < n_keys {
+                return Expr::Column(Column::from_name(format!("k{idx}")));
+            }
+            let i = idx - n_keys;
+            match self.measures[i].func {
+                Func::Avg => Expr::BinaryExpr(BinaryExpr::new(
+                    Box::new(Expr::Column(Column::from_name(format!("m{i}_sum")))),
+                    Operator::Divide,
+                    Box::new(datafusion::functions::expr_fn::nullif(
+                        Expr::Column(Column::from_name(format!("m{i}_n"))),
+                        datafusion::prelude::lit(0i64),
+                    )),
+                )),
+                _ => Expr::Column(Column::from_name(format!("m{i}"))),
+            }
+        };
+        let unparser = Unparser::new(&PostgreSqlDialect {});
+        let mut outputs = Vec::new();
+        for e in exprs {
+            let name = match e {
+                Expr::Alias(a) => a.name.clone(),
+                Expr::Column(c) => c.name.clone(),
+                _ => e.schema_name().to_string(),
+            };
+            let inner = e.clone().unalias();
+            if let Expr::Column(col) = &inner
+                && let Some(idx) = out_names.iter().position(|n| *n == col.name)
+                && idx < n_keys
+            {
+                keys[idx].name = name.clone();
+            }
+            let rewritten = inner
+                .transform_up(|x| {
+                    if let Expr::Column(col) = &x
+                        && let Some(idx) = out_names.iter().position(|n| *n == col.name)
+                    {
+                        return Ok(Transformed::yes(read(idx)));
+                    }
+                    Ok(Transformed::no(x))
+                })
+                .map_err(|e| Self::planning_error(c, e))?
+                .data;
+            let sql = unparser
+                .expr_to_sql(&rewritten)
+                .map_err(|e| c.err(format!("the expression {name}: {e}"), SHAPE))?
+                .to_string();
+            if name == "updated_at" {
+                return Err(c.err(
+                    "an output named updated_at",
+                    "the pipeline adds updated_at to every KPI; rename the column",
+                ));
+            }
+            if outputs.iter().any(|o: &Output| o.name == name) {
+                return Err(c.err(
+                    format!("two outputs named {name}"),
+                    "give each column its own alias",
+                ));
+            }
+            outputs.push(Output { name, pg_expr: sql });
+        }
+        Ok(outputs)
+    }
+}

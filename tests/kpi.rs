@@ -1,0 +1,426 @@
+//! KPIs against a real Postgres: golden outputs of every file in queries/,
+//! streamed == recomputed for random events and random batch sizes
+//! (proptest), a KPI added after data exists, and the refusals.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use datafusion::arrow::record_batch::RecordBatch;
+use energy_stream::decode::{DecodeConfig, MessageMeta, decode_batch};
+use energy_stream::event::reject_schema;
+use energy_stream::kpi::{self, KpiConfig, KpiEngine};
+use energy_stream::sink::{self, BatchWrite};
+use energy_stream::validate::{ValidationRules, validate};
+use proptest::prelude::*;
+
+fn queries_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("queries")
+}
+
+async fn shipped_engine() -> KpiEngine {
+    KpiEngine::load_dir(&KpiConfig {
+        dir: queries_dir(),
+        ..Default::default()
+    })
+    .await
+    .expect("shipped KPI files are valid")
+}
+
+/// Valid events of JSON lines, as the pipeline would see them.
+fn valid_events(lines: &[String]) -> RecordBatch {
+    let decoded = decode_batch(
+        DecodeConfig::default(),
+        lines.iter().enumerate().map(|(i, l)| {
+            (
+                Some(l.as_bytes()),
+                MessageMeta {
+                    partition: 0,
+                    offset: i as i64,
+                    timestamp_ms: None,
+                },
+            )
+        }),
+    );
+    validate(&decoded, &ValidationRules::default(), chrono::Utc::now())
+        .unwrap()
+        .valid
+}
+
+/// Streams `events` through the real merge in batches of the given sizes,
+/// one transaction per batch, exactly as the pipeline writes them.
+async fn stream(
+    client: &mut tokio_postgres::Client,
+    engine: &KpiEngine,
+    events: &RecordBatch,
+    sizes: &[usize],
+) {
+    let empty = RecordBatch::new_empty(reject_schema());
+    let mut start = 0;
+    let mut i = 0;
+    while start < events.num_rows() {
+        let len = sizes[i % sizes.len()].max(1).min(events.num_rows() - start);
+        i += 1;
+        let batch = events.slice(start, len);
+        start += len;
+        let merges = engine.merge_steps(engine.compute(&batch).await.unwrap());
+        let write = BatchWrite {
+            group_id: "g",
+            topic: "t",
+            events: &batch,
+            rejects: &empty,
+            offsets: &[],
+            merges: &merges,
+        };
+        sink::prepare(client, &write)
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+}
+
+async fn setup(prefix: &str, engine: &KpiEngine) -> tokio_postgres::Client {
+    let db = fresh_db(prefix).await;
+    let mut c = client(&db).await;
+    sink::migrate::migrate(&mut c).await.unwrap();
+    kpi::install(&mut c, engine).await.unwrap();
+    c
+}
+
+async fn view_as_text(c: &tokio_postgres::Client, def: &kpi::KpiDef) -> String {
+    c.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
+    let cols: Vec<String> = def
+        .outputs
+        .iter()
+        .map(|o| format!("coalesce(\"{}\"::text, 'NULL')", o.name))
+        .collect();
+    let keys: Vec<String> = def.keys.iter().map(|k| format!("\"{}\"", k.name)).collect();
+    let sql = format!(
+        "SELECT concat_ws(',', {}) FROM \"{}\" ORDER BY {}",
+        cols.join(", "),
+        def.name,
+        keys.join(", ")
+    );
+    let mut out = def
+        .outputs
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    out.push('\n');
+    for r in c.query(&sql, &[]).await.unwrap() {
+        out.push_str(r.get::<_, &str>(0));
+        out.push('\n');
+    }
+    out
+}
+
+/// Every file in queries/ against tests/fixtures/kpi_events.jsonl; the
+/// expected views are in tests/golden/<kpi>.csv. `UPDATE_GOLDEN=1 cargo test
+/// --test kpi golden` rewrites them (review the diff before committing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_outputs_of_every_shipped_kpi() {
+    let engine = shipped_engine().await;
+    let fixture = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kpi_events.jsonl"),
+    )
+    .unwrap();
+    let lines: Vec<String> = fixture.lines().map(str::to_string).collect();
+    let events = valid_events(&lines);
+    assert!(events.num_rows() > 500);
+    let mut c = setup("golden", &engine).await;
+    stream(&mut c, &engine, &events, &[37, 1, 200, 64]).await;
+
+    let update = std::env::var("UPDATE_GOLDEN").is_ok();
+    let mut checked = 0;
+    for def in engine.defs() {
+        let got = view_as_text(&c, def).await;
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(format!("{}.csv", def.name));
+        if update {
+            std::fs::write(&path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!(
+                "no golden file {}: run UPDATE_GOLDEN=1 cargo test --test kpi golden",
+                path.display()
+            )
+        });
+        assert_eq!(got, want, "{} differs from its golden output", def.name);
+        assert!(got.lines().count() > 2, "{} has rows", def.name);
+        checked += 1;
+    }
+    assert_eq!(checked, std::fs::read_dir(queries_dir()).unwrap().count());
+    let mismatches = kpi::verify(&mut c, &engine, None).await.unwrap();
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn funnel_stages_never_exceed_the_previous_one() {
+    let engine = shipped_engine().await;
+    // Built to stress it: switches and payments without logins or views.
+    let mut lines = Vec::new();
+    for i in 0..200 {
+        let t = [
+            "tariff_switch",
+            "bill_payment",
+            "view_tariffs",
+            "user_login",
+        ][i % 4];
+        let t = if i % 7 == 0 { "tariff_switch" } else { t };
+        lines.push(event(
+            t,
+            &format!("C{}", i % 23),
+            i as i64,
+            (i * 13 % 2880) as u32,
+        ));
+    }
+    let events = valid_events(&lines);
+    let mut c = setup("funnel", &engine).await;
+    stream(&mut c, &engine, &events, &[17]).await;
+    let bad: i64 = c
+        .query_one(
+            "SELECT count(*) FROM daily_engagement_funnel WHERE NOT (active_customers >= logged_in_customers \
+             AND logged_in_customers >= viewed_customers AND viewed_customers >= switched_customers \
+             AND active_customers >= paid_customers)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bad, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_added_after_data_exists_is_backfilled_then_kept_up_to_date() {
+    let dir = std::env::temp_dir().join(unique("kpi-added"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        queries_dir().join("hourly_channel_metrics.sql"),
+        dir.join("hourly_channel_metrics.sql"),
+    )
+    .unwrap();
+    let cfg = KpiConfig {
+        dir: dir.clone(),
+        ..Default::default()
+    };
+    let before = KpiEngine::load_dir(&cfg).await.unwrap();
+    let lines: Vec<String> = (0..300)
+        .map(|i| {
+            event(
+                TYPES[i % 7],
+                &format!("C{}", i % 17),
+                i as i64,
+                (i * 7) as u32,
+            )
+        })
+        .collect();
+    let events = valid_events(&lines);
+    let mut c = setup("added", &before).await;
+    stream(&mut c, &before, &events.slice(0, 150), &[40]).await;
+
+    // The user writes a new file and restarts.
+    std::fs::write(
+        dir.join("payments_by_customer.sql"),
+        "-- Payments per customer per day\n\
+         SELECT date_trunc('day', event_time) AS day, customer_id, count(*) AS payments, \
+         sum(payment_amount) AS paid, avg(payment_amount) AS avg_paid \
+         FROM events WHERE event_type = 'bill_payment' GROUP BY 1, 2",
+    )
+    .unwrap();
+    let after = KpiEngine::load_dir(&cfg).await.unwrap();
+    let report = kpi::install(&mut c, &after).await.unwrap();
+    assert_eq!(report.backfilled, vec!["payments_by_customer".to_string()]);
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM payments_by_customer", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(rows > 0, "backfilled from the events already stored");
+    assert!(kpi::verify(&mut c, &after, None).await.unwrap().is_empty());
+
+    stream(&mut c, &after, &events.slice(150, 150), &[33]).await;
+    assert!(kpi::verify(&mut c, &after, None).await.unwrap().is_empty());
+    // A second restart does not backfill again.
+    assert!(
+        kpi::install(&mut c, &after)
+            .await
+            .unwrap()
+            .backfilled
+            .is_empty()
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+async fn refusal(sql: &str) -> String {
+    let path = std::path::PathBuf::from("queries/bad_kpi.sql");
+    match KpiEngine::from_sources(vec![(path, sql.to_string())], 64 << 20).await {
+        Ok(_) => panic!("accepted: {sql}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn unsupported_files_are_refused_with_what_to_write_instead() {
+    let cases = [
+        (
+            "SELECT e.channel, count(*) FROM events e JOIN events f ON e.customer_id = f.customer_id GROUP BY 1",
+            "JOIN",
+        ),
+        ("CREATE TABLE x (a int)", "DDL"),
+        (
+            "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
+            "DDL",
+        ),
+        ("INSERT INTO events SELECT * FROM events", "DML"),
+        ("SET datafusion.execution.batch_size = 1", "statement"),
+        (
+            "SELECT date_trunc('hour', now()) AS h, count(*) FROM events GROUP BY 1",
+            "non-deterministic function now()",
+        ),
+        (
+            "SELEC channel, count(*) FROM events GROUP BY 1",
+            "SQL error",
+        ),
+        (
+            "SELECT channel, count(*) FROM events GROUP BY 1 ORDER BY 2",
+            "ORDER BY",
+        ),
+        (
+            "SELECT channel, count(*) FROM events GROUP BY 1 LIMIT 5",
+            "LIMIT",
+        ),
+        (
+            "SELECT channel, count(*) OVER (PARTITION BY channel) FROM events",
+            "window functions",
+        ),
+        ("SELECT channel FROM events", "without aggregates"),
+        ("SELECT count(*) FROM events", "without GROUP BY"),
+        (
+            "SELECT channel, count(*) FROM events WHERE customer_id IN (SELECT customer_id FROM events) GROUP BY 1",
+            "subquery",
+        ),
+        (
+            "SELECT channel, median(session_id) FROM events GROUP BY 1",
+            "median()",
+        ),
+        (
+            "SELECT channel, count(*) FROM other GROUP BY 1",
+            "other than events",
+        ),
+    ];
+    for (sql, want) in cases {
+        let msg = refusal(sql).await;
+        assert!(msg.contains("queries/bad_kpi.sql"), "names the file: {msg}");
+        assert!(msg.contains(want), "{sql}\n→ {msg}\n(wanted {want:?})");
+        assert!(msg.contains(" — "), "says what to write instead: {msg}");
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Ev {
+    kind: usize,
+    customer: u8,
+    session: u8,
+    minute: u32,
+    tariff: Option<u8>,
+    amount: u32,
+}
+
+fn ev() -> impl Strategy<Value = Ev> {
+    (
+        0usize..7,
+        0u8..9,
+        0u8..12,
+        0u32..(3 * 1440),
+        proptest::option::of(0u8..3),
+        0u32..100_000,
+    )
+        .prop_map(|(kind, customer, session, minute, tariff, amount)| Ev {
+            kind,
+            customer,
+            session,
+            minute,
+            tariff,
+            amount,
+        })
+}
+
+fn line(e: &Ev) -> String {
+    let t = TYPES[e.kind];
+    let tariff = match (t, e.tariff) {
+        ("view_tariffs" | "tariff_switch" | "incentive_claim", None) => Some(0),
+        (_, x) => x,
+    };
+    let mut payload = format!(
+        r#""customer_id":"C{}","session_id":{},"channel":"{}""#,
+        e.customer,
+        e.session,
+        ["web_portal", "mobile_app", "call_center"][e.session as usize % 3]
+    );
+    if let Some(x) = tariff {
+        payload.push_str(&format!(
+            r#","tariff_type":"{}""#,
+            ["basic", "green", "premium"][x as usize]
+        ));
+    }
+    if t == "energy_consumed" || e.amount.is_multiple_of(3) {
+        payload.push_str(&format!(
+            r#","energy_consumed":{}.{:03}"#,
+            e.amount / 1000,
+            e.amount % 1000
+        ));
+    }
+    if matches!(t, "bill_payment" | "tariff_switch" | "incentive_claim")
+        || e.amount.is_multiple_of(5)
+    {
+        payload.push_str(&format!(
+            r#","payment_amount":"{}.{:02}""#,
+            e.amount / 100,
+            e.amount % 100
+        ));
+    }
+    format!(
+        r#"{{"event_type":"{t}","event_time":"2025-06-0{}T{:02}:{:02}:{:02}Z","payload":{{{payload}}}}}"#,
+        1 + e.minute / 1440,
+        e.minute / 60 % 24,
+        e.minute % 60,
+        e.amount % 60
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, max_shrink_iters: 20, ..ProptestConfig::default() })]
+
+    /// The core guarantee: for every shipped KPI, streaming random events in
+    /// random micro-batches through the real merge gives exactly what the
+    /// same SQL gives over all the events at once.
+    #[test]
+    fn streamed_equals_recomputed(
+        events in proptest::collection::vec(ev(), 1..400),
+        sizes in proptest::collection::vec(1usize..10_000, 1..6),
+        shuffle_seed in any::<u64>(),
+    ) {
+        use rand::{SeedableRng, seq::SliceRandom};
+        let mut events = events;
+        events.shuffle(&mut rand::rngs::StdRng::seed_from_u64(shuffle_seed));
+        // Small sizes matter most: map most sizes into 1..64.
+        let sizes: Vec<usize> = sizes.iter().map(|s| if s % 4 == 0 { *s } else { s % 64 + 1 }).collect();
+        let lines: Vec<String> = events.iter().map(line).collect();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mismatches = rt.block_on(async {
+            let engine = Arc::new(shipped_engine().await);
+            let batch = valid_events(&lines);
+            assert_eq!(batch.num_rows(), lines.len(), "generated events are valid");
+            let mut c = setup("prop", &engine).await;
+            stream(&mut c, &engine, &batch, &sizes).await;
+            kpi::verify(&mut c, &engine, None).await.unwrap()
+        });
+        prop_assert!(mismatches.is_empty(), "{:?}", mismatches);
+    }
+}
