@@ -39,6 +39,8 @@ pub struct DemoReport {
     pub rejected: i64,
     pub elapsed: Duration,
     pub bad_lines: u64,
+    /// KPI view → rows.
+    pub kpis: BTreeMap<String, i64>,
 }
 
 impl std::fmt::Display for DemoReport {
@@ -60,6 +62,9 @@ impl std::fmt::Display for DemoReport {
             "rows written to events", self.rows_written
         )?;
         writeln!(f, "{:<28} {:>10}", "rows in rejected_events", self.rejected)?;
+        for (k, v) in &self.kpis {
+            writeln!(f, "{:<28} {:>10}", format!("KPI {k}"), v)?;
+        }
         if self.bad_lines > 0 {
             writeln!(f, "{:<28} {:>10}", "input lines not sent", self.bad_lines)?;
         }
@@ -141,6 +146,15 @@ pub async fn run(
     pcfg.batch_max_wait = Duration::from_millis(200);
     pcfg.stop_when_caught_up = !cfg.keep_running;
     pcfg.metrics_addr = cfg.metrics_addr;
+    let queries = std::path::Path::new("queries");
+    if queries.is_dir() {
+        pcfg.kpi = Some(crate::kpi::KpiConfig {
+            dir: queries.to_path_buf(),
+            ..Default::default()
+        });
+    } else {
+        println!("no queries/ directory here: writing raw events only, no KPIs");
+    }
     if cfg.keep_running {
         println!("Running until Ctrl-C; metrics on {:?}", cfg.metrics_addr);
     }
@@ -170,6 +184,17 @@ pub async fn run(
         report.by_reason.insert(r.get(0), r.get(1));
     }
     report.rows_written = report.by_event_type.values().sum();
+    for r in client
+        .query("SELECT name FROM kpi_registry ORDER BY name", &[])
+        .await?
+    {
+        let name: String = r.get(0);
+        let n: i64 = client
+            .query_one(&format!("SELECT count(*) FROM \"{name}\""), &[])
+            .await?
+            .get(0);
+        report.kpis.insert(name, n);
+    }
     report.rejected = report.by_reason.values().sum();
     report.elapsed = started.elapsed();
     drop(cluster);

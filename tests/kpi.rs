@@ -424,3 +424,60 @@ proptest! {
         prop_assert!(mismatches.is_empty(), "{:?}", mismatches);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prototype_views_are_exact_and_time_based() {
+    let engine = shipped_engine().await;
+    let switch = |tariff: &str, minute: u32| {
+        format!(
+            r#"{{"event_type":"tariff_switch","event_time":"2025-06-01T{:02}:{:02}:00Z","payload":{{"customer_id":"C1","session_id":1,"channel":"web_portal","tariff_type":"{tariff}","payment_amount":10}}}}"#,
+            minute / 60,
+            minute % 60
+        )
+    };
+    let mut lines = vec![
+        switch("basic", 10),
+        switch("green", 70),
+        switch("premium", 130),
+    ];
+    // Two readings 30 hours apart: a time-based 24 h window never sums them.
+    for t in ["2025-06-01T00:00:00Z", "2025-06-02T06:00:00Z"] {
+        lines.push(format!(
+            r#"{{"event_type":"energy_consumed","event_time":"{t}","payload":{{"customer_id":"C2","session_id":5,"channel":"mobile_app","energy_consumed":1.234}}}}"#
+        ));
+    }
+    let events = valid_events(&lines);
+    let mut c = setup("views", &engine).await;
+    stream(&mut c, &engine, &events, &[2]).await;
+    let r = c
+        .query_one(
+            "SELECT current_tariff, previous_tariff, tariff_switches FROM customer_view WHERE customer_id = 'C1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "premium");
+    assert_eq!(r.get::<_, String>(1), "green");
+    assert_eq!(r.get::<_, i64>(2), 3);
+    let max_24h: String = c
+        .query_one(
+            "SELECT max(energy_consumed_24h)::text FROM rolling_24h_metrics",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        max_24h, "1.234",
+        "readings 30 h apart are never in one 24 h window"
+    );
+    let days: i64 = c
+        .query_one(
+            "SELECT count(*) FROM daily_event_summary d JOIN daily_energy_summary e USING (day) WHERE d.total_energy_consumed = e.total_energy_consumed",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(days, 2);
+}

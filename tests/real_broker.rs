@@ -332,6 +332,25 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     );
     wait_success(child, Duration::from_secs(300));
     check_exactly_once(&db, &topic, &group, sent, &input).await;
+    // KPIs are exactly-once too: the streamed tables equal a recomputation.
+    verify_ok(&url, &[]);
+}
+
+/// `energy-stream verify` exits 0.
+fn verify_ok(url: &str, extra: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("verify")
+        .args(extra)
+        .env("DATABASE_URL", url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "verify failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,5 +456,96 @@ async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
         &["--stop-when-caught-up"],
     );
     wait_success(child, Duration::from_secs(120));
+    check_exactly_once(&db, &topic, &group, sent, &input).await;
+}
+
+/// README "Adding a KPI", step by step, with the SQL taken from the README.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_adding_a_kpi_example() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("<!-- kpi-example-start -->")
+        .nth(1)
+        .and_then(|r| r.split("<!-- kpi-example-end -->").next())
+        .expect("README has the KPI example between markers");
+    let sql = block
+        .split("```sql")
+        .nth(1)
+        .and_then(|r| r.split("```").next())
+        .expect("a sql block")
+        .trim();
+    let dir = tmp("queries");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/queries")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let qdir = dir.display().to_string();
+
+    // Data exists before the KPI does.
+    let broker = Broker::get();
+    let topic = unique("readme");
+    let input = generate(3_000, 0.0, 21);
+    let sent = sent_count(&produce(&broker.brokers, &topic, &input));
+    let db = fresh_db("readme").await;
+    let url = db_url(&db);
+    let group = unique("g");
+    let run = || {
+        let args = ["--queries-dir", qdir.as_str(), "--stop-when-caught-up"];
+        wait_success(
+            spawn_run(&broker.brokers, &topic, &group, &url, &args),
+            Duration::from_secs(120),
+        );
+    };
+    run();
+
+    // 1. write the file
+    std::fs::write(dir.join("daily_green_switches.sql"), sql).unwrap();
+    // 2. check it
+    let out = Command::new(BIN)
+        .args(["check", "--queries-dir", &qdir])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("daily_green_switches"), "{stdout}");
+    // 3. restart: the new KPI is backfilled from the stored events
+    run();
+    // 4. query it
+    let c = client(&db).await;
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM daily_green_switches", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(rows > 0, "the new KPI has rows");
+    let total: i64 = c
+        .query_one(
+            "SELECT sum(green_switches)::bigint FROM daily_green_switches",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let direct: i64 = c
+        .query_one(
+            "SELECT count(*) FROM events WHERE event_type = 'tariff_switch' AND tariff_type = 'green'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, direct);
+    // 5. verify it
+    let v = verify_ok(
+        &url,
+        &["--queries-dir", &qdir, "--kpi", "daily_green_switches"],
+    );
+    assert!(v.contains("equals"), "{v}");
     check_exactly_once(&db, &topic, &group, sent, &input).await;
 }

@@ -14,6 +14,7 @@ use super::SinkError;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "001_core.sql", include_str!("../../sql/001_core.sql")),
     (2, "002_kpi.sql", include_str!("../../sql/002_kpi.sql")),
+    (3, "003_views.sql", include_str!("../../sql/003_views.sql")),
 ];
 
 /// Arbitrary constant shared by every energy-stream process.
