@@ -12,7 +12,16 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // One line, no backtrace: every error is written for the operator.
-            eprintln!("error: {e:#}");
+            // Causes that the message already quotes are not repeated.
+            let mut line = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !line.contains(&cause) {
+                    line.push_str(": ");
+                    line.push_str(&cause);
+                }
+            }
+            eprintln!("error: {line}");
             ExitCode::FAILURE
         }
     }

@@ -590,6 +590,24 @@ pub struct InstallReport {
 /// Creates each KPI's tables and view; a KPI that is new or whose SQL changed
 /// (its hash differs from `kpi_registry`) is backfilled from `events` first.
 pub async fn install(client: &mut Client, engine: &KpiEngine) -> Result<InstallReport, SinkError> {
+    // Consumers starting together must not create or backfill the same KPI at once.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&INSTALL_LOCK])
+        .await?;
+    let result = install_locked(client, engine).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&INSTALL_LOCK])
+        .await?;
+    result
+}
+
+/// Arbitrary key shared by every energy-stream process.
+const INSTALL_LOCK: i64 = 0x6b70_695f_696e_7374;
+
+async fn install_locked(
+    client: &mut Client,
+    engine: &KpiEngine,
+) -> Result<InstallReport, SinkError> {
     let mut report = InstallReport::default();
     for i in 0..engine.len() {
         let def = engine.def(i);

@@ -100,7 +100,11 @@ impl From<tokio_postgres::Error> for SinkError {
 pub fn classify(e: &tokio_postgres::Error) -> SinkError {
     let message = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => e.to_string(),
+        // "error connecting to server" alone does not say why; the source does.
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
     };
     let Some(code) = e.code() else {
         // No SQLSTATE: the socket closed, the server vanished, or connecting failed.
