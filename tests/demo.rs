@@ -28,15 +28,7 @@ fn demo_runs_end_to_end_with_nothing_but_postgres_installed() {
     assert_eq!(line("rows written to events"), 4900, "{stdout}");
     assert_eq!(line("rows in rejected_events"), 75, "{stdout}");
     assert_eq!(line("input lines not sent"), 25, "{stdout}");
-    for t in [
-        "user_login",
-        "user_logout",
-        "view_tariffs",
-        "tariff_switch",
-        "energy_consumed",
-        "incentive_claim",
-        "bill_payment",
-    ] {
+    for t in energy_stream::event::EventType::ALL.map(|t| t.as_str()) {
         assert!(
             stdout.contains(t),
             "{t} missing from the summary:\n{stdout}"

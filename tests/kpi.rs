@@ -9,11 +9,9 @@ use std::sync::Arc;
 
 use common::*;
 use datafusion::arrow::record_batch::RecordBatch;
-use energy_stream::decode::{DecodeConfig, MessageMeta, decode_batch};
 use energy_stream::event::reject_schema;
 use energy_stream::kpi::{self, KpiConfig, KpiEngine};
 use energy_stream::sink::{self, BatchWrite};
-use energy_stream::validate::{ValidationRules, validate};
 use proptest::prelude::*;
 
 fn queries_dir() -> std::path::PathBuf {
@@ -31,22 +29,8 @@ async fn shipped_engine() -> KpiEngine {
 
 /// Valid events of JSON lines, as the pipeline would see them.
 fn valid_events(lines: &[String]) -> RecordBatch {
-    let decoded = decode_batch(
-        DecodeConfig::default(),
-        lines.iter().enumerate().map(|(i, l)| {
-            (
-                Some(l.as_bytes()),
-                MessageMeta {
-                    partition: 0,
-                    offset: i as i64,
-                    timestamp_ms: None,
-                },
-            )
-        }),
-    );
-    validate(&decoded, &ValidationRules::default(), chrono::Utc::now())
-        .unwrap()
-        .valid
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    validated(&lines).valid
 }
 
 /// Streams `events` through the real merge in batches of the given sizes,

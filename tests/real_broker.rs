@@ -10,8 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use energy_stream::decode::{DecodeConfig, MessageMeta, decode_batch};
-use energy_stream::validate::{ValidationRules, validate};
 use rand::{Rng, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_energy-stream");
@@ -80,20 +78,7 @@ fn expected(input: &Path) -> (i64, BTreeMap<String, i64>) {
         .lines()
         .filter(|l| energy_stream::produce::check_line(l).is_ok())
         .collect();
-    let decoded = decode_batch(
-        DecodeConfig::default(),
-        sent.iter().enumerate().map(|(i, l)| {
-            (
-                Some(l.as_bytes()),
-                MessageMeta {
-                    partition: 0,
-                    offset: i as i64,
-                    timestamp_ms: None,
-                },
-            )
-        }),
-    );
-    let v = validate(&decoded, &ValidationRules::default(), chrono::Utc::now()).unwrap();
+    let v = validated(&sent);
     let reasons = v.rejects.column_by_name("reason").unwrap();
     let reasons = datafusion::arrow::array::AsArray::as_string::<i32>(reasons);
     let mut by = BTreeMap::new();
@@ -101,6 +86,17 @@ fn expected(input: &Path) -> (i64, BTreeMap<String, i64>) {
         *by.entry(r.to_string()).or_default() += 1;
     }
     (v.valid.num_rows() as i64, by)
+}
+
+/// `energy-stream produce --rate`, paced, bad lines next to the input.
+fn produce_command(brokers: &str, topic: &str, input: &Path, rate: u32) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["produce", "--brokers", brokers, "--topic", topic])
+        .args(["--rate", &rate.to_string(), "--input"])
+        .arg(input)
+        .arg("--bad-lines")
+        .arg(input.with_extension("bad"));
+    c
 }
 
 fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str, extra: &[&str]) -> Child {
@@ -269,20 +265,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let input = generate(100_000, 0.01, 11);
     create_topic(&broker.brokers, &topic, 6);
     // Events keep arriving while the consumer is killed again and again.
-    let producer = Command::new(BIN)
-        .args([
-            "produce",
-            "--brokers",
-            &broker.brokers,
-            "--topic",
-            &topic,
-            "--rate",
-            "1200",
-            "--input",
-        ])
-        .arg(&input)
-        .arg("--bad-lines")
-        .arg(input.with_extension("bad"))
+    let producer = produce_command(&broker.brokers, &topic, &input, 1200)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -392,18 +375,7 @@ async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
 
     let input = generate(20_000, 0.0, 5);
     create_topic(&broker.brokers, &topic, 6);
-    let producer = Command::new(BIN)
-        .args([
-            "produce",
-            "--brokers",
-            &broker.brokers,
-            "--topic",
-            &topic,
-            "--rate",
-            "4000",
-            "--input",
-        ])
-        .arg(&input)
+    let producer = produce_command(&broker.brokers, &topic, &input, 4000)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

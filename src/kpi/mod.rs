@@ -443,8 +443,21 @@ fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
                 Func::Sum | Func::Avg => {
                     format!("{n} = COALESCE(s.{n} + EXCLUDED.{n}, s.{n}, EXCLUDED.{n})")
                 }
-                Func::Min => format!("{n} = LEAST(s.{n}, EXCLUDED.{n})"),
-                Func::Max => format!("{n} = GREATEST(s.{n}, EXCLUDED.{n})"),
+                // Text compares bytewise, as DataFusion does, whatever the
+                // database's collation.
+                Func::Min | Func::Max => {
+                    let f = if m.func == Func::Min {
+                        "LEAST"
+                    } else {
+                        "GREATEST"
+                    };
+                    let collate = if c.pg_type == "text" {
+                        " COLLATE \"C\""
+                    } else {
+                        ""
+                    };
+                    format!("{n} = {f}(s.{n}{collate}, EXCLUDED.{n}{collate})")
+                }
                 Func::CountDistinct => unreachable!("filtered"),
             });
         }

@@ -75,15 +75,33 @@ pub fn event(event_type: &str, customer: &str, session: i64, minute: u32) -> Str
     )
 }
 
-pub const TYPES: [&str; 7] = [
-    "user_login",
-    "user_logout",
-    "view_tariffs",
-    "tariff_switch",
-    "energy_consumed",
-    "incentive_claim",
-    "bill_payment",
-];
+/// The event type names, in the library's order.
+pub static TYPES: std::sync::LazyLock<[&str; 7]> =
+    std::sync::LazyLock::new(|| energy_stream::event::EventType::ALL.map(|t| t.as_str()));
+
+/// JSON lines decoded and validated as the pipeline does, offsets 0.. on partition 0.
+pub fn validated(lines: &[&str]) -> energy_stream::validate::Validated {
+    use energy_stream::decode::{DecodeConfig, MessageMeta, decode_batch};
+    let decoded = decode_batch(
+        DecodeConfig::default(),
+        lines.iter().enumerate().map(|(i, l)| {
+            (
+                Some(l.as_bytes()),
+                MessageMeta {
+                    partition: 0,
+                    offset: i as i64,
+                    timestamp_ms: None,
+                },
+            )
+        }),
+    );
+    energy_stream::validate::validate(
+        &decoded,
+        &energy_stream::validate::ValidationRules::default(),
+        chrono::Utc::now(),
+    )
+    .unwrap()
+}
 
 /// Bad messages with the reason each must be rejected with.
 pub fn bad_messages() -> Vec<(Option<Vec<u8>>, &'static str)> {
