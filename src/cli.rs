@@ -21,19 +21,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on the first SIGINT or SIGTERM. The handlers are installed when
+/// this is called (inside the runtime), not when the future is first polled,
+/// so a signal that arrives during start-up is not lost to the default action.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 
@@ -126,8 +132,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             health.postgres_ok.store(true, Ordering::Relaxed);
             {
                 let stop = stop.clone();
+                let _enter = rt.enter();
+                let signal = shutdown_signal();
                 rt.spawn(async move {
-                    shutdown_signal().await;
+                    signal.await;
                     stop.store(true, Ordering::Relaxed);
                 });
             }
@@ -241,8 +249,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             };
             let rt = runtime()?;
-            let report = rt.block_on(crate::demo::run(cfg, shutdown_signal()))?;
-            println!("\n{report}");
+            let shutdown = {
+                let _enter = rt.enter();
+                shutdown_signal()
+            };
+            rt.block_on(crate::demo::run(cfg, shutdown))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -72,7 +72,7 @@ impl std::fmt::Display for DemoReport {
     }
 }
 
-/// Runs the demo. `shutdown` ends `--keep-running`.
+/// Runs the demo and prints its summary. `shutdown` ends `--keep-running`.
 pub async fn run(
     cfg: DemoConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -143,9 +143,9 @@ pub async fn run(
     println!("Produced {} from {}", produced, input.display());
 
     let mut pcfg = PipelineConfig::new(kafka, database.clone());
+    // Runs until caught up; with --keep-running it then goes on, see below.
     pcfg.batch_max_wait = Duration::from_millis(200);
-    pcfg.stop_when_caught_up = !cfg.keep_running;
-    pcfg.metrics_addr = cfg.metrics_addr;
+    pcfg.stop_when_caught_up = true;
     let queries = std::path::Path::new("queries");
     if queries.is_dir() {
         pcfg.kpi = Some(crate::kpi::KpiConfig {
@@ -155,10 +155,7 @@ pub async fn run(
     } else {
         println!("no queries/ directory here: writing raw events only, no KPIs");
     }
-    if cfg.keep_running {
-        println!("Running until Ctrl-C; metrics on {:?}", cfg.metrics_addr);
-    }
-    crate::pipeline::run(pcfg, metrics, shutdown).await?;
+    crate::pipeline::run(pcfg.clone(), metrics.clone(), std::future::pending()).await?;
 
     let mut report = DemoReport {
         bad_lines: produced.bad_lines,
@@ -197,6 +194,19 @@ pub async fn run(
     }
     report.rejected = report.by_reason.values().sum();
     report.elapsed = started.elapsed();
+    println!("\n{report}");
+
+    if cfg.keep_running {
+        // The same pipeline resumes from the offsets it stored, now serving
+        // its endpoints, until Ctrl-C.
+        match cfg.metrics_addr {
+            Some(a) => println!("\nStill running: http://{a}/metrics (Ctrl-C to stop)"),
+            None => println!("\nStill running (Ctrl-C to stop)"),
+        }
+        pcfg.stop_when_caught_up = false;
+        pcfg.metrics_addr = cfg.metrics_addr;
+        crate::pipeline::run(pcfg, metrics, shutdown).await?;
+    }
     drop(cluster);
     if let Some(pg) = local {
         tokio::task::spawn_blocking(move || drop(pg)).await?;

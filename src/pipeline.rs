@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::TimestampMicrosecondType;
 use prometheus::core::Collector;
 use rdkafka::Message;
 use tokio::sync::mpsc;
@@ -621,13 +620,6 @@ fn count_by(batch: &RecordBatch, column: &str) -> BTreeMap<String, u64> {
         }
     }
     out
-}
-
-/// Oldest Kafka timestamp in a decoded batch, in ms (used by tests and benches).
-pub fn oldest_timestamp_ms(batch: &RecordBatch) -> Option<i64> {
-    let a = batch.column_by_name(col::KAFKA_TIMESTAMP)?;
-    let a = a.as_primitive::<TimestampMicrosecondType>();
-    datafusion::arrow::compute::min(a).map(|us| us / 1000)
 }
 
 /// Periodic progress lines.

@@ -35,3 +35,59 @@ fn demo_runs_end_to_end_with_nothing_but_postgres_installed() {
         );
     }
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn demo_keep_running_serves_metrics_after_the_summary_until_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["demo", "--keep-running", "--metrics-addr", &addr])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.starts_with("Still running") {
+            break;
+        }
+    }
+    let text = seen.join("\n");
+    assert!(
+        text.contains("rows written to events"),
+        "summary first:\n{text}"
+    );
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            metrics = http_get(&addr, "/metrics");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(metrics.contains("energy_stream_batches_total"), "{metrics}");
+    assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.0 200"));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status}");
+}

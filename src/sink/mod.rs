@@ -314,11 +314,6 @@ impl Prepared<'_> {
     pub async fn rollback(self) -> Result<(), SinkError> {
         self.tx.rollback().await.map_err(SinkError::from)
     }
-
-    /// The open transaction, for further writes that must commit with the batch.
-    pub fn transaction(&self) -> &Transaction<'_> {
-        &self.tx
-    }
 }
 
 /// Opens the batch transaction and writes everything but the COMMIT.
