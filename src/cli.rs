@@ -60,8 +60,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "starting pipeline"
             );
             let rt = runtime()?;
-            let summary =
-                rt.block_on(crate::pipeline::run(cfg, Metrics::new(), shutdown_signal()))?;
+            let shutdown = {
+                let _enter = rt.enter();
+                shutdown_signal()
+            };
+            let summary = rt.block_on(crate::pipeline::run(cfg, Metrics::new(), shutdown))?;
             tracing::info!(
                 written = summary.events_written,
                 rejected = summary.rejected,
