@@ -54,21 +54,25 @@ fn generate(events: u64, bad_ratio: f64, seed: u64) -> PathBuf {
     path
 }
 
-fn produce(brokers: &str, topic: &str, input: &Path) -> String {
-    let out = Command::new(BIN)
-        .args(["produce", "--brokers", brokers, "--topic", topic, "--input"])
-        .arg(input)
-        .arg("--bad-lines")
-        .arg(input.with_extension("bad"))
-        .output()
-        .unwrap();
+/// Runs `cmd`, asserts it exits 0, returns its standard output.
+fn succeed(mut cmd: Command) -> String {
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
-        "produce failed: {stdout}\n{}",
+        "{cmd:?} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+fn produce(brokers: &str, topic: &str, input: &Path) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["produce", "--brokers", brokers, "--topic", topic, "--input"])
+        .arg(input)
+        .arg("--bad-lines")
+        .arg(input.with_extension("bad"));
+    succeed(cmd)
 }
 
 /// What the pipeline must make of the lines `produce` sends: (valid, rejected by reason).
@@ -321,19 +325,9 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
 
 /// `energy-stream verify` exits 0.
 fn verify_ok(url: &str, extra: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .arg("verify")
-        .args(extra)
-        .env("DATABASE_URL", url)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "verify failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let mut cmd = Command::new(BIN);
+    cmd.arg("verify").args(extra).env("DATABASE_URL", url);
+    succeed(cmd)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,16 +469,9 @@ async fn readme_adding_a_kpi_example() {
     // 1. write the file
     std::fs::write(dir.join("daily_green_switches.sql"), sql).unwrap();
     // 2. check it
-    let out = Command::new(BIN)
-        .args(["check", "--queries-dir", &qdir])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut check = Command::new(BIN);
+    check.args(["check", "--queries-dir", &qdir]);
+    let stdout = succeed(check);
     assert!(stdout.contains("daily_green_switches"), "{stdout}");
     // 3. restart: the new KPI is backfilled from the stored events
     run();

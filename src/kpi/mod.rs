@@ -240,17 +240,7 @@ impl KpiEngine {
             for i in which {
                 let k = &self.kpis[i];
                 let keys: Vec<StateCol> = k.def.keys.iter().map(|k| k.col.clone()).collect();
-                let cols: Vec<StateCol> = keys
-                    .iter()
-                    .cloned()
-                    .chain(
-                        k.def
-                            .measures
-                            .iter()
-                            .filter(|m| m.func != Func::CountDistinct)
-                            .flat_map(|m| m.cols.iter().cloned()),
-                    )
-                    .collect();
+                let cols = k.def.partial_cols();
                 let partial = self.run(&k.partial, &cols).await?;
                 let mut distinct = Vec::new();
                 for (m, plan) in &k.distinct {
@@ -421,14 +411,7 @@ fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
         .iter()
         .map(|f| quote(f.name()))
         .collect();
-    let cols = col_defs(
-        def.keys.iter().map(|k| &k.col).chain(
-            def.measures
-                .iter()
-                .filter(|m| m.func != Func::CountDistinct)
-                .flat_map(|m| m.cols.iter()),
-        ),
-    );
+    let cols = col_defs(def.partial_cols().iter());
     let mut sets = Vec::new();
     for m in def
         .measures
@@ -769,14 +752,7 @@ pub async fn verify(
         }
         let delta = engine.compute_one(idx, &all).await.map_err(kpi_err)?;
         let keys = key_list(def);
-        let main_cols = col_defs(
-            def.keys.iter().map(|k| &k.col).chain(
-                def.measures
-                    .iter()
-                    .filter(|m| m.func != Func::CountDistinct)
-                    .flat_map(|m| m.cols.iter()),
-            ),
-        );
+        let main_cols = col_defs(def.partial_cols().iter());
         let exp_main = format!("verify_{}_main", def.name);
         tx.batch_execute(&format!(
             "CREATE TEMP TABLE {exp_main} ({main_cols}) ON COMMIT DROP"

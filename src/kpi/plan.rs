@@ -114,6 +114,23 @@ pub struct KpiDef {
     pub(crate) distinct: Vec<(usize, LogicalPlan)>,
 }
 
+impl KpiDef {
+    /// The columns of a batch's partial rows, in the order the partial plan
+    /// produces them: keys, then every non-distinct measure's state columns.
+    pub fn partial_cols(&self) -> Vec<StateCol> {
+        self.keys
+            .iter()
+            .map(|k| k.col.clone())
+            .chain(
+                self.measures
+                    .iter()
+                    .filter(|m| m.func != Func::CountDistinct)
+                    .flat_map(|m| m.cols.iter().cloned()),
+            )
+            .collect()
+    }
+}
+
 /// Names a KPI cannot take: the pipeline's own tables.
 const RESERVED: &[&str] = &[
     "events",
