@@ -173,9 +173,10 @@ pub struct RunArgs {
     /// On SIGTERM/SIGINT, how long to keep trying to commit in-flight batches.
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
-    /// Directory of KPI files (*.sql), each computed on every batch.
-    #[arg(long, env = "QUERIES_DIR", default_value = "queries")]
-    pub queries_dir: PathBuf,
+    /// Directory of KPI files (*.sql), each computed on every batch. Default:
+    /// ./queries when it exists; without it, no KPIs are computed (logged).
+    #[arg(long, env = "QUERIES_DIR")]
+    pub queries_dir: Option<PathBuf>,
     /// Write raw events and rejects only; compute no KPIs.
     #[arg(long, env = "NO_KPIS")]
     pub no_kpis: bool,
@@ -423,10 +424,28 @@ impl RunArgs {
         cfg.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
         cfg.metrics_addr = parse_metrics_addr(&self.metrics_addr).map_err(anyhow::Error::msg)?;
         cfg.progress_interval = Duration::from_secs(self.progress_interval_secs.max(1));
-        cfg.kpi = (!self.no_kpis).then(|| crate::kpi::KpiConfig {
-            dir: self.queries_dir.clone(),
-            memory_limit: self.kpi_memory_mb << 20,
-        });
+        // An explicit directory must exist (the KPI loader says so if not);
+        // the default is optional, so the binary also runs outside the repo.
+        let dir = match &self.queries_dir {
+            Some(d) => Some(d.clone()),
+            None => {
+                let d = PathBuf::from("queries");
+                if d.is_dir() {
+                    Some(d)
+                } else {
+                    tracing::warn!(
+                        "no ./queries directory and no --queries-dir: computing no KPIs"
+                    );
+                    None
+                }
+            }
+        };
+        cfg.kpi = dir
+            .filter(|_| !self.no_kpis)
+            .map(|dir| crate::kpi::KpiConfig {
+                dir,
+                memory_limit: self.kpi_memory_mb << 20,
+            });
         Ok(cfg)
     }
 }

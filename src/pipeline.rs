@@ -122,7 +122,30 @@ pub async fn run(
         tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     }
 
-    let mut client = connect_with_retry(&cfg, &health, &metrics).await?;
+    // Bad KPI files fail fast, before anything waits on Postgres or Kafka.
+    let engine = match &cfg.kpi {
+        Some(k) => Some(
+            KpiEngine::load_dir(k)
+                .await
+                .map_err(|e| PipelineError::Kpi(e.to_string()))?,
+        ),
+        None => None,
+    };
+    // Shutdown is honoured from the first moment, including while Postgres is
+    // still unreachable at start.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: stopping intake, committing in-flight batches");
+        let _ = stop_tx.send(true);
+        // Keep the sender alive so that late watchers still see `true`.
+        std::future::pending::<()>().await;
+    });
+    let Some(mut client) = connect_with_retry(&cfg, &health, &metrics, stop_rx.clone()).await?
+    else {
+        let _ = stop_http_tx.send(());
+        return Ok(RunSummary::default());
+    };
     if cfg.migrate {
         let report = sink::migrate::migrate(&mut client).await?;
         if !report.applied.is_empty() {
@@ -131,11 +154,8 @@ pub async fn run(
     }
 
     sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
-    let kpis = match &cfg.kpi {
-        Some(k) => {
-            let engine = KpiEngine::load_dir(k)
-                .await
-                .map_err(|e| PipelineError::Kpi(e.to_string()))?;
+    let kpis = match engine {
+        Some(engine) => {
             let report = crate::kpi::install(&mut client, &engine).await?;
             tracing::info!(
                 kpis = engine.len(),
@@ -161,12 +181,15 @@ pub async fn run(
     )?);
     let ownership = source.ownership();
 
-    let stop = ownership.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutdown requested: stopping intake, committing in-flight batches");
-        stop.request_stop();
-    });
+    {
+        let ownership = ownership.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if stop.wait_for(|s| *s).await.is_ok() {
+                ownership.request_stop();
+            }
+        });
+    }
 
     let (tx, rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let intake = {
@@ -209,23 +232,28 @@ pub async fn run(
     result
 }
 
+/// Connects, retrying while Postgres is unreachable; None when shutdown came first.
 async fn connect_with_retry(
     cfg: &PipelineConfig,
     health: &Health,
     metrics: &Metrics,
-) -> Result<Client, PipelineError> {
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<Client>, PipelineError> {
     let mut backoff = Backoff::new();
     loop {
         match cfg.database.connect().await {
             Ok(c) => {
                 health.postgres_ok.store(true, Ordering::Relaxed);
-                return Ok(c);
+                return Ok(Some(c));
             }
             Err(e) if e.is_retryable() => {
                 health.postgres_ok.store(false, Ordering::Relaxed);
                 metrics.db_errors.with_label_values(&[e.kind()]).inc();
                 tracing::warn!(error = %e, db = %cfg.database, "cannot reach Postgres; retrying");
-                backoff.wait().await;
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(None),
+                }
             }
             Err(e) => return Err(e.into()),
         }
