@@ -132,6 +132,13 @@ fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str, extra: &[&str]) 
         .unwrap()
 }
 
+/// `run --stop-when-caught-up`, which must exit 0 within `limit`.
+fn run_to_end(brokers: &str, topic: &str, group: &str, db: &str, extra: &[&str], limit: Duration) {
+    let mut args = vec!["--stop-when-caught-up"];
+    args.extend_from_slice(extra);
+    wait_success(spawn_run(brokers, topic, group, db, &args), limit);
+}
+
 fn wait_success(mut child: Child, limit: Duration) {
     let start = Instant::now();
     loop {
@@ -231,26 +238,26 @@ async fn produce_then_run_as_processes() {
 
     let db = fresh_db("e2e").await;
     let group = unique("g");
-    let child = spawn_run(
+    run_to_end(
         &broker.brokers,
         &topic,
         &group,
         &db_url(&db),
-        &["--stop-when-caught-up"],
+        &[],
+        Duration::from_secs(180),
     );
-    wait_success(child, Duration::from_secs(180));
     let checked = check_exactly_once(&db, &topic, &group, sent, &input).await;
     assert!(checked.rows > 4_000);
 
     // Resume after a clean finish: 0 new rows.
-    let child = spawn_run(
+    run_to_end(
         &broker.brokers,
         &topic,
         &group,
         &db_url(&db),
-        &["--stop-when-caught-up"],
+        &[],
+        Duration::from_secs(120),
     );
-    wait_success(child, Duration::from_secs(120));
     let again = check_exactly_once(&db, &topic, &group, sent, &input).await;
     assert_eq!(again.rows, checked.rows);
 }
@@ -310,14 +317,14 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         "the kills landed while the pipeline was making progress: {progress:?}"
     );
 
-    let child = spawn_run(
+    run_to_end(
         &broker.brokers,
         &topic,
         &group,
         &url,
-        &["--stop-when-caught-up"],
+        &[],
+        Duration::from_secs(300),
     );
-    wait_success(child, Duration::from_secs(300));
     check_exactly_once(&db, &topic, &group, sent, &input).await;
     // KPIs are exactly-once too: the streamed tables equal a recomputation.
     verify_ok(&url, &[]);
@@ -414,14 +421,14 @@ async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
 
     let summary = String::from_utf8_lossy(&producer.wait_with_output().unwrap().stdout).to_string();
     let sent = sent_count(&summary);
-    let child = spawn_run(
+    run_to_end(
         &broker.brokers,
         &topic,
         &group,
         &url,
-        &["--stop-when-caught-up"],
+        &[],
+        Duration::from_secs(120),
     );
-    wait_success(child, Duration::from_secs(120));
     check_exactly_once(&db, &topic, &group, sent, &input).await;
 }
 
@@ -458,9 +465,13 @@ async fn readme_adding_a_kpi_example() {
     let url = db_url(&db);
     let group = unique("g");
     let run = || {
-        let args = ["--queries-dir", qdir.as_str(), "--stop-when-caught-up"];
-        wait_success(
-            spawn_run(&broker.brokers, &topic, &group, &url, &args),
+        let args = ["--queries-dir", qdir.as_str()];
+        run_to_end(
+            &broker.brokers,
+            &topic,
+            &group,
+            &url,
+            &args,
             Duration::from_secs(120),
         );
     };
