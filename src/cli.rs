@@ -123,13 +123,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate: args.rate,
                 shuffle: args.shuffle,
                 repeat: args.repeat,
+                live: args.live,
                 bad_lines: args.bad_lines.clone(),
             };
             let metrics = Metrics::new();
             let stop = Arc::new(AtomicBool::new(false));
             let rt = runtime()?;
-            let metrics_addr =
-                parse_metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?;
+            metrics.initialise_producer_labels();
+            let explicit_addr = args.metrics_addr.is_some();
+            let metrics_addr = parse_metrics_addr(
+                args.metrics_addr
+                    .as_deref()
+                    .unwrap_or(crate::config::DEFAULT_METRICS_ADDR),
+            )
+            .map_err(anyhow::Error::msg)?;
             let health = Arc::new(crate::telemetry::Health::default());
             health.kafka_ok.store(true, Ordering::Relaxed);
             health.postgres_ok.store(true, Ordering::Relaxed);
@@ -143,18 +150,36 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
             }
             if let Some(addr) = metrics_addr {
-                let stop = stop.clone();
-                rt.block_on(crate::telemetry::serve(
-                    addr,
-                    metrics.clone(),
-                    health,
-                    async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        }
-                    },
-                ))
-                .with_context(|| format!("cannot bind the metrics endpoint on {addr}"))?;
+                let serve = |addr| {
+                    let stop = stop.clone();
+                    rt.block_on(crate::telemetry::serve(
+                        addr,
+                        metrics.clone(),
+                        health.clone(),
+                        async move {
+                            while !stop.load(Ordering::Relaxed) {
+                                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            }
+                        },
+                    ))
+                };
+                let bound = match serve(addr) {
+                    Ok((bound, _)) => bound,
+                    // The default port is most likely taken by `run` on this host.
+                    Err(e) if !explicit_addr && e.kind() == std::io::ErrorKind::AddrInUse => {
+                        let fallback = std::net::SocketAddr::new(addr.ip(), 0);
+                        serve(fallback)
+                            .with_context(|| {
+                                format!("cannot bind the metrics endpoint on {fallback}")
+                            })?
+                            .0
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("cannot bind the metrics endpoint on {addr}")));
+                    }
+                };
+                tracing::info!(addr = %bound, "serving /metrics and /healthz");
             }
             let summary = crate::produce::produce(&cfg, &stop, metrics)?;
             println!("{summary}");

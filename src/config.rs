@@ -227,14 +227,21 @@ pub struct ProduceArgs {
     #[arg(long)]
     pub shuffle: bool,
     /// Replay the file again and again until interrupted.
-    #[arg(long = "loop")]
+    #[arg(long = "loop", conflicts_with = "live")]
     pub repeat: bool,
+    /// After the file, keep sending freshly generated events stamped with the
+    /// current time, at --rate, until interrupted (keeps dashboards moving).
+    #[arg(long, requires = "rate")]
+    pub live: bool,
     /// Where refused lines go, with their reason.
     #[arg(long, default_value = "bad-lines.jsonl")]
     pub bad_lines: PathBuf,
-    /// Serve /metrics here while producing ("off" to disable).
-    #[arg(long, env = "PRODUCER_METRICS_ADDR", default_value = "off")]
-    pub metrics_addr: String,
+    /// Serve /metrics and /healthz here while producing ("off" to disable).
+    /// Default 127.0.0.1:9898; when that port is taken (say, by `run` on the
+    /// same host) a free loopback port is used and logged instead. The
+    /// container image sets 0.0.0.0:9898.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -386,6 +393,10 @@ impl KafkaArgs {
         })
     }
 }
+
+/// Where `run` and `produce` serve metrics unless told otherwise: loopback,
+/// so a laptop does not expose them; the container image sets 0.0.0.0:9898.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
 
 /// "off" or an address.
 pub fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>, String> {

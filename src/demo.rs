@@ -133,6 +133,7 @@ pub async fn run(
         rate: None,
         shuffle: false,
         repeat: false,
+        live: false,
         bad_lines: std::env::temp_dir().join("energy-stream-demo-bad-lines.jsonl"),
     };
     let metrics = Metrics::new();

@@ -547,6 +547,7 @@ async fn writer(
                         metrics.kpi_rows_merged.with_label_values(&[&kpi]).inc_by(n);
                     }
                     health.postgres_ok.store(true, Ordering::Relaxed);
+                    health.committing.store(true, Ordering::Relaxed);
                     metrics
                         .stage_duration
                         .with_label_values(&[stage::COPY])
@@ -632,6 +633,7 @@ fn on_db_error(e: &SinkError, metrics: &Metrics, health: &Health) -> Result<(), 
         return Err(PipelineError::Sink(SinkError::Fatal(e.to_string())));
     }
     health.postgres_ok.store(false, Ordering::Relaxed);
+    health.committing.store(false, Ordering::Relaxed);
     tracing::warn!(error = %e, "Postgres write failed; retrying the same batch, offsets not committed");
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! and looping, and the bad-lines file: a line that is not a JSON object with
 //! `event_type`, `event_time` and `payload` is never sent, but written there with
 //! its reason and counted. The pipeline, not the producer, judges everything else.
+//! With `live`, it keeps generating fresh events stamped with the current time
+//! once the file is done, so that dashboards move.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -35,7 +37,17 @@ pub struct ProduceConfig {
     pub shuffle: bool,
     pub repeat: bool,
     pub bad_lines: PathBuf,
+    /// After the file, generate live events (at `rate`) until stopped.
+    pub live: bool,
 }
+
+/// Every reason [`check_line`] gives, for metric labels.
+pub const BAD_LINE_REASONS: [&str; 4] = [
+    "empty_line",
+    "invalid_json",
+    "not_object",
+    "missing_top_level_key",
+];
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ProduceSummary {
@@ -227,6 +239,10 @@ pub fn produce(
     let started = Instant::now();
     let mut offered: u64 = 0;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Deliveries are counted in the callback with atomics and copied to the
+    // metrics about once a second: never a metric call per message.
+    let mut reported = (0u64, 0u64);
+    let mut last_report = Instant::now();
 
     'outer: loop {
         let lines: Box<dyn Iterator<Item = std::io::Result<String>>> = if cfg.shuffle {
@@ -239,9 +255,19 @@ pub fn produce(
         } else {
             Box::new(read_lines(&cfg.input).map_err(input_err)?)
         };
+        let live_after_file = cfg.live && !cfg.repeat;
+        let lines: Box<dyn Iterator<Item = std::io::Result<String>>> = if live_after_file {
+            Box::new(lines.chain(LiveEvents::new().map(Ok)))
+        } else {
+            lines
+        };
         for (n, line) in lines.enumerate() {
             if stop.load(Ordering::Relaxed) {
                 break 'outer;
+            }
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                report_deliveries(producer.context(), &mut reported);
+                last_report = Instant::now();
             }
             let line = line.map_err(input_err)?;
             let key = match check_line(&line) {
@@ -313,15 +339,93 @@ pub fn produce(
     summary.failed = ctx.failed.load(Ordering::Relaxed)
         + offered.saturating_sub(summary.sent + ctx.failed.load(Ordering::Relaxed));
     summary.elapsed = started.elapsed();
-    ctx.metrics
-        .producer_sent
-        .with_label_values(&["ok"])
-        .inc_by(summary.sent);
+    report_deliveries(ctx, &mut reported);
+    // Messages that never got a delivery report (flush timed out) count as failed.
+    let unreported = summary.failed.saturating_sub(reported.1);
     ctx.metrics
         .producer_sent
         .with_label_values(&["failed"])
-        .inc_by(summary.failed);
+        .inc_by(unreported);
     Ok(summary)
+}
+
+/// Adds the deliveries since the last call to the metrics.
+fn report_deliveries(ctx: &DeliveryCounter, reported: &mut (u64, u64)) {
+    let ok = ctx.ok.load(Ordering::Relaxed);
+    let failed = ctx.failed.load(Ordering::Relaxed);
+    ctx.metrics
+        .producer_sent
+        .with_label_values(&["ok"])
+        .inc_by(ok - reported.0);
+    ctx.metrics
+        .producer_sent
+        .with_label_values(&["failed"])
+        .inc_by(failed - reported.1);
+    *reported = (ok, failed);
+}
+
+/// An endless stream of realistic events stamped with the time they are sent.
+///
+/// The generator lays out a day of sessions (logins before views before
+/// switches); replaying its lines in order with `event_time` replaced by now
+/// keeps that order while the times stay live.
+struct LiveEvents {
+    chunk: u64,
+    lines: std::vec::IntoIter<String>,
+}
+
+impl LiveEvents {
+    const CHUNK: u64 = 20_000;
+
+    fn new() -> Self {
+        LiveEvents {
+            chunk: 0,
+            lines: Vec::new().into_iter(),
+        }
+    }
+
+    fn refill(&mut self) {
+        self.chunk += 1;
+        let cfg = crate::generate::GenerateConfig {
+            events: Self::CHUNK,
+            customers: 2_000,
+            days: 1,
+            start: chrono::Utc::now() - chrono::TimeDelta::days(1),
+            seed: 0x11fe_0000 + self.chunk,
+            bad_ratio: 0.0,
+        };
+        let mut buf = Vec::new();
+        if let Err(e) = crate::generate::generate(&cfg, &mut buf) {
+            tracing::warn!(error = %e, "live event generation failed");
+        }
+        let text = String::from_utf8_lossy(&buf);
+        self.lines = text
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+            .into_iter();
+    }
+}
+
+impl Iterator for LiveEvents {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        loop {
+            let Some(line) = self.lines.next() else {
+                self.refill();
+                if self.lines.len() == 0 {
+                    return None;
+                }
+                continue;
+            };
+            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&line) {
+                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                v["event_time"] = serde_json::Value::String(now);
+                return Some(v.to_string());
+            }
+        }
+    }
 }
 
 fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<String>>> {
@@ -331,6 +435,26 @@ fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_events_are_valid_and_stamped_now() {
+        let before = chrono::Utc::now();
+        let lines: Vec<String> = LiveEvents::new()
+            .take(LiveEvents::CHUNK as usize + 10)
+            .collect();
+        assert_eq!(
+            lines.len(),
+            LiveEvents::CHUNK as usize + 10,
+            "crosses a refill"
+        );
+        for line in &lines {
+            assert_eq!(check_line(line).map(|k| k.is_some()), Ok(true), "{line}");
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let t =
+                chrono::DateTime::parse_from_rfc3339(v["event_time"].as_str().unwrap()).unwrap();
+            assert!(t >= before && t <= chrono::Utc::now(), "{line}");
+        }
+    }
 
     #[test]
     fn line_checks() {

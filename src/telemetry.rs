@@ -44,6 +44,7 @@ pub mod stage {
     pub const KPI: &str = "kpi";
     pub const COPY: &str = "copy";
     pub const COMMIT: &str = "commit";
+    pub const ALL: [&str; 5] = [DECODE, VALIDATE, KPI, COPY, COMMIT];
 }
 
 /// The pipeline's metrics, registered in their own registry so that several
@@ -132,7 +133,7 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(lag.clone())).expect("unique");
 
-        Arc::new(Metrics {
+        let m = Arc::new(Metrics {
             events_consumed: counter(&r, EVENTS_CONSUMED, "Messages consumed from Kafka."),
             events_written: counter_vec(
                 &r,
@@ -199,7 +200,48 @@ impl Metrics {
                 &["reason"],
             ),
             registry: r,
-        })
+        });
+        m.initialise_known_labels();
+        m
+    }
+
+    /// Creates every series whose label values are known up front, at 0.
+    ///
+    /// A labelled counter has no series until its first increment, so
+    /// `rate(energy_stream_db_errors_total[5m])` would be empty (not 0) on a
+    /// healthy pipeline, and dashboards and alerts could not tell "no errors"
+    /// from "not scraped". Kafka partitions are not known up front; their lag
+    /// series appear on assignment.
+    fn initialise_known_labels(&self) {
+        for t in crate::event::EventType::ALL {
+            self.events_written.with_label_values(&[t.as_str()]);
+        }
+        for r in crate::event::RejectReason::ALL {
+            self.events_rejected.with_label_values(&[r.as_str()]);
+        }
+        for s in stage::ALL {
+            self.stage_duration.with_label_values(&[s]);
+        }
+        for k in crate::sink::SinkError::KINDS {
+            self.db_errors.with_label_values(&[k]);
+        }
+        for c in ["rebalance", "fenced"] {
+            self.batches_discarded.with_label_values(&[c]);
+        }
+        for k in ["all_brokers_down", "transport", "other"] {
+            self.kafka_errors.with_label_values(&[k]);
+        }
+    }
+
+    /// The producer's series, created only in the producer so a consumer's
+    /// scrape does not carry empty producer metrics.
+    pub fn initialise_producer_labels(&self) {
+        for s in ["ok", "failed"] {
+            self.producer_sent.with_label_values(&[s]);
+        }
+        for r in crate::produce::BAD_LINE_REASONS {
+            self.producer_bad_lines.with_label_values(&[r]);
+        }
     }
 
     /// The Prometheus text exposition of every metric.
@@ -213,15 +255,32 @@ impl Metrics {
 }
 
 /// Liveness and readiness, shared between the pipeline and the HTTP server.
-#[derive(Default)]
+///
+/// Ready means all three: the broker answers, Postgres answers, and batches
+/// commit. A writer that keeps retrying a batch (Postgres read-only, disk
+/// full, a lock it cannot get) is not ready even while the connection is up.
 pub struct Health {
     pub postgres_ok: AtomicBool,
     pub kafka_ok: AtomicBool,
+    /// False from a failed batch write until the next successful commit.
+    pub committing: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            postgres_ok: AtomicBool::new(false),
+            kafka_ok: AtomicBool::new(false),
+            committing: AtomicBool::new(true),
+        }
+    }
 }
 
 impl Health {
     pub fn is_ready(&self) -> bool {
-        self.postgres_ok.load(Ordering::Relaxed) && self.kafka_ok.load(Ordering::Relaxed)
+        self.postgres_ok.load(Ordering::Relaxed)
+            && self.kafka_ok.load(Ordering::Relaxed)
+            && self.committing.load(Ordering::Relaxed)
     }
 }
 

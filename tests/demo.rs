@@ -1,5 +1,7 @@
 //! The newcomer's command, as a newcomer runs it: no Kafka, no DATABASE_URL.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -36,24 +38,10 @@ fn demo_runs_end_to_end_with_nothing_but_postgres_installed() {
     }
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn demo_keep_running_serves_metrics_after_the_summary_until_sigterm() {
     use std::io::{BufRead, BufReader};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", common::free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
         .args(["demo", "--keep-running", "--metrics-addr", &addr])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -80,13 +68,13 @@ fn demo_keep_running_serves_metrics_after_the_summary_until_sigterm() {
     let mut metrics = String::new();
     for _ in 0..100 {
         if std::net::TcpStream::connect(&addr).is_ok() {
-            metrics = http_get(&addr, "/metrics");
+            metrics = common::http_get(&addr, "/metrics");
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(metrics.contains("energy_stream_batches_total"), "{metrics}");
-    assert!(http_get(&addr, "/healthz").starts_with("HTTP/1.0 200"));
+    assert!(common::http_get(&addr, "/healthz").starts_with("HTTP/1.0 200"));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "exit 0 on SIGTERM: {status}");

@@ -20,20 +20,6 @@ fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-fn db_url(cfg: &tokio_postgres::Config) -> String {
-    let host = match &cfg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-    };
-    format!(
-        "postgres://{}@{}:{}/{}",
-        cfg.get_user().unwrap(),
-        host,
-        cfg.get_ports()[0],
-        cfg.get_dbname().unwrap()
-    )
-}
-
 fn generate(events: u64, bad_ratio: f64, seed: u64) -> PathBuf {
     let path = tmp("events.jsonl");
     let status = Command::new(BIN)

@@ -81,6 +81,18 @@ impl SinkError {
     }
 
     /// A low-cardinality label for `energy_stream_db_errors_total{kind}`.
+    /// Every value [`SinkError::kind`] returns, for metric labels.
+    pub const KINDS: [&'static str; 8] = [
+        "connection",
+        "shutdown",
+        "conflict",
+        "resources",
+        "lock",
+        "query",
+        "fenced",
+        "fatal",
+    ];
+
     pub fn kind(&self) -> &'static str {
         match self {
             SinkError::Unavailable { kind, .. } => kind,

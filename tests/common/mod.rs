@@ -338,3 +338,37 @@ pub fn high_watermarks(brokers: &str, topic: &str, partitions: i32) -> BTreeMap<
         })
         .collect()
 }
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A one-shot HTTP/1.0 GET; the raw response, status line first.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The URL of a test database, without a password (tests use trust auth).
+pub fn db_url(cfg: &tokio_postgres::Config) -> String {
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    format!(
+        "postgres://{}@{}:{}/{}",
+        cfg.get_user().unwrap(),
+        host,
+        cfg.get_ports()[0],
+        cfg.get_dbname().unwrap()
+    )
+}
