@@ -80,6 +80,39 @@ pub enum Command {
     Backfill(KpiDbArgs),
     /// Recompute KPIs from the events table and diff them with the streamed tables.
     Verify(KpiDbArgs),
+    /// Throughput race: `run` against a plain COPY of the same rows (see BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Kafka bootstrap servers of the real broker to load.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+    /// Events to generate, load and stream (default 1 000 000; 100 000 with --quick).
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// The CI size: 100 000 events.
+    #[arg(long)]
+    pub quick: bool,
+    /// Exit 1 when the pipeline's rate is below this fraction of either COPY ceiling.
+    #[arg(long, default_value_t = 0.6)]
+    pub min_ratio: f64,
+    /// Afterwards, stream at 10% of the measured rate for this many seconds and
+    /// report end-to-end latency (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    pub latency_secs: u64,
+    /// Partitions of the bench topic.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// KPI files `run` computes.
+    #[arg(long, default_value = "queries")]
+    pub queries_dir: PathBuf,
+    /// Extra arguments for `run`, after `--` (e.g. `-- --batch-max-rows 5000`).
+    #[arg(last = true)]
+    pub run_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]

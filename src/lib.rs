@@ -10,6 +10,7 @@
 //! | [`source`] | the Kafka consumer-group member: assignment at the offsets stored in Postgres, ownership generations, pause/resume, the group-commit copy |
 //! | [`decode`] | message bytes → one Arrow `RecordBatch` per micro-batch, without a JSON tree per message |
 //! | [`validate`] | the business rules: a decoded batch → valid events + rejects with their reason |
+//! | [`kpi`] | KPI files in `queries/`: planning with DataFusion, per-batch partial aggregates, their exact merge into Postgres, backfill and verify |
 //! | [`sink`] | Postgres: connections, migrations (`sql/`), COPY BINARY from Arrow, the one transaction per batch, the stored offsets |
 //! | [`pipeline`] | the only place that knows the stages' channels: intake thread, writer task, retries, shutdown order |
 //! | [`telemetry`] | every metric name, logging set-up, `/metrics` `/healthz` `/readyz` |
@@ -17,13 +18,17 @@
 //! | [`event`] | the shared contract: event types, Arrow schemas between stages, reject reasons |
 //!
 //! Tools around the pipeline: [`generate`] (sample data), [`produce`] (replay
-//! JSONL into Kafka), [`demo`] (the newcomer's one command) and [`localpg`]
+//! JSONL into Kafka, or live events), [`demo`] (the newcomer's one command),
+//! [`bench`] (the throughput race against Postgres' COPY) and [`localpg`]
 //! (a throwaway Postgres from the installed binaries, for the demo and tests).
+//! [`cli`] is the edge: it turns the command line into typed configs.
 //!
 //! The one data path: Kafka consumer group → micro-batch (max rows / max
-//! linger) → decode → validate → one Postgres transaction holding the COPY of
-//! the valid rows, the rejects and the next offsets → COMMIT → Kafka group commit.
+//! linger) → decode → validate → KPI partials → one Postgres transaction
+//! holding the COPY of the valid rows, the rejects, the KPI merges and the next
+//! offsets → COMMIT → Kafka group commit.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod decode;

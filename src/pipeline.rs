@@ -50,6 +50,8 @@ struct Batch {
     /// Kafka timestamp (ms) of the oldest message, for end-to-end latency.
     oldest_ts_ms: Option<i64>,
     decode_time: Duration,
+    /// When the batch was closed, for the batch latency (cut to commit).
+    cut_at: Instant,
 }
 
 /// What a finished run did.
@@ -60,6 +62,94 @@ pub struct RunSummary {
     pub rejected: u64,
     pub by_event_type: BTreeMap<String, u64>,
     pub by_reason: BTreeMap<String, u64>,
+    /// Batch latency in microseconds: from the batch closing to its commit.
+    pub batch_latency_us: Sample,
+    /// End-to-end latency in milliseconds: from the Kafka timestamp of a
+    /// batch's oldest message to its commit.
+    pub end_to_end_ms: Sample,
+}
+
+impl std::fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms =
+            |us: Option<u64>| us.map_or("-".to_string(), |v| format!("{:.1}", v as f64 / 1000.0));
+        let e2e = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "written={} rejected={} batches={} batch_latency_ms_p50={} batch_latency_ms_p99={} \
+             end_to_end_ms_p50={} end_to_end_ms_p99={}",
+            self.events_written,
+            self.rejected,
+            self.batches,
+            ms(self.batch_latency_us.quantile(0.5)),
+            ms(self.batch_latency_us.quantile(0.99)),
+            e2e(self.end_to_end_ms.quantile(0.5)),
+            e2e(self.end_to_end_ms.quantile(0.99)),
+        )
+    }
+}
+
+/// A bounded uniform sample of per-batch values (reservoir sampling), so a
+/// process that runs for months keeps quantiles in constant memory.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Sample {
+    seen: u64,
+    values: Vec<u64>,
+}
+
+impl Sample {
+    const CAPACITY: usize = 100_000;
+
+    pub fn push(&mut self, v: u64) {
+        self.seen += 1;
+        if self.values.len() < Self::CAPACITY {
+            self.values.push(v);
+        } else {
+            // A fixed splitmix64 sequence: the reservoir needs uniform, not secret.
+            let mut z = self.seen.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let i = (z ^ (z >> 31)) % self.seen;
+            if (i as usize) < Self::CAPACITY {
+                self.values[i as usize] = v;
+            }
+        }
+    }
+
+    /// The nearest-rank quantile `q` in [0, 1]; None when empty.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        if self.values.is_empty() {
+            return None;
+        }
+        let mut v = self.values.clone();
+        v.sort_unstable();
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        Some(v[rank - 1])
+    }
+}
+
+#[cfg(test)]
+mod sample_tests {
+    use super::Sample;
+
+    #[test]
+    fn quantiles_are_nearest_rank_and_memory_is_bounded() {
+        let mut s = Sample::default();
+        assert_eq!(s.quantile(0.5), None);
+        for v in 1..=100 {
+            s.push(v);
+        }
+        assert_eq!(s.quantile(0.5), Some(50));
+        assert_eq!(s.quantile(0.99), Some(99));
+        assert_eq!(s.quantile(1.0), Some(100));
+        let mut s = Sample::default();
+        for v in 0..1_000_000u64 {
+            s.push(v % 1000);
+        }
+        assert_eq!(s.values.len(), Sample::CAPACITY);
+        let p50 = s.quantile(0.5).unwrap();
+        assert!((450..=550).contains(&p50), "uniform sample, p50 {p50}");
+    }
 }
 
 /// Why `run` stopped with an error.
@@ -444,6 +534,7 @@ impl Cutter {
             offsets,
             oldest_ts_ms: self.oldest_ts_ms,
             decode_time,
+            cut_at: Instant::now(),
         };
         *self = Cutter::new(self.generation);
         batch
@@ -599,9 +690,13 @@ async fn writer(
         metrics.batch_rows.observe(batch.decoded.num_rows() as f64);
         metrics.last_commit.set(now.timestamp());
         if let Some(ts) = batch.oldest_ts_ms {
-            let secs = (now.timestamp_millis() - ts).max(0) as f64 / 1000.0;
-            metrics.end_to_end_latency.observe(secs);
+            let ms = (now.timestamp_millis() - ts).max(0);
+            metrics.end_to_end_latency.observe(ms as f64 / 1000.0);
+            summary.end_to_end_ms.push(ms as u64);
         }
+        summary
+            .batch_latency_us
+            .push(batch.cut_at.elapsed().as_micros() as u64);
         let written = count_by(&validated.valid, col::EVENT_TYPE);
         let rejected = count_by(&validated.rejects, col::REASON);
         for (k, n) in &written {
