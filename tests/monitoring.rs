@@ -274,6 +274,8 @@ async fn load(lines: Vec<String>, prefix: &str) -> tokio_postgres::Config {
 
 struct Outcome {
     rows: usize,
+    /// Every value, for comparing results across variable values.
+    text: String,
     /// Every `*_rate_pct` value, with its column.
     rates: Vec<(String, f64)>,
 }
@@ -286,10 +288,16 @@ async fn run_sql(c: &tokio_postgres::Client, sql: &str) -> Result<Outcome, Strin
     let mut out = Outcome {
         rows: 0,
         rates: Vec::new(),
+        text: String::new(),
     };
     for m in msgs {
         if let tokio_postgres::SimpleQueryMessage::Row(row) = m {
             out.rows += 1;
+            for i in 0..row.columns().len() {
+                out.text.push_str(row.get(i).unwrap_or("NULL"));
+                out.text.push('|');
+            }
+            out.text.push('\n');
             for (i, col) in row.columns().iter().enumerate() {
                 if col.name().ends_with("_rate_pct")
                     && let Some(v) = row.get(i)
@@ -356,10 +364,13 @@ async fn variable_sets(
 }
 
 /// Runs every PostgreSQL query of every dashboard under every variable set.
-/// Returns the failures and every rate seen.
+/// Returns the failures and every rate seen. With `filters_must_bite`, a query
+/// that uses `$channel` or `$tariff` must also give a different answer for one
+/// value than for All: a variable that is referenced but has no effect fails.
 async fn run_every_panel(
     db: &tokio_postgres::Config,
     range: &Range,
+    filters_must_bite: bool,
 ) -> (Vec<String>, Vec<(String, String, f64)>, usize) {
     let c = client(db).await;
     let mut failures = Vec::new();
@@ -368,6 +379,7 @@ async fn run_every_panel(
     for (_, d) in dashboards() {
         let sets = variable_sets(&c, &d, range).await;
         for q in queries(&d).into_iter().filter(|q| q.uid == POSTGRES_UID) {
+            let mut answers = Vec::new();
             for vars in &sets {
                 let sql = expand(&q.text, range, vars);
                 checked += 1;
@@ -376,9 +388,22 @@ async fn run_every_panel(
                         failures.push(format!("{}: no rows with {vars:?}\n{sql}", q.panel))
                     }
                     Ok(o) => {
+                        answers.push((vars.clone(), o.text));
                         rates.extend(o.rates.into_iter().map(|(k, v)| (q.panel.clone(), k, v)))
                     }
                     Err(e) => failures.push(format!("{}: {e} with {vars:?}\n{sql}", q.panel)),
+                }
+            }
+            if !filters_must_bite || answers.len() != sets.len() {
+                continue;
+            }
+            // sets[0] is All/All; the next ones narrow one variable each.
+            for (var, (narrowed, text)) in sets[0].keys().zip(&answers[1..]) {
+                if q.text.contains(&format!("${var}")) && *text == answers[0].1 {
+                    failures.push(format!(
+                        "{}: ${var} has no effect ({narrowed:?} gives the same answer as All)",
+                        q.panel
+                    ));
                 }
             }
         }
@@ -414,7 +439,7 @@ const RANGE: Range = Range {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_postgres_panel_query_returns_rows() {
     let db = load(realistic_lines(), "panels").await;
-    let (failures, rates, checked) = run_every_panel(&db, &RANGE).await;
+    let (failures, rates, checked) = run_every_panel(&db, &RANGE, true).await;
     assert!(
         checked >= 20,
         "only {checked} query runs: are the dashboards empty?"
@@ -437,7 +462,7 @@ async fn every_postgres_panel_query_returns_rows() {
         from: "2025-06-01T00:00:00Z",
         to: "2025-06-29T00:00:00Z",
     };
-    let (failures, _, _) = run_every_panel(&db, &all).await;
+    let (failures, _, _) = run_every_panel(&db, &all, false).await;
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
@@ -524,7 +549,7 @@ fn adversarial_lines() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_panels_stay_within_0_and_100_percent() {
     let db = load(adversarial_lines(), "rates").await;
-    let (failures, rates, _) = run_every_panel(&db, &RANGE).await;
+    let (failures, rates, _) = run_every_panel(&db, &RANGE, false).await;
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(!rates.is_empty());
     let bad: Vec<_> = rates
