@@ -98,6 +98,7 @@ fn benches(c: &mut Criterion) {
                         rejects: &v.rejects,
                         offsets: &offsets,
                         merges: &merges,
+                        stale_kpis: &[],
                     };
                     sink::prepare(&mut client, &write)
                         .await

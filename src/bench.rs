@@ -369,7 +369,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
             .batch_execute(&format!("CREATE DATABASE {db_name}_latency"))
             .await?;
         let mut ldb = server.clone();
-        ldb.dbname(&format!("{db_name}_latency"));
+        ldb.dbname(format!("{db_name}_latency"));
         let started = Instant::now();
         let child = spawn_run(
             &cfg,

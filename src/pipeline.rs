@@ -557,6 +557,8 @@ async fn writer(
     let mut summary = RunSummary::default();
     let mut progress = Progress::new(cfg.progress_interval);
     let mut stop_seen_at: Option<Instant> = None;
+    // Disabled KPIs not yet marked stale by a committed batch.
+    let mut unmarked_stale: Vec<String> = Vec::new();
 
     while let Some(batch) = rx.recv().await {
         let t = Instant::now();
@@ -566,10 +568,20 @@ async fn writer(
         let t = Instant::now();
         let merges = match kpis {
             Some(engine) => {
-                let deltas = engine
-                    .compute(&validated.valid)
-                    .await
-                    .map_err(|e| PipelineError::Kpi(e.to_string()))?;
+                let (deltas, failures) = engine.compute_tolerant(&validated.valid).await;
+                for f in failures {
+                    // The batch still commits (events, rejects, the other KPIs):
+                    // one runaway query must not stall ingestion.
+                    tracing::error!(
+                        kpi = %f.kpi,
+                        error = %f.error,
+                        "KPI failed on a batch and is disabled in this process; its tables are marked stale \
+                         and rebuilt from events at the next start (fix queries/{}.sql first)",
+                        f.kpi
+                    );
+                    metrics.kpi_failures.with_label_values(&[&f.kpi]).inc();
+                    unmarked_stale.push(f.kpi);
+                }
                 engine.merge_steps(deltas)
             }
             None => Vec::new(),
@@ -612,6 +624,7 @@ async fn writer(
                 rejects: &validated.rejects,
                 offsets: &batch.offsets,
                 merges: &merges,
+                stale_kpis: &unmarked_stale,
             };
             let result = async {
                 let prepared = sink::prepare(c, &write).await?;
@@ -630,6 +643,7 @@ async fn writer(
             .await;
             match result {
                 Ok(Some((copy_time, merge_time, merged, commit_time))) => {
+                    unmarked_stale.clear();
                     metrics
                         .stage_duration
                         .with_label_values(&[stage::KPI])

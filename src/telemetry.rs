@@ -31,6 +31,7 @@ pub const DB_ERRORS: &str = "energy_stream_db_errors_total";
 pub const RETRIES: &str = "energy_stream_retries_total";
 pub const LAST_COMMIT: &str = "energy_stream_last_commit_timestamp_seconds";
 pub const KPI_ROWS_MERGED: &str = "energy_stream_kpi_rows_merged_total";
+pub const KPI_FAILURES: &str = "energy_stream_kpi_failures_total";
 pub const BATCHES_DISCARDED: &str = "energy_stream_batches_discarded_total";
 pub const KAFKA_ERRORS: &str = "energy_stream_kafka_errors_total";
 pub const UP: &str = "energy_stream_ready";
@@ -63,6 +64,7 @@ pub struct Metrics {
     pub retries: IntCounter,
     pub last_commit: IntGauge,
     pub kpi_rows_merged: IntCounterVec,
+    pub kpi_failures: IntCounterVec,
     pub batches_discarded: IntCounterVec,
     pub kafka_errors: IntCounterVec,
     pub ready: IntGauge,
@@ -168,6 +170,12 @@ impl Metrics {
                 &r,
                 KPI_ROWS_MERGED,
                 "KPI rows merged into KPI tables.",
+                &["kpi"],
+            ),
+            kpi_failures: counter_vec(
+                &r,
+                KPI_FAILURES,
+                "KPIs disabled after failing on a batch (memory limit, runtime error).",
                 &["kpi"],
             ),
             batches_discarded: counter_vec(

@@ -57,6 +57,7 @@ async fn stream(
             rejects: &empty,
             offsets: &[],
             merges: &merges,
+            stale_kpis: &[],
         };
         sink::prepare(client, &write)
             .await

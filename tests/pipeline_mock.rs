@@ -161,3 +161,92 @@ async fn valid_and_invalid_messages_land_exactly_once_with_reasons() {
         .get(0);
     assert_eq!(rows_after, rows);
 }
+
+/// A KPI that blows DataFusion's memory pool on a batch is stopped, logged,
+/// disabled and marked stale; the pipeline goes on and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    let n = 600;
+    let messages: Vec<Option<Vec<u8>>> = (0..n)
+        .map(|i| {
+            Some(event(TYPES[i % 7], &format!("C{}", i % 40), i as i64, i as u32).into_bytes())
+        })
+        .collect();
+    send_raw(&brokers, &topic, &messages);
+
+    let dir = std::env::temp_dir().join(unique("kpis"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("by_type.sql"),
+        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+    )
+    .unwrap();
+    // Every row adds a 20 kB distinct value: far beyond a 1 MiB pool.
+    std::fs::write(
+        dir.join("bomb.sql"),
+        "SELECT customer_id, count(DISTINCT concat(session_id, repeat('x', 20000))) AS n FROM events GROUP BY customer_id",
+    )
+    .unwrap();
+    let kpi_cfg = energy_stream::kpi::KpiConfig {
+        dir,
+        memory_limit: 1 << 20,
+    };
+    // What stops it is the memory pool, not some other error.
+    let engine = energy_stream::kpi::KpiEngine::load_dir(&kpi_cfg)
+        .await
+        .unwrap();
+    let lines: Vec<String> = (0..200)
+        .map(|i| event(TYPES[i % 7], &format!("C{}", i % 40), i as i64, i as u32))
+        .collect();
+    let v = validated(&lines.iter().map(String::as_str).collect::<Vec<_>>());
+    let (deltas, failures) = engine.compute_tolerant(&v.valid).await;
+    assert_eq!(deltas.len(), 1, "by_type computed");
+    assert_eq!(failures.len(), 1);
+    assert!(
+        failures[0].error.contains("Resources exhausted"),
+        "{}",
+        failures[0].error
+    );
+
+    let db = fresh_db("bomb").await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.kpi = Some(kpi_cfg);
+    let metrics = Metrics::new();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(120),
+        pipeline::run(cfg, metrics.clone(), std::future::pending()),
+    )
+    .await
+    .expect("caught up within 120 s")
+    .expect("a failing KPI does not stop the pipeline");
+    assert_eq!(summary.events_written, n as u64);
+
+    let c = client(&db).await;
+    let events: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(events, n as i64);
+    let by_type: i64 = c
+        .query_one("SELECT sum(n)::bigint FROM by_type", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_type, n as i64, "the healthy KPI saw every batch");
+    let hash: String = c
+        .query_one("SELECT sql_hash FROM kpi_registry WHERE name = 'bomb'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hash, "stale", "the next start rebuilds it");
+    let text = metrics.render();
+    assert!(
+        text.contains("energy_stream_kpi_failures_total{kpi=\"bomb\"} 1"),
+        "{text}"
+    );
+}

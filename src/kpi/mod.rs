@@ -61,6 +61,15 @@ pub struct KpiEngine {
     ctx: SessionContext,
     slot: Arc<slot::Slot>,
     kpis: Vec<Kpi>,
+    /// KPIs that failed on a batch and are no longer computed by this process.
+    disabled: std::sync::Mutex<Vec<bool>>,
+}
+
+/// A KPI that failed on a batch and was disabled.
+#[derive(Debug, Clone)]
+pub struct KpiFailure {
+    pub kpi: String,
+    pub error: String,
 }
 
 /// One batch's contribution to one KPI.
@@ -167,7 +176,12 @@ impl KpiEngine {
             }
         }
         match errors.len() {
-            0 => Ok(KpiEngine { ctx, slot, kpis }),
+            0 => Ok(KpiEngine {
+                ctx,
+                slot,
+                disabled: std::sync::Mutex::new(vec![false; kpis.len()]),
+                kpis,
+            }),
             1 => Err(KpiLoadError::Invalid(errors.remove(0))),
             n => Err(KpiLoadError::Many {
                 count: n,
@@ -215,6 +229,35 @@ impl KpiEngine {
     /// Runs every KPI's plans on `events` (in [`event_schema`]).
     pub async fn compute(&self, events: &RecordBatch) -> datafusion::error::Result<Vec<KpiDelta>> {
         self.compute_some(0..self.kpis.len(), events).await
+    }
+
+    /// Computes every KPI still enabled, each on its own: a KPI that fails
+    /// (DataFusion's memory pool stopping a runaway query, say) is disabled
+    /// and reported, and the others go on. The caller must mark a failed
+    /// KPI's tables stale, since they stop receiving this batch and later ones.
+    pub async fn compute_tolerant(&self, events: &RecordBatch) -> (Vec<KpiDelta>, Vec<KpiFailure>) {
+        let mut deltas = Vec::with_capacity(self.kpis.len());
+        let mut failures = Vec::new();
+        for i in 0..self.kpis.len() {
+            if self.is_disabled(i) {
+                continue;
+            }
+            match self.compute_one(i, events).await {
+                Ok(d) => deltas.extend(d),
+                Err(e) => {
+                    self.disabled.lock().expect("not poisoned")[i] = true;
+                    failures.push(KpiFailure {
+                        kpi: self.kpis[i].def.name.clone(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        (deltas, failures)
+    }
+
+    pub fn is_disabled(&self, idx: usize) -> bool {
+        self.disabled.lock().expect("not poisoned")[idx]
     }
 
     /// Runs one KPI's plans on `events`.

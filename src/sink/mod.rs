@@ -47,6 +47,9 @@ pub struct BatchWrite<'a> {
     pub offsets: &'a [PartitionOffsets],
     /// KPI merges that commit with the batch.
     pub merges: &'a [crate::kpi::MergeStep],
+    /// KPIs that failed on this batch: marked stale in `kpi_registry` in the
+    /// same transaction, so the next start rebuilds them from `events`.
+    pub stale_kpis: &'a [String],
 }
 
 /// Sink errors carry the retry decision.
@@ -354,6 +357,14 @@ pub async fn prepare<'c>(
         copy_in(&tx, &step.copy_sql, &step.batch).await?;
         let n = tx.execute(&step.merge_sql, &[]).await?;
         merged.push((step.kpi.clone(), n));
+    }
+    if !batch.stale_kpis.is_empty() {
+        // A hash that no file has: the next start backfills these KPIs.
+        tx.execute(
+            "UPDATE kpi_registry SET sql_hash = 'stale' WHERE name = ANY($1)",
+            &[&batch.stale_kpis],
+        )
+        .await?;
     }
     store_offsets(&tx, batch).await?;
     Ok(Prepared {
