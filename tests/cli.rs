@@ -51,3 +51,85 @@ fn sigterm_while_postgres_is_unreachable_exits_cleanly() {
         "the cause is named: {log}"
     );
 }
+
+/// Secrets come from the environment or files and never show: not in
+/// `--help`, not in logs (even at debug level), and a password typed on the
+/// command line is refused before anything runs.
+#[test]
+fn passwords_never_appear_in_help_or_logs() {
+    const DB_SECRET: &str = "Db-Secret-9f3a";
+    const KAFKA_SECRET: &str = "Kafka-Secret-77c1";
+    let bin = env!("CARGO_BIN_EXE_energy-stream");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://energy:{DB_SECRET}@127.0.0.1:{port}/energy");
+    let pw_file = std::env::temp_dir().join(format!("es-pw-{}", std::process::id()));
+    std::fs::write(&pw_file, format!("{KAFKA_SECRET}\n")).unwrap();
+
+    for cmd in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["produce", "--help"],
+    ] {
+        let out = Command::new(bin)
+            .args(&cmd)
+            .env("DATABASE_URL", &url)
+            .env("KAFKA_OPT_SASL_PASSWORD", KAFKA_SECRET)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !text.contains(DB_SECRET) && !text.contains(KAFKA_SECRET),
+            "{cmd:?}:\n{text}"
+        );
+    }
+
+    let mut child = Command::new(bin)
+        .args(["run", "--metrics-addr", "off", "--no-kpis"])
+        .env("DATABASE_URL", &url)
+        .env("KAFKA_OPT_SASL_PASSWORD_FILE", &pw_file)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("cannot reach Postgres"),
+        "it did try to connect: {log}"
+    );
+    assert!(
+        log.contains("energy@127.0.0.1"),
+        "the database is named without its password: {log}"
+    );
+    assert!(
+        !log.contains(DB_SECRET),
+        "database password in the logs:\n{log}"
+    );
+    assert!(
+        !log.contains(KAFKA_SECRET),
+        "Kafka password in the logs:\n{log}"
+    );
+
+    let out = Command::new(bin)
+        .args(["run", "--database-url", &url])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a password on argv is refused");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains(DB_SECRET),
+        "the refusal does not echo it: {text}"
+    );
+    let _ = std::fs::remove_file(pw_file);
+}
