@@ -88,7 +88,7 @@ fn passwords_never_appear_in_help_or_logs() {
         );
     }
 
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(["run", "--metrics-addr", "off", "--no-kpis"])
         .env("DATABASE_URL", &url)
         .env("KAFKA_OPT_SASL_PASSWORD_FILE", &pw_file)
