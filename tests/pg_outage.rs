@@ -39,6 +39,8 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
     );
     cfg.batch_max_rows = 200;
     cfg.batch_max_wait = Duration::from_millis(50);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    cfg.metrics_addr = Some(metrics_addr.parse().unwrap());
     let metrics = Metrics::new();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(energy_stream::pipeline::run(cfg, metrics.clone(), async {
@@ -84,6 +86,8 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
             .get(0);
     }
     assert!(before > 0, "the pipeline committed before the outage");
+    let ready = |addr: &str| http_get(addr, "/readyz").starts_with("HTTP/1.0 200");
+    assert!(ready(&metrics_addr), "ready while committing");
     assert!((before as usize) < total, "the outage starts mid-run");
     drop(c);
     {
@@ -92,7 +96,16 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !ready(&metrics_addr),
+        "/readyz is false while Postgres is away"
+    );
+    assert!(
+        http_get(&metrics_addr, "/healthz").starts_with("HTTP/1.0 200"),
+        "alive"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!run.is_finished(), "the pipeline survives the outage");
     {
         let pg = pg.clone();
@@ -117,6 +130,7 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    assert!(ready(&metrics_addr), "ready again after the outage");
     let _ = stop_tx.send(());
     let summary = tokio::time::timeout(Duration::from_secs(60), run)
         .await
