@@ -99,6 +99,7 @@ fn benches(c: &mut Criterion) {
                         offsets: &offsets,
                         merges: &merges,
                         stale_kpis: &[],
+                        abort_mid_copy: false,
                     };
                     sink::prepare(&mut client, &write)
                         .await

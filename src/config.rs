@@ -307,6 +307,41 @@ pub struct PipelineConfig {
     pub progress_interval: Duration,
     /// KPI files to compute; None writes raw events only.
     pub kpi: Option<crate::kpi::KpiConfig>,
+    /// Fault injection for the crash tests; None in production.
+    pub fault: Option<Fault>,
+}
+
+/// The environment variable of the crash tests' fault hook.
+pub const FAULT_ENV: &str = "ENERGY_STREAM_FAULT";
+
+/// Where the crash tests make the process abort, on purpose: `copy:N` aborts
+/// in the middle of the COPY of this process's N-th batch, `commit:N` while
+/// its COMMIT is in flight (so the commit may or may not land). Set only by
+/// tests, through `ENERGY_STREAM_FAULT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub point: FaultPoint,
+    pub batch: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    MidCopy,
+    InCommit,
+}
+
+impl Fault {
+    pub fn parse(s: &str) -> Result<Fault, String> {
+        let bad = || format!("{FAULT_ENV}={s:?}: expected copy:N or commit:N (N >= 1)");
+        let (point, n) = s.split_once(':').ok_or_else(bad)?;
+        let point = match point {
+            "copy" => FaultPoint::MidCopy,
+            "commit" => FaultPoint::InCommit,
+            _ => return Err(bad()),
+        };
+        let batch = n.parse().ok().filter(|n| *n >= 1).ok_or_else(bad)?;
+        Ok(Fault { point, batch })
+    }
 }
 
 impl PipelineConfig {
@@ -325,6 +360,7 @@ impl PipelineConfig {
             metrics_addr: None,
             progress_interval: Duration::from_secs(10),
             kpi: None,
+            fault: None,
         }
     }
 }
@@ -451,8 +487,16 @@ impl RunArgs {
             return Err(ConfigError::BatchRows.into());
         }
         let database = self.db.require(database_from_argv)?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let fault = env
+            .iter()
+            .find(|(k, _)| k == FAULT_ENV)
+            .map(|(_, v)| Fault::parse(v))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let kafka = self.kafka.to_config(&self.group_id, env)?;
         let mut cfg = PipelineConfig::new(kafka, database);
+        cfg.fault = fault;
         cfg.database.ca_file = self.db.database_ca_file.clone();
         cfg.decode = DecodeConfig {
             max_message_bytes: self.max_message_bytes,

@@ -30,7 +30,7 @@ use rdkafka::Message;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
-use crate::config::PipelineConfig;
+use crate::config::{FaultPoint, PipelineConfig};
 use crate::decode::{BatchDecoder, MessageMeta};
 use crate::event::col;
 use crate::kpi::KpiEngine;
@@ -560,7 +560,10 @@ async fn writer(
     // Disabled KPIs not yet marked stale by a committed batch.
     let mut unmarked_stale: Vec<String> = Vec::new();
 
+    let mut batch_no: u64 = 0;
     while let Some(batch) = rx.recv().await {
+        batch_no += 1;
+        let fault_now = cfg.fault.filter(|f| f.batch == batch_no).map(|f| f.point);
         let t = Instant::now();
         let validated = validate(&batch.decoded, &cfg.rules, Utc::now())
             .map_err(|e| PipelineError::Intake(format!("validate: {e}")))?;
@@ -625,6 +628,7 @@ async fn writer(
                 offsets: &batch.offsets,
                 merges: &merges,
                 stale_kpis: &unmarked_stale,
+                abort_mid_copy: fault_now == Some(FaultPoint::MidCopy),
             };
             let result = async {
                 let prepared = sink::prepare(c, &write).await?;
@@ -636,6 +640,14 @@ async fn writer(
                 if ownership.generation() != batch.generation {
                     prepared.rollback().await?;
                     return Ok(None);
+                }
+                if fault_now == Some(FaultPoint::InCommit) {
+                    // Dies while COMMIT is in flight: it may or may not land.
+                    std::thread::spawn(|| {
+                        std::thread::sleep(Duration::from_micros(300));
+                        tracing::warn!("fault injection: aborting inside the COMMIT");
+                        std::process::abort();
+                    });
                 }
                 prepared.commit().await?;
                 Ok::<_, SinkError>(Some((copy_time, merge_time, merged, t.elapsed())))

@@ -58,6 +58,7 @@ async fn stream(
             offsets: &[],
             merges: &merges,
             stale_kpis: &[],
+            abort_mid_copy: false,
         };
         sink::prepare(client, &write)
             .await

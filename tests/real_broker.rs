@@ -90,32 +90,47 @@ fn produce_command(brokers: &str, topic: &str, input: &Path, rate: u32) -> Comma
 }
 
 fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .args([
-            "run",
-            "--brokers",
-            brokers,
-            "--topic",
-            topic,
-            "--group-id",
-            group,
-            "--metrics-addr",
-            "off",
-            "--batch-max-rows",
-            "2000",
-            "--batch-max-wait-ms",
-            "200",
-            "--kafka-option",
-            "session.timeout.ms=6000",
-        ])
-        .args(extra)
-        .env("DATABASE_URL", db)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+    spawn_run_with(brokers, topic, group, db, extra, None)
+}
+
+/// `run` with the crash tests' fault hook (`ENERGY_STREAM_FAULT`) set or not.
+fn spawn_run_with(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    db: &str,
+    extra: &[&str],
+    fault: Option<&str>,
+) -> Child {
+    let mut cmd = Command::new(BIN);
+    if let Some(f) = fault {
+        cmd.env("ENERGY_STREAM_FAULT", f);
+    }
+    cmd.args([
+        "run",
+        "--brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--group-id",
+        group,
+        "--metrics-addr",
+        "off",
+        "--batch-max-rows",
+        "2000",
+        "--batch-max-wait-ms",
+        "200",
+        "--kafka-option",
+        "session.timeout.ms=6000",
+    ])
+    .args(extra)
+    .env("DATABASE_URL", db)
+    .env("RUST_LOG", "warn")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap()
 }
 
 /// `run --stop-when-caught-up`, which must exit 0 within `limit`.
@@ -259,10 +274,10 @@ async fn row_count(c: &tokio_postgres::Client) -> i64 {
 async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let broker = Broker::get();
     let topic = unique("crash");
-    let input = generate(100_000, 0.01, 11);
+    let input = generate(200_000, 0.01, 11);
     create_topic(&broker.brokers, &topic, 6);
     // Events keep arriving while the consumer is killed again and again.
-    let producer = produce_command(&broker.brokers, &topic, &input, 1200)
+    let producer = produce_command(&broker.brokers, &topic, &input, 1000)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -275,13 +290,48 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
     let c = client(&db).await;
     let mut progress = Vec::new();
-    for kill in 0..12 {
-        let mut child = spawn_run(&broker.brokers, &topic, &group, &url, &[]);
+    let mut aborted = 0;
+    for kill in 0..20 {
+        // Every fourth death is on purpose inside the COPY, every fourth
+        // inside the COMMIT (which may or may not land); the rest are
+        // SIGKILLs at random moments.
+        let fault = match kill % 4 {
+            1 => Some(format!("copy:{}", rng.random_range(1..4))),
+            3 => Some(format!("commit:{}", rng.random_range(1..4))),
+            _ => None,
+        };
+        let mut child =
+            spawn_run_with(&broker.brokers, &topic, &group, &url, &[], fault.as_deref());
+        let before = row_count(&c).await;
+        let started = Instant::now();
+        if fault.is_some() {
+            // It aborts by itself at the chosen batch.
+            let status = loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    break Some(s);
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            match status {
+                Some(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    assert_eq!(s.signal(), Some(libc::SIGABRT), "{fault:?}: {s}");
+                    aborted += 1;
+                }
+                None => {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                }
+            }
+            progress.push((kill, 0, row_count(&c).await));
+            continue;
+        }
         // Kill while it is writing: wait until this process has committed
         // something (the group hands it partitions once the previous, killed
         // member's session has expired), then a random moment later.
-        let before = row_count(&c).await;
-        let started = Instant::now();
         while row_count(&c).await == before && started.elapsed() < Duration::from_secs(30) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -291,15 +341,19 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         child.wait().unwrap();
         progress.push((kill, wait.as_millis(), row_count(&c).await));
     }
+    assert!(
+        aborted >= 8,
+        "the fault hook fired inside COPY and COMMIT: {aborted} of 10"
+    );
     eprintln!("(kill, ms after first commit, rows): {progress:?}");
     let out = producer.wait_with_output().unwrap();
     let summary = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "produce: {summary}");
     let sent = sent_count(&summary);
-    assert!(sent >= 99_000, "{summary}");
+    assert!(sent >= 197_000, "{summary}");
     let rows_during: Vec<i64> = progress.iter().map(|p| p.2).collect();
     assert!(
-        rows_during.windows(2).filter(|w| w[1] > w[0]).count() >= 8,
+        rows_during.windows(2).filter(|w| w[1] > w[0]).count() >= 12,
         "the kills landed while the pipeline was making progress: {progress:?}"
     );
 

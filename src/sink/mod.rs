@@ -50,6 +50,8 @@ pub struct BatchWrite<'a> {
     /// KPIs that failed on this batch: marked stale in `kpi_registry` in the
     /// same transaction, so the next start rebuilds them from `events`.
     pub stale_kpis: &'a [String],
+    /// Crash-test hook: abort the process halfway through the events COPY.
+    pub abort_mid_copy: bool,
 }
 
 /// Sink errors carry the retry decision.
@@ -344,7 +346,7 @@ pub async fn prepare<'c>(
 
     let start = Instant::now();
     if batch.events.num_rows() > 0 {
-        copy_events(&tx, batch.events).await?;
+        copy_events(&tx, batch.events, batch.abort_mid_copy).await?;
     }
     if batch.rejects.num_rows() > 0 {
         insert_rejects(&tx, batch.topic, batch.rejects).await?;
@@ -402,14 +404,39 @@ async fn fence_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(
     Ok(())
 }
 
-async fn copy_events(tx: &Transaction<'_>, events: &RecordBatch) -> Result<(), SinkError> {
+async fn copy_events(
+    tx: &Transaction<'_>,
+    events: &RecordBatch,
+    abort_mid_copy: bool,
+) -> Result<(), SinkError> {
     let schema = event_schema();
     let columns: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     let sql = format!(
         "COPY events ({}) FROM STDIN (FORMAT binary)",
         columns.join(", ")
     );
+    if abort_mid_copy {
+        return copy_then_abort(tx, &sql, events).await;
+    }
     copy_in(tx, &sql, events).await
+}
+
+/// The crash tests' "killed inside the COPY": half the data reaches the
+/// server, then the process dies without a word to Postgres.
+async fn copy_then_abort(
+    tx: &Transaction<'_>,
+    sql: &str,
+    batch: &RecordBatch,
+) -> Result<(), SinkError> {
+    let mut buf = BytesMut::new();
+    copy::encode_batch(batch, &mut buf).map_err(|e| SinkError::Fatal(e.to_string()))?;
+    let sink = tx.copy_in(sql).await?;
+    let mut sink = pin!(sink);
+    let mut data = buf.freeze();
+    sink.send(data.split_to(data.len() / 2)).await?;
+    sink.flush().await?;
+    tracing::warn!("fault injection: aborting inside the COPY");
+    std::process::abort();
 }
 
 /// Streams `batch` as COPY BINARY into the statement `sql`.
