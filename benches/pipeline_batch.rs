@@ -52,11 +52,13 @@ fn benches(c: &mut Criterion) {
         let admin: tokio_postgres::Config = url.parse().expect("a Postgres URL");
         let a = sink::connect(&admin).await.expect("connect");
         let db = format!("energy_stream_bench_{}", std::process::id());
-        a.batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"
-        ))
-        .await
-        .expect("create the bench database");
+        // Two statements: DROP DATABASE refuses to run in a multi-statement string.
+        a.batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+            .await
+            .expect("drop an old bench database");
+        a.batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .expect("create the bench database");
         let mut cfg = admin.clone();
         cfg.dbname(&db);
         let mut c = sink::connect(&cfg).await.expect("connect");

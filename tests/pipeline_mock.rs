@@ -250,3 +250,29 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
         "{text}"
     );
 }
+
+/// Regression: consumers starting together on a fresh database raced to
+/// create `schema_migrations` before taking the migration lock, and one died
+/// with "duplicate key value violates unique constraint pg_type_typname_nsp_index".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_from_many_starters_at_once_all_succeed() {
+    let db = fresh_db("migrace").await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = energy_stream::sink::connect(&db).await.unwrap();
+            energy_stream::sink::migrate::migrate(&mut c).await
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        let report = t.await.unwrap().expect("every concurrent migrate succeeds");
+        applied += report.applied.len();
+    }
+    assert_eq!(
+        applied,
+        energy_stream::sink::migrate::MIGRATIONS.len(),
+        "each migration applied exactly once"
+    );
+}

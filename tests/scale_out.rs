@@ -109,12 +109,20 @@ async fn rows(c: &tokio_postgres::Client, relation: &str, skip: &[&str]) -> Vec<
     .collect()
 }
 
-// Known bug, found by this test and not yet fixed: with three consumers
-// starting together on tansu, a consumer can stall after the last rebalance
-// (its batch was fenced, it re-read the offsets, and it never caught up), so
-// the test times out. Fencing kept the data right; progress is what fails.
-// Run it with `cargo test --test scale_out -- --ignored`.
-#[ignore = "known bug: a consumer can stall after a fenced batch and a rebalance on tansu"]
+// Known problem, found by this test and not yet fixed. When partitions move
+// between consumers, a consumer resumes from the offset stored in Postgres.
+// If that offset lies inside tansu's *last* stored record batch, tansu answers
+// the fetch with the batch after it, and there is none. The consumer gets no
+// message, so the `Cursor` cannot see a skip and seek back. It then either
+// waits for new data or takes the end of the partition for "caught up".
+// Debug logs showed that an end-of-partition seek-back does not help:
+// librdkafka does not report the end again after the seek. Fencing kept the
+// data right; progress is what fails. Kafka answers with the containing
+// batch, so the problem is specific to tansu. The test also found a
+// migration race, which is fixed and has its own regression test in
+// pipeline_mock.rs. Run this one with
+// `cargo test --test scale_out -- --ignored`.
+#[ignore = "known problem: resuming inside tansu's last record batch stalls or ends early"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_consumers_give_the_same_kpis_as_one() {
     let broker = Broker::get();

@@ -40,19 +40,23 @@ fn checksum(sql: &str) -> String {
 /// Applies the pending migrations. Fails if an applied migration's file changed.
 pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
     client
-        .batch_execute(
-            "SET client_min_messages = warning;
-             CREATE TABLE IF NOT EXISTS schema_migrations (
-                version integer PRIMARY KEY,
-                name text NOT NULL,
-                checksum text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now())",
-        )
+        .batch_execute("SET client_min_messages = warning")
         .await?;
     let mut report = MigrateReport::default();
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .await?;
+    // Under the lock: consumers starting together on a fresh database raced
+    // here ("duplicate key value violates unique constraint
+    // pg_type_typname_nsp_index") when this ran before it.
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version integer PRIMARY KEY,
+            name text NOT NULL,
+            checksum text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
     for (version, name, sql) in MIGRATIONS {
         let row = tx
             .query_opt(
