@@ -559,3 +559,77 @@ async fn readme_adding_a_kpi_example() {
     assert!(v.contains("equals"), "{v}");
     check_exactly_once(&db, &topic, &group, sent, &input).await;
 }
+
+/// Fault suite, clean shutdown: SIGTERM at a random moment while batches are
+/// in flight, 10 times, with events arriving throughout. Every time: exit 0
+/// within the drain timeout, and the stored offsets equal what is committed
+/// (no gap, no row beyond them). At the end: exactly once, and KPIs verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_batch_ten_times_is_clean_and_exact() {
+    let broker = Broker::get();
+    let topic = unique("term");
+    let input = generate(40_000, 0.01, 13);
+    create_topic(&broker.brokers, &topic, 6);
+    let producer = produce_command(&broker.brokers, &topic, &input, 1000)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = fresh_db("term").await;
+    let url = db_url(&db);
+    let group = unique("g");
+    let c = client(&db).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+    for round in 0..10 {
+        let mut child = spawn_run(&broker.brokers, &topic, &group, &url, &[]);
+        let before = row_count(&c).await;
+        let started = Instant::now();
+        while row_count(&c).await == before && started.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..800))).await;
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let signalled = Instant::now();
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            status.success(),
+            "round {round}: exit 0 after SIGTERM, got {status}"
+        );
+        assert!(
+            signalled.elapsed() < Duration::from_secs(30),
+            "round {round}: exited within the 30 s drain timeout"
+        );
+        let consistent: bool = c
+            .query_one(
+                "SELECT coalesce(bool_and(o.next_offset = x.n AND x.n = x.hi), false) FROM consumer_offsets o \
+                 JOIN (SELECT kafka_partition, count(*) n, max(kafka_offset) + 1 hi FROM \
+                       (SELECT kafka_partition, kafka_offset FROM events UNION ALL \
+                        SELECT kafka_partition, kafka_offset FROM rejected_events) u GROUP BY 1) x \
+                 USING (kafka_partition) WHERE o.group_id = $1",
+                &[&group],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            consistent,
+            "round {round}: stored offsets equal the committed rows"
+        );
+    }
+    let out = producer.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    let sent = sent_count(&summary);
+    run_to_end(
+        &broker.brokers,
+        &topic,
+        &group,
+        &url,
+        &[],
+        Duration::from_secs(180),
+    );
+    check_exactly_once(&db, &topic, &group, sent, &input).await;
+    verify_ok(&url, &[]);
+}
