@@ -633,3 +633,66 @@ async fn sigterm_mid_batch_ten_times_is_clean_and_exact() {
     check_exactly_once(&db, &topic, &group, sent, &input).await;
     verify_ok(&url, &[]);
 }
+
+/// Every KPI view's rows (without `updated_at`), for before/after comparisons.
+async fn kpi_snapshot(c: &tokio_postgres::Client) -> Vec<(String, Vec<String>)> {
+    let names: Vec<String> = c
+        .query("SELECT name FROM kpi_registry ORDER BY name", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut out = Vec::new();
+    for n in names {
+        let rows = relation_rows(c, &n, &["updated_at"]).await;
+        out.push((n, rows));
+    }
+    out
+}
+
+/// Moves the group's Kafka offsets back to the start, as an operator's
+/// `kafka-consumer-groups --reset-offsets --to-earliest` would.
+fn reset_group(brokers: &str, topic: &str, group: &str, partitions: i32) {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(0))
+            .unwrap();
+    }
+    consumer.commit(&tpl, CommitMode::Sync).unwrap();
+}
+
+/// Fault suite, replay: reset the group to the earliest offsets and run again,
+/// three times. Postgres holds the offsets that count, so R and K stay the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_after_a_group_reset_change_nothing() {
+    let broker = Broker::get();
+    let topic = unique("replay");
+    let input = generate(10_000, 0.02, 17);
+    create_topic(&broker.brokers, &topic, 3);
+    let sent = sent_count(&produce(&broker.brokers, &topic, &input));
+    let db = fresh_db("replay").await;
+    let url = db_url(&db);
+    let group = unique("g");
+    let limit = Duration::from_secs(120);
+    run_to_end(&broker.brokers, &topic, &group, &url, &[], limit);
+    let first = check_exactly_once(&db, &topic, &group, sent, &input).await;
+    let c = client(&db).await;
+    let kpis = kpi_snapshot(&c).await;
+    assert!(kpis.len() >= 4 && kpis.iter().all(|(_, r)| !r.is_empty()));
+    for round in 0..3 {
+        reset_group(&broker.brokers, &topic, &group, 3);
+        run_to_end(&broker.brokers, &topic, &group, &url, &[], limit);
+        let again = check_exactly_once(&db, &topic, &group, sent, &input).await;
+        assert_eq!(again.rows, first.rows, "round {round}: R unchanged");
+        assert!(kpi_snapshot(&c).await == kpis, "round {round}: K unchanged");
+    }
+    verify_ok(&url, &[]);
+}

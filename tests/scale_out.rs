@@ -79,36 +79,6 @@ fn wait_all(children: Vec<Child>, limit: Duration) {
     }
 }
 
-/// Every row of `relation`, as text, sorted: comparable across databases.
-async fn rows(c: &tokio_postgres::Client, relation: &str, skip: &[&str]) -> Vec<String> {
-    let cols: Vec<String> = c
-        .query(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
-            &[&relation],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .filter(|n| !skip.contains(&n.as_str()))
-        .collect();
-    assert!(!cols.is_empty(), "{relation} has no columns");
-    let list = cols
-        .iter()
-        .map(|c| format!("coalesce(\"{c}\"::text, 'NULL')"))
-        .collect::<Vec<_>>()
-        .join(" || '|' || ");
-    c.query(
-        &format!("SELECT {list} FROM \"{relation}\" ORDER BY 1"),
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
 // Known problem, found by this test and not yet fixed. When partitions move
 // between consumers, a consumer resumes from the offset stored in Postgres.
 // If that offset lies inside tansu's *last* stored record batch, tansu answers
@@ -177,8 +147,8 @@ async fn three_consumers_give_the_same_kpis_as_one() {
     );
     let skip = ["updated_at", "created_at", "rejected_at"];
     assert_eq!(
-        rows(&a, "events", &skip).await,
-        rows(&b, "events", &skip).await
+        relation_rows(&a, "events", &skip).await,
+        relation_rows(&b, "events", &skip).await
     );
     let kpis: Vec<String> = a
         .query("SELECT name FROM kpi_registry ORDER BY name", &[])
@@ -189,7 +159,10 @@ async fn three_consumers_give_the_same_kpis_as_one() {
         .collect();
     assert!(kpis.len() >= 4, "{kpis:?}");
     for k in &kpis {
-        let (x, y) = (rows(&a, k, &skip).await, rows(&b, k, &skip).await);
+        let (x, y) = (
+            relation_rows(&a, k, &skip).await,
+            relation_rows(&b, k, &skip).await,
+        );
         assert!(!x.is_empty(), "{k} is empty");
         assert!(x == y, "{k}: three consumers and one consumer differ");
     }

@@ -372,3 +372,37 @@ pub fn db_url(cfg: &tokio_postgres::Config) -> String {
         cfg.get_dbname().unwrap()
     )
 }
+
+/// Every row of `relation`, as text, sorted: comparable across databases.
+pub async fn relation_rows(
+    c: &tokio_postgres::Client,
+    relation: &str,
+    skip: &[&str],
+) -> Vec<String> {
+    let cols: Vec<String> = c
+        .query(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
+            &[&relation],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|n| !skip.contains(&n.as_str()))
+        .collect();
+    assert!(!cols.is_empty(), "{relation} has no columns");
+    let list = cols
+        .iter()
+        .map(|c| format!("coalesce(\"{c}\"::text, 'NULL')"))
+        .collect::<Vec<_>>()
+        .join(" || '|' || ");
+    c.query(
+        &format!("SELECT {list} FROM \"{relation}\" ORDER BY 1"),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
