@@ -180,3 +180,177 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
         .get(0);
     assert_eq!(stored, hw.values().sum::<i64>());
 }
+
+/// Fault suite: Postgres restarted (`pg_ctl restart -m immediate`) five times
+/// while batches stream in, so each restart lands in a batch's COPY or
+/// commit. The process survives, the errors are counted as database errors
+/// and never as rejects, and every message is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_five_times_mid_stream() {
+    let pg = Arc::new(
+        tokio::task::spawn_blocking(|| LocalPostgres::start().expect("postgres"))
+            .await
+            .unwrap(),
+    );
+    let db = fresh_db_on(&pg.url(), "restarts").await;
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("restarts");
+    mock_topic(&cluster, &topic, 3);
+    let mut cfg = PipelineConfig::new(
+        KafkaConfig {
+            brokers: brokers.clone(),
+            topic: topic.clone(),
+            group_id: unique("g"),
+            options: vec![],
+        },
+        db.clone(),
+    );
+    // Every KPI on, so each batch's transaction holds several COPYs.
+    cfg.batch_max_rows = 5_000;
+    cfg.batch_max_wait = Duration::from_millis(100);
+    cfg.kpi = Some(energy_stream::kpi::KpiConfig {
+        dir: concat!(env!("CARGO_MANIFEST_DIR"), "/queries").into(),
+        ..Default::default()
+    });
+    let metrics = Metrics::new();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(energy_stream::pipeline::run(cfg, metrics.clone(), async {
+        let _ = stop_rx.await;
+    }));
+
+    let total = 60_000usize;
+    let producer = {
+        let (brokers, topic) = (brokers.clone(), topic.clone());
+        std::thread::spawn(move || {
+            for chunk in 0..60 {
+                let msgs: Vec<Option<Vec<u8>>> = (0..total / 60)
+                    .map(|i| {
+                        let n = chunk * (total / 60) + i;
+                        Some(
+                            event(
+                                TYPES[n % 7],
+                                &format!("C{}", n % 500),
+                                n as i64,
+                                (n % 1440) as u32,
+                            )
+                            .into_bytes(),
+                        )
+                    })
+                    .collect();
+                send_raw(&brokers, &topic, &msgs);
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+
+    let rows = |c: tokio_postgres::Client| async move {
+        c.query_one("SELECT count(*) FROM events", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    let mut seen = Vec::new();
+    for restart in 0..5 {
+        // Wait for progress since the last restart, then for a COPY that is
+        // running right now, and restart under it.
+        let before = match energy_stream::sink::connect(&db).await {
+            Ok(c) => rows(c).await,
+            Err(_) => 0,
+        };
+        let waiting = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = match energy_stream::sink::connect(&db).await {
+                Ok(c) => rows(c).await,
+                Err(_) => before,
+            };
+            if now > before || waiting.elapsed() > Duration::from_secs(60) {
+                seen.push(now);
+                break;
+            }
+        }
+        let watcher = energy_stream::sink::connect(&db).await.unwrap();
+        let waiting = Instant::now();
+        loop {
+            let copying: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'COPY%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if copying > 0 {
+                break;
+            }
+            assert!(
+                waiting.elapsed() < Duration::from_secs(60),
+                "restart {restart}: no COPY seen within 60 s"
+            );
+        }
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.restart_immediate().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            !run.is_finished(),
+            "restart {restart}: the pipeline survives"
+        );
+    }
+    assert!(
+        seen.windows(2).all(|w| w[1] > w[0]),
+        "progress between restarts: {seen:?}"
+    );
+    tokio::task::spawn_blocking(move || producer.join().unwrap())
+        .await
+        .unwrap();
+
+    let c = client(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while rows(client(&db).await).await < total as i64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("clean stop")
+        .unwrap()
+        .expect("no error");
+
+    let (n, distinct): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM events",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(n as usize, total, "R == P after five restarts");
+    assert_eq!(distinct, n, "no duplicates");
+    let rejects: i64 = c
+        .query_one("SELECT count(*) FROM rejected_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rejects, 0, "infrastructure errors are never rejects");
+    let text = metrics.render();
+    let db_errors: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("energy_stream_db_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        db_errors >= 5.0,
+        "each restart counted as a database error:\n{text}"
+    );
+    let hw = high_watermarks(&brokers, &topic, 3);
+    let stored: i64 = c
+        .query_one("SELECT sum(next_offset)::bigint FROM consumer_offsets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, hw.values().sum::<i64>(), "stored offsets = the end");
+}
