@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use energy_stream::kpi::{KpiConfig, KpiEngine};
 use energy_stream::localpg::LocalPostgres;
 use energy_stream::sink::{self, BatchWrite, PartitionOffsets};
 use energy_stream::validate::{ValidationRules, validate};
@@ -38,16 +37,7 @@ fn benches(c: &mut Criterion) {
     let Some((url, _pg)) = server() else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let engine = rt
-        .block_on(KpiEngine::load_dir(&KpiConfig {
-            dir: concat!(env!("CARGO_MANIFEST_DIR"), "/queries").into(),
-            ..Default::default()
-        }))
-        .expect("the shipped KPI files load");
+    let (rt, engine) = common::runtime_and_kpis();
     let mut client = rt.block_on(async {
         let admin: tokio_postgres::Config = url.parse().expect("a Postgres URL");
         let a = sink::connect(&admin).await.expect("connect");

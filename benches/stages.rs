@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use chrono::Utc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use energy_stream::kpi::{KpiConfig, KpiEngine};
 use energy_stream::validate::{ValidationRules, validate};
 
 fn group<'a>(
@@ -29,16 +28,7 @@ fn group<'a>(
 
 fn benches(c: &mut Criterion) {
     let all = common::messages(*common::SIZES.last().unwrap());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let engine = rt
-        .block_on(KpiEngine::load_dir(&KpiConfig {
-            dir: concat!(env!("CARGO_MANIFEST_DIR"), "/queries").into(),
-            ..Default::default()
-        }))
-        .expect("the shipped KPI files load");
+    let (rt, engine) = common::runtime_and_kpis();
     let rules = ValidationRules::default();
 
     let mut g = group(c, "decode");

@@ -2,6 +2,7 @@
 
 use energy_stream::decode::{DecodeConfig, MessageMeta, decode_batch};
 use energy_stream::generate::{GenerateConfig, generate};
+use energy_stream::kpi::{KpiConfig, KpiEngine};
 
 /// The batch sizes every bench runs over.
 pub const SIZES: [usize; 6] = [64, 256, 1_024, 4_096, 16_384, 65_536];
@@ -39,4 +40,19 @@ pub fn decode(msgs: &[Vec<u8>], first_offset: i64) -> datafusion::arrow::record_
             )
         }),
     )
+}
+
+/// A single-threaded runtime and every shipped KPI file, planned.
+pub fn runtime_and_kpis() -> (tokio::runtime::Runtime, KpiEngine) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let engine = rt
+        .block_on(KpiEngine::load_dir(&KpiConfig {
+            dir: concat!(env!("CARGO_MANIFEST_DIR"), "/queries").into(),
+            ..Default::default()
+        }))
+        .expect("the shipped KPI files load");
+    (rt, engine)
 }

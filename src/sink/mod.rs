@@ -415,28 +415,7 @@ async fn copy_events(
         "COPY events ({}) FROM STDIN (FORMAT binary)",
         columns.join(", ")
     );
-    if abort_mid_copy {
-        return copy_then_abort(tx, &sql, events).await;
-    }
-    copy_in(tx, &sql, events).await
-}
-
-/// The crash tests' "killed inside the COPY": half the data reaches the
-/// server, then the process dies without a word to Postgres.
-async fn copy_then_abort(
-    tx: &Transaction<'_>,
-    sql: &str,
-    batch: &RecordBatch,
-) -> Result<(), SinkError> {
-    let mut buf = BytesMut::new();
-    copy::encode_batch(batch, &mut buf).map_err(|e| SinkError::Fatal(e.to_string()))?;
-    let sink = tx.copy_in(sql).await?;
-    let mut sink = pin!(sink);
-    let mut data = buf.freeze();
-    sink.send(data.split_to(data.len() / 2)).await?;
-    sink.flush().await?;
-    tracing::warn!("fault injection: aborting inside the COPY");
-    std::process::abort();
+    copy_batch(tx, &sql, events, abort_mid_copy).await
 }
 
 /// Streams `batch` as COPY BINARY into the statement `sql`.
@@ -445,12 +424,30 @@ pub async fn copy_in(
     sql: &str,
     batch: &RecordBatch,
 ) -> Result<(), SinkError> {
+    copy_batch(tx, sql, batch, false).await
+}
+
+/// [`copy_in`], with the crash tests' "killed inside the COPY": when
+/// `abort_halfway`, half the data reaches the server, then the process dies
+/// without a word to Postgres.
+async fn copy_batch(
+    tx: &Transaction<'_>,
+    sql: &str,
+    batch: &RecordBatch,
+    abort_halfway: bool,
+) -> Result<(), SinkError> {
     let mut buf = BytesMut::new();
     copy::encode_batch(batch, &mut buf).map_err(|e| SinkError::Fatal(e.to_string()))?;
     let sink = tx.copy_in(sql).await?;
     let mut sink = pin!(sink);
-    // One chunk per 4 MiB keeps the socket busy without a second full copy.
     let mut data = buf.freeze();
+    if abort_halfway {
+        sink.send(data.split_to(data.len() / 2)).await?;
+        sink.flush().await?;
+        tracing::warn!("fault injection: aborting inside the COPY");
+        std::process::abort();
+    }
+    // One chunk per 4 MiB keeps the socket busy without a second full copy.
     while !data.is_empty() {
         let chunk = data.split_to(data.len().min(4 << 20));
         sink.send(chunk).await?;
