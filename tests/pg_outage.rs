@@ -13,30 +13,107 @@ use energy_stream::source::KafkaConfig;
 use energy_stream::telemetry::Metrics;
 use rdkafka::mocking::MockCluster;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_stopped_for_ten_seconds_mid_run() {
-    // A private server: this test stops it.
+/// What both tests stand on: a private Postgres (the tests stop or restart
+/// it), a fresh database on it, and a MockCluster topic.
+struct Rig {
+    pg: Arc<LocalPostgres>,
+    db: tokio_postgres::Config,
+    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    brokers: String,
+    topic: String,
+}
+
+async fn rig(prefix: &str, partitions: i32) -> Rig {
     let pg = Arc::new(
         tokio::task::spawn_blocking(|| LocalPostgres::start().expect("postgres"))
             .await
             .unwrap(),
     );
-    let db = fresh_db_on(&pg.url(), "outage").await;
-
+    let db = fresh_db_on(&pg.url(), prefix).await;
     let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let topic = unique("outage");
-    mock_topic(&cluster, &topic, 4);
+    let topic = unique(prefix);
+    mock_topic(&cluster, &topic, partitions);
+    Rig {
+        pg,
+        db,
+        brokers: cluster.bootstrap_servers(),
+        _cluster: cluster,
+        topic,
+    }
+}
 
-    let mut cfg = PipelineConfig::new(
-        KafkaConfig {
-            brokers: brokers.clone(),
-            topic: topic.clone(),
-            group_id: unique("g"),
-            options: vec![],
-        },
-        db.clone(),
-    );
+impl Rig {
+    fn config(&self) -> PipelineConfig {
+        PipelineConfig::new(
+            KafkaConfig {
+                brokers: self.brokers.clone(),
+                topic: self.topic.clone(),
+                group_id: unique("g"),
+                options: vec![],
+            },
+            self.db.clone(),
+        )
+    }
+
+    /// Sends `total` events in `chunks` chunks, pausing between them, from a
+    /// thread, so that the stream goes on while the test breaks Postgres.
+    fn produce_in_chunks(
+        &self,
+        total: usize,
+        chunks: usize,
+        customers: usize,
+        pause: Duration,
+    ) -> std::thread::JoinHandle<()> {
+        let (brokers, topic) = (self.brokers.clone(), self.topic.clone());
+        std::thread::spawn(move || {
+            for chunk in 0..chunks {
+                let msgs: Vec<Option<Vec<u8>>> = (0..total / chunks)
+                    .map(|i| {
+                        let n = chunk * (total / chunks) + i;
+                        Some(
+                            event(
+                                TYPES[n % 7],
+                                &format!("C{}", n % customers),
+                                n as i64,
+                                (n % 1440) as u32,
+                            )
+                            .into_bytes(),
+                        )
+                    })
+                    .collect();
+                send_raw(&brokers, &topic, &msgs);
+                std::thread::sleep(pause);
+            }
+        })
+    }
+
+    /// The stored offsets are the end of every partition.
+    async fn assert_offsets_at_end(&self, c: &tokio_postgres::Client, partitions: i32) {
+        let hw = high_watermarks(&self.brokers, &self.topic, partitions);
+        let stored: i64 = c
+            .query_one("SELECT sum(next_offset)::bigint FROM consumer_offsets", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stored, hw.values().sum::<i64>(), "stored offsets = the end");
+    }
+}
+
+/// All database errors counted, whatever their kind.
+fn db_errors(metrics: &Metrics) -> f64 {
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("energy_stream_db_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_for_ten_seconds_mid_run() {
+    let rig = rig("outage", 4).await;
+    let (pg, db) = (rig.pg.clone(), rig.db.clone());
+    let mut cfg = rig.config();
     cfg.batch_max_rows = 200;
     cfg.batch_max_wait = Duration::from_millis(50);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
@@ -49,30 +126,7 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
 
     // Produce 30 000 events over ~12 s while Postgres goes down and comes back.
     let total = 30_000usize;
-    let producer = {
-        let brokers = brokers.clone();
-        let topic = topic.clone();
-        std::thread::spawn(move || {
-            for chunk in 0..30 {
-                let msgs: Vec<Option<Vec<u8>>> = (0..total / 30)
-                    .map(|i| {
-                        let n = chunk * (total / 30) + i;
-                        Some(
-                            event(
-                                TYPES[n % 7],
-                                &format!("C{}", n % 300),
-                                n as i64,
-                                (n % 1440) as u32,
-                            )
-                            .into_bytes(),
-                        )
-                    })
-                    .collect();
-                send_raw(&brokers, &topic, &msgs);
-                std::thread::sleep(Duration::from_millis(400));
-            }
-        })
-    };
+    let producer = rig.produce_in_chunks(total, 30, 300, Duration::from_millis(400));
 
     let c = client(&db).await;
     let waiting = Instant::now();
@@ -162,23 +216,12 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
         .get(0);
     assert_eq!(rejects, 0, "infrastructure errors are never rejects");
     assert_eq!(summary.events_written as usize, total);
-    let text = metrics.render();
-    let db_errors: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("energy_stream_db_errors_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
     assert!(
-        db_errors > 0.0,
-        "the outage was counted as db errors:\n{text}"
+        db_errors(&metrics) > 0.0,
+        "the outage was counted as db errors:\n{}",
+        metrics.render()
     );
-    let hw = high_watermarks(&brokers, &topic, 4);
-    let stored: i64 = c
-        .query_one("SELECT sum(next_offset)::bigint FROM consumer_offsets", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(stored, hw.values().sum::<i64>());
+    rig.assert_offsets_at_end(&c, 4).await;
 }
 
 /// Fault suite: Postgres restarted (`pg_ctl restart -m immediate`) five times
@@ -187,25 +230,9 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
 /// and never as rejects, and every message is stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_five_times_mid_stream() {
-    let pg = Arc::new(
-        tokio::task::spawn_blocking(|| LocalPostgres::start().expect("postgres"))
-            .await
-            .unwrap(),
-    );
-    let db = fresh_db_on(&pg.url(), "restarts").await;
-    let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let topic = unique("restarts");
-    mock_topic(&cluster, &topic, 3);
-    let mut cfg = PipelineConfig::new(
-        KafkaConfig {
-            brokers: brokers.clone(),
-            topic: topic.clone(),
-            group_id: unique("g"),
-            options: vec![],
-        },
-        db.clone(),
-    );
+    let rig = rig("restarts", 3).await;
+    let (pg, db) = (rig.pg.clone(), rig.db.clone());
+    let mut cfg = rig.config();
     // Every KPI on, so each batch's transaction holds several COPYs.
     cfg.batch_max_rows = 5_000;
     cfg.batch_max_wait = Duration::from_millis(100);
@@ -220,29 +247,7 @@ async fn postgres_restarted_five_times_mid_stream() {
     }));
 
     let total = 60_000usize;
-    let producer = {
-        let (brokers, topic) = (brokers.clone(), topic.clone());
-        std::thread::spawn(move || {
-            for chunk in 0..60 {
-                let msgs: Vec<Option<Vec<u8>>> = (0..total / 60)
-                    .map(|i| {
-                        let n = chunk * (total / 60) + i;
-                        Some(
-                            event(
-                                TYPES[n % 7],
-                                &format!("C{}", n % 500),
-                                n as i64,
-                                (n % 1440) as u32,
-                            )
-                            .into_bytes(),
-                        )
-                    })
-                    .collect();
-                send_raw(&brokers, &topic, &msgs);
-                std::thread::sleep(Duration::from_millis(150));
-            }
-        })
-    };
+    let producer = rig.produce_in_chunks(total, 60, 500, Duration::from_millis(150));
 
     let rows = |c: tokio_postgres::Client| async move {
         c.query_one("SELECT count(*) FROM events", &[])
@@ -336,21 +341,10 @@ async fn postgres_restarted_five_times_mid_stream() {
         .unwrap()
         .get(0);
     assert_eq!(rejects, 0, "infrastructure errors are never rejects");
-    let text = metrics.render();
-    let db_errors: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("energy_stream_db_errors_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
     assert!(
-        db_errors >= 5.0,
-        "each restart counted as a database error:\n{text}"
+        db_errors(&metrics) >= 5.0,
+        "each restart under a COPY counted as a database error:\n{}",
+        metrics.render()
     );
-    let hw = high_watermarks(&brokers, &topic, 3);
-    let stored: i64 = c
-        .query_one("SELECT sum(next_offset)::bigint FROM consumer_offsets", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(stored, hw.values().sum::<i64>(), "stored offsets = the end");
+    rig.assert_offsets_at_end(&c, 3).await;
 }

@@ -263,6 +263,15 @@ async fn produce_then_run_as_processes() {
     assert_eq!(again.rows, checked.rows);
 }
 
+/// Waits (up to 30 s from `started`) until a process has committed rows
+/// beyond `before`: the group hands partitions to a new member only once the
+/// previous one left or its session expired.
+async fn wait_for_new_rows(c: &tokio_postgres::Client, before: i64, started: Instant) {
+    while row_count(c).await == before && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn row_count(c: &tokio_postgres::Client) -> i64 {
     c.query_one("SELECT count(*) FROM events", &[])
         .await
@@ -332,9 +341,7 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         // Kill while it is writing: wait until this process has committed
         // something (the group hands it partitions once the previous, killed
         // member's session has expired), then a random moment later.
-        while row_count(&c).await == before && started.elapsed() < Duration::from_secs(30) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_new_rows(&c, before, started).await;
         let wait = Duration::from_millis(rng.random_range(0..1_500));
         tokio::time::sleep(wait).await;
         child.kill().unwrap(); // SIGKILL
@@ -585,9 +592,7 @@ async fn sigterm_mid_batch_ten_times_is_clean_and_exact() {
         let mut child = spawn_run(&broker.brokers, &topic, &group, &url, &[]);
         let before = row_count(&c).await;
         let started = Instant::now();
-        while row_count(&c).await == before && started.elapsed() < Duration::from_secs(30) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_new_rows(&c, before, started).await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..800))).await;
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let signalled = Instant::now();
