@@ -363,6 +363,10 @@ impl Backoff {
     }
 }
 
+/// How long a partition must be silent before the intake compares it with its
+/// high watermark (stall detection, and "caught up" for `stop_when_caught_up`).
+const PROGRESS_CHECK_EVERY: Duration = Duration::from_millis(500);
+
 /// The intake thread: poll, decode, cut batches, hand them over.
 fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mpsc::Sender<Batch>) {
     let ownership = source.ownership();
@@ -387,7 +391,7 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
 
     let mut dec = BatchDecoder::new(cfg.decode);
     let mut cut = Cutter::new(ownership.generation());
-    let mut eof: HashMap<i32, bool> = HashMap::new();
+    let mut progress_checked = Instant::now();
     let mut last_generation = ownership.generation();
     let mut decode_time = Duration::ZERO;
 
@@ -435,16 +439,22 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
                 );
                 decode_time += t.elapsed();
                 cut.note(partition, offset, timestamp_ms);
-                eof.insert(partition, false);
             }
-            Polled::PartitionEof(p) => {
-                eof.insert(p, true);
+            Polled::PartitionEof(_) | Polled::Idle => {
+                if progress_checked.elapsed() >= PROGRESS_CHECK_EVERY {
+                    progress_checked = Instant::now();
+                    if source.check_progress(PROGRESS_CHECK_EVERY)
+                        && cfg.stop_when_caught_up
+                        && dec.is_empty()
+                    {
+                        tracing::info!("caught up with every assigned partition");
+                        ownership.request_stop();
+                    }
+                }
             }
-            Polled::Idle => {}
         }
         if ownership.generation() != last_generation {
             last_generation = ownership.generation();
-            eof.clear();
             if ownership.generation() != cut.generation {
                 dec.finish();
                 cut = Cutter::new(last_generation);
@@ -473,14 +483,6 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
             // Rebalances wait meanwhile, bounded by max.poll.interval.ms.
             if tx.blocking_send(b).is_err() {
                 return;
-            }
-        }
-
-        if cfg.stop_when_caught_up && dec.is_empty() {
-            let assigned = ownership.assigned();
-            if !assigned.is_empty() && assigned.iter().all(|p| eof.get(p) == Some(&true)) {
-                tracing::info!("caught up with every assigned partition");
-                ownership.request_stop();
             }
         }
     }

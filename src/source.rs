@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -98,6 +98,14 @@ struct Cursor {
     prev_below: bool,
     /// How far before `next` the last corrective seek went.
     back: i64,
+    /// When the broker last sent this partition anything (or when it was
+    /// assigned or sought): a long silence while behind is a stall.
+    heard_at: Instant,
+    /// The last offset the broker sent for this partition, kept or dropped.
+    last_seen: Option<i64>,
+    /// A stall was looked into and nothing deliverable is missing: the offsets
+    /// up to the high watermark are not messages (transaction markers).
+    settled: bool,
 }
 
 /// What to do with one delivered message.
@@ -117,7 +125,34 @@ impl Cursor {
             next,
             prev_below: false,
             back: 0,
+            heard_at: Instant::now(),
+            last_seen: None,
+            settled: false,
         }
+    }
+
+    /// The broker has been silent although the partition holds offsets at or
+    /// past `next` (`high` is its high watermark). With tansu this happens when
+    /// `next` lies inside the last stored record batch: there is no next batch
+    /// to answer with, so no message ever arrives to trigger [`Cursor::judge`]'s
+    /// seek-back. Returns where to seek, or None when nothing is missing.
+    fn stalled(&mut self, low: i64, high: i64) -> Option<i64> {
+        // From the beginning the fetch starts at a batch start; nothing to fix.
+        let next = self.next?;
+        if next >= high || self.settled {
+            return None;
+        }
+        // The broker sent everything up to `next - 1` and then nothing, or we
+        // already looked back to the start: what is left up to the high
+        // watermark is not messages (Kafka's transaction markers count as
+        // offsets). Stop looking, or every quiet moment would re-read the log.
+        if self.last_seen == Some(next - 1) || (self.back > 0 && next - self.back <= low) {
+            self.settled = true;
+            return None;
+        }
+        self.back = (self.back * 4).max(16);
+        self.heard_at = Instant::now();
+        Some((next - self.back).max(low).max(0))
     }
 
     /// Some brokers (tansu's memory engine among them) answer a fetch from an
@@ -131,6 +166,8 @@ impl Cursor {
     /// transaction markers) only when the broker sent a message below `next`
     /// and then one above it, or when seeking back to 0 did not close it.
     fn judge(&mut self, offset: i64) -> Verdict {
+        self.heard_at = Instant::now();
+        self.last_seen = Some(offset);
         let Some(next) = self.next else {
             self.next = Some(offset + 1);
             return Verdict::Accept;
@@ -147,6 +184,7 @@ impl Cursor {
         self.next = Some(offset + 1);
         self.prev_below = false;
         self.back = 0;
+        self.settled = false;
         Verdict::Accept
     }
 }
@@ -454,9 +492,27 @@ impl KafkaSource {
         Ok(())
     }
 
-    /// Polls once; rebalance callbacks run inside this call.
+    /// Polls until a message to hand on, an end of partition, or `timeout`.
+    /// Re-delivered messages and corrective seeks are handled here, so a
+    /// refetch of thousands of already-handed-on messages does not look like
+    /// thousands of idle polls to the caller. Rebalance callbacks run inside.
     pub fn poll(&self, timeout: Duration) -> Polled<'_> {
-        match self.consumer.poll(timeout) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(p) = self.poll_once(left) {
+                return p;
+            }
+            if left.is_zero() {
+                return Polled::Idle;
+            }
+        }
+    }
+
+    /// One librdkafka poll; None when what came was dropped (re-delivered, or
+    /// a skip that needed a seek).
+    fn poll_once(&self, timeout: Duration) -> Option<Polled<'_>> {
+        Some(match self.consumer.poll(timeout) {
             None => Polled::Idle,
             Some(Ok(m)) => {
                 self.health.kafka_ok.store(true, Ordering::Relaxed);
@@ -473,7 +529,7 @@ impl KafkaSource {
                     Verdict::Accept => Polled::Message(m),
                     Verdict::Redelivered => {
                         self.dropped.fetch_add(1, Ordering::Relaxed);
-                        Polled::Idle
+                        return None;
                     }
                     Verdict::SeekBack(to) => {
                         tracing::debug!(
@@ -491,7 +547,7 @@ impl KafkaSource {
                         ) {
                             tracing::warn!(partition = p, error = %e, "seek failed");
                         }
-                        Polled::Idle
+                        return None;
                     }
                 }
             }
@@ -503,7 +559,7 @@ impl KafkaSource {
                 tracing::warn!(error = %e, "consumer error");
                 Polled::Idle
             }
-        }
+        })
     }
 
     /// Re-reads the stored offsets and restarts every owned partition there.
@@ -527,6 +583,86 @@ impl KafkaSource {
         if let Err(e) = self.consumer.assign(&tpl) {
             tracing::error!(error = %e, "re-assign failed");
         }
+    }
+
+    /// Compares every owned partition that has been silent for `quiet` with
+    /// its high watermark. A silent partition that is behind is a stall (see
+    /// [`Cursor::stalled`]) and is sought back. Returns true when every owned
+    /// partition is silent and at its high watermark, i.e. caught up. It reads
+    /// the watermarks that librdkafka caches from fetch responses: no request
+    /// goes to the broker, so a slow broker cannot stall the intake here. This
+    /// does not rely on end-of-partition events, which librdkafka does not
+    /// send again after a seek.
+    pub fn check_progress(&self, quiet: Duration) -> bool {
+        let (quiet_ones, mut caught_up) = {
+            let cursors = self.ownership.cursors.lock().expect("cursors lock");
+            let quiet_ones: Vec<(i32, Option<i64>)> = cursors
+                .iter()
+                .filter(|(_, c)| c.heard_at.elapsed() >= quiet)
+                .map(|(&p, c)| (p, c.next))
+                .collect();
+            let all_quiet = !cursors.is_empty() && quiet_ones.len() == cursors.len();
+            (quiet_ones, all_quiet)
+        };
+        for (p, next) in quiet_ones {
+            let Some((low, high)) = self.cached_watermarks(p) else {
+                caught_up = false;
+                continue;
+            };
+            let settled = {
+                let cursors = self.ownership.cursors.lock().expect("cursors lock");
+                cursors.get(&p).is_some_and(|c| c.settled)
+            };
+            if next.unwrap_or(low) >= high || settled {
+                continue;
+            }
+            caught_up = false;
+            let seek = {
+                let mut cursors = self.ownership.cursors.lock().expect("cursors lock");
+                match cursors.get_mut(&p) {
+                    // Unchanged since the snapshot (no rebalance, no message).
+                    Some(c) if c.next == next => c.stalled(low, high),
+                    _ => None,
+                }
+            };
+            if let Some(to) = seek {
+                tracing::debug!(
+                    partition = p,
+                    next = ?next,
+                    high,
+                    seek_to = to,
+                    "broker silent while behind its high watermark; seeking back"
+                );
+                if let Err(e) =
+                    self.consumer
+                        .seek(&self.topic, p, Offset::Offset(to), Duration::from_secs(10))
+                {
+                    tracing::warn!(partition = p, error = %e, "seek failed");
+                }
+            }
+        }
+        caught_up
+    }
+
+    /// The partition's (low, high) watermarks as of the last fetch response,
+    /// or None when no fetch has answered yet.
+    fn cached_watermarks(&self, partition: i32) -> Option<(i64, i64)> {
+        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client pointer lives as long as `self.consumer`; the topic
+        // is a valid C string for the call; low and high are valid out-pointers.
+        // rd_kafka_get_watermark_offsets only reads librdkafka's local cache.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
+        };
+        (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && low >= 0 && high >= 0)
+            .then_some((low, high))
     }
 
     /// How many re-delivered messages were dropped since the last call (for a
@@ -623,6 +759,51 @@ mod tests {
         }
         assert!(seeks <= 1, "bounded: {seeks}");
         assert_eq!(c.next, Some(8));
+    }
+
+    #[test]
+    fn cursor_seeks_back_when_the_broker_stays_silent_while_behind() {
+        // Resumed at 100 inside tansu's last batch 40..=120: nothing arrives.
+        let mut c = Cursor::at(Some(100));
+        assert_eq!(c.stalled(0, 121), Some(84));
+        assert_eq!(c.stalled(0, 121), Some(36));
+        // The refetch starts below 100: the head is dropped, 100 accepted.
+        assert_eq!(c.judge(40), Verdict::Redelivered);
+        assert_eq!(c.judge(99), Verdict::Redelivered);
+        assert_eq!(c.judge(100), Verdict::Accept);
+        // At the high watermark nothing is missing.
+        assert_eq!(c.stalled(0, 101), None);
+        // Never below the low watermark.
+        let mut c = Cursor::at(Some(100));
+        assert_eq!(c.stalled(90, 121), Some(90));
+        // From the beginning the broker starts at a batch start.
+        assert_eq!(Cursor::at(None).stalled(0, 10), None);
+    }
+
+    #[test]
+    fn cursor_stops_looking_when_only_markers_are_left() {
+        // Kafka with transactions: offsets 100..=101 are commit markers, never
+        // delivered. One look back shows 99 is the last message: settled.
+        let mut c = Cursor::at(Some(100));
+        assert_eq!(c.stalled(0, 102), Some(84));
+        for o in 84..100 {
+            assert_eq!(c.judge(o), Verdict::Redelivered);
+        }
+        assert_eq!(c.stalled(0, 102), None);
+        assert!(c.settled);
+        assert_eq!(
+            c.stalled(0, 102),
+            None,
+            "no re-reading on every quiet moment"
+        );
+        // Looking back all the way to the start also settles it.
+        let mut c = Cursor::at(Some(20));
+        assert_eq!(c.stalled(0, 30), Some(4));
+        assert_eq!(c.stalled(0, 30), Some(0));
+        assert_eq!(c.stalled(0, 30), None);
+        // A new message un-settles it.
+        assert_eq!(c.judge(25), Verdict::Accept);
+        assert!(!c.settled);
     }
 
     #[test]

@@ -27,7 +27,10 @@ fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str) -> Child {
         .args(["--kafka-option", "session.timeout.ms=6000"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("DATABASE_URL", db)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("SCALE_OUT_LOG").unwrap_or("info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log_path(group, db)).unwrap())
@@ -79,20 +82,9 @@ fn wait_all(children: Vec<Child>, limit: Duration) {
     }
 }
 
-// Known problem, found by this test and not yet fixed. When partitions move
-// between consumers, a consumer resumes from the offset stored in Postgres.
-// If that offset lies inside tansu's *last* stored record batch, tansu answers
-// the fetch with the batch after it, and there is none. The consumer gets no
-// message, so the `Cursor` cannot see a skip and seek back. It then either
-// waits for new data or takes the end of the partition for "caught up".
-// Debug logs showed that an end-of-partition seek-back does not help:
-// librdkafka does not report the end again after the seek. Fencing kept the
-// data right; progress is what fails. Kafka answers with the containing
-// batch, so the problem is specific to tansu. The test also found a
-// migration race, which is fixed and has its own regression test in
-// pipeline_mock.rs. Run this one with
-// `cargo test --test scale_out -- --ignored`.
-#[ignore = "known problem: resuming inside tansu's last record batch stalls or ends early"]
+// This test found two problems, both fixed: a migration race (regression test
+// in pipeline_mock.rs), and consumers that stalled or stopped early when they
+// resumed inside tansu's last stored record batch (see `Cursor::stalled`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_consumers_give_the_same_kpis_as_one() {
     let broker = Broker::get();
