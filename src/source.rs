@@ -350,18 +350,24 @@ impl ConsumerContext for SourceContext {
                 };
                 let mut parts: Vec<_> = positions.iter().collect();
                 parts.sort();
-                tracing::info!(partitions = ?parts, "partitions assigned; resuming from offsets stored in Postgres");
+                let numbers: Vec<i32> = parts.iter().map(|(p, _)| **p).collect();
+                let from: Vec<_> = parts.iter().map(|(_, o)| **o).collect();
+                tracing::info!(partitions = ?numbers, stored_offsets = ?from, "partitions assigned; resuming from offsets stored in Postgres");
                 self.ownership.reassign(positions);
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // Logged once the gate is taken: no commit of these partitions
+                // lands after this line (the rebalance storm test relies on it).
+                self.ownership.reassign(HashMap::new());
+                let mut numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                numbers.sort_unstable();
                 tracing::info!(
-                    partitions = tpl.count(),
+                    partitions = ?numbers,
                     "partitions revoked; uncommitted batches of them are dropped"
                 );
-                self.ownership.reassign(HashMap::new());
                 for el in tpl.elements() {
                     let _ = self
                         .metrics
