@@ -69,22 +69,48 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("run summary: {summary}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Migrate(db) => {
+        Command::Migrate(args) => {
             let database = crate::sink::Database {
-                config: db.require(db_in_argv)?,
-                ca_file: db.database_ca_file.clone(),
+                config: args.db.require(db_in_argv)?,
+                ca_file: args.db.database_ca_file.clone(),
             };
             let rt = runtime()?;
-            let report = rt.block_on(async {
+            rt.block_on(async {
                 let mut client = database.connect().await?;
-                crate::sink::migrate::migrate(&mut client).await
+                let report = crate::sink::migrate::migrate(&mut client).await?;
+                println!(
+                    "migrations: {} applied ({}), {} already in place",
+                    report.applied.len(),
+                    report.applied.join(", "),
+                    report.already
+                );
+                if !args.no_kpis {
+                    let engine = crate::kpi::KpiEngine::load_dir(&crate::kpi::KpiConfig {
+                        dir: args.queries.queries_dir.clone(),
+                        ..Default::default()
+                    })
+                    .await?;
+                    let kpis = crate::kpi::install(&mut client, &engine).await?;
+                    println!(
+                        "KPIs: {} installed, {} (re)computed from events ({})",
+                        engine.len(),
+                        kpis.backfilled.len(),
+                        kpis.backfilled.join(", ")
+                    );
+                }
+                crate::sink::migrate::grant(
+                    &client,
+                    args.grant_app.as_deref(),
+                    args.grant_read.as_deref(),
+                )
+                .await?;
+                for (what, role) in [("app", &args.grant_app), ("read-only", &args.grant_read)] {
+                    if let Some(r) = role {
+                        println!("granted {what} privileges to {r}");
+                    }
+                }
+                anyhow::Ok(())
             })?;
-            println!(
-                "migrations: {} applied ({}), {} already in place",
-                report.applied.len(),
-                report.applied.join(", "),
-                report.already
-            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {

@@ -66,8 +66,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the pipeline: consume, validate, write to Postgres exactly once.
     Run(RunArgs),
-    /// Apply the schema migrations in sql/ and exit.
-    Migrate(DbArgs),
+    /// As the owner role: apply the schema migrations in sql/, install the KPI
+    /// tables of --queries-dir, grant the app and read-only roles, and exit.
+    Migrate(MigrateArgs),
     /// Write deterministic, realistic sample events as JSONL.
     Generate(GenerateArgs),
     /// Replay a JSONL file into a Kafka topic.
@@ -120,6 +121,25 @@ pub struct QueriesArgs {
     /// Directory of KPI files (*.sql).
     #[arg(long, env = "QUERIES_DIR", default_value = "queries")]
     pub queries_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub queries: QueriesArgs,
+    /// Only the schema; leave KPI tables to `run` (single-role set-ups).
+    #[arg(long)]
+    pub no_kpis: bool,
+    /// Role that runs the pipeline: gets SELECT, INSERT and UPDATE on the
+    /// pipeline's tables (also on tables created later), nothing else. The
+    /// role must exist.
+    #[arg(long, env = "APP_ROLE")]
+    pub grant_app: Option<String>,
+    /// Read-only role (dashboards): gets SELECT only. The role must exist.
+    #[arg(long, env = "READ_ROLE")]
+    pub grant_read: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

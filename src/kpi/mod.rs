@@ -657,7 +657,27 @@ async fn install_locked(
             )
             .await?
             .map(|r| r.get(0));
-        if stored.as_deref() == Some(def.hash.as_str()) {
+        let installed = stored.as_deref() == Some(def.hash.as_str());
+        // Installed as it is: no DDL, so that the app role (which may not
+        // change the schema) starts.
+        if installed && relations_exist(client, def).await? {
+            continue;
+        }
+        let can_create: bool = client
+            .query_one(
+                "SELECT has_schema_privilege(current_schema(), 'CREATE')",
+                &[],
+            )
+            .await?
+            .get(0);
+        if !can_create {
+            return Err(SinkError::Fatal(format!(
+                "KPI {} is new, changed or incomplete, and this database role may not change the schema: run `energy-stream migrate` as the owner role first (README: Roles)",
+                def.name
+            )));
+        }
+        if installed {
+            // Re-create only what went missing.
             let tx = client.transaction().await?;
             tx.batch_execute(&create_tables_sql(def, "")).await?;
             tx.batch_execute(&create_view_sql(def)).await?;
@@ -668,6 +688,26 @@ async fn install_locked(
         }
     }
     Ok(report)
+}
+
+/// True when the KPI's view, state table and membership tables all exist.
+async fn relations_exist(client: &Client, def: &KpiDef) -> Result<bool, SinkError> {
+    let mut names = vec![quote(&def.name), state_table(def, "")];
+    names.extend(
+        def.measures
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.member.is_some())
+            .map(|(i, _)| members_table(def, i, "")),
+    );
+    let missing: i64 = client
+        .query_one(
+            "SELECT count(*) FROM unnest($1::text[]) n WHERE to_regclass(n) IS NULL",
+            &[&names],
+        )
+        .await?
+        .get(0);
+    Ok(missing == 0)
 }
 
 /// Recomputes KPI `idx` from `events` (Postgres → Arrow → the same plan →

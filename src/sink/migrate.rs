@@ -4,6 +4,10 @@
 //! Each migration runs once, in its own transaction, and is recorded with a
 //! checksum in `schema_migrations`; an advisory lock keeps concurrent starters
 //! (several consumers starting together) from racing.
+//!
+//! It also owns the roles' grants (`migrate --grant-app/--grant-read`): the
+//! owner runs migrations, the app role only reads and writes rows, so `run`
+//! checks with reads alone that nothing is pending and does no DDL then.
 
 use tokio_postgres::Client;
 
@@ -37,12 +41,54 @@ fn checksum(sql: &str) -> String {
     format!("{h:016x}")
 }
 
+fn is_privilege(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+}
+
+/// The error for a role that may not change the schema but needed to (any
+/// other error is classified as usual).
+fn needs_owner(e: &tokio_postgres::Error, what: &str) -> SinkError {
+    if is_privilege(e) {
+        return SinkError::Fatal(format!(
+            "{what}, and this database role may not change the schema ({}): run `energy-stream migrate` as the owner role first (README: Roles)",
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string())
+        ));
+    }
+    super::classify(e)
+}
+
+/// True when every migration of this binary is applied, with the same
+/// checksum. Reads only, so the app role passes once the owner migrated.
+async fn up_to_date(client: &Client) -> Result<bool, SinkError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(false);
+    }
+    let applied: std::collections::HashMap<i32, String> = client
+        .query("SELECT version, checksum FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(MIGRATIONS
+        .iter()
+        .all(|(v, _, sql)| applied.get(v) == Some(&checksum(sql))))
+}
+
 /// Applies the pending migrations. Fails if an applied migration's file changed.
 pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
     client
         .batch_execute("SET client_min_messages = warning")
         .await?;
     let mut report = MigrateReport::default();
+    if up_to_date(client).await? {
+        report.already = MIGRATIONS.len();
+        return Ok(report);
+    }
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .await?;
@@ -56,7 +102,8 @@ pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
             checksum text NOT NULL,
             applied_at timestamptz NOT NULL DEFAULT now())",
     )
-    .await?;
+    .await
+    .map_err(|e| needs_owner(&e, "schema migrations are pending"))?;
     for (version, name, sql) in MIGRATIONS {
         let row = tx
             .query_opt(
@@ -77,7 +124,14 @@ pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
             }
             None => {
                 tx.batch_execute(sql).await.map_err(|e| {
-                    SinkError::Fatal(format!("migration {name} failed: {}", super::classify(&e)))
+                    if is_privilege(&e) {
+                        needs_owner(&e, &format!("migration {name} is pending"))
+                    } else {
+                        SinkError::Fatal(format!(
+                            "migration {name} failed: {}",
+                            super::classify(&e)
+                        ))
+                    }
                 })?;
                 tx.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
@@ -90,6 +144,49 @@ pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
     }
     tx.commit().await?;
     Ok(report)
+}
+
+/// Grants for the two non-owner roles, on every table of the current schema
+/// (energy-stream expects a database of its own), now and for tables the
+/// owner creates later (new KPIs). `app` may read and write rows, which is all
+/// `run` does once migrated; no TRUNCATE, no DDL, and it cannot touch the
+/// migration history. `read` may only SELECT (dashboards). The roles must
+/// exist; creating them, with their passwords, is the operator's job.
+pub async fn grant(
+    client: &Client,
+    app: Option<&str>,
+    read: Option<&str>,
+) -> Result<(), SinkError> {
+    let schema: String = client
+        .query_one("SELECT current_schema()", &[])
+        .await?
+        .get(0);
+    let s = crate::kpi::plan::quote(&schema);
+    let mut sql = String::new();
+    if let Some(app) = app {
+        let r = crate::kpi::plan::quote(app);
+        sql.push_str(&format!(
+            "GRANT USAGE ON SCHEMA {s} TO {r};
+             GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {s} TO {r};
+             REVOKE INSERT, UPDATE ON schema_migrations FROM {r};
+             ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT, INSERT, UPDATE ON TABLES TO {r};\n"
+        ));
+    }
+    if let Some(read) = read {
+        let r = crate::kpi::plan::quote(read);
+        sql.push_str(&format!(
+            "GRANT USAGE ON SCHEMA {s} TO {r};
+             GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {r};
+             ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT ON TABLES TO {r};\n"
+        ));
+    }
+    if !sql.is_empty() {
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| needs_owner(&e, "granting privileges failed"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

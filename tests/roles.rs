@@ -1,0 +1,257 @@
+//! Least privilege. The owner role migrates (schema, KPI tables, grants); the
+//! app role runs the pipeline and may only read and write rows; the read-only
+//! role (dashboards) may only read. Each promise is checked by trying what the
+//! role must not do and expecting Postgres to refuse it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use tokio_postgres::error::SqlState;
+
+const BIN: &str = env!("CARGO_BIN_EXE_energy-stream");
+
+fn energy_stream(url: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn run_args<'a>(brokers: &'a str, topic: &'a str, queries: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--group-id",
+        "roles",
+        "--queries-dir",
+        queries,
+        "--metrics-addr",
+        "off",
+        "--stop-when-caught-up",
+    ]
+}
+
+/// Runs `sql` and expects Postgres to refuse it for lack of privilege.
+async fn refused(c: &tokio_postgres::Client, sql: &str) {
+    let e = c
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("{sql} must be refused"));
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{sql}: {e:?}"
+    );
+}
+
+fn copy_queries(to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/queries")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
+    let admin_cfg: tokio_postgres::Config = server_url().parse().unwrap();
+    let admin = client(&admin_cfg).await;
+    let id = unique("r").replace('-', "_");
+    let (owner, app, reader, db) = (
+        format!("es_owner_{id}"),
+        format!("es_app_{id}"),
+        format!("es_read_{id}"),
+        format!("roles_{id}"),
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {owner} LOGIN PASSWORD 'owner-secret';
+             CREATE ROLE {app} LOGIN PASSWORD 'app-secret';
+             CREATE ROLE {reader} LOGIN PASSWORD 'read-secret';"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db} OWNER {owner}"))
+        .await
+        .unwrap();
+    let as_role = |role: &str, password: &str| {
+        let mut c = admin_cfg.clone();
+        c.user(role).password(password).dbname(&db);
+        c
+    };
+    // db_url leaves the password out; these roles need it on a server that
+    // checks passwords (TEST_DATABASE_URL).
+    let url = |c: &tokio_postgres::Config| {
+        let user = c.get_user().unwrap();
+        let pw = String::from_utf8_lossy(c.get_password().unwrap());
+        db_url(c).replacen(&format!("://{user}@"), &format!("://{user}:{pw}@"), 1)
+    };
+    let (owner_cfg, app_cfg, read_cfg) = (
+        as_role(&owner, "owner-secret"),
+        as_role(&app, "app-secret"),
+        as_role(&reader, "read-secret"),
+    );
+    let (owner_url, app_url) = (url(&owner_cfg), url(&app_cfg));
+
+    let broker = Broker::get();
+    let topic = unique("roles");
+    create_topic(&broker.brokers, &topic, 2);
+    let lines: Vec<Option<Vec<u8>>> = (0..400)
+        .map(|i| {
+            let t = [
+                "user_login",
+                "view_tariffs",
+                "bill_payment",
+                "tariff_switch",
+            ][i % 4];
+            Some(event(t, &format!("c{}", i % 37), i as i64, (i % 60) as u32).into_bytes())
+        })
+        .collect();
+    send_raw(&broker.brokers, &topic, &lines);
+    let queries = std::env::temp_dir().join(format!("roles-queries-{id}"));
+    copy_queries(&queries);
+    let q = queries.to_str().unwrap();
+
+    // Before the owner migrated, the app role cannot start, and says why.
+    let o = energy_stream(&app_url, &run_args(&broker.brokers, &topic, q));
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("run `energy-stream migrate` as the owner role"),
+        "{}",
+        text(&o)
+    );
+    let o = energy_stream(&app_url, &["migrate", "--queries-dir", q]);
+    assert!(!o.status.success(), "the app role cannot migrate");
+
+    let o = energy_stream(
+        &owner_url,
+        &[
+            "migrate",
+            "--queries-dir",
+            q,
+            "--grant-app",
+            &app,
+            "--grant-read",
+            &reader,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("secret"), "no password in the output");
+
+    // The app role runs the whole pipeline: COPY, KPI merges, offsets.
+    let o = energy_stream(&app_url, &run_args(&broker.brokers, &topic, q));
+    assert!(o.status.success(), "{}", text(&o));
+    let c = client(&app_cfg).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 400);
+    let kpi: i64 = c
+        .query_one(
+            "SELECT sum(events)::bigint FROM hourly_channel_metrics",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kpi, 400);
+
+    // ...and nothing beyond rows.
+    for sql in [
+        "DROP TABLE events",
+        "DROP TABLE consumer_offsets",
+        "DROP VIEW hourly_channel_metrics",
+        "TRUNCATE events",
+        "ALTER TABLE events ADD COLUMN x int",
+        "CREATE TABLE app_owned (i int)",
+        "UPDATE schema_migrations SET checksum = 'x'",
+        "DELETE FROM events",
+    ] {
+        refused(&c, sql).await;
+    }
+
+    // The read-only role reads the KPI views and writes nothing.
+    let r = client(&read_cfg).await;
+    let seen: i64 = r
+        .query_one("SELECT count(*) FROM hourly_channel_metrics", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(seen > 0);
+    for sql in [
+        "INSERT INTO consumer_offsets VALUES ('g', 't', 0, 0)",
+        "UPDATE kpi_registry SET sql_hash = 'x'",
+        "DELETE FROM rejected_events",
+        "DROP VIEW hourly_channel_metrics",
+    ] {
+        refused(&r, sql).await;
+    }
+
+    // A new KPI file needs the owner: the app role refuses to start and names
+    // it; after the owner's migrate, the app role fills it.
+    std::fs::write(
+        queries.join("channel_events.sql"),
+        "SELECT channel, count(*) AS events FROM events GROUP BY channel\n",
+    )
+    .unwrap();
+    let o = energy_stream(&app_url, &run_args(&broker.brokers, &topic, q));
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("KPI channel_events is new") && text(&o).contains("migrate"),
+        "{}",
+        text(&o)
+    );
+    let o = energy_stream(&owner_url, &["migrate", "--queries-dir", q]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("channel_events"), "{}", text(&o));
+    let more: Vec<Option<Vec<u8>>> = (0..50)
+        .map(|i| Some(event("user_logout", "late", i, 5).into_bytes()))
+        .collect();
+    send_raw(&broker.brokers, &topic, &more);
+    let o = energy_stream(&app_url, &run_args(&broker.brokers, &topic, q));
+    assert!(o.status.success(), "{}", text(&o));
+    let total: i64 = c
+        .query_one("SELECT sum(events)::bigint FROM channel_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        total, 450,
+        "backfilled by the owner, then merged by the app"
+    );
+
+    drop((c, r));
+    let _ = std::fs::remove_dir_all(&queries);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE {owner}; DROP ROLE {app}; DROP ROLE {reader};"
+        ))
+        .await
+        .unwrap();
+}
