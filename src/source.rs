@@ -440,8 +440,13 @@ impl KafkaSource {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "true")
             .set("statistics.interval.ms", "5000")
-            // Bounded prefetch: with 6 partitions this caps the queue at 16 MiB.
+            // Bounded prefetch, so that memory stays flat while the writer
+            // waits for Postgres: at most 16 MiB of messages queued, fetch
+            // responses of at most 16 MiB (librdkafka's default is 50 MiB,
+            // and a response's buffer lives as long as any of its messages).
             .set("queued.max.messages.kbytes", "16384")
+            .set("queued.min.messages", "20000")
+            .set("fetch.max.bytes", "16777216")
             .set("fetch.message.max.bytes", "4194304")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");

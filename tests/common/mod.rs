@@ -211,6 +211,7 @@ pub struct Broker {
     pub brokers: String,
     child: Option<std::process::Child>,
     port: u16,
+    storage: String,
 }
 
 impl Broker {
@@ -220,6 +221,7 @@ impl Broker {
                 brokers: b,
                 child: None,
                 port: 0,
+                storage: String::new(),
             },
             _ => Broker::own(),
         }
@@ -227,6 +229,14 @@ impl Broker {
 
     /// Always a private tansu, for tests that stop and restart the broker.
     pub fn own() -> Broker {
+        Broker::own_with_storage("memory://tansu/")
+    }
+
+    /// A private tansu with another storage engine, e.g. `sqlite://x.db` (a
+    /// file in the temp dir), which survives a restart of the broker, unlike
+    /// the memory engine. SQLite needs tansu's `libsql` feature, which
+    /// .ci/run installs.
+    pub fn own_with_storage(storage: &str) -> Broker {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -236,37 +246,47 @@ impl Broker {
             brokers: format!("127.0.0.1:{port}"),
             child: None,
             port,
+            storage: storage.to_string(),
         };
         b.start();
         b
     }
 
+    const HOW: &str = "real-broker tests need a Kafka-compatible broker: set KAFKA_BROKERS, or install tansu \
+         with `cargo install tansu --locked --features dynostore,libsql` (.ci/run does this)";
+
     pub fn start(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::env::temp_dir().join(format!("tansu-{}.log", self.port));
         let child = std::process::Command::new("tansu")
             .args([
                 "broker",
                 "--storage-engine",
-                "memory://tansu/",
+                &self.storage,
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
                 &url,
             ])
+            // Where a sqlite:// storage file goes.
+            .current_dir(std::env::temp_dir())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "real-broker tests need a Kafka-compatible broker: set KAFKA_BROKERS, or install tansu \
-                     (`cargo install tansu --locked --features dynostore`; .ci/run does this): {e}"
-                )
-            });
+            .unwrap_or_else(|e| panic!("{}: {e}", Broker::HOW));
         self.child = Some(child);
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "tansu exited with {status} (storage {}): {}\n{}",
+                    self.storage,
+                    Broker::HOW,
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
