@@ -330,8 +330,6 @@ async fn postgres_away_for_60_seconds_pauses_intake_and_recovers() {
     }
     sigterm_and_wait(child, Duration::from_secs(60));
     check_exactly_once(&c, &group, &topic, produced).await;
-    drop(broker);
-    let _ = std::fs::remove_file(std::env::temp_dir().join(file));
 }
 
 /// Scenario 6. The broker (tansu, keeping its log in a SQLite file so that a
