@@ -268,7 +268,7 @@ async fn postgres_away_for_60_seconds_pauses_intake_and_recovers() {
         );
         let rss = rss_kb(child.id());
         rss_max = rss_max.max(rss);
-        if outage.elapsed().as_secs() % 10 == 0 {
+        if outage.elapsed().as_secs().is_multiple_of(10) {
             eprintln!(
                 "{:>3} s into the outage: rss {} MiB",
                 outage.elapsed().as_secs(),
