@@ -142,6 +142,25 @@ async fn poison_pills_are_rejected_once_with_their_reason_among_good_events() {
             "consumed {done} of {total} within 180 s"
         );
     }
+    // Lag returns to 0 on every partition (the gauge comes from librdkafka's
+    // statistics, every 5 s).
+    let lag_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = http_get(&metrics_addr, "/metrics");
+        let lags: Vec<f64> = m
+            .lines()
+            .filter(|l| l.starts_with("energy_stream_consumer_lag{") && l.contains(&topic))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        if lags.len() == 3 && lags.iter().all(|l| *l == 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < lag_deadline,
+            "consumer lag did not return to 0 on all 3 partitions: {lags:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let metrics = http_get(&metrics_addr, "/metrics");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
