@@ -39,19 +39,13 @@ fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str, metrics: &str) -
 }
 
 fn generated(events: u64, seed: u64) -> Vec<Option<Vec<u8>>> {
-    let cfg = energy_stream::generate::GenerateConfig {
+    generated_messages(&energy_stream::generate::GenerateConfig {
         events,
         customers: 2_000,
         bad_ratio: 0.01,
         seed,
         ..Default::default()
-    };
-    let mut buf = Vec::new();
-    energy_stream::generate::generate(&cfg, &mut buf).unwrap();
-    buf.split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| Some(l.to_vec()))
-        .collect()
+    })
 }
 
 /// The status line of an HTTP GET, or "" while nothing listens.
@@ -76,23 +70,12 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn sigterm_and_wait(mut child: Child, limit: Duration) {
+fn sigterm_and_wait(child: Child, limit: Duration) {
     // SAFETY: plain kill(2) on a child we spawned and have not reaped.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
-    let started = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            assert!(s.success(), "run exited with {s} after SIGTERM");
-            return;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("run did not exit within {limit:?} of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_exit_success(child, limit, "run after SIGTERM");
 }
 
 async fn stored_count(c: &tokio_postgres::Client) -> i64 {
@@ -139,37 +122,12 @@ async fn wait_stored(c: &tokio_postgres::Client, n: i64, limit: Duration, child:
 
 /// R == P: per partition the offsets 0..n once each, and the stored offset n.
 async fn check_exactly_once(c: &tokio_postgres::Client, group: &str, topic: &str, produced: i64) {
-    let rows = c
-        .query(
-            "SELECT kafka_partition, count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset) \
-             FROM (SELECT kafka_partition, kafka_offset FROM events UNION ALL SELECT kafka_partition, kafka_offset FROM rejected_events) x \
-             GROUP BY 1 ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut ends = BTreeMap::new();
-    let mut total = 0;
-    for r in &rows {
-        let (p, n, distinct, min, max): (i32, i64, i64, i64, i64) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-        assert_eq!(n, distinct, "partition {p}: no duplicates");
-        assert_eq!((min, max + 1), (0, n), "partition {p}: no gaps");
-        ends.insert(p, n);
-        total += n;
-    }
-    assert_eq!(total, produced, "every produced message stored once");
-    let stored: BTreeMap<i32, i64> = c
-        .query(
-            "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
-            &[&group, &topic],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(stored, ends, "stored offsets = last offset + 1");
+    let ends = assert_exactly_once_by_position(c, group, topic).await;
+    assert_eq!(
+        ends.values().sum::<i64>(),
+        produced,
+        "every produced message stored once"
+    );
 }
 
 /// The group's offsets as Kafka has them (the copy `run` commits after

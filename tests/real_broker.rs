@@ -140,19 +140,8 @@ fn run_to_end(brokers: &str, topic: &str, group: &str, db: &str, extra: &[&str],
     wait_success(spawn_run(brokers, topic, group, db, &args), limit);
 }
 
-fn wait_success(mut child: Child, limit: Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "run exited with {status}");
-            return;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("run did not catch up within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_success(child: Child, limit: Duration) {
+    wait_exit_success(child, limit, "run (caught up)");
 }
 
 struct Checked {
@@ -184,38 +173,12 @@ async fn check_exactly_once(
     )
     .await;
     assert_eq!(got, reasons, "the rejects are complete");
-    let per_partition = c
-        .query(
-            "SELECT kafka_partition, count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset) \
-             FROM (SELECT kafka_partition, kafka_offset FROM events UNION ALL SELECT kafka_partition, kafka_offset FROM rejected_events) x \
-             GROUP BY 1 ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut total = 0;
-    let mut ends = BTreeMap::new();
-    for r in &per_partition {
-        let (p, n, distinct, min, max): (i32, i64, i64, i64, i64) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-        assert_eq!(n, distinct, "partition {p}: no duplicates");
-        assert_eq!(min, 0, "partition {p}: starts at offset 0");
-        assert_eq!(max + 1, n, "partition {p}: no gaps");
-        total += n;
-        ends.insert(p, max + 1);
-    }
-    assert_eq!(total, sent, "every sent message is stored once");
-    let stored: BTreeMap<i32, i64> = c
-        .query(
-            "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
-            &[&group, &topic],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(stored, ends, "stored offsets = last offset + 1");
+    let ends = assert_exactly_once_by_position(&c, group, topic).await;
+    assert_eq!(
+        ends.values().sum::<i64>(),
+        sent,
+        "every sent message is stored once"
+    );
     Checked { rows }
 }
 

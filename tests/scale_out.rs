@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,18 +14,11 @@ use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_energy-stream");
 
-fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str) -> Child {
-    Command::new(BIN)
-        .args([
-            "run",
-            "--brokers",
-            brokers,
-            "--topic",
-            topic,
-            "--group-id",
-            group,
-        ])
-        .args(["--metrics-addr", "off", "--stop-when-caught-up"])
+/// A group member's `run`, its log going to `log`.
+fn member_command(brokers: &str, topic: &str, group: &str, db: &str, log: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--brokers", brokers, "--topic", topic])
+        .args(["--group-id", group, "--metrics-addr", "off"])
         .args(["--batch-max-rows", "2000", "--batch-max-wait-ms", "200"])
         .args(["--kafka-option", "session.timeout.ms=6000"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -35,7 +29,13 @@ fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str) -> Child {
         )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log_path(group, db)).unwrap())
+        .stderr(std::fs::File::create(log).unwrap());
+    cmd
+}
+
+fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str) -> Child {
+    member_command(brokers, topic, group, db, &log_path(group, db))
+        .arg("--stop-when-caught-up")
         .spawn()
         .unwrap()
 }
@@ -99,13 +99,7 @@ async fn three_consumers_give_the_same_kpis_as_one() {
         seed: 21,
         ..Default::default()
     };
-    let mut buf = Vec::new();
-    energy_stream::generate::generate(&cfg, &mut buf).unwrap();
-    let messages: Vec<Option<Vec<u8>>> = buf
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| Some(l.to_vec()))
-        .collect();
+    let messages = generated_messages(&cfg);
     send_raw(&broker.brokers, &topic, &messages);
 
     let three = fresh_db("three").await;
@@ -186,33 +180,16 @@ fn spawn_member(brokers: &str, topic: &str, group: &str, db: &str, n: usize) -> 
     let name = format!("c{n}");
     let log = log_path(&name, db);
     let url = format!("{db}?application_name={name}");
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "--brokers",
-            brokers,
-            "--topic",
-            topic,
-            "--group-id",
-            group,
-        ])
-        .args(["--metrics-addr", "off", "--no-migrate"])
-        .args(["--batch-max-rows", "4000", "--batch-max-wait-ms", "200"])
-        .args(["--kafka-option", "session.timeout.ms=6000"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", url)
-        .env("RUST_LOG", "info")
+    let child = member_command(brokers, topic, group, &url, &log)
+        .arg("--no-migrate")
         .env("LOG_JSON", "true")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     Member { name, child, log }
 }
 
 /// (time, assigned?, partitions) from a member's JSON log, in order.
-fn ownership_events(log: &std::path::Path) -> Vec<(chrono::DateTime<chrono::Utc>, bool, Vec<i32>)> {
+fn ownership_events(log: &Path) -> Vec<(chrono::DateTime<chrono::Utc>, bool, Vec<i32>)> {
     std::fs::read_to_string(log)
         .unwrap()
         .lines()
@@ -267,18 +244,11 @@ async fn rebalance_storm_loses_nothing_and_revoked_offsets_never_advance() {
         seed: 33,
         ..Default::default()
     };
-    let mut buf = Vec::new();
-    energy_stream::generate::generate(&cfg, &mut buf).unwrap();
-    let messages: Vec<Option<Vec<u8>>> = buf
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| Some(l.to_vec()))
-        .collect();
+    let messages = generated_messages(&cfg);
     let produced = messages.len() as i64;
     assert!(produced >= 300_000);
     send_raw(&broker.brokers, &topic, &messages);
     drop(messages);
-    drop(buf);
 
     let db = fresh_db("storm").await;
     let url = db_url(&db);
@@ -375,34 +345,9 @@ async fn rebalance_storm_loses_nothing_and_revoked_offsets_never_advance() {
     );
 
     // R == P: per partition, offsets 0..end once each, and stored offsets = end.
-    let rows = c
-        .query(
-            "SELECT kafka_partition, count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset) \
-             FROM (SELECT kafka_partition, kafka_offset FROM events UNION ALL SELECT kafka_partition, kafka_offset FROM rejected_events) x \
-             GROUP BY 1 ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 6);
-    let mut total = 0;
-    for r in &rows {
-        let (p, n, distinct, min, max): (i32, i64, i64, i64, i64) =
-            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-        assert_eq!(n, distinct, "partition {p}: no duplicates");
-        assert_eq!((min, max + 1), (0, n), "partition {p}: no gaps");
-        let next: i64 = c
-            .query_one(
-                "SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2 AND kafka_partition = $3",
-                &[&group, &topic, &p],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(next, n, "partition {p}: stored offset = last offset + 1");
-        total += n;
-    }
-    assert_eq!(total, produced);
+    let ends = assert_exactly_once_by_position(&c, &group, &topic).await;
+    assert_eq!(ends.len(), 6);
+    assert_eq!(ends.values().sum::<i64>(), produced);
 
     // Every offset write continues the previous one, and its writer owned the
     // partition at that moment by its own log.

@@ -426,3 +426,69 @@ pub async fn relation_rows(
     .map(|r| r.get(0))
     .collect()
 }
+
+/// The project's generator as broker messages, one per JSONL line.
+pub fn generated_messages(cfg: &energy_stream::generate::GenerateConfig) -> Vec<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    energy_stream::generate::generate(cfg, &mut buf).unwrap();
+    buf.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| Some(l.to_vec()))
+        .collect()
+}
+
+/// R == P by position. Across `events` and `rejected_events`, each
+/// partition holds the offsets 0..n exactly once (no duplicate, no gap), and
+/// the offset stored for (group, topic) is n. Returns n per partition.
+pub async fn assert_exactly_once_by_position(
+    c: &tokio_postgres::Client,
+    group: &str,
+    topic: &str,
+) -> BTreeMap<i32, i64> {
+    let rows = c
+        .query(
+            "SELECT kafka_partition, count(*), count(DISTINCT kafka_offset), min(kafka_offset), max(kafka_offset) \
+             FROM (SELECT kafka_partition, kafka_offset FROM events UNION ALL SELECT kafka_partition, kafka_offset FROM rejected_events) x \
+             GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut ends = BTreeMap::new();
+    for r in &rows {
+        let (p, n, distinct, min, max): (i32, i64, i64, i64, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        assert_eq!(n, distinct, "partition {p}: no duplicates");
+        assert_eq!(min, 0, "partition {p}: starts at offset 0");
+        assert_eq!(max + 1, n, "partition {p}: no gaps");
+        ends.insert(p, n);
+    }
+    let stored: BTreeMap<i32, i64> = c
+        .query(
+            "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+            &[&group, &topic],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(stored, ends, "stored offsets = last offset + 1");
+    ends
+}
+
+/// Waits for `child` to exit 0 within `limit`; kills it and fails otherwise.
+pub fn wait_exit_success(mut child: std::process::Child, limit: Duration, what: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{what}: exited with {status}");
+            return;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what}: did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
