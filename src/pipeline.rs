@@ -440,17 +440,18 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
                 decode_time += t.elapsed();
                 cut.note(partition, offset, timestamp_ms);
             }
-            Polled::PartitionEof(_) | Polled::Idle => {
-                if progress_checked.elapsed() >= PROGRESS_CHECK_EVERY {
-                    progress_checked = Instant::now();
-                    if source.check_progress(PROGRESS_CHECK_EVERY)
-                        && cfg.stop_when_caught_up
-                        && dec.is_empty()
-                    {
-                        tracing::info!("caught up with every assigned partition");
-                        ownership.request_stop();
-                    }
-                }
+            Polled::PartitionEof(_) | Polled::Idle => {}
+        }
+        // On a timer, not only when idle: a partition can stall while others
+        // keep the poll busy.
+        if progress_checked.elapsed() >= PROGRESS_CHECK_EVERY {
+            progress_checked = Instant::now();
+            if source.check_progress(PROGRESS_CHECK_EVERY)
+                && cfg.stop_when_caught_up
+                && dec.is_empty()
+            {
+                tracing::info!("caught up with every assigned partition");
+                ownership.request_stop();
             }
         }
         if ownership.generation() != last_generation {
