@@ -485,6 +485,9 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
             if tx.blocking_send(b).is_err() {
                 return;
             }
+            // Silence only counts while we poll: what arrived meanwhile
+            // waits in librdkafka's queue, and must not look like a stall.
+            source.restart_silence_clocks();
         }
     }
 }

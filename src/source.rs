@@ -659,6 +659,21 @@ impl KafkaSource {
         caught_up
     }
 
+    /// Starts every partition's silence over, after the intake was away from
+    /// polling (blocked on a full channel).
+    pub fn restart_silence_clocks(&self) {
+        let now = Instant::now();
+        for c in self
+            .ownership
+            .cursors
+            .lock()
+            .expect("cursors lock")
+            .values_mut()
+        {
+            c.heard_at = now;
+        }
+    }
+
     /// The partition's (low, high) watermarks as of the last fetch response,
     /// or None when no fetch has answered yet.
     fn cached_watermarks(&self, partition: i32) -> Option<(i64, i64)> {

@@ -221,6 +221,17 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
         "the outage was counted as db errors:\n{}",
         metrics.render()
     );
+    // The intake waited on the writer for the whole outage; that wait must
+    // not look like a stalled partition (see `Cursor::stalled`), or it would
+    // seek back and fetch messages twice.
+    let redelivered = metrics
+        .kafka_errors
+        .with_label_values(&["redelivered"])
+        .get();
+    assert_eq!(
+        redelivered, 0,
+        "no partition is sought back after the intake waited for Postgres"
+    );
     rig.assert_offsets_at_end(&c, 4).await;
 }
 
