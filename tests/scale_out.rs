@@ -225,8 +225,9 @@ fn signal(child: &Child, sig: i32) {
 }
 
 /// Scenario 3 of the fault suite. Three consumer processes share a
-/// 6-partition topic of 300 000 events; every few seconds one leaves (SIGTERM,
-/// or SIGKILL now and then) or a new one joins. Passes when every message is
+/// 6-partition topic of 300 000 events, two thirds of which arrive during the
+/// storm; every few seconds one leaves (SIGTERM, or SIGKILL now and then) or a
+/// new one joins. Passes when every message is
 /// stored once, the offsets end at the high watermarks, `verify` finds the
 /// KPIs equal to their recomputation, and no member wrote an offset of a
 /// partition after its own log said that partition was revoked (an audit
@@ -247,8 +248,21 @@ async fn rebalance_storm_loses_nothing_and_revoked_offsets_never_advance() {
     let messages = generated_messages(&cfg);
     let produced = messages.len() as i64;
     assert!(produced >= 300_000);
-    send_raw(&broker.brokers, &topic, &messages);
+    // A third is there before the members start; the rest arrives in chunks
+    // during the storm, so members also resume on partitions still growing.
+    let (head, tail) = messages.split_at(messages.len() / 3);
+    send_raw(&broker.brokers, &topic, head);
+    let tail: Vec<Vec<Option<Vec<u8>>>> = tail.chunks(20_000).map(<[_]>::to_vec).collect();
     drop(messages);
+    let producer = {
+        let (brokers, topic) = (broker.brokers.clone(), topic.clone());
+        std::thread::spawn(move || {
+            for chunk in tail {
+                send_raw(&brokers, &topic, &chunk);
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        })
+    };
 
     let db = fresh_db("storm").await;
     let url = db_url(&db);
@@ -328,6 +342,7 @@ async fn rebalance_storm_loses_nothing_and_revoked_offsets_never_advance() {
             done.push(m);
         }
     }
+    producer.join().unwrap();
     for mut m in alive {
         signal(&m.child, libc::SIGTERM);
         let status = m.child.wait().unwrap();
