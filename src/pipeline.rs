@@ -363,6 +363,10 @@ impl Backoff {
     }
 }
 
+/// Distinct (keys, member) pairs remembered as stored, at most (about 80
+/// bytes each); see [`crate::kpi::known`].
+const KNOWN_MEMBERS_CAP: usize = 200_000;
+
 /// How long a partition must be silent before the intake compares it with its
 /// high watermark (stall detection, and "caught up" for `stop_when_caught_up`).
 const PROGRESS_CHECK_EVERY: Duration = Duration::from_millis(500);
@@ -566,6 +570,7 @@ async fn writer(
     // Disabled KPIs not yet marked stale by a committed batch.
     let mut unmarked_stale: Vec<String> = Vec::new();
 
+    let mut known = crate::kpi::known::KnownMembers::new(KNOWN_MEMBERS_CAP);
     let mut batch_no: u64 = 0;
     while let Some(batch) = rx.recv().await {
         batch_no += 1;
@@ -575,9 +580,18 @@ async fn writer(
             .map_err(|e| PipelineError::Intake(format!("validate: {e}")))?;
         let validate_time = t.elapsed();
         let t = Instant::now();
+        let mut pending = crate::kpi::known::Pending::default();
         let merges = match kpis {
             Some(engine) => {
-                let (deltas, failures) = engine.compute_tolerant(&validated.valid).await;
+                let (mut deltas, failures) = engine.compute_tolerant(&validated.valid).await;
+                match known.filter(&mut deltas) {
+                    Ok(p) => pending = p,
+                    // Skipping known pairs is an optimisation; without it the
+                    // merge is as exact, only slower.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot compare distinct members with the known ones")
+                    }
+                }
                 for f in failures {
                     // The batch still commits (events, rejects, the other KPIs):
                     // one runaway query must not stall ingestion.
@@ -696,9 +710,13 @@ async fn writer(
                         .inc();
                     tracing::warn!(error = %e, "batch fenced off; re-reading offsets from Postgres");
                     ownership.request_resync();
+                    // Postgres may hold less than we think (a failover to a
+                    // lagging replica): forget what we remembered as stored.
+                    known.clear();
                     break false;
                 }
                 Err(e) => {
+                    known.clear();
                     on_db_error(&e, metrics, health)?;
                     metrics.retries.inc();
                     backoff.wait().await;
@@ -708,6 +726,7 @@ async fn writer(
         if !committed {
             continue;
         }
+        known.remember(pending);
 
         let now = Utc::now();
         metrics

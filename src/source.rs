@@ -441,11 +441,15 @@ impl KafkaSource {
             .set("enable.partition.eof", "true")
             .set("statistics.interval.ms", "5000")
             // Bounded prefetch, so that memory stays flat while the writer
-            // waits for Postgres: at most 16 MiB of messages queued, fetch
-            // responses of at most 16 MiB (librdkafka's default is 50 MiB,
-            // and a response's buffer lives as long as any of its messages).
-            .set("queued.max.messages.kbytes", "16384")
-            .set("queued.min.messages", "20000")
+            // waits for Postgres: at most 4 MiB of messages queued per
+            // partition (it may overshoot by one fetch), fetch responses of
+            // at most 16 MiB (librdkafka's default is 50 MiB, and a
+            // response's buffer lives as long as any of its messages).
+            // A partition whose queue is full waits fetch.queue.backoff.ms
+            // before its next fetch: librdkafka's 1 s default held the
+            // intake to ~25 k events/s with queues this small (BENCHMARKS.md).
+            .set("queued.max.messages.kbytes", "4096")
+            .set("fetch.queue.backoff.ms", "20")
             .set("fetch.max.bytes", "16777216")
             .set("fetch.message.max.bytes", "4194304")
             // librdkafka's 500 ms default is a floor on latency with brokers

@@ -15,27 +15,29 @@ use energy_stream::localpg::LocalPostgres;
 const BIN: &str = env!("CARGO_BIN_EXE_energy-stream");
 
 /// `run` with default batch sizes (the memory promise is about defaults).
-fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str, metrics: &str) -> Child {
-    Command::new(BIN)
-        .args([
-            "run",
-            "--brokers",
-            brokers,
-            "--topic",
-            topic,
-            "--group-id",
-            group,
-            "--metrics-addr",
-            metrics,
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", db)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str, metrics: &str) -> Reaped {
+    Reaped::new(
+        Command::new(BIN)
+            .args([
+                "run",
+                "--brokers",
+                brokers,
+                "--topic",
+                topic,
+                "--group-id",
+                group,
+                "--metrics-addr",
+                metrics,
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("DATABASE_URL", db)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn generated(events: u64, seed: u64) -> Vec<Option<Vec<u8>>> {
@@ -286,7 +288,7 @@ async fn postgres_away_for_60_seconds_pauses_intake_and_recovers() {
         assert!(started.elapsed() < Duration::from_secs(30), "ready again");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    sigterm_and_wait(child, Duration::from_secs(60));
+    sigterm_and_wait(child.into_inner(), Duration::from_secs(60));
     check_exactly_once(&c, &group, &topic, produced).await;
 }
 
@@ -337,7 +339,7 @@ async fn broker_down_for_30_seconds_then_back() {
     broker.start();
     send_raw(&broker.brokers, &topic, &second);
     wait_stored(&c, produced, Duration::from_secs(300), &mut child).await;
-    sigterm_and_wait(child, Duration::from_secs(60));
+    sigterm_and_wait(child.into_inner(), Duration::from_secs(60));
     check_exactly_once(&c, &group, &topic, produced).await;
     drop(broker);
     let _ = std::fs::remove_file(std::env::temp_dir().join(file));

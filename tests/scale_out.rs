@@ -172,7 +172,7 @@ async fn three_consumers_give_the_same_kpis_as_one() {
 /// the offset audit) and a JSON log (read for its assign/revoke times).
 struct Member {
     name: String,
-    child: Child,
+    child: Reaped,
     log: std::path::PathBuf,
 }
 
@@ -180,11 +180,13 @@ fn spawn_member(brokers: &str, topic: &str, group: &str, db: &str, n: usize) -> 
     let name = format!("c{n}");
     let log = log_path(&name, db);
     let url = format!("{db}?application_name={name}");
-    let child = member_command(brokers, topic, group, &url, &log)
-        .arg("--no-migrate")
-        .env("LOG_JSON", "true")
-        .spawn()
-        .unwrap();
+    let child = Reaped::new(
+        member_command(brokers, topic, group, &url, &log)
+            .arg("--no-migrate")
+            .env("LOG_JSON", "true")
+            .spawn()
+            .unwrap(),
+    );
     Member { name, child, log }
 }
 

@@ -10,11 +10,15 @@
 //! CONFLICT DO UPDATE` with each measure's rule, keys sorted so that
 //! concurrent consumers take row locks in the same order).
 //!
+//! [`known`] remembers which distinct members committed batches stored, so
+//! that later batches skip them before the merge.
+//!
 //! Because each stored part merges exactly (counts and sums add, min and max
 //! take the least and greatest, avg is kept as sum and count, distinct counts
 //! grow by genuinely new members), the streamed table equals the query run
 //! once over all valid events.
 
+pub mod known;
 pub mod plan;
 pub mod slot;
 

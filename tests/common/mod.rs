@@ -492,3 +492,40 @@ pub fn wait_exit_success(mut child: std::process::Child, limit: Duration, what: 
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A child process killed (and reaped) when dropped, so that a failing test
+/// leaves no `run` behind.
+pub struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    pub fn new(child: std::process::Child) -> Self {
+        Reaped(Some(child))
+    }
+
+    /// The child, no longer killed on drop.
+    pub fn into_inner(mut self) -> std::process::Child {
+        self.0.take().expect("child present until dropped")
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("child present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("child present until dropped")
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
