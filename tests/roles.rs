@@ -142,6 +142,19 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
     let o = energy_stream(&app_url, &["migrate", "--queries-dir", q]);
     assert!(!o.status.success(), "the app role cannot migrate");
 
+    // Another application's table in the same schema, there before the
+    // owner migrates: the grants must leave it alone.
+    let mut admin_db = admin_cfg.clone();
+    admin_db.dbname(&db);
+    let other = client(&admin_db).await;
+    other
+        .batch_execute(&format!(
+            "CREATE TABLE other_app (i int); ALTER TABLE other_app OWNER TO {owner}"
+        ))
+        .await
+        .unwrap();
+    drop(other);
+
     let o = energy_stream(
         &owner_url,
         &[
@@ -187,6 +200,7 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         "CREATE TABLE app_owned (i int)",
         "UPDATE schema_migrations SET checksum = 'x'",
         "DELETE FROM events",
+        "INSERT INTO other_app VALUES (1)",
     ] {
         refused(&c, sql).await;
     }
@@ -204,9 +218,14 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         "UPDATE kpi_registry SET sql_hash = 'x'",
         "DELETE FROM rejected_events",
         "DROP VIEW hourly_channel_metrics",
+        "SELECT * FROM other_app",
     ] {
         refused(&r, sql).await;
     }
+    // The prototype's views are readable too.
+    r.query_one("SELECT count(*) FROM daily_energy_summary", &[])
+        .await
+        .unwrap();
 
     // A new KPI file needs the owner: the app role refuses to start and names
     // it; after the owner's migrate, the app role fills it.

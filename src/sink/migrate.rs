@@ -146,10 +146,25 @@ pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
     Ok(report)
 }
 
-/// Grants for the two non-owner roles, on every table of the current schema
-/// (energy-stream expects a database of its own), now and for tables the
-/// owner creates later (new KPIs). `app` may read and write rows, which is all
-/// `run` does once migrated; no TRUNCATE, no DDL, and it cannot touch the
+/// The relations of the migrations in `sql/`; the KPI tables and views are
+/// found by name (`kpi_state_*`, `kpi_members_*`, and `kpi_registry`).
+const CORE_RELATIONS: &[&str] = &[
+    "events",
+    "rejected_events",
+    "consumer_offsets",
+    "kpi_registry",
+    "schema_migrations",
+    "customer_view",
+    "rolling_24h_metrics",
+    "daily_energy_summary",
+    "daily_event_summary",
+];
+
+/// Grants for the two non-owner roles on energy-stream's own tables and
+/// views, and (default privileges) on the tables the owner creates later: new
+/// KPIs, and the fresh tables a backfill swaps in. Other relations in the
+/// schema are left alone. `app` may read and write rows, which is all `run`
+/// does once migrated: no TRUNCATE, no DELETE, no DDL, and only SELECT on the
 /// migration history. `read` may only SELECT (dashboards). The roles must
 /// exist; creating them, with their passwords, is the operator's job.
 pub async fn grant(
@@ -157,36 +172,61 @@ pub async fn grant(
     app: Option<&str>,
     read: Option<&str>,
 ) -> Result<(), SinkError> {
+    if app.is_none() && read.is_none() {
+        return Ok(());
+    }
     let schema: String = client
         .query_one("SELECT current_schema()", &[])
         .await?
         .get(0);
+    let core: Vec<String> = CORE_RELATIONS.iter().map(|r| r.to_string()).collect();
+    // (quoted name, is a table)
+    let relations: Vec<(String, bool)> = client
+        .query(
+            "SELECT quote_ident(c.relname), c.relkind IN ('r', 'p') \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v') \
+               AND (c.relname::text = ANY($1::text[]) OR c.relname LIKE 'kpi\\_state\\_%' \
+                    OR c.relname LIKE 'kpi\\_members\\_%' \
+                    OR c.relname IN (SELECT name FROM kpi_registry)) \
+             ORDER BY 1",
+            &[&core],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let s = crate::kpi::plan::quote(&schema);
     let mut sql = String::new();
     if let Some(app) = app {
         let r = crate::kpi::plan::quote(app);
+        sql.push_str(&format!("GRANT USAGE ON SCHEMA {s} TO {r};\n"));
+        for (rel, table) in &relations {
+            let privileges = if *table && rel != "schema_migrations" {
+                "SELECT, INSERT, UPDATE"
+            } else {
+                "SELECT"
+            };
+            sql.push_str(&format!("GRANT {privileges} ON {rel} TO {r};\n"));
+        }
         sql.push_str(&format!(
-            "GRANT USAGE ON SCHEMA {s} TO {r};
-             GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA {s} TO {r};
-             REVOKE INSERT, UPDATE ON schema_migrations FROM {r};
-             ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT, INSERT, UPDATE ON TABLES TO {r};\n"
+            "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT, INSERT, UPDATE ON TABLES TO {r};\n"
         ));
     }
     if let Some(read) = read {
         let r = crate::kpi::plan::quote(read);
+        sql.push_str(&format!("GRANT USAGE ON SCHEMA {s} TO {r};\n"));
+        for (rel, _) in &relations {
+            sql.push_str(&format!("GRANT SELECT ON {rel} TO {r};\n"));
+        }
         sql.push_str(&format!(
-            "GRANT USAGE ON SCHEMA {s} TO {r};
-             GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {r};
-             ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT ON TABLES TO {r};\n"
+            "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT ON TABLES TO {r};\n"
         ));
     }
-    if !sql.is_empty() {
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| needs_owner(&e, "granting privileges failed"))?;
-    }
-    Ok(())
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| needs_owner(&e, "granting privileges failed"))
 }
 
 #[cfg(test)]
