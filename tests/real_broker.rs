@@ -41,17 +41,6 @@ fn generate(events: u64, bad_ratio: f64, seed: u64) -> PathBuf {
 }
 
 /// Runs `cmd`, asserts it exits 0, returns its standard output.
-fn succeed(mut cmd: Command) -> String {
-    let out = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 fn produce(brokers: &str, topic: &str, input: &Path) -> String {
     let mut cmd = Command::new(BIN);
     cmd.args(["produce", "--brokers", brokers, "--topic", topic, "--input"])
@@ -340,13 +329,6 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     verify_ok(&url, &[]);
 }
 
-/// `energy-stream verify` exits 0.
-fn verify_ok(url: &str, extra: &[&str]) -> String {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("verify").args(extra).env("DATABASE_URL", url);
-    succeed(cmd)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
     let broker = Broker::get();
@@ -600,23 +582,6 @@ async fn sigterm_mid_batch_ten_times_is_clean_and_exact() {
     );
     check_exactly_once(&db, &topic, &group, sent, &input).await;
     verify_ok(&url, &[]);
-}
-
-/// Every KPI view's rows (without `updated_at`), for before/after comparisons.
-async fn kpi_snapshot(c: &tokio_postgres::Client) -> Vec<(String, Vec<String>)> {
-    let names: Vec<String> = c
-        .query("SELECT name FROM kpi_registry ORDER BY name", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut out = Vec::new();
-    for n in names {
-        let rows = relation_rows(c, &n, &["updated_at"]).await;
-        out.push((n, rows));
-    }
-    out
 }
 
 /// Moves the group's Kafka offsets back to the start, as an operator's

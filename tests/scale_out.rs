@@ -120,16 +120,8 @@ async fn three_consumers_give_the_same_kpis_as_one() {
     );
 
     let (a, b) = (client(&three).await, client(&one).await);
-    let total: i64 = a
-        .query_one(
-            "SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM rejected_events)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
     assert_eq!(
-        total,
+        stored_messages(&a).await.unwrap(),
         messages.len() as i64,
         "every message once, with three consumers"
     );
@@ -138,34 +130,21 @@ async fn three_consumers_give_the_same_kpis_as_one() {
         relation_rows(&a, "events", &skip).await,
         relation_rows(&b, "events", &skip).await
     );
-    let kpis: Vec<String> = a
-        .query("SELECT name FROM kpi_registry ORDER BY name", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert!(kpis.len() >= 4, "{kpis:?}");
-    for k in &kpis {
-        let (x, y) = (
-            relation_rows(&a, k, &skip).await,
-            relation_rows(&b, k, &skip).await,
-        );
+    let (x, y) = (kpi_snapshot(&a).await, kpi_snapshot(&b).await);
+    assert!(
+        x.len() >= 4,
+        "{:?}",
+        x.iter().map(|k| &k.0).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        x.iter().map(|k| &k.0).collect::<Vec<_>>(),
+        y.iter().map(|k| &k.0).collect::<Vec<_>>()
+    );
+    for ((k, x), (_, y)) in x.iter().zip(&y) {
         assert!(!x.is_empty(), "{k} is empty");
         assert!(x == y, "{k}: three consumers and one consumer differ");
     }
-    let out = Command::new(BIN)
-        .arg("verify")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", db_url(&three))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "verify after three consumers:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    verify_ok(&db_url(&three), &[]);
 }
 
 /// One consumer process of the storm, with its own application_name (seen by
@@ -308,7 +287,7 @@ async fn rebalance_storm_loses_nothing_and_revoked_offsets_never_advance() {
     let (mut joins, mut leaves, mut kills) = (0, 0, 0);
     loop {
         tokio::time::sleep(Duration::from_millis(rng.random_range(2000..4000))).await;
-        let n = stored(&c).await;
+        let n = stored_messages(&c).await.unwrap();
         // Once everything is in, churn on until enough rebalances happened
         // for the test to mean something.
         if n == produced && joins + leaves + kills >= 10 {
@@ -413,26 +392,5 @@ async fn rebalance_storm_loses_nothing_and_revoked_offsets_never_advance() {
         );
     }
 
-    let out = Command::new(BIN)
-        .arg("verify")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "verify after the storm:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-async fn stored(c: &tokio_postgres::Client) -> i64 {
-    c.query_one(
-        "SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM rejected_events)",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    verify_ok(&url, &[]);
 }

@@ -529,3 +529,52 @@ impl Drop for Reaped {
         }
     }
 }
+
+/// Messages stored so far: valid ones in `events` plus rejects.
+pub async fn stored_messages(c: &tokio_postgres::Client) -> Result<i64, tokio_postgres::Error> {
+    c.query_one(
+        "SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM rejected_events)",
+        &[],
+    )
+    .await
+    .map(|r| r.get(0))
+}
+
+/// Runs `cmd`, asserts it exits 0, and returns its stdout.
+pub fn succeed(mut cmd: std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `energy-stream verify` (every KPI equals its recomputation) exits 0.
+pub fn verify_ok(url: &str, extra: &[&str]) -> String {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_energy-stream"));
+    cmd.arg("verify")
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", url);
+    succeed(cmd)
+}
+
+/// Every KPI view's rows (without `updated_at`), by KPI name.
+pub async fn kpi_snapshot(c: &tokio_postgres::Client) -> Vec<(String, Vec<String>)> {
+    let names: Vec<String> = c
+        .query("SELECT name FROM kpi_registry ORDER BY name", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut out = Vec::new();
+    for n in names {
+        let rows = relation_rows(c, &n, &["updated_at"]).await;
+        out.push((n, rows));
+    }
+    out
+}
