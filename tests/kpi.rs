@@ -41,7 +41,6 @@ async fn stream(
     events: &RecordBatch,
     sizes: &[usize],
 ) {
-    let empty = RecordBatch::new_empty(reject_schema());
     let mut start = 0;
     let mut i = 0;
     while start < events.num_rows() {
@@ -49,24 +48,49 @@ async fn stream(
         i += 1;
         let batch = events.slice(start, len);
         start += len;
-        let merges = engine.merge_steps(engine.compute(&batch).await.unwrap());
-        let write = BatchWrite {
-            group_id: "g",
-            topic: "t",
-            events: &batch,
-            rejects: &empty,
-            offsets: &[],
-            merges: &merges,
-            stale_kpis: &[],
-            abort_mid_copy: false,
-        };
-        sink::prepare(client, &write)
+        prepare(client, engine, &batch)
             .await
-            .unwrap()
             .commit()
             .await
             .unwrap();
     }
+}
+
+/// One batch's transaction, everything written and not yet committed.
+async fn prepare<'c>(
+    client: &'c mut tokio_postgres::Client,
+    engine: &KpiEngine,
+    batch: &RecordBatch,
+) -> sink::Prepared<'c> {
+    let empty = RecordBatch::new_empty(reject_schema());
+    let merges = engine.merge_steps(engine.compute(batch).await.unwrap());
+    let write = BatchWrite {
+        group_id: "g",
+        topic: "t",
+        events: batch,
+        rejects: &empty,
+        offsets: &[],
+        merges: &merges,
+        stale_kpis: &[],
+        abort_mid_copy: false,
+    };
+    sink::prepare(client, &write).await.unwrap()
+}
+
+/// `n` valid events of every type, customers C0..C{customers}, `step`
+/// minutes apart.
+fn mixed_events(n: usize, customers: usize, step: u32) -> RecordBatch {
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            event(
+                TYPES[i % 7],
+                &format!("C{}", i % customers),
+                i as i64,
+                i as u32 * step,
+            )
+        })
+        .collect();
+    valid_events(&lines)
 }
 
 async fn setup(prefix: &str, engine: &KpiEngine) -> tokio_postgres::Client {
@@ -196,17 +220,7 @@ async fn a_kpi_added_after_data_exists_is_backfilled_then_kept_up_to_date() {
         ..Default::default()
     };
     let before = KpiEngine::load_dir(&cfg).await.unwrap();
-    let lines: Vec<String> = (0..300)
-        .map(|i| {
-            event(
-                TYPES[i % 7],
-                &format!("C{}", i % 17),
-                i as i64,
-                (i * 7) as u32,
-            )
-        })
-        .collect();
-    let events = valid_events(&lines);
+    let events = mixed_events(300, 17, 7);
     let mut c = setup("added", &before).await;
     stream(&mut c, &before, &events.slice(0, 150), &[40]).await;
 
@@ -466,4 +480,136 @@ async fn prototype_views_are_exact_and_time_based() {
         .unwrap()
         .get(0);
     assert_eq!(days, 2);
+}
+
+/// An engine of one shipped file, from a directory of its own.
+async fn engine_of(file: &str) -> (KpiEngine, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(unique("kpi-one"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(queries_dir().join(file), dir.join(file)).unwrap();
+    let engine = KpiEngine::load_dir(&KpiConfig {
+        dir: dir.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (engine, dir)
+}
+
+/// Two consumers flag the same (day, customer) with different funnel stages
+/// at the same time: the second waits for the first's row, then counts only
+/// the stage the first did not store.
+#[tokio::test]
+async fn concurrent_batches_flag_a_member_once_per_stage() {
+    let (engine, dir) = engine_of("daily_engagement_funnel.sql").await;
+    let engine = Arc::new(engine);
+    let db = fresh_db("flags").await;
+    let mut first = client(&db).await;
+    sink::migrate::migrate(&mut first).await.unwrap();
+    kpi::install(&mut first, &engine).await.unwrap();
+    assert!(
+        kpi::verify(&mut first, &engine, None)
+            .await
+            .unwrap()
+            .is_empty(),
+        "verify on an empty events table"
+    );
+    let lines: Vec<String> = [
+        ("user_login", 10),
+        ("view_tariffs", 20),
+        ("tariff_switch", 30),
+        ("user_login", 40),
+    ]
+    .iter()
+    .map(|(t, m)| event(t, "C1", 1, *m))
+    .collect();
+    let all = valid_events(&lines);
+    let (a, b) = (all.slice(0, 2), all.slice(2, 2));
+
+    let prepared = prepare(&mut first, &engine, &a).await;
+    let other = {
+        let engine = engine.clone();
+        let mut second = client(&db).await;
+        tokio::spawn(async move {
+            stream(&mut second, &engine, &b, &[2]).await;
+        })
+    };
+    // Not a timing assertion: the result must be the same in either order;
+    // the pause only makes the second writer wait on the first's row lock.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    prepared.commit().await.unwrap();
+    other.await.unwrap();
+
+    let mut check = client(&db).await;
+    assert_eq!(
+        kpi::verify(&mut check, &engine, None).await.unwrap(),
+        vec![]
+    );
+    let row = check
+        .query_one(
+            "SELECT active_customers, logged_in_customers, viewed_customers, switched_customers, paid_customers \
+             FROM daily_engagement_funnel",
+            &[],
+        )
+        .await
+        .unwrap();
+    let stages: Vec<i64> = (0..5).map(|i| row.get(i)).collect();
+    assert_eq!(stages, vec![1, 1, 1, 1, 0]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A KPI stored before membership sets (one `_m<i>` table per distinct
+/// count, the hash of the SQL alone) is rebuilt at the next install: the old
+/// tables go, the sets come from `events`, and streaming goes on exactly.
+#[tokio::test]
+async fn a_kpi_in_the_layout_before_member_sets_is_rebuilt() {
+    let (engine, dir) = engine_of("daily_channel_funnel.sql").await;
+    let def = engine.def(0).clone();
+    let events = mixed_events(200, 13, 5);
+    let mut c = setup("layout", &engine).await;
+    stream(&mut c, &engine, &events.slice(0, 100), &[30]).await;
+    // The old layout: per-measure tables under the old names, old hash.
+    c.batch_execute(&format!(
+        "ALTER TABLE kpi_members_{n}_s0 RENAME TO kpi_members_{n}_m0; \
+         CREATE TABLE kpi_members_{n}_m1 (k0 timestamptz, v text); \
+         UPDATE kpi_registry SET sql_hash = '{old}' WHERE name = '{n}'",
+        n = def.name,
+        old = kpi::plan::hash(&def.sql)
+    ))
+    .await
+    .unwrap();
+    let report = kpi::install(&mut c, &engine).await.unwrap();
+    assert_eq!(report.backfilled, vec![def.name.clone()]);
+    let left: Vec<String> = c
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'kpi\\_members\\_%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec![format!("kpi_members_{}_s0", def.name)]);
+    assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
+    stream(&mut c, &engine, &events.slice(100, 100), &[17]).await;
+    assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Staging tables are not truncated per batch (they are ON COMMIT DELETE
+/// ROWS): what a rolled-back batch staged must not reach the next batch on
+/// the same connection.
+#[tokio::test]
+async fn a_rolled_back_batch_leaves_nothing_staged_for_the_next() {
+    let engine = shipped_engine().await;
+    let events = mixed_events(120, 11, 3);
+    let mut c = setup("rollback", &engine).await;
+    prepare(&mut c, &engine, &events.slice(0, 60))
+        .await
+        .rollback()
+        .await
+        .unwrap();
+    stream(&mut c, &engine, &events, &[60]).await;
+    assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
 }

@@ -4,8 +4,9 @@
 //! This module owns the contract of a KPI file ([`plan`]), the plans that run
 //! on every batch (built once against a [`slot`], executed per batch), and the
 //! Postgres side of a KPI: its state table `kpi_state_<name>` (keys plus the
-//! mergeable parts of each measure), one membership table per
-//! count(DISTINCT), the view `<name>` that users query, and the SQL that merges
+//! mergeable parts of each measure), one membership table per set of
+//! count(DISTINCT) measures over the same expression ([`plan::MemberSet`]),
+//! the view `<name>` that users query, and the SQL that merges
 //! a batch's partial rows (COPY into a staging table, then `INSERT ... ON
 //! CONFLICT DO UPDATE` with each measure's rule, keys sorted so that
 //! concurrent consumers take row locks in the same order).
@@ -32,7 +33,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-pub use plan::{Func, KpiDef, KpiError};
+pub use plan::{Func, KpiDef, KpiError, MemberSet};
 use plan::{StateCol, quote};
 
 use crate::event::event_schema;
@@ -57,7 +58,8 @@ impl Default for KpiConfig {
 struct Kpi {
     def: KpiDef,
     partial: Arc<dyn ExecutionPlan>,
-    distinct: Vec<(usize, Arc<dyn ExecutionPlan>)>,
+    /// One per membership set, in [`KpiDef::sets`] order.
+    sets: Vec<Arc<dyn ExecutionPlan>>,
 }
 
 /// Every KPI, planned once.
@@ -81,7 +83,8 @@ pub struct KpiDelta {
     pub kpi: usize,
     /// keys and partial measures, one row per key.
     pub partial: RecordBatch,
-    /// per count(DISTINCT) measure: (keys, value) pairs.
+    /// per membership set (index into [`KpiDef::sets`]): rows of keys,
+    /// member `v` and flags `f`, one per (keys, member).
     pub distinct: Vec<(usize, RecordBatch)>,
 }
 
@@ -89,6 +92,12 @@ pub struct KpiDelta {
 #[derive(Debug, Clone)]
 pub struct MergeStep {
     pub kpi: String,
+    /// The temporary staging table.
+    pub stage: String,
+    /// Creates `stage` if this session has not yet. It is `ON COMMIT DELETE
+    /// ROWS`, and each stage serves one step per batch transaction, so it is
+    /// empty whenever a batch starts: no TRUNCATE, which costs a new file per
+    /// table per batch (a fifth of a small batch's time in Postgres).
     pub stage_ddl: String,
     pub copy_sql: String,
     pub batch: RecordBatch,
@@ -165,11 +174,7 @@ impl KpiEngine {
             let file = path.display().to_string();
             match plan::analyse(&ctx, &file, &name, &sql).await {
                 Ok(def) => match Self::physical(&ctx, &def).await {
-                    Ok((partial, distinct)) => kpis.push(Kpi {
-                        def,
-                        partial,
-                        distinct,
-                    }),
+                    Ok((partial, sets)) => kpis.push(Kpi { def, partial, sets }),
                     Err(e) => errors.push(KpiError {
                         file,
                         construct: format!("planning failed: {e}"),
@@ -201,17 +206,20 @@ impl KpiEngine {
     async fn physical(
         ctx: &SessionContext,
         def: &KpiDef,
-    ) -> datafusion::error::Result<(Arc<dyn ExecutionPlan>, Vec<(usize, Arc<dyn ExecutionPlan>)>)>
-    {
+    ) -> datafusion::error::Result<(Arc<dyn ExecutionPlan>, Vec<Arc<dyn ExecutionPlan>>)> {
         let state = ctx.state();
         let partial = state
             .create_physical_plan(&state.optimize(&def.partial)?)
             .await?;
-        let mut distinct = Vec::new();
-        for (i, p) in &def.distinct {
-            distinct.push((*i, state.create_physical_plan(&state.optimize(p)?).await?));
+        let mut sets = Vec::new();
+        for set in &def.sets {
+            sets.push(
+                state
+                    .create_physical_plan(&state.optimize(&set.plan)?)
+                    .await?,
+            );
         }
-        Ok((partial, distinct))
+        Ok((partial, sets))
     }
 
     pub fn defs(&self) -> impl Iterator<Item = &KpiDef> {
@@ -290,11 +298,11 @@ impl KpiEngine {
                 let cols = k.def.partial_cols();
                 let partial = self.run(&k.partial, &cols).await?;
                 let mut distinct = Vec::new();
-                for (m, plan) in &k.distinct {
-                    let member = k.def.measures[*m].member.clone().expect("distinct member");
+                for (s, (set, plan)) in k.def.sets.iter().zip(&k.sets).enumerate() {
                     let mut cols = keys.clone();
-                    cols.push(member);
-                    distinct.push((*m, self.run(plan, &cols).await?));
+                    cols.push(set.member.clone());
+                    cols.push(flags_col());
+                    distinct.push((s, self.run(plan, &cols).await?));
                 }
                 out.push(KpiDelta {
                     kpi: i,
@@ -345,9 +353,9 @@ impl KpiEngine {
             if d.partial.num_rows() > 0 {
                 steps.push(main_merge(def, d.partial, suffix));
             }
-            for (m, batch) in d.distinct {
+            for (set, batch) in d.distinct {
                 if batch.num_rows() > 0 {
-                    steps.push(distinct_merge(def, m, batch, suffix));
+                    steps.push(distinct_merge(def, set, batch, suffix));
                 }
             }
         }
@@ -373,8 +381,19 @@ pub fn state_table(def: &KpiDef, suffix: &str) -> String {
     format!("kpi_state_{}{suffix}", def.name)
 }
 
-pub fn members_table(def: &KpiDef, measure: usize, suffix: &str) -> String {
-    format!("kpi_members_{}_m{measure}{suffix}", def.name)
+/// The membership table of set `set` (`_m<i>` tables are the layout before
+/// membership sets, dropped when a KPI is rebuilt).
+pub fn members_table(def: &KpiDef, set: usize, suffix: &str) -> String {
+    format!("kpi_members_{}_s{set}{suffix}", def.name)
+}
+
+/// The flags column of a membership set's batch rows.
+fn flags_col() -> StateCol {
+    StateCol {
+        name: "f".into(),
+        data_type: datafusion::arrow::datatypes::DataType::Int32,
+        pg_type: "integer".into(),
+    }
 }
 
 /// DDL of a KPI's state and membership tables (with a name suffix, for backfills).
@@ -409,15 +428,16 @@ pub fn create_tables_sql(def: &KpiDef, suffix: &str) -> String {
         cols.join(", "),
         key_list(def)
     );
-    for (i, m) in def.measures.iter().enumerate() {
-        if let Some(member) = &m.member {
-            let t = members_table(def, i, suffix);
-            sql.push_str(&format!(
-                "CREATE TABLE IF NOT EXISTS {t} ({}, CONSTRAINT {t}_keys UNIQUE NULLS NOT DISTINCT ({}, v));\n",
-                col_defs(def.keys.iter().map(|k| &k.col).chain([member])),
-                key_list(def)
-            ));
-        }
+    // `added` holds the flags the last write set that were not set before:
+    // RETURNING sees only the new row, and the merge counts new bits.
+    for (i, set) in def.sets.iter().enumerate() {
+        let t = members_table(def, i, suffix);
+        sql.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {t} ({}, f integer NOT NULL, added integer NOT NULL, \
+             CONSTRAINT {t}_keys UNIQUE NULLS NOT DISTINCT ({}, v));\n",
+            col_defs(def.keys.iter().map(|k| &k.col).chain([&set.member])),
+            key_list(def)
+        ));
     }
     sql
 }
@@ -495,8 +515,9 @@ fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
     sets.push("updated_at = now()".into());
     MergeStep {
         kpi: def.name.clone(),
+        stage: stage.clone(),
         stage_ddl: format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({cols}) ON COMMIT DELETE ROWS; TRUNCATE {stage}"
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({cols}) ON COMMIT DELETE ROWS"
         ),
         copy_sql: format!(
             "COPY {stage} ({}) FROM STDIN (FORMAT binary)",
@@ -514,28 +535,51 @@ fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
     }
 }
 
-fn distinct_merge(def: &KpiDef, measure: usize, batch: RecordBatch, suffix: &str) -> MergeStep {
-    let stage = stage_name(def, &format!("m{measure}"));
-    let members = members_table(def, measure, suffix);
+fn distinct_merge(def: &KpiDef, set: usize, batch: RecordBatch, suffix: &str) -> MergeStep {
+    let stage = stage_name(def, &format!("s{set}"));
+    let members = members_table(def, set, suffix);
     let state = state_table(def, suffix);
-    let member = def.measures[measure]
-        .member
-        .as_ref()
-        .expect("distinct member");
+    let s = &def.sets[set];
     let keys = key_list(def);
-    let m = quote(&format!("m{measure}"));
+    let mut counts = Vec::new();
+    let mut cols = Vec::new();
+    let mut sets = Vec::new();
+    for (j, m) in s.measures.iter().enumerate() {
+        let c = quote(&format!("m{m}"));
+        counts.push(format!(
+            "count(*) FILTER (WHERE added & {} <> 0)",
+            1i64 << j
+        ));
+        sets.push(format!("{c} = s.{c} + EXCLUDED.{c}"));
+        cols.push(c);
+    }
+    sets.push("updated_at = now()".into());
+    // A member's row is written only when it brings a flag not yet stored;
+    // ON CONFLICT DO UPDATE locks and re-reads the row, so a concurrent
+    // consumer's flags are never counted twice.
     MergeStep {
         kpi: def.name.clone(),
+        stage: stage.clone(),
         stage_ddl: format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS; TRUNCATE {stage}",
-            col_defs(def.keys.iter().map(|k| &k.col).chain([member]))
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
+            col_defs(
+                def.keys
+                    .iter()
+                    .map(|k| &k.col)
+                    .chain([&s.member, &flags_col()])
+            )
         ),
-        copy_sql: format!("COPY {stage} ({keys}, v) FROM STDIN (FORMAT binary)"),
+        copy_sql: format!("COPY {stage} ({keys}, v, f) FROM STDIN (FORMAT binary)"),
         merge_sql: format!(
-            "WITH new AS (INSERT INTO {members} ({keys}, v) SELECT {keys}, v FROM {stage} ORDER BY {keys}, v \
-               ON CONFLICT ON CONSTRAINT {members}_keys DO NOTHING RETURNING {keys}) \
-             INSERT INTO {state} AS s ({keys}, {m}) SELECT {keys}, count(*) FROM new GROUP BY {keys} ORDER BY {keys} \
-             ON CONFLICT ON CONSTRAINT {state}_keys DO UPDATE SET {m} = s.{m} + EXCLUDED.{m}, updated_at = now()"
+            "WITH new AS (INSERT INTO {members} AS m ({keys}, v, f, added) \
+               SELECT {keys}, v, f, f FROM {stage} ORDER BY {keys}, v \
+               ON CONFLICT ON CONSTRAINT {members}_keys DO UPDATE SET f = m.f | EXCLUDED.f, added = EXCLUDED.f & ~m.f \
+               WHERE EXCLUDED.f & ~m.f <> 0 RETURNING {keys}, added) \
+             INSERT INTO {state} AS s ({keys}, {cols}) SELECT {keys}, {counts} FROM new GROUP BY {keys} ORDER BY {keys} \
+             ON CONFLICT ON CONSTRAINT {state}_keys DO UPDATE SET {sets}",
+            cols = cols.join(", "),
+            counts = counts.join(", "),
+            sets = sets.join(", "),
         ),
         batch,
     }
@@ -617,7 +661,9 @@ fn kpi_err(e: impl std::fmt::Display) -> SinkError {
 async fn run_steps(tx: &Transaction<'_>, steps: &[MergeStep]) -> Result<u64, SinkError> {
     let mut n = 0;
     for step in steps {
-        tx.batch_execute(&step.stage_ddl).await?;
+        // A backfill's transaction uses each stage once per chunk.
+        tx.batch_execute(&format!("{}; TRUNCATE {}", step.stage_ddl, step.stage))
+            .await?;
         sink::copy_in(tx, &step.copy_sql, &step.batch).await?;
         n += tx.execute(&step.merge_sql, &[]).await?;
     }
@@ -697,13 +743,7 @@ async fn install_locked(
 /// True when the KPI's view, state table and membership tables all exist.
 async fn relations_exist(client: &Client, def: &KpiDef) -> Result<bool, SinkError> {
     let mut names = vec![quote(&def.name), state_table(def, "")];
-    names.extend(
-        def.measures
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.member.is_some())
-            .map(|(i, _)| members_table(def, i, "")),
-    );
+    names.extend((0..def.sets.len()).map(|i| members_table(def, i, "")));
     let missing: i64 = client
         .query_one(
             "SELECT count(*) FROM unnest($1::text[]) n WHERE to_regclass(n) IS NULL",
@@ -749,13 +789,11 @@ pub async fn backfill(
     swap.push_str(&format!(
         "ALTER TABLE {state}{new} RENAME TO {state};\nALTER TABLE {state} RENAME CONSTRAINT {state}{new}_keys TO {state}_keys;\n"
     ));
-    for (i, m) in def.measures.iter().enumerate() {
-        if m.member.is_some() {
-            let t = members_table(def, i, "");
-            swap.push_str(&format!(
-                "ALTER TABLE {t}{new} RENAME TO {t};\nALTER TABLE {t} RENAME CONSTRAINT {t}{new}_keys TO {t}_keys;\n"
-            ));
-        }
+    for i in 0..def.sets.len() {
+        let t = members_table(def, i, "");
+        swap.push_str(&format!(
+            "ALTER TABLE {t}{new} RENAME TO {t};\nALTER TABLE {t} RENAME CONSTRAINT {t}{new}_keys TO {t}_keys;\n"
+        ));
     }
     swap.push_str(&create_view_sql(def));
     tx.batch_execute(&swap).await?;
@@ -770,13 +808,13 @@ pub async fn backfill(
 }
 
 /// DROP statements for a KPI's state table and every membership table it has,
-/// including those of an older definition.
+/// including those of an older definition or storage layout (`_m<i>`, `_s<i>`).
 async fn drop_tables_sql(
     tx: &Transaction<'_>,
     def: &KpiDef,
     suffix: &str,
 ) -> Result<String, SinkError> {
-    let prefix = format!("kpi_members_{}_m", def.name);
+    let prefix = format!("kpi_members_{}_", def.name);
     let tables: Vec<String> = tx
         .query(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND left(tablename, length($1)) = $1",
@@ -787,7 +825,10 @@ async fn drop_tables_sql(
         .map(|r| r.get::<_, String>(0))
         .filter(|t| {
             let rest = &t[prefix.len()..];
-            let digits = rest.trim_end_matches(suffix);
+            let digits = rest
+                .trim_end_matches(suffix)
+                .strip_prefix(['m', 's'])
+                .unwrap_or_default();
             (suffix.is_empty() || rest.ends_with(suffix))
                 && !digits.is_empty()
                 && digits.chars().all(|c| c.is_ascii_digit())
@@ -853,46 +894,77 @@ pub async fn verify(
             .map(|k| format!("e.{}", quote(&k.col.name)))
             .collect();
         let mut actual: Vec<String> = def.keys.iter().map(|k| quote(&k.col.name)).collect();
-        if let Some(d) = delta.into_iter().next() {
-            if d.partial.num_rows() > 0 {
+        // No events: no delta, and every membership table stays empty.
+        let (partial, distinct): (_, Vec<(usize, Option<RecordBatch>)>) =
+            match delta.into_iter().next() {
+                Some(d) => (
+                    Some(d.partial),
+                    d.distinct.into_iter().map(|(s, b)| (s, Some(b))).collect(),
+                ),
+                None => (None, (0..def.sets.len()).map(|s| (s, None)).collect()),
+            };
+        {
+            if let Some(p) = partial.filter(|p| p.num_rows() > 0) {
                 sink::copy_in(
                     &tx,
                     &format!("COPY {exp_main} FROM STDIN (FORMAT binary)"),
-                    &d.partial,
+                    &p,
                 )
                 .await?;
             }
-            for (m, batch) in &d.distinct {
-                let member = def.measures[*m].member.as_ref().expect("member");
-                let t = format!("verify_{}_m{m}", def.name);
+            for (s, batch) in &distinct {
+                let set = &def.sets[*s];
+                let t = format!("verify_{}_s{s}", def.name);
                 tx.batch_execute(&format!(
                     "CREATE TEMP TABLE {t} ({}) ON COMMIT DROP",
-                    col_defs(def.keys.iter().map(|k| &k.col).chain([member]))
+                    col_defs(
+                        def.keys
+                            .iter()
+                            .map(|k| &k.col)
+                            .chain([&set.member, &flags_col()])
+                    )
                 ))
                 .await?;
-                if batch.num_rows() > 0 {
+                if let Some(batch) = batch.as_ref().filter(|b| b.num_rows() > 0) {
                     sink::copy_in(&tx, &format!("COPY {t} FROM STDIN (FORMAT binary)"), batch)
                         .await?;
                 }
+                let counts: Vec<String> = set
+                    .measures
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| {
+                        format!(
+                            "count(*) FILTER (WHERE f & {} <> 0)::bigint AS n{m}",
+                            1i64 << j
+                        )
+                    })
+                    .collect();
                 ctes.push(format!(
-                    "d{m} AS (SELECT {keys}, count(*)::bigint AS n FROM {t} GROUP BY {keys})"
+                    "d{s} AS (SELECT {keys}, {} FROM {t} GROUP BY {keys})",
+                    counts.join(", ")
                 ));
                 let on: Vec<String> = def
                     .keys
                     .iter()
                     .map(|k| {
                         let c = quote(&k.col.name);
-                        format!("e.{c} IS NOT DISTINCT FROM d{m}.{c}")
+                        format!("e.{c} IS NOT DISTINCT FROM d{s}.{c}")
                     })
                     .collect();
-                joins.push_str(&format!(" LEFT JOIN d{m} ON {}", on.join(" AND ")));
+                joins.push_str(&format!(" LEFT JOIN d{s} ON {}", on.join(" AND ")));
             }
         }
         for (i, m) in def.measures.iter().enumerate() {
             for c in &m.cols {
                 let n = quote(&c.name);
                 if m.func == Func::CountDistinct {
-                    select.push(format!("coalesce(d{i}.n, 0) AS {n}"));
+                    let s = def
+                        .sets
+                        .iter()
+                        .position(|set| set.measures.contains(&i))
+                        .expect("every distinct measure is in a set");
+                    select.push(format!("coalesce(d{s}.n{i}, 0) AS {n}"));
                 } else {
                     select.push(format!("e.{n}"));
                 }

@@ -7,10 +7,12 @@ use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::Column;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::functions_aggregate::count::count_udaf;
+use datafusion::functions_aggregate::expr_fn::bit_or;
 use datafusion::functions_aggregate::sum::sum_udaf;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, BinaryExpr, Expr, LogicalPlan, LogicalPlanBuilder, Operator, Volatility,
+    Aggregate, BinaryExpr, Expr, LogicalPlan, LogicalPlanBuilder, Operator, Volatility, bitwise_or,
+    lit, when,
 };
 use datafusion::prelude::SessionContext;
 use datafusion::sql::unparser::Unparser;
@@ -110,9 +112,33 @@ pub struct KpiDef {
     pub outputs: Vec<Output>,
     /// keys k0.. then every non-distinct measure's state columns, per batch.
     pub(crate) partial: LogicalPlan,
-    /// Per count(DISTINCT) measure index: keys k0.. then the value `v`.
-    pub(crate) distinct: Vec<(usize, LogicalPlan)>,
+    /// The membership sets of the count(DISTINCT) measures.
+    pub sets: Vec<MemberSet>,
 }
+
+/// The count(DISTINCT) measures of one KPI that count the same expression
+/// share one membership table, `(keys…, v, f)`: the member `v` under the keys,
+/// and in the flags `f` the measures (bit `1 << j` for `measures[j]`) whose
+/// FILTER it has passed. A funnel's five stages then cost one index entry per
+/// (day, customer), not five.
+#[derive(Debug, Clone)]
+pub struct MemberSet {
+    /// Indexes into [`KpiDef::measures`], at most [`MAX_SET_MEASURES`].
+    pub measures: Vec<usize>,
+    /// The type of the counted expression, column `v`.
+    pub member: StateCol,
+    /// Per batch: keys k0.., the member `v` and its flags `f`, one row per
+    /// (keys, member).
+    pub(crate) plan: LogicalPlan,
+}
+
+/// Flags are a Postgres integer; more measures over one expression take
+/// another set.
+pub const MAX_SET_MEASURES: usize = 31;
+
+/// Part of every KPI's hash: a change of how KPIs are stored makes every
+/// installed KPI rebuild from `events` at the next `migrate` or start.
+const STORAGE_LAYOUT: &str = "member-sets/1";
 
 impl KpiDef {
     /// The columns of a batch's partial rows, in the order the partial plan
@@ -284,7 +310,7 @@ pub async fn analyse(
 
     let analysed = Analysed::new(&c, agg)?;
     let partial = analysed.partial_plan(&c, agg)?;
-    let distinct = analysed.distinct_plans(&c, agg)?;
+    let set_plans = analysed.member_sets(&c, agg)?;
     let schema = partial.schema().clone();
     let state_col = |name: &str| -> Result<StateCol, KpiError> {
         let (_, f) = schema
@@ -320,19 +346,11 @@ pub async fn analyse(
         };
         let member = match m.func {
             Func::CountDistinct => {
-                let plan = &distinct.iter().find(|(j, _)| *j == i).expect("planned").1;
-                let (_, f) = plan
-                    .schema()
-                    .qualified_field_with_unqualified_name("v")
-                    .map_err(|e| c.err(format!("internal planning error: {e}"), ""))?;
-                let data_type = copy_type(f.data_type());
-                Some(StateCol {
-                    name: "v".into(),
-                    pg_type: pg_type(&data_type).ok_or_else(|| {
-                        c.err(format!("count(DISTINCT) over type {}", f.data_type()), "")
-                    })?,
-                    data_type,
-                })
+                let (_, plan) = set_plans
+                    .iter()
+                    .find(|(ms, _)| ms.contains(&i))
+                    .expect("planned");
+                Some(member_col(&c, plan)?)
             }
             _ => None,
         };
@@ -357,12 +375,36 @@ pub async fn analyse(
         name: name.to_string(),
         description: description(sql),
         sql: sql.to_string(),
-        hash: hash(sql),
+        hash: hash(&format!("{STORAGE_LAYOUT}\n{sql}")),
         keys,
         measures,
         outputs,
         partial,
-        distinct,
+        sets: set_plans
+            .into_iter()
+            .map(|(measures, plan)| {
+                Ok(MemberSet {
+                    measures,
+                    member: member_col(&c, &plan)?,
+                    plan,
+                })
+            })
+            .collect::<Result<_, KpiError>>()?,
+    })
+}
+
+/// The column `v` of a membership plan.
+fn member_col(c: &Ctx<'_>, plan: &LogicalPlan) -> Result<StateCol, KpiError> {
+    let (_, f) = plan
+        .schema()
+        .qualified_field_with_unqualified_name("v")
+        .map_err(|e| c.err(format!("internal planning error: {e}"), ""))?;
+    let data_type = copy_type(f.data_type());
+    Ok(StateCol {
+        name: "v".into(),
+        pg_type: pg_type(&data_type)
+            .ok_or_else(|| c.err(format!("count(DISTINCT) over type {}", f.data_type()), ""))?,
+        data_type,
     })
 }
 
@@ -599,30 +641,64 @@ impl Analysed {
             .map_err(|e| Self::planning_error(c, e))
     }
 
-    fn distinct_plans(
+    /// One plan per membership set: the distinct measures grouped by the
+    /// expression they count, each measure one bit of the flags.
+    fn member_sets(
         &self,
         c: &Ctx<'_>,
         agg: &Aggregate,
-    ) -> Result<Vec<(usize, LogicalPlan)>, KpiError> {
-        let mut out = Vec::new();
+    ) -> Result<Vec<(Vec<usize>, LogicalPlan)>, KpiError> {
+        let mut groups: Vec<(Expr, Vec<usize>)> = Vec::new();
         for (i, m) in self.measures.iter().enumerate() {
             if m.func != Func::CountDistinct {
                 continue;
             }
-            let p = &m.agg.params;
-            let arg = p.args[0].clone();
-            let mut cond = arg.clone().is_not_null();
-            if let Some(f) = &p.filter {
-                cond = cond.and(f.as_ref().clone());
+            let arg = &m.agg.params.args[0];
+            match groups
+                .iter_mut()
+                .find(|(a, ms)| a == arg && ms.len() < MAX_SET_MEASURES)
+            {
+                Some((_, ms)) => ms.push(i),
+                None => groups.push((arg.clone(), vec![i])),
             }
+        }
+        let mut out = Vec::new();
+        for (arg, measures) in groups {
+            let mut any: Option<Expr> = None;
+            let mut flags: Option<Expr> = None;
+            for (j, &i) in measures.iter().enumerate() {
+                let bit = lit(1i32 << j);
+                let (cond, flag) = match &self.measures[i].agg.params.filter {
+                    Some(f) => {
+                        let f = f.as_ref().clone();
+                        // FILTER treats NULL as false, and so does CASE.
+                        let flag = when(f.clone(), bit)
+                            .otherwise(lit(0i32))
+                            .map_err(|e| Self::planning_error(c, e))?;
+                        (f, flag)
+                    }
+                    None => (lit(true), bit),
+                };
+                any = Some(any.map_or(cond.clone(), |a| a.or(cond)));
+                flags = Some(flags.map_or(flag.clone(), |x| bitwise_or(x, flag)));
+            }
+            let cond = arg
+                .clone()
+                .is_not_null()
+                .and(any.expect("a set has a measure"));
             let mut group = Self::keys(agg);
             group.push(arg.alias("v"));
             let plan = LogicalPlanBuilder::from(agg.input.as_ref().clone())
                 .filter(cond)
-                .and_then(|b| b.aggregate(group, Vec::<Expr>::new()))
+                .and_then(|b| {
+                    b.aggregate(
+                        group,
+                        vec![bit_or(flags.expect("a set has a measure")).alias("f")],
+                    )
+                })
                 .and_then(|b| b.build())
                 .map_err(|e| Self::planning_error(c, e))?;
-            out.push((i, plan));
+            out.push((measures, plan));
         }
         Ok(out)
     }
