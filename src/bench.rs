@@ -44,6 +44,8 @@ pub struct BenchConfig {
 #[derive(Debug, Clone, Default)]
 pub struct BenchReport {
     pub events: u64,
+    /// The extra arguments `run` had (e.g. `--no-kpis`), for the report.
+    pub run_args: Vec<String>,
     pub pipeline_secs: f64,
     pub ceiling_a_secs: f64,
     pub ceiling_b_secs: f64,
@@ -58,6 +60,113 @@ pub struct LatencyReport {
     pub secs: u64,
     pub run_summary: String,
     pub peak_rss_mb: f64,
+    /// End-to-end latency after the warm-up, from `run`'s histogram.
+    pub steady: Option<SteadyLatency>,
+}
+
+/// Seconds at the start of the latency run left out of the steady-state figures.
+const LATENCY_WARM_UP_SECS: u64 = 5;
+
+/// End-to-end latency of the batches committed after the warm-up, from the
+/// difference of two scrapes of `energy_stream_end_to_end_latency_seconds`.
+/// Quantiles are interpolated within buckets, as Prometheus'
+/// `histogram_quantile` does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteadyLatency {
+    pub warm_up_secs: u64,
+    pub batches: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Share of those batches at or under 750 ms (the default 500 ms
+    /// `batch-max-wait` + 250 ms).
+    pub share_within_750ms: f64,
+}
+
+impl SteadyLatency {
+    /// `before` and `after` are cumulative (upper bound in seconds, count) buckets.
+    fn between(before: &[(f64, f64)], after: &[(f64, f64)], warm_up_secs: u64) -> Self {
+        let buckets: Vec<(f64, f64)> = after
+            .iter()
+            .map(|&(le, n)| {
+                let was = before
+                    .iter()
+                    .find(|(l, _)| *l == le)
+                    .map_or(0.0, |(_, n)| *n);
+                (le, n - was)
+            })
+            .collect();
+        let total = buckets.last().map_or(0.0, |b| b.1);
+        let quantile = |q: f64| -> f64 {
+            if total == 0.0 {
+                return f64::NAN;
+            }
+            let rank = q * total;
+            let mut prev = (0.0, 0.0);
+            for &(le, n) in &buckets {
+                if n >= rank {
+                    if le.is_infinite() {
+                        return prev.0 * 1000.0;
+                    }
+                    let within = (rank - prev.1) / (n - prev.1).max(f64::MIN_POSITIVE);
+                    return (prev.0 + (le - prev.0) * within) * 1000.0;
+                }
+                prev = (le, n);
+            }
+            f64::NAN
+        };
+        let within = buckets
+            .iter()
+            .find(|(le, _)| (*le - 0.75).abs() < 1e-9)
+            .map_or(f64::NAN, |(_, n)| n / total);
+        SteadyLatency {
+            warm_up_secs,
+            batches: total,
+            p50_ms: quantile(0.5),
+            p99_ms: quantile(0.99),
+            share_within_750ms: within,
+        }
+    }
+}
+
+/// The cumulative buckets of the end-to-end latency histogram at `addr`.
+async fn scrape_e2e(addr: std::net::SocketAddr) -> anyhow::Result<Vec<(f64, f64)>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await?;
+    let buckets = parse_buckets(&body, crate::telemetry::END_TO_END_LATENCY);
+    if buckets.is_empty() {
+        bail!(
+            "no {} buckets at {addr}",
+            crate::telemetry::END_TO_END_LATENCY
+        );
+    }
+    Ok(buckets)
+}
+
+/// `name_bucket{le="x"} n` lines of a Prometheus text exposition.
+fn parse_buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, n) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// A loopback address with a port free right now.
+fn free_loopback_addr() -> anyhow::Result<std::net::SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
 }
 
 impl BenchReport {
@@ -83,9 +192,14 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "| measure | value |")?;
         writeln!(f, "|---|---|")?;
         writeln!(f, "| events | {} |", self.events)?;
+        let run = if self.run_args.is_empty() {
+            "`run`, defaults, every KPI file".to_string()
+        } else {
+            format!("`run {}`", self.run_args.join(" "))
+        };
         writeln!(
             f,
-            "| pipeline (`run`, all KPIs, start → caught up) | {:.0} events/s ({:.2} s) |",
+            "| pipeline ({run}, start → caught up) | {:.0} events/s ({:.2} s) |",
             self.pipeline_rate(),
             self.pipeline_secs
         )?;
@@ -111,6 +225,17 @@ impl std::fmt::Display for BenchReport {
                 "| latency run: {:.0} events/s for {} s | {} (peak RSS {:.0} MB) |",
                 l.rate, l.secs, l.run_summary, l.peak_rss_mb
             )?;
+            if let Some(s) = &l.steady {
+                writeln!(
+                    f,
+                    "| latency run after the first {} s ({:.0} batches) | end-to-end p50 {:.0} ms, p99 {:.0} ms; {:.1}% of batches within 750 ms |",
+                    s.warm_up_secs,
+                    s.batches,
+                    s.p50_ms,
+                    s.p99_ms,
+                    s.share_within_750ms * 100.0
+                )?;
+            }
         }
         Ok(())
     }
@@ -194,11 +319,13 @@ fn spawn_run(
     group: &str,
     db_url: &str,
     stop_when_caught_up: bool,
+    metrics: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe().context("cannot find the energy-stream binary")?;
     let mut c = Command::new(exe);
     c.args(["run", "--brokers", &cfg.brokers, "--topic", topic])
-        .args(["--group-id", group, "--metrics-addr", "off"])
+        .args(["--group-id", group, "--metrics-addr"])
+        .arg(metrics.map_or("off".to_string(), |a| a.to_string()))
         .arg("--queries-dir")
         .arg(&cfg.queries_dir)
         .args(&cfg.run_args);
@@ -308,7 +435,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
 
     // 2. The pipeline, start to caught up.
     let started = Instant::now();
-    let child = spawn_run(&cfg, &topic, &format!("bench-{stamp}"), &db_url, true)?;
+    let child = spawn_run(&cfg, &topic, &format!("bench-{stamp}"), &db_url, true, None)?;
     let outcome = tokio::task::spawn_blocking(move || wait_run(child, started)).await??;
     eprintln!("bench: run {}", outcome.summary);
     let mut client = crate::sink::connect(&db).await?;
@@ -346,6 +473,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
 
     let mut report = BenchReport {
         events: cfg.events,
+        run_args: cfg.run_args.clone(),
         pipeline_secs: outcome.elapsed.as_secs_f64(),
         ceiling_a_secs,
         ceiling_b_secs,
@@ -370,6 +498,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
             .await?;
         let mut ldb = server.clone();
         ldb.dbname(format!("{db_name}_latency"));
+        let metrics_addr = free_loopback_addr()?;
         let started = Instant::now();
         let child = spawn_run(
             &cfg,
@@ -377,10 +506,11 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
             &format!("bench-lat-{stamp}"),
             &url_of(&ldb),
             false,
+            Some(metrics_addr),
         )?;
         let pid = child.id() as libc::pid_t;
         let waiter = tokio::task::spawn_blocking(move || wait_run(child, started));
-        // Let the consumer join before the clock starts.
+        // Let the consumer join before the producer starts.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let stop = Arc::new(AtomicBool::new(false));
         let pc = ProduceConfig {
@@ -394,11 +524,25 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         };
         let s = stop.clone();
         let producer = tokio::task::spawn_blocking(move || produce(&pc, &s, Metrics::new()));
-        tokio::time::sleep(Duration::from_secs(cfg.latency_secs)).await;
+        // A fresh producer's first messages wait for its connection and
+        // producer id, and the consumer's first fetches for the group: the
+        // steady state is measured after that, from `run`'s own histogram.
+        let warm_up = Duration::from_secs(LATENCY_WARM_UP_SECS.min(cfg.latency_secs / 2));
+        tokio::time::sleep(warm_up).await;
+        let before = scrape_e2e(metrics_addr).await;
+        tokio::time::sleep(Duration::from_secs(cfg.latency_secs) - warm_up).await;
         stop.store(true, Ordering::Relaxed);
         producer.await??;
         // Give the last batch its linger and commit, then stop `run` cleanly.
         tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = scrape_e2e(metrics_addr).await;
+        let steady = match (before, after) {
+            (Ok(b), Ok(a)) => Some(SteadyLatency::between(&b, &a, warm_up.as_secs())),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("bench: cannot read the latency histogram of `run`: {e:#}");
+                None
+            }
+        };
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let outcome = waiter.await??;
@@ -407,6 +551,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
             secs: cfg.latency_secs,
             run_summary: outcome.summary,
             peak_rss_mb: outcome.peak_rss_mb,
+            steady,
         });
         admin
             .batch_execute(&format!(
@@ -443,5 +588,32 @@ mod tests {
         let back: tokio_postgres::Config = url.parse().unwrap();
         assert_eq!(back.get_password(), Some(&b"p@ss:w/rd"[..]));
         assert_eq!(back.get_user(), Some("app user"));
+    }
+
+    #[test]
+    fn steady_latency_counts_only_batches_after_the_warm_up() {
+        let metrics = Metrics::new();
+        let exposition = |m: &Metrics| {
+            use prometheus::Encoder;
+            let mut buf = Vec::new();
+            prometheus::TextEncoder::new()
+                .encode(&m.registry.gather(), &mut buf)
+                .unwrap();
+            String::from_utf8(buf).unwrap()
+        };
+        // Warm-up: two slow batches.
+        metrics.end_to_end_latency.observe(1.8);
+        metrics.end_to_end_latency.observe(1.1);
+        let before = parse_buckets(&exposition(&metrics), crate::telemetry::END_TO_END_LATENCY);
+        for _ in 0..99 {
+            metrics.end_to_end_latency.observe(0.65);
+        }
+        metrics.end_to_end_latency.observe(0.85);
+        let after = parse_buckets(&exposition(&metrics), crate::telemetry::END_TO_END_LATENCY);
+        let s = SteadyLatency::between(&before, &after, 5);
+        assert_eq!(s.batches, 100.0);
+        assert!((s.share_within_750ms - 0.99).abs() < 1e-9, "{s:?}");
+        assert!(s.p50_ms > 600.0 && s.p50_ms <= 700.0, "{s:?}");
+        assert!(s.p99_ms > 600.0 && s.p99_ms <= 700.0, "{s:?}");
     }
 }

@@ -452,10 +452,12 @@ impl KafkaSource {
             .set("fetch.queue.backoff.ms", "20")
             .set("fetch.max.bytes", "16777216")
             .set("fetch.message.max.bytes", "4194304")
-            // librdkafka's 500 ms default is a floor on latency with brokers
-            // that hold a fetch for its whole wait (tansu does); a fetch every
-            // 100 ms on an idle partition costs nothing.
-            .set("fetch.wait.max.ms", "100")
+            // A broker that holds a fetch for its whole wait (tansu does)
+            // delivers a message about two waits after it was produced: 210 ms
+            // at 100 ms, 31 ms at 10 ms (BENCHMARKS.md). Kafka answers as soon
+            // as data arrives, so there this only sets how often an idle
+            // consumer asks: 40 times a second is nothing to a broker.
+            .set("fetch.wait.max.ms", "25")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");
         for (k, v) in &cfg.options {

@@ -121,7 +121,12 @@ impl Metrics {
                 END_TO_END_LATENCY,
                 "From the Kafka timestamp of a batch's oldest message to its Postgres commit (one sample per batch).",
             )
-            .buckets(secs),
+            // Finer around a second, where the latency target sits
+            // (batch-max-wait + 250 ms).
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ]),
         )
         .expect("valid metric");
         r.register(Box::new(e2e.clone())).expect("unique");
