@@ -613,3 +613,32 @@ async fn a_rolled_back_batch_leaves_nothing_staged_for_the_next() {
     stream(&mut c, &engine, &events, &[60]).await;
     assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
 }
+
+/// More distinct counts over one expression than a set's 31 flag bits: the
+/// rest go to another set, and every count stays exact.
+#[tokio::test]
+async fn more_than_31_distinct_counts_over_one_expression_take_two_sets() {
+    let measures: Vec<String> = (0..33)
+        .map(|j| {
+            format!("count(DISTINCT customer_id) FILTER (WHERE session_id % 33 = {j}) AS c{j}")
+        })
+        .collect();
+    let sql = format!(
+        "SELECT date_trunc('hour', event_time) AS hour, {} FROM events GROUP BY 1",
+        measures.join(", ")
+    );
+    let engine = KpiEngine::from_sources(vec![("many_sets.sql".into(), sql)], 256 << 20)
+        .await
+        .unwrap();
+    let sizes: Vec<usize> = engine
+        .def(0)
+        .sets
+        .iter()
+        .map(|s| s.measures.len())
+        .collect();
+    assert_eq!(sizes, vec![31, 2]);
+    let events = mixed_events(400, 9, 1);
+    let mut c = setup("many_sets", &engine).await;
+    stream(&mut c, &engine, &events, &[70, 13]).await;
+    assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
+}
