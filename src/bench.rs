@@ -386,13 +386,37 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         .batch_execute(&format!("CREATE DATABASE {db_name}"))
         .await
         .context("cannot create the bench database")?;
+    let dir = std::env::temp_dir().join(format!("energy-stream-bench-{stamp}"));
+    let result = race(&cfg, &server, &admin, &db_name, &stamp, &dir).await;
+    // Whatever happened (an unreachable broker, a failed `run`), leave no
+    // bench database and no generated files behind.
+    for db in [db_name.clone(), format!("{db_name}_latency")] {
+        if let Err(e) = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await
+        {
+            eprintln!("bench: cannot drop the bench database {db}: {e}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Steps 1 to 5 in the fresh database `db_name`.
+async fn race(
+    cfg: &BenchConfig,
+    server: &tokio_postgres::Config,
+    admin: &tokio_postgres::Client,
+    db_name: &str,
+    stamp: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<BenchReport> {
     let mut db = server.clone();
-    db.dbname(&db_name);
+    db.dbname(db_name);
     let db_url = url_of(&db);
 
     // 1. N events into a real broker topic.
-    let dir = std::env::temp_dir().join(format!("energy-stream-bench-{stamp}"));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir)?;
     let input = dir.join("events.jsonl");
     let gen_cfg = crate::generate::GenerateConfig {
         events: cfg.events,
@@ -435,7 +459,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
 
     // 2. The pipeline, start to caught up.
     let started = Instant::now();
-    let child = spawn_run(&cfg, &topic, &format!("bench-{stamp}"), &db_url, true, None)?;
+    let child = spawn_run(cfg, &topic, &format!("bench-{stamp}"), &db_url, true, None)?;
     let outcome = tokio::task::spawn_blocking(move || wait_run(child, started)).await??;
     eprintln!("bench: run {}", outcome.summary);
     let mut client = crate::sink::connect(&db).await?;
@@ -501,7 +525,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
         let metrics_addr = free_loopback_addr()?;
         let started = Instant::now();
         let child = spawn_run(
-            &cfg,
+            cfg,
             &topic,
             &format!("bench-lat-{stamp}"),
             &url_of(&ldb),
@@ -553,18 +577,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
             peak_rss_mb: outcome.peak_rss_mb,
             steady,
         });
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {db_name}_latency WITH (FORCE)"
-            ))
-            .await?;
     }
-
-    drop(client);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-        .await?;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }
 

@@ -1,5 +1,7 @@
 //! The binary's edges: start-up and shutdown when the world is not ready.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -132,4 +134,44 @@ fn passwords_never_appear_in_help_or_logs() {
         "the refusal does not echo it: {text}"
     );
     let _ = std::fs::remove_file(pw_file);
+}
+
+/// Regression: a bench that failed (here: no broker) left its database
+/// behind on the user's server.
+#[tokio::test]
+async fn a_failed_bench_leaves_no_database_behind() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = common::server_url();
+    let admin = common::client(&server.parse().unwrap()).await;
+    let bench_dbs = async || -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_database WHERE datname LIKE 'energy\\_stream\\_bench\\_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let before = bench_dbs().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["bench", "--events", "100", "--brokers"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("DATABASE_URL", &server)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("unreachable"), "{stderr}");
+    assert_eq!(
+        bench_dbs().await,
+        before,
+        "a bench database was left on the server"
+    );
 }
