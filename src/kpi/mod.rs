@@ -294,15 +294,11 @@ impl KpiEngine {
         let result = async {
             for i in which {
                 let k = &self.kpis[i];
-                let keys: Vec<StateCol> = k.def.keys.iter().map(|k| k.col.clone()).collect();
                 let cols = k.def.partial_cols();
                 let partial = self.run(&k.partial, &cols).await?;
                 let mut distinct = Vec::new();
-                for (s, (set, plan)) in k.def.sets.iter().zip(&k.sets).enumerate() {
-                    let mut cols = keys.clone();
-                    cols.push(set.member.clone());
-                    cols.push(flags_col());
-                    distinct.push((s, self.run(plan, &cols).await?));
+                for (s, plan) in k.sets.iter().enumerate() {
+                    distinct.push((s, self.run(plan, &set_cols(&k.def, s)).await?));
                 }
                 out.push(KpiDelta {
                     kpi: i,
@@ -387,13 +383,16 @@ pub fn members_table(def: &KpiDef, set: usize, suffix: &str) -> String {
     format!("kpi_members_{}_s{set}{suffix}", def.name)
 }
 
-/// The flags column of a membership set's batch rows.
-fn flags_col() -> StateCol {
-    StateCol {
+/// The columns of a membership set's batch rows: keys, member `v`, flags `f`.
+fn set_cols(def: &KpiDef, set: usize) -> Vec<StateCol> {
+    let mut cols: Vec<StateCol> = def.keys.iter().map(|k| k.col.clone()).collect();
+    cols.push(def.sets[set].member.clone());
+    cols.push(StateCol {
         name: "f".into(),
         data_type: datafusion::arrow::datatypes::DataType::Int32,
         pg_type: "integer".into(),
-    }
+    });
+    cols
 }
 
 /// DDL of a KPI's state and membership tables (with a name suffix, for backfills).
@@ -562,12 +561,7 @@ fn distinct_merge(def: &KpiDef, set: usize, batch: RecordBatch, suffix: &str) ->
         stage: stage.clone(),
         stage_ddl: format!(
             "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
-            col_defs(
-                def.keys
-                    .iter()
-                    .map(|k| &k.col)
-                    .chain([&s.member, &flags_col()])
-            )
+            col_defs(set_cols(def, set).iter())
         ),
         copy_sql: format!("COPY {stage} ({keys}, v, f) FROM STDIN (FORMAT binary)"),
         merge_sql: format!(
@@ -903,57 +897,49 @@ pub async fn verify(
                 ),
                 None => (None, (0..def.sets.len()).map(|s| (s, None)).collect()),
             };
-        {
-            if let Some(p) = partial.filter(|p| p.num_rows() > 0) {
-                sink::copy_in(
-                    &tx,
-                    &format!("COPY {exp_main} FROM STDIN (FORMAT binary)"),
-                    &p,
-                )
-                .await?;
+        if let Some(p) = partial.filter(|p| p.num_rows() > 0) {
+            sink::copy_in(
+                &tx,
+                &format!("COPY {exp_main} FROM STDIN (FORMAT binary)"),
+                &p,
+            )
+            .await?;
+        }
+        for (s, batch) in &distinct {
+            let set = &def.sets[*s];
+            let t = format!("verify_{}_s{s}", def.name);
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE {t} ({}) ON COMMIT DROP",
+                col_defs(set_cols(def, *s).iter())
+            ))
+            .await?;
+            if let Some(batch) = batch.as_ref().filter(|b| b.num_rows() > 0) {
+                sink::copy_in(&tx, &format!("COPY {t} FROM STDIN (FORMAT binary)"), batch).await?;
             }
-            for (s, batch) in &distinct {
-                let set = &def.sets[*s];
-                let t = format!("verify_{}_s{s}", def.name);
-                tx.batch_execute(&format!(
-                    "CREATE TEMP TABLE {t} ({}) ON COMMIT DROP",
-                    col_defs(
-                        def.keys
-                            .iter()
-                            .map(|k| &k.col)
-                            .chain([&set.member, &flags_col()])
+            let counts: Vec<String> = set
+                .measures
+                .iter()
+                .enumerate()
+                .map(|(j, m)| {
+                    format!(
+                        "count(*) FILTER (WHERE f & {} <> 0)::bigint AS n{m}",
+                        1i64 << j
                     )
-                ))
-                .await?;
-                if let Some(batch) = batch.as_ref().filter(|b| b.num_rows() > 0) {
-                    sink::copy_in(&tx, &format!("COPY {t} FROM STDIN (FORMAT binary)"), batch)
-                        .await?;
-                }
-                let counts: Vec<String> = set
-                    .measures
-                    .iter()
-                    .enumerate()
-                    .map(|(j, m)| {
-                        format!(
-                            "count(*) FILTER (WHERE f & {} <> 0)::bigint AS n{m}",
-                            1i64 << j
-                        )
-                    })
-                    .collect();
-                ctes.push(format!(
-                    "d{s} AS (SELECT {keys}, {} FROM {t} GROUP BY {keys})",
-                    counts.join(", ")
-                ));
-                let on: Vec<String> = def
-                    .keys
-                    .iter()
-                    .map(|k| {
-                        let c = quote(&k.col.name);
-                        format!("e.{c} IS NOT DISTINCT FROM d{s}.{c}")
-                    })
-                    .collect();
-                joins.push_str(&format!(" LEFT JOIN d{s} ON {}", on.join(" AND ")));
-            }
+                })
+                .collect();
+            ctes.push(format!(
+                "d{s} AS (SELECT {keys}, {} FROM {t} GROUP BY {keys})",
+                counts.join(", ")
+            ));
+            let on: Vec<String> = def
+                .keys
+                .iter()
+                .map(|k| {
+                    let c = quote(&k.col.name);
+                    format!("e.{c} IS NOT DISTINCT FROM d{s}.{c}")
+                })
+                .collect();
+            joins.push_str(&format!(" LEFT JOIN d{s} ON {}", on.join(" AND ")));
         }
         for (i, m) in def.measures.iter().enumerate() {
             for c in &m.cols {

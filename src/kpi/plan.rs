@@ -310,7 +310,17 @@ pub async fn analyse(
 
     let analysed = Analysed::new(&c, agg)?;
     let partial = analysed.partial_plan(&c, agg)?;
-    let set_plans = analysed.member_sets(&c, agg)?;
+    let sets = analysed
+        .member_sets(&c, agg)?
+        .into_iter()
+        .map(|(measures, plan)| {
+            Ok(MemberSet {
+                measures,
+                member: member_col(&c, &plan)?,
+                plan,
+            })
+        })
+        .collect::<Result<Vec<_>, KpiError>>()?;
     let schema = partial.schema().clone();
     let state_col = |name: &str| -> Result<StateCol, KpiError> {
         let (_, f) = schema
@@ -346,11 +356,11 @@ pub async fn analyse(
         };
         let member = match m.func {
             Func::CountDistinct => {
-                let (_, plan) = set_plans
+                let set = sets
                     .iter()
-                    .find(|(ms, _)| ms.contains(&i))
-                    .expect("planned");
-                Some(member_col(&c, plan)?)
+                    .find(|set| set.measures.contains(&i))
+                    .expect("every distinct measure is in a set");
+                Some(set.member.clone())
             }
             _ => None,
         };
@@ -380,16 +390,7 @@ pub async fn analyse(
         measures,
         outputs,
         partial,
-        sets: set_plans
-            .into_iter()
-            .map(|(measures, plan)| {
-                Ok(MemberSet {
-                    measures,
-                    member: member_col(&c, &plan)?,
-                    plan,
-                })
-            })
-            .collect::<Result<_, KpiError>>()?,
+        sets,
     })
 }
 
