@@ -175,3 +175,74 @@ async fn a_failed_bench_leaves_no_database_behind() {
         "a bench database was left on the server"
     );
 }
+
+/// The harness end to end on a real broker: every figure the issue asks for
+/// is reported, the bench database is dropped afterwards, and `--min-ratio`
+/// fails the command (exit 1) when the pipeline is below it.
+#[tokio::test]
+async fn bench_reports_every_figure_and_gates_on_the_ratio() {
+    let broker = common::Broker::get();
+    let server = common::server_url();
+    let admin = common::client(&server.parse().unwrap()).await;
+    let bench_dbs = async || -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_database WHERE datname LIKE 'energy\\_stream\\_bench\\_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let before = bench_dbs().await;
+    // No pipeline reaches 1000x a plain COPY: the gate must trip.
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args([
+            "bench",
+            "--events",
+            "3000",
+            "--partitions",
+            "2",
+            "--latency-secs",
+            "7",
+            "--min-ratio",
+            "1000",
+            "--brokers",
+            &broker.brokers,
+        ])
+        .env("DATABASE_URL", &server)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    for row in [
+        "| events | 3000 |",
+        "| pipeline (`run`, defaults, every KPI file, start → caught up) |",
+        "| ceiling A: COPY into `events` clone (PK + BRIN) |",
+        "| ceiling B: COPY into same columns, PK only |",
+        "| ratio to A |",
+        "| ratio to B |",
+        "| peak RSS of `run` |",
+        "batch_latency_ms_p50=",
+        "batch_latency_ms_p99=",
+        "| latency run: ",
+        "FAIL: the pipeline ran at",
+    ] {
+        assert!(
+            stdout.contains(row),
+            "missing {row:?} in:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(
+        stdout.contains("written=3000 rejected=0"),
+        "every generated event is valid and written: {stdout}"
+    );
+    assert_eq!(
+        bench_dbs().await,
+        before,
+        "the bench database was left on the server"
+    );
+}
