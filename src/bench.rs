@@ -379,7 +379,7 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
             c
         }
     };
-    let stamp = chrono::Utc::now().format("%Y%m%d%H%M%S").to_string();
+    let stamp = run_stamp();
     let db_name = format!("energy_stream_bench_{stamp}");
     let admin = crate::sink::connect(&server).await?;
     admin
@@ -400,6 +400,23 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Names this bench's database, topic and files. Two benches started in the
+/// same second (tests in parallel, two users on one server) must not share
+/// them: the time alone did, and one bench then failed on the other's
+/// database and streamed into its topic. The process id and a counter make
+/// the name unique on a host; the sub-second digits, across hosts in practice.
+fn run_stamp() -> String {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let now = chrono::Utc::now();
+    format!(
+        "{}_{}_{}_{}",
+        now.format("%Y%m%d%H%M%S"),
+        now.timestamp_subsec_micros(),
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Steps 1 to 5 in the fresh database `db_name`.
@@ -601,6 +618,22 @@ mod tests {
         let back: tokio_postgres::Config = url.parse().unwrap();
         assert_eq!(back.get_password(), Some(&b"p@ss:w/rd"[..]));
         assert_eq!(back.get_user(), Some("app user"));
+    }
+
+    /// Regression: two benches started in the same second shared a database
+    /// and a topic name.
+    #[test]
+    fn each_bench_gets_its_own_database_and_topic_name() {
+        let (a, b) = (run_stamp(), run_stamp());
+        assert_ne!(a, b);
+        for s in [a, b] {
+            let db = format!("energy_stream_bench_{s}_latency");
+            assert!(db.len() <= 63, "a Postgres identifier: {db}");
+            assert!(
+                s.chars().all(|c| c.is_ascii_digit() || c == '_'),
+                "needs no quoting: {s}"
+            );
+        }
     }
 
     #[test]

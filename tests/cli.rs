@@ -136,10 +136,15 @@ fn passwords_never_appear_in_help_or_logs() {
     let _ = std::fs::remove_file(pw_file);
 }
 
+/// The bench tests count the bench databases on one shared server, so they
+/// take turns.
+static BENCH_DBS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Regression: a bench that failed (here: no broker) left its database
 /// behind on the user's server.
 #[tokio::test]
 async fn a_failed_bench_leaves_no_database_behind() {
+    let _turn = BENCH_DBS.lock().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -181,6 +186,7 @@ async fn a_failed_bench_leaves_no_database_behind() {
 /// fails the command (exit 1) when the pipeline is below it.
 #[tokio::test]
 async fn bench_reports_every_figure_and_gates_on_the_ratio() {
+    let _turn = BENCH_DBS.lock().await;
     let broker = common::Broker::get();
     let server = common::server_url();
     let admin = common::client(&server.parse().unwrap()).await;
