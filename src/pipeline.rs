@@ -1,21 +1,23 @@
 //! Pipeline: the only module that knows how the stages connect.
 //!
 //! ```text
-//!  intake thread                         writer task (tokio)
-//!  ─────────────                         ───────────────────
-//!  source.poll ─► decode.push ─► cut ──► validate ─► sink::prepare (one tx:
-//!      ▲   (rebalance callbacks run       offsets fence, COPY events,
-//!      │    here and set ownership)       rejects, [KPI merges], offsets)
-//!      │                                  ─► gate + generation check ─► COMMIT
-//!      └── blocks while the channel is full   ─► Kafka group commit (copy only)
+//!  intake thread                  compute task             writer task
+//!  ─────────────                  ────────────             ───────────
+//!  source.poll ─► decode.push ──► validate ─► KPI     ──► known filter ─► sink::prepare (one tx:
+//!      ▲   ─► cut                 partials (DataFusion)    offsets fence, COPY events, rejects,
+//!      │   (rebalance callbacks                            [KPI merges], offsets) ─► gate +
+//!      │    run here and set                               generation check ─► COMMIT
+//!      │    ownership)                                     ─► Kafka group commit (copy only)
+//!      └── blocks while the channels are full
 //! ```
 //!
-//! The channel between the two holds at most [`CHANNEL_DEPTH`] batches; when it
-//! is full (Postgres slow or away) the intake blocks and stops polling, and
+//! Each channel holds at most [`CHANNEL_DEPTH`] batch; when they are full
+//! (Postgres slow or away) the intake blocks and stops polling, and
 //! librdkafka stops fetching once its bounded queue is full, so memory stays
-//! bounded. Batch N+1
-//! is decoded while batch N is written, and commits stay in order because there
-//! is one writer.
+//! bounded. Batch N+2 is decoded and batch N+1 validated and its KPI partials
+//! computed while batch N is in Postgres, on the core Postgres leaves idle;
+//! commits stay in order because there is one writer. Which distinct members
+//! are already stored is decided in the writer, after batch N committed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -39,8 +41,8 @@ use crate::source::{KafkaSource, OffsetLoader, Ownership, Polled};
 use crate::telemetry::{Health, Metrics, stage};
 use crate::validate::validate;
 
-/// Batches decoded ahead of the writer.
-pub const CHANNEL_DEPTH: usize = 2;
+/// Batches waiting in each channel (intake → compute, compute → writer).
+pub const CHANNEL_DEPTH: usize = 1;
 
 /// A decoded micro-batch on its way to the writer.
 struct Batch {
@@ -52,6 +54,16 @@ struct Batch {
     decode_time: Duration,
     /// When the batch was closed, for the batch latency (cut to commit).
     cut_at: Instant,
+}
+
+/// A batch validated and with its KPI partials, on its way to the writer.
+struct Computed {
+    batch: Batch,
+    validated: crate::validate::Validated,
+    deltas: Vec<crate::kpi::KpiDelta>,
+    failures: Vec<crate::kpi::KpiFailure>,
+    validate_time: Duration,
+    kpi_time: Duration,
 }
 
 /// What a finished run did.
@@ -281,7 +293,9 @@ pub async fn run(
         });
     }
 
+    let kpis = kpis.map(Arc::new);
     let (tx, rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
+    let (computed_tx, computed_rx) = mpsc::channel::<Computed>(CHANNEL_DEPTH);
     let intake = {
         let source = source.clone();
         let cfg = cfg.clone();
@@ -292,18 +306,34 @@ pub async fn run(
             .map_err(|e| PipelineError::Intake(e.to_string()))?
     };
 
+    let compute = tokio::spawn({
+        let rules = cfg.rules;
+        let kpis = kpis.clone();
+        let ownership = ownership.clone();
+        async move {
+            let result = compute(&rules, kpis.as_deref(), rx, computed_tx).await;
+            if result.is_err() {
+                ownership.request_stop();
+            }
+            result
+        }
+    });
     let result = writer(
         &cfg,
-        kpis.as_ref(),
+        kpis.as_deref(),
         client,
         &source,
         &ownership,
         &metrics,
         &health,
-        rx,
+        computed_rx,
     )
     .await;
     ownership.request_stop();
+    // The intake ends on the stop, and with it the compute task.
+    let computed = compute
+        .await
+        .map_err(|e| PipelineError::Intake(format!("the compute task failed: {e}")))?;
     // Joining, leaving the group and dropping the consumer can all run
     // rebalance callbacks, which block: keep them off the async workers.
     let intake_result = tokio::task::spawn_blocking(move || {
@@ -319,7 +349,10 @@ pub async fn run(
         Ok(()) => {}
         Err(_) => return Err(PipelineError::Intake("the intake thread panicked".into())),
     }
-    result
+    // A compute failure stopped the run; the writer committed what came before.
+    let summary = result?;
+    computed?;
+    Ok(summary)
 }
 
 /// Connects, retrying while Postgres is unreachable; None when shutdown came first.
@@ -551,7 +584,41 @@ impl Cutter {
     }
 }
 
-/// The writer: validate, write, commit, in batch order.
+/// The compute stage: validate each batch and compute its KPI partials, so
+/// that this CPU work overlaps the writer's wait on Postgres.
+async fn compute(
+    rules: &crate::validate::ValidationRules,
+    kpis: Option<&KpiEngine>,
+    mut rx: mpsc::Receiver<Batch>,
+    tx: mpsc::Sender<Computed>,
+) -> Result<(), PipelineError> {
+    while let Some(batch) = rx.recv().await {
+        let t = Instant::now();
+        let validated = validate(&batch.decoded, rules, Utc::now())
+            .map_err(|e| PipelineError::Intake(format!("validate: {e}")))?;
+        let validate_time = t.elapsed();
+        let t = Instant::now();
+        let (deltas, failures) = match kpis {
+            Some(engine) => engine.compute_tolerant(&validated.valid).await,
+            None => (Vec::new(), Vec::new()),
+        };
+        let computed = Computed {
+            batch,
+            validated,
+            deltas,
+            failures,
+            validate_time,
+            kpi_time: t.elapsed(),
+        };
+        if tx.send(computed).await.is_err() {
+            // The writer stopped; its error is the run's result.
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The writer: filter known members, write, commit, in batch order.
 #[allow(clippy::too_many_arguments)]
 async fn writer(
     cfg: &PipelineConfig,
@@ -561,7 +628,7 @@ async fn writer(
     ownership: &Ownership,
     metrics: &Metrics,
     health: &Health,
-    mut rx: mpsc::Receiver<Batch>,
+    mut rx: mpsc::Receiver<Computed>,
 ) -> Result<RunSummary, PipelineError> {
     let mut client = Some(client);
     let mut summary = RunSummary::default();
@@ -572,18 +639,22 @@ async fn writer(
 
     let mut known = crate::kpi::known::KnownMembers::new(KNOWN_MEMBERS_CAP);
     let mut batch_no: u64 = 0;
-    while let Some(batch) = rx.recv().await {
+    while let Some(computed) = rx.recv().await {
+        let Computed {
+            batch,
+            validated,
+            mut deltas,
+            failures,
+            validate_time,
+            kpi_time,
+        } = computed;
         batch_no += 1;
         let fault_now = cfg.fault.filter(|f| f.batch == batch_no).map(|f| f.point);
-        let t = Instant::now();
-        let validated = validate(&batch.decoded, &cfg.rules, Utc::now())
-            .map_err(|e| PipelineError::Intake(format!("validate: {e}")))?;
-        let validate_time = t.elapsed();
         let t = Instant::now();
         let mut pending = crate::kpi::known::Pending::default();
         let merges = match kpis {
             Some(engine) => {
-                let (mut deltas, failures) = engine.compute_tolerant(&validated.valid).await;
+                // After the previous batch committed: what it stored is known now.
                 match known.filter(&mut deltas) {
                     Ok(p) => pending = p,
                     // Skipping known pairs is an optimisation; without it the
@@ -609,7 +680,7 @@ async fn writer(
             }
             None => Vec::new(),
         };
-        let kpi_time = t.elapsed();
+        let kpi_time = kpi_time + t.elapsed();
 
         let mut backoff = Backoff::new();
         let committed = loop {
