@@ -11,10 +11,11 @@
 //!      └── blocks while the channels are full
 //! ```
 //!
-//! Each channel holds at most [`CHANNEL_DEPTH`] batch; when they are full
-//! (Postgres slow or away) the intake blocks and stops polling, and
+//! Each channel holds at most [`CHANNEL_DEPTH`] batch, and the compute task
+//! takes a batch only when the writer has taken the one before; when they are
+//! full (Postgres slow or away) the intake blocks and stops polling, and
 //! librdkafka stops fetching once its bounded queue is full, so memory stays
-//! bounded. Batch N+2 is decoded and batch N+1 validated and its KPI partials
+//! bounded: at most four batches, as with a single channel of two. Batch N+2 is decoded and batch N+1 validated and its KPI partials
 //! computed while batch N is in Postgres, on the core Postgres leaves idle;
 //! commits stay in order because there is one writer. Which distinct members
 //! are already stored is decided in the writer, after batch N committed.
@@ -46,7 +47,10 @@ pub const CHANNEL_DEPTH: usize = 1;
 
 /// A decoded micro-batch on its way to the writer.
 struct Batch {
+    /// The rows; emptied by the compute stage once validated.
     decoded: RecordBatch,
+    /// How many rows `decoded` had.
+    rows: usize,
     generation: u64,
     offsets: Vec<PartitionOffsets>,
     /// Kafka timestamp (ms) of the oldest message, for end-to-end latency.
@@ -330,10 +334,13 @@ pub async fn run(
     )
     .await;
     ownership.request_stop();
-    // The intake ends on the stop, and with it the compute task.
-    let computed = compute
-        .await
-        .map_err(|e| PipelineError::Intake(format!("the compute task failed: {e}")))?;
+    // The intake ends on the stop, and with it the compute task. Its error
+    // is returned after the intake is joined and the consumer closed.
+    let computed = compute.await.unwrap_or_else(|e| {
+        Err(PipelineError::Intake(format!(
+            "the compute task failed: {e}"
+        )))
+    });
     // Joining, leaving the group and dropping the consumer can all run
     // rebalance callbacks, which block: keep them off the async workers.
     let intake_result = tokio::task::spawn_blocking(move || {
@@ -571,8 +578,10 @@ impl Cutter {
                 next: last + 1,
             })
             .collect();
+        let decoded = dec.finish();
         let batch = Batch {
-            decoded: dec.finish(),
+            rows: decoded.num_rows(),
+            decoded,
             generation: self.generation,
             offsets,
             oldest_ts_ms: self.oldest_ts_ms,
@@ -592,11 +601,25 @@ async fn compute(
     mut rx: mpsc::Receiver<Batch>,
     tx: mpsc::Sender<Computed>,
 ) -> Result<(), PipelineError> {
-    while let Some(batch) = rx.recv().await {
+    loop {
+        // Take the next batch only once the writer has taken the previous
+        // one: the batch computed while the writer works is then the only one
+        // this stage adds, and memory stays bounded as before while Postgres
+        // is away.
+        let Ok(permit) = tx.reserve().await else {
+            // The writer stopped; its error is the run's result.
+            break;
+        };
+        let Some(mut batch) = rx.recv().await else {
+            break;
+        };
         let t = Instant::now();
         let validated = validate(&batch.decoded, rules, Utc::now())
             .map_err(|e| PipelineError::Intake(format!("validate: {e}")))?;
         let validate_time = t.elapsed();
+        // `validated` holds the rows now; keep only the count, not a second copy.
+        batch.rows = batch.decoded.num_rows();
+        batch.decoded = RecordBatch::new_empty(batch.decoded.schema());
         let t = Instant::now();
         let (deltas, failures) = match kpis {
             Some(engine) => engine.compute_tolerant(&validated.valid).await,
@@ -610,10 +633,7 @@ async fn compute(
             validate_time,
             kpi_time: t.elapsed(),
         };
-        if tx.send(computed).await.is_err() {
-            // The writer stopped; its error is the run's result.
-            break;
-        }
+        permit.send(computed);
     }
     Ok(())
 }
@@ -809,7 +829,7 @@ async fn writer(
             .with_label_values(&[stage::VALIDATE])
             .observe(validate_time.as_secs_f64());
         metrics.batches.inc();
-        metrics.batch_rows.observe(batch.decoded.num_rows() as f64);
+        metrics.batch_rows.observe(batch.rows as f64);
         metrics.last_commit.set(now.timestamp());
         if let Some(ts) = batch.oldest_ts_ms {
             let ms = (now.timestamp_millis() - ts).max(0);
