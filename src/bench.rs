@@ -404,8 +404,8 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
 
 /// Names this bench's database, topic and files. Two benches started in the
 /// same second (tests in parallel, two users on one server) must not share
-/// them: the time alone did, and one bench then failed on the other's
-/// database and streamed into its topic. The process id and a counter make
+/// them: with the time alone, one bench failed because the other's database
+/// existed, and two could have streamed into one topic. The process id and a counter make
 /// the name unique on a host; the sub-second digits, across hosts in practice.
 fn run_stamp() -> String {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

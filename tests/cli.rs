@@ -140,6 +140,18 @@ fn passwords_never_appear_in_help_or_logs() {
 /// take turns.
 static BENCH_DBS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// How many bench databases the server has.
+async fn bench_dbs(admin: &tokio_postgres::Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'energy\\_stream\\_bench\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Regression: a bench that failed (here: no broker) left its database
 /// behind on the user's server.
 #[tokio::test]
@@ -152,17 +164,7 @@ async fn a_failed_bench_leaves_no_database_behind() {
         .port();
     let server = common::server_url();
     let admin = common::client(&server.parse().unwrap()).await;
-    let bench_dbs = async || -> i64 {
-        admin
-            .query_one(
-                "SELECT count(*) FROM pg_database WHERE datname LIKE 'energy\\_stream\\_bench\\_%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    };
-    let before = bench_dbs().await;
+    let before = bench_dbs(&admin).await;
     let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
         .args(["bench", "--events", "100", "--brokers"])
         .arg(format!("127.0.0.1:{port}"))
@@ -175,7 +177,7 @@ async fn a_failed_bench_leaves_no_database_behind() {
     assert!(!out.status.success());
     assert!(stderr.contains("unreachable"), "{stderr}");
     assert_eq!(
-        bench_dbs().await,
+        bench_dbs(&admin).await,
         before,
         "a bench database was left on the server"
     );
@@ -190,17 +192,7 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
     let broker = common::Broker::get();
     let server = common::server_url();
     let admin = common::client(&server.parse().unwrap()).await;
-    let bench_dbs = async || -> i64 {
-        admin
-            .query_one(
-                "SELECT count(*) FROM pg_database WHERE datname LIKE 'energy\\_stream\\_bench\\_%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    };
-    let before = bench_dbs().await;
+    let before = bench_dbs(&admin).await;
     // No pipeline reaches 1000x a plain COPY: the gate must trip.
     let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
         .args([
@@ -247,7 +239,7 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
         "every generated event is valid and written: {stdout}"
     );
     assert_eq!(
-        bench_dbs().await,
+        bench_dbs(&admin).await,
         before,
         "the bench database was left on the server"
     );
