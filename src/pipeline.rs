@@ -617,8 +617,7 @@ async fn compute(
         let validated = validate(&batch.decoded, rules, Utc::now())
             .map_err(|e| PipelineError::Intake(format!("validate: {e}")))?;
         let validate_time = t.elapsed();
-        // `validated` holds the rows now; keep only the count, not a second copy.
-        batch.rows = batch.decoded.num_rows();
+        // `validated` holds the rows now; `rows` keeps the count, not a second copy.
         batch.decoded = RecordBatch::new_empty(batch.decoded.schema());
         let t = Instant::now();
         let (deltas, failures) = match kpis {
