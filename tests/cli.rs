@@ -140,6 +140,18 @@ fn passwords_never_appear_in_help_or_logs() {
 /// take turns.
 static BENCH_DBS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// `energy-stream bench <args>` against the Postgres server at `server`.
+fn bench(server: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .arg("bench")
+        .args(args)
+        .env("DATABASE_URL", server)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// How many bench databases the server has.
 async fn bench_dbs(admin: &tokio_postgres::Client) -> i64 {
     admin
@@ -165,14 +177,10 @@ async fn a_failed_bench_leaves_no_database_behind() {
     let server = common::server_url();
     let admin = common::client(&server.parse().unwrap()).await;
     let before = bench_dbs(&admin).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-        .args(["bench", "--events", "100", "--brokers"])
-        .arg(format!("127.0.0.1:{port}"))
-        .env("DATABASE_URL", &server)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = bench(
+        &server,
+        &["--events", "100", "--brokers", &format!("127.0.0.1:{port}")],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("unreachable"), "{stderr}");
@@ -194,9 +202,9 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
     let admin = common::client(&server.parse().unwrap()).await;
     let before = bench_dbs(&admin).await;
     // No pipeline reaches 1000x a plain COPY: the gate must trip.
-    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-        .args([
-            "bench",
+    let out = bench(
+        &server,
+        &[
             "--events",
             "3000",
             "--partitions",
@@ -207,12 +215,8 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
             "1000",
             "--brokers",
             &broker.brokers,
-        ])
-        .env("DATABASE_URL", &server)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
