@@ -62,6 +62,7 @@ fn benches(c: &mut Criterion) {
     let all = common::messages(*common::SIZES.last().unwrap());
     let rules = ValidationRules::default();
     let mut stored: Option<i64> = None;
+    let members = energy_stream::kpi::Memberships::new(1_000_000);
     let mut g = c.benchmark_group("pipeline_batch");
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
@@ -77,7 +78,7 @@ fn benches(c: &mut Criterion) {
                 let decoded = common::decode(msgs, first);
                 let v = validate(&decoded, &rules, Utc::now()).unwrap();
                 rt.block_on(async {
-                    let merges = engine.merge_steps(engine.compute(&v.valid).await.unwrap());
+                    let writes = engine.writes(engine.compute(&v.valid).await.unwrap());
                     let offsets = [PartitionOffsets {
                         partition: 0,
                         expected: stored,
@@ -89,16 +90,15 @@ fn benches(c: &mut Criterion) {
                         events: &v.valid,
                         rejects: &v.rejects,
                         offsets: &offsets,
-                        merges: &merges,
+                        kpis: &writes,
+                        members: &members,
                         stale_kpis: &[],
                         abort_mid_copy: false,
                     };
-                    sink::prepare(&mut client, &write)
-                        .await
-                        .unwrap()
-                        .commit()
-                        .await
-                        .unwrap();
+                    let mut prepared = sink::prepare(&mut client, &write).await.unwrap();
+                    let pending = std::mem::take(&mut prepared.pending);
+                    prepared.commit().await.unwrap();
+                    members.commit(pending);
                 });
                 stored = Some(next);
             })

@@ -3,11 +3,12 @@
 //! ```text
 //!  intake thread                  compute task             writer task
 //!  ─────────────                  ────────────             ───────────
-//!  source.poll ─► decode.push ──► validate ─► KPI     ──► known filter ─► sink::prepare (one tx:
-//!      ▲   ─► cut                 partials (DataFusion)    offsets fence, COPY events, rejects,
-//!      │   (rebalance callbacks                            [KPI merges], offsets) ─► gate +
-//!      │    run here and set                               generation check ─► COMMIT
-//!      │    ownership)                                     ─► Kafka group commit (copy only)
+//!  source.poll ─► decode.push ──► validate ─► KPI     ──► sink::prepare (one tx: offsets fence,
+//!      ▲   ─► cut                 partials (DataFusion)    COPY events, rejects, [KPI merges:
+//!      │   (rebalance callbacks                            new distinct members decided against
+//!      │    run here and set                               the memberships], offsets) ─► gate +
+//!      │    ownership)                                     generation check ─► COMMIT
+//!      │                                                   ─► memberships + Kafka group commit
 //!      └── blocks while the channels are full
 //! ```
 //!
@@ -15,10 +16,12 @@
 //! takes a batch only when the writer has taken the one before; when they are
 //! full (Postgres slow or away) the intake blocks and stops polling, and
 //! librdkafka stops fetching once its bounded queue is full, so memory stays
-//! bounded: at most four batches, as with a single channel of two. Batch N+2 is decoded and batch N+1 validated and its KPI partials
-//! computed while batch N is in Postgres, on the core Postgres leaves idle;
-//! commits stay in order because there is one writer. Which distinct members
-//! are already stored is decided in the writer, after batch N committed.
+//! bounded: at most four batches, as with a single channel of two. Batch N+2
+//! is decoded and batch N+1 validated and its KPI partials computed while
+//! batch N is in Postgres, on the core Postgres leaves idle; commits stay in
+//! order because there is one writer. Which distinct members are new is
+//! decided in the writer, inside batch N's transaction
+//! ([`crate::kpi::members`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -403,9 +406,10 @@ impl Backoff {
     }
 }
 
-/// Distinct (keys, member) pairs remembered as stored, at most (about 80
-/// bytes each); see [`crate::kpi::known`].
-const KNOWN_MEMBERS_CAP: usize = 200_000;
+/// Distinct members held in memory, at most (about 60 bytes each); the least
+/// recently used groups beyond it are read back from Postgres when needed.
+/// See [`crate::kpi::members`].
+const MEMBERS_CAP: usize = 1_000_000;
 
 /// How long a partition must be silent before the intake compares it with its
 /// high watermark (stall detection, and "caught up" for `stop_when_caught_up`).
@@ -637,7 +641,7 @@ async fn compute(
     Ok(())
 }
 
-/// The writer: filter known members, write, commit, in batch order.
+/// The writer: write, commit, in batch order.
 #[allow(clippy::too_many_arguments)]
 async fn writer(
     cfg: &PipelineConfig,
@@ -656,13 +660,13 @@ async fn writer(
     // Disabled KPIs not yet marked stale by a committed batch.
     let mut unmarked_stale: Vec<String> = Vec::new();
 
-    let mut known = crate::kpi::known::KnownMembers::new(KNOWN_MEMBERS_CAP);
+    let members = crate::kpi::Memberships::new(MEMBERS_CAP);
     let mut batch_no: u64 = 0;
     while let Some(computed) = rx.recv().await {
         let Computed {
             batch,
             validated,
-            mut deltas,
+            deltas,
             failures,
             validate_time,
             kpi_time,
@@ -670,18 +674,8 @@ async fn writer(
         batch_no += 1;
         let fault_now = cfg.fault.filter(|f| f.batch == batch_no).map(|f| f.point);
         let t = Instant::now();
-        let mut pending = crate::kpi::known::Pending::default();
-        let merges = match kpis {
+        let kpi_writes = match kpis {
             Some(engine) => {
-                // After the previous batch committed: what it stored is known now.
-                match known.filter(&mut deltas) {
-                    Ok(p) => pending = p,
-                    // Skipping known pairs is an optimisation; without it the
-                    // merge is as exact, only slower.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot compare distinct members with the known ones")
-                    }
-                }
                 for f in failures {
                     // The batch still commits (events, rejects, the other KPIs):
                     // one runaway query must not stall ingestion.
@@ -695,7 +689,7 @@ async fn writer(
                     metrics.kpi_failures.with_label_values(&[&f.kpi]).inc();
                     unmarked_stale.push(f.kpi);
                 }
-                engine.merge_steps(deltas)
+                engine.writes(deltas)
             }
             None => Vec::new(),
         };
@@ -736,15 +730,17 @@ async fn writer(
                 events: &validated.valid,
                 rejects: &validated.rejects,
                 offsets: &batch.offsets,
-                merges: &merges,
+                kpis: &kpi_writes,
+                members: &members,
                 stale_kpis: &unmarked_stale,
                 abort_mid_copy: fault_now == Some(FaultPoint::MidCopy),
             };
             let result = async {
-                let prepared = sink::prepare(c, &write).await?;
+                let mut prepared = sink::prepare(c, &write).await?;
                 let copy_time = prepared.timings.copy;
                 let merge_time = prepared.timings.merge;
-                let merged = prepared.merged.clone();
+                let merged = std::mem::take(&mut prepared.merged);
+                let pending = std::mem::take(&mut prepared.pending);
                 let t = Instant::now();
                 let _gate = ownership.gate.lock().await;
                 if ownership.generation() != batch.generation {
@@ -760,11 +756,12 @@ async fn writer(
                     });
                 }
                 prepared.commit().await?;
-                Ok::<_, SinkError>(Some((copy_time, merge_time, merged, t.elapsed())))
+                Ok::<_, SinkError>(Some((copy_time, merge_time, merged, pending, t.elapsed())))
             }
             .await;
             match result {
-                Ok(Some((copy_time, merge_time, merged, commit_time))) => {
+                Ok(Some((copy_time, merge_time, merged, pending, commit_time))) => {
+                    members.commit(pending);
                     unmarked_stale.clear();
                     metrics
                         .stage_duration
@@ -802,11 +799,11 @@ async fn writer(
                     ownership.request_resync();
                     // Postgres may hold less than we think (a failover to a
                     // lagging replica): forget what we remembered as stored.
-                    known.clear();
+                    members.clear();
                     break false;
                 }
                 Err(e) => {
-                    known.clear();
+                    members.clear();
                     on_db_error(&e, metrics, health)?;
                     metrics.retries.inc();
                     backoff.wait().await;
@@ -816,7 +813,6 @@ async fn writer(
         if !committed {
             continue;
         }
-        known.remember(pending);
 
         let now = Utc::now();
         metrics

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::*;
 use datafusion::arrow::record_batch::RecordBatch;
 use energy_stream::event::reject_schema;
-use energy_stream::kpi::{self, KpiConfig, KpiEngine};
+use energy_stream::kpi::{self, KpiConfig, KpiEngine, Memberships};
 use energy_stream::sink::{self, BatchWrite};
 use proptest::prelude::*;
 
@@ -41,6 +41,21 @@ async fn stream(
     events: &RecordBatch,
     sizes: &[usize],
 ) {
+    // A fresh memory per stream: every batch after the first finds it
+    // current, so this exercises the in-memory decision.
+    let members = Memberships::new(1_000_000);
+    stream_with(client, engine, &members, events, sizes).await;
+}
+
+/// [`stream`] with a given memory of the distinct members, as one consumer
+/// keeps it across batches.
+async fn stream_with(
+    client: &mut tokio_postgres::Client,
+    engine: &KpiEngine,
+    members: &Memberships,
+    events: &RecordBatch,
+    sizes: &[usize],
+) {
     let mut start = 0;
     let mut i = 0;
     while start < events.num_rows() {
@@ -48,29 +63,39 @@ async fn stream(
         i += 1;
         let batch = events.slice(start, len);
         start += len;
-        prepare(client, engine, &batch)
-            .await
-            .commit()
-            .await
-            .unwrap();
+        let mut prepared = prepare_with(client, engine, members, &batch).await;
+        let pending = std::mem::take(&mut prepared.pending);
+        prepared.commit().await.unwrap();
+        members.commit(pending);
     }
 }
 
-/// One batch's transaction, everything written and not yet committed.
+/// One batch's transaction, everything written and not yet committed, with a
+/// memory of distinct members that knows nothing yet (it reads the logs).
 async fn prepare<'c>(
     client: &'c mut tokio_postgres::Client,
     engine: &KpiEngine,
     batch: &RecordBatch,
 ) -> sink::Prepared<'c> {
+    prepare_with(client, engine, &Memberships::new(1_000_000), batch).await
+}
+
+async fn prepare_with<'c>(
+    client: &'c mut tokio_postgres::Client,
+    engine: &KpiEngine,
+    members: &Memberships,
+    batch: &RecordBatch,
+) -> sink::Prepared<'c> {
     let empty = RecordBatch::new_empty(reject_schema());
-    let merges = engine.merge_steps(engine.compute(batch).await.unwrap());
+    let writes = engine.writes(engine.compute(batch).await.unwrap());
     let write = BatchWrite {
         group_id: "g",
         topic: "t",
         events: batch,
         rejects: &empty,
         offsets: &[],
-        merges: &merges,
+        kpis: &writes,
+        members,
         stale_kpis: &[],
         abort_mid_copy: false,
     };
@@ -595,6 +620,91 @@ async fn a_kpi_in_the_layout_before_member_sets_is_rebuilt() {
     stream(&mut c, &engine, &events.slice(100, 100), &[17]).await;
     assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The memory of distinct members against everything that can make it
+/// wrong: another consumer writing the same groups in between, a COMMIT whose
+/// outcome this consumer never learnt, a rolled-back batch, a cap so small
+/// that groups are dropped and read back, and a backfill that rebuilds the
+/// logs under a running consumer. Every count stays exact.
+#[tokio::test]
+async fn distinct_members_stay_exact_across_writers_doubt_eviction_and_rebuilds() {
+    let engine = shipped_engine().await;
+    let events = mixed_events(1200, 9, 2);
+    let db = fresh_db("members").await;
+    let mut a = client(&db).await;
+    sink::migrate::migrate(&mut a).await.unwrap();
+    kpi::install(&mut a, &engine).await.unwrap();
+    let mut b = client(&db).await;
+    let (mem_a, mem_b) = (Memberships::new(1_000_000), Memberships::new(1_000_000));
+
+    // Two consumers take turns on the same hours and days.
+    for (i, start) in (0..600).step_by(50).enumerate() {
+        let batch = events.slice(start, 50);
+        let (c, mem) = if i % 2 == 0 {
+            (&mut a, &mem_a)
+        } else {
+            (&mut b, &mem_b)
+        };
+        let mut prepared = prepare_with(c, &engine, mem, &batch).await;
+        let pending = std::mem::take(&mut prepared.pending);
+        match i {
+            // Committed, but the consumer never learns it (the connection
+            // broke during COMMIT): its memory stays a generation behind.
+            4 => prepared.commit().await.unwrap(),
+            // Rolled back (fenced, or a rebalance): nothing of it may count.
+            5 => {
+                prepared.rollback().await.unwrap();
+                stream_with(c, &engine, mem, &batch, &[50]).await;
+            }
+            _ => {
+                prepared.commit().await.unwrap();
+                mem.commit(pending);
+            }
+        }
+    }
+    assert!(!mem_a.is_empty(), "the memory holds members");
+    assert_eq!(kpi::verify(&mut a, &engine, None).await.unwrap(), vec![]);
+
+    // The logs are rebuilt with other contents (here: from an emptied
+    // `events`) under a new epoch, the generation going on as before. The
+    // memory of A, which holds these very groups, must start over.
+    let tables: Vec<String> = a
+        .query(
+            "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'kpi\\_state\\_%' \
+             OR tablename LIKE 'kpi\\_members\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    a.batch_execute(&format!(
+        "DELETE FROM events; TRUNCATE {}; UPDATE kpi_registry SET member_epoch = member_epoch + 1",
+        tables.join(", ")
+    ))
+    .await
+    .unwrap();
+    stream_with(&mut a, &engine, &mem_a, &events.slice(0, 300), &[50]).await;
+    assert_eq!(kpi::verify(&mut a, &engine, None).await.unwrap(), vec![]);
+
+    // A cap of a few members: groups are dropped and read back all the time.
+    let tiny = Memberships::new(5);
+    stream_with(&mut b, &engine, &tiny, &events.slice(600, 300), &[40]).await;
+    assert!(
+        tiny.len() <= 5 + 40 * 6,
+        "evicted down to the cap after each batch"
+    );
+    assert_eq!(kpi::verify(&mut a, &engine, None).await.unwrap(), vec![]);
+
+    // A backfill rebuilds every KPI's logs while consumer A keeps its memory.
+    a.batch_execute("UPDATE kpi_registry SET sql_hash = 'rebuild'")
+        .await
+        .unwrap();
+    kpi::install(&mut a, &engine).await.unwrap();
+    stream_with(&mut a, &engine, &mem_a, &events.slice(900, 300), &[60]).await;
+    assert_eq!(kpi::verify(&mut a, &engine, None).await.unwrap(), vec![]);
 }
 
 /// Staging tables are not truncated per batch (they are ON COMMIT DELETE

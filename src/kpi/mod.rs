@@ -4,35 +4,34 @@
 //! This module owns the contract of a KPI file ([`plan`]), the plans that run
 //! on every batch (built once against a [`slot`], executed per batch), and the
 //! Postgres side of a KPI: its state table `kpi_state_<name>` (keys plus the
-//! mergeable parts of each measure), one membership table per set of
-//! count(DISTINCT) measures over the same expression ([`plan::MemberSet`]),
-//! the view `<name>` that users query, and the SQL that merges
-//! a batch's partial rows (COPY into a staging table, then `INSERT ... ON
-//! CONFLICT DO UPDATE` with each measure's rule, keys sorted so that
-//! concurrent consumers take row locks in the same order).
-//!
-//! [`known`] remembers which distinct members committed batches stored, so
-//! that later batches skip them before the merge.
+//! mergeable parts of each measure), one membership log per set of
+//! count(DISTINCT) measures over the same expression ([`members`]), the view
+//! `<name>` that users query, and the SQL that merges a batch's partial rows
+//! (COPY into a staging table, then `INSERT ... ON CONFLICT DO UPDATE` with
+//! each measure's rule, keys sorted so that concurrent consumers take row
+//! locks in the same order).
 //!
 //! Because each stored part merges exactly (counts and sums add, min and max
 //! take the least and greatest, avg is kept as sum and count, distinct counts
 //! grow by genuinely new members), the streamed table equals the query run
 //! once over all valid events.
 
-pub mod known;
+pub mod members;
 pub mod plan;
 pub mod slot;
 
 use std::sync::Arc;
 
+use datafusion::arrow::array::Int64Array;
 use datafusion::arrow::compute::{cast, concat_batches};
-use datafusion::arrow::datatypes::{Field, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+pub use members::{Memberships, Pending, Writers};
 pub use plan::{Func, KpiDef, KpiError, MemberSet};
 use plan::{StateCol, quote};
 
@@ -56,7 +55,7 @@ impl Default for KpiConfig {
 }
 
 struct Kpi {
-    def: KpiDef,
+    def: Arc<KpiDef>,
     partial: Arc<dyn ExecutionPlan>,
     /// One per membership set, in [`KpiDef::sets`] order.
     sets: Vec<Arc<dyn ExecutionPlan>>,
@@ -174,7 +173,11 @@ impl KpiEngine {
             let file = path.display().to_string();
             match plan::analyse(&ctx, &file, &name, &sql).await {
                 Ok(def) => match Self::physical(&ctx, &def).await {
-                    Ok((partial, sets)) => kpis.push(Kpi { def, partial, sets }),
+                    Ok((partial, sets)) => kpis.push(Kpi {
+                        def: Arc::new(def),
+                        partial,
+                        sets,
+                    }),
                     Err(e) => errors.push(KpiError {
                         file,
                         construct: format!("planning failed: {e}"),
@@ -223,7 +226,7 @@ impl KpiEngine {
     }
 
     pub fn defs(&self) -> impl Iterator<Item = &KpiDef> {
-        self.kpis.iter().map(|k| &k.def)
+        self.kpis.iter().map(|k| &*k.def)
     }
 
     pub fn def(&self, idx: usize) -> &KpiDef {
@@ -336,27 +339,121 @@ impl KpiEngine {
         Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
     }
 
-    /// The staged merges of a batch's deltas, ready for the sink.
-    pub fn merge_steps(&self, deltas: Vec<KpiDelta>) -> Vec<MergeStep> {
-        self.merge_steps_into(deltas, "")
+    /// A batch's deltas, ready for the sink.
+    pub fn writes(&self, deltas: Vec<KpiDelta>) -> Vec<KpiWrite> {
+        deltas
+            .into_iter()
+            .map(|d| KpiWrite {
+                def: self.kpis[d.kpi].def.clone(),
+                partial: d.partial,
+                distinct: d.distinct,
+            })
+            .collect()
     }
+}
 
-    /// The same, into tables with a name suffix (backfills build `__new` tables).
-    pub fn merge_steps_into(&self, deltas: Vec<KpiDelta>, suffix: &str) -> Vec<MergeStep> {
-        let mut steps = Vec::new();
-        for d in deltas {
-            let def = &self.kpis[d.kpi].def;
-            if d.partial.num_rows() > 0 {
-                steps.push(main_merge(def, d.partial, suffix));
-            }
-            for (set, batch) in d.distinct {
-                if batch.num_rows() > 0 {
-                    steps.push(distinct_merge(def, set, batch, suffix));
-                }
+/// One batch's contribution to one KPI, as the sink writes it.
+pub struct KpiWrite {
+    pub def: Arc<KpiDef>,
+    /// Keys and partial measures, one row per key.
+    pub partial: RecordBatch,
+    /// Per membership set: rows of keys, member `v` and flags `f`.
+    pub distinct: Vec<(usize, RecordBatch)>,
+}
+
+/// Merges a batch's KPI writes inside its transaction (into tables named
+/// with `suffix`): per KPI, the membership sets decide which members are new
+/// ([`Memberships::add`]), then one staged upsert adds everything to the
+/// state table. KPIs go in engine order and keys in sorted order, so two
+/// consumers take their locks in the same order. Returns rows merged per KPI.
+pub async fn write(
+    tx: &Transaction<'_>,
+    members: &Memberships,
+    writes: &[KpiWrite],
+    suffix: &str,
+    writers: Writers,
+    pending: &mut Pending,
+) -> Result<Vec<(String, u64)>, SinkError> {
+    let mut merged = Vec::with_capacity(writes.len());
+    for w in writes {
+        if w.partial.num_rows() == 0 {
+            continue;
+        }
+        let counts = if w.def.sets.is_empty() {
+            members::Counts::new()
+        } else {
+            members
+                .add(tx, &w.def, &w.distinct, suffix, writers, pending)
+                .await?
+        };
+        let step = main_merge(&w.def, with_counts(&w.def, &w.partial, &counts)?, suffix);
+        match writers {
+            Writers::Shared => tx.batch_execute(&step.stage_ddl).await?,
+            // A backfill's transaction uses each stage once per chunk.
+            Writers::Exclusive { .. } => {
+                tx.batch_execute(&format!("{}; TRUNCATE {}", step.stage_ddl, step.stage))
+                    .await?
             }
         }
-        steps
+        sink::copy_in(tx, &step.copy_sql, &step.batch).await?;
+        let n = tx.execute(&step.merge_sql, &[]).await?;
+        merged.push((w.def.name.clone(), n));
     }
+    Ok(merged)
+}
+
+/// The indexes of a KPI's count(DISTINCT) measures, in measure order.
+fn distinct_measures(def: &KpiDef) -> Vec<usize> {
+    def.measures
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.func == Func::CountDistinct)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The partial rows with one more column per distinct measure: how many new
+/// members each group gained in this batch (0 when none).
+fn with_counts(
+    def: &KpiDef,
+    partial: &RecordBatch,
+    counts: &members::Counts,
+) -> Result<RecordBatch, SinkError> {
+    let distinct = distinct_measures(def);
+    if distinct.is_empty() {
+        return Ok(partial.clone());
+    }
+    let n = partial.num_rows();
+    let grps = if counts.is_empty() {
+        Vec::new()
+    } else {
+        members::group_keys(partial, def.keys.len())?
+    };
+    let matched = grps.iter().filter(|g| counts.contains_key(*g)).count();
+    if matched != counts.len() {
+        // Every member's group has a partial row; losing a count silently
+        // would make the KPI wrong, so refuse the batch instead.
+        return Err(SinkError::Fatal(format!(
+            "KPI {}: {} group(s) gained distinct members but have no partial row",
+            def.name,
+            counts.len() - matched
+        )));
+    }
+    let schema = partial.schema();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = partial.columns().to_vec();
+    for (slot, i) in distinct.iter().enumerate() {
+        let values: Int64Array = if grps.is_empty() {
+            Int64Array::from(vec![0; n])
+        } else {
+            grps.iter()
+                .map(|g| Some(counts.get(g).map_or(0, |c| c[slot])))
+                .collect()
+        };
+        fields.push(Field::new(format!("m{i}"), DataType::Int64, false));
+        columns.push(Arc::new(values));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(kpi_err)
 }
 
 fn key_list(def: &KpiDef) -> String {
@@ -427,15 +524,14 @@ pub fn create_tables_sql(def: &KpiDef, suffix: &str) -> String {
         cols.join(", "),
         key_list(def)
     );
-    // `added` holds the flags the last write set that were not set before:
-    // RETURNING sees only the new row, and the merge counts new bits.
-    for (i, set) in def.sets.iter().enumerate() {
+    // The membership logs: see `members`. No unique index: uniqueness is
+    // decided in memory, under the KPI's generation lock.
+    for i in 0..def.sets.len() {
         let t = members_table(def, i, suffix);
         sql.push_str(&format!(
-            "CREATE TABLE IF NOT EXISTS {t} ({}, f integer NOT NULL, added integer NOT NULL, \
-             CONSTRAINT {t}_keys UNIQUE NULLS NOT DISTINCT ({}, v));\n",
-            col_defs(def.keys.iter().map(|k| &k.col).chain([&set.member])),
-            key_list(def)
+            "CREATE TABLE IF NOT EXISTS {t} (grp bytea NOT NULL, gen bigint NOT NULL, members bytea NOT NULL);\n\
+             CREATE INDEX IF NOT EXISTS {t}_grp ON {t} (grp);\n\
+             CREATE INDEX IF NOT EXISTS {t}_gen ON {t} (gen);\n"
         ));
     }
     sql
@@ -477,17 +573,22 @@ fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
         .iter()
         .map(|f| quote(f.name()))
         .collect();
-    let cols = col_defs(def.partial_cols().iter());
+    let mut stage_cols = def.partial_cols();
+    for i in distinct_measures(def) {
+        stage_cols.push(StateCol {
+            name: format!("m{i}"),
+            data_type: DataType::Int64,
+            pg_type: "bigint".into(),
+        });
+    }
+    let cols = col_defs(stage_cols.iter());
     let mut sets = Vec::new();
-    for m in def
-        .measures
-        .iter()
-        .filter(|m| m.func != Func::CountDistinct)
-    {
+    for m in &def.measures {
         for c in &m.cols {
             let n = quote(&c.name);
             sets.push(match m.func {
-                Func::Count => format!("{n} = s.{n} + EXCLUDED.{n}"),
+                // New members only (see `members`), so counts add.
+                Func::Count | Func::CountDistinct => format!("{n} = s.{n} + EXCLUDED.{n}"),
                 Func::Avg if c.name.ends_with("_n") => format!("{n} = s.{n} + EXCLUDED.{n}"),
                 Func::Sum | Func::Avg => {
                     format!("{n} = COALESCE(s.{n} + EXCLUDED.{n}, s.{n}, EXCLUDED.{n})")
@@ -507,7 +608,6 @@ fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
                     };
                     format!("{n} = {f}(s.{n}{collate}, EXCLUDED.{n}{collate})")
                 }
-                Func::CountDistinct => unreachable!("filtered"),
             });
         }
     }
@@ -534,51 +634,6 @@ fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
     }
 }
 
-fn distinct_merge(def: &KpiDef, set: usize, batch: RecordBatch, suffix: &str) -> MergeStep {
-    let stage = stage_name(def, &format!("s{set}"));
-    let members = members_table(def, set, suffix);
-    let state = state_table(def, suffix);
-    let s = &def.sets[set];
-    let keys = key_list(def);
-    let mut counts = Vec::new();
-    let mut cols = Vec::new();
-    let mut sets = Vec::new();
-    for (j, m) in s.measures.iter().enumerate() {
-        let c = quote(&format!("m{m}"));
-        counts.push(format!(
-            "count(*) FILTER (WHERE added & {} <> 0)",
-            1i64 << j
-        ));
-        sets.push(format!("{c} = s.{c} + EXCLUDED.{c}"));
-        cols.push(c);
-    }
-    sets.push("updated_at = now()".into());
-    // A member's row is written only when it brings a flag not yet stored;
-    // ON CONFLICT DO UPDATE locks and re-reads the row, so a concurrent
-    // consumer's flags are never counted twice.
-    MergeStep {
-        kpi: def.name.clone(),
-        stage: stage.clone(),
-        stage_ddl: format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
-            col_defs(set_cols(def, set).iter())
-        ),
-        copy_sql: format!("COPY {stage} ({keys}, v, f) FROM STDIN (FORMAT binary)"),
-        merge_sql: format!(
-            "WITH new AS (INSERT INTO {members} AS m ({keys}, v, f, added) \
-               SELECT {keys}, v, f, f FROM {stage} ORDER BY {keys}, v \
-               ON CONFLICT ON CONSTRAINT {members}_keys DO UPDATE SET f = m.f | EXCLUDED.f, added = EXCLUDED.f & ~m.f \
-               WHERE EXCLUDED.f & ~m.f <> 0 RETURNING {keys}, added) \
-             INSERT INTO {state} AS s ({keys}, {cols}) SELECT {keys}, {counts} FROM new GROUP BY {keys} ORDER BY {keys} \
-             ON CONFLICT ON CONSTRAINT {state}_keys DO UPDATE SET {sets}",
-            cols = cols.join(", "),
-            counts = counts.join(", "),
-            sets = sets.join(", "),
-        ),
-        batch,
-    }
-}
-
 // ---- Postgres side: install, backfill, verify ------------------------------
 
 use datafusion::arrow::array::{
@@ -591,6 +646,10 @@ use crate::sink::{self, SinkError};
 
 /// Rows read from `events` per chunk during backfills.
 const CHUNK_ROWS: i32 = 50_000;
+
+/// Distinct members a backfill holds in memory (about 60 bytes each); the
+/// rest are read back from the new logs as chunks need them.
+const BACKFILL_MEMBERS_CAP: usize = 1_000_000;
 
 const EVENTS_SELECT: &str = "SELECT kafka_partition, kafka_offset, kafka_timestamp, event_type, event_time, \
      customer_id, session_id, channel, tariff_type, \
@@ -650,18 +709,6 @@ pub fn events_from_rows(rows: &[Row]) -> Result<RecordBatch, SinkError> {
 
 fn kpi_err(e: impl std::fmt::Display) -> SinkError {
     SinkError::Fatal(format!("KPI computation failed: {e}"))
-}
-
-async fn run_steps(tx: &Transaction<'_>, steps: &[MergeStep]) -> Result<u64, SinkError> {
-    let mut n = 0;
-    for step in steps {
-        // A backfill's transaction uses each stage once per chunk.
-        tx.batch_execute(&format!("{}; TRUNCATE {}", step.stage_ddl, step.stage))
-            .await?;
-        sink::copy_in(tx, &step.copy_sql, &step.batch).await?;
-        n += tx.execute(&step.merge_sql, &[]).await?;
-    }
-    Ok(n)
 }
 
 /// What [`install`] did.
@@ -767,15 +814,29 @@ pub async fn backfill(
     tx.batch_execute(&create_tables_sql(def, new)).await?;
     let portal = tx.bind(EVENTS_SELECT, &[]).await?;
     let mut events = 0u64;
+    // The new tables' only writer: each chunk is one generation of its logs.
+    let members = Memberships::new(BACKFILL_MEMBERS_CAP);
+    let mut generation = 0i64;
     loop {
         let rows = tx.query_portal(&portal, CHUNK_ROWS).await?;
         if rows.is_empty() {
             break;
         }
         events += rows.len() as u64;
+        generation += 1;
         let batch = events_from_rows(&rows)?;
         let deltas = engine.compute_one(idx, &batch).await.map_err(kpi_err)?;
-        run_steps(&tx, &engine.merge_steps_into(deltas, new)).await?;
+        let mut pending = Pending::default();
+        write(
+            &tx,
+            &members,
+            &engine.writes(deltas),
+            new,
+            Writers::Exclusive { generation },
+            &mut pending,
+        )
+        .await?;
+        members.commit(pending);
     }
     let mut swap = drop_tables_sql(&tx, def, "").await?;
     swap.push_str(&format!("DROP VIEW IF EXISTS {};\n", quote(&def.name)));
@@ -786,15 +847,19 @@ pub async fn backfill(
     for i in 0..def.sets.len() {
         let t = members_table(def, i, "");
         swap.push_str(&format!(
-            "ALTER TABLE {t}{new} RENAME TO {t};\nALTER TABLE {t} RENAME CONSTRAINT {t}{new}_keys TO {t}_keys;\n"
+            "ALTER TABLE {t}{new} RENAME TO {t};\nALTER INDEX {t}{new}_grp RENAME TO {t}_grp;\n\
+             ALTER INDEX {t}{new}_gen RENAME TO {t}_gen;\n"
         ));
     }
     swap.push_str(&create_view_sql(def));
     tx.batch_execute(&swap).await?;
     tx.execute(
-        "INSERT INTO kpi_registry (name, sql_hash, sql, backfilled_at) VALUES ($1, $2, $3, now()) \
-         ON CONFLICT (name) DO UPDATE SET sql_hash = EXCLUDED.sql_hash, sql = EXCLUDED.sql, backfilled_at = now()",
-        &[&def.name, &def.hash, &def.sql],
+        // A new epoch: consumers' memories of the old logs start over.
+        "INSERT INTO kpi_registry (name, sql_hash, sql, backfilled_at, member_epoch, member_gen) \
+         VALUES ($1, $2, $3, now(), floor(random() * 9e18)::bigint, $4) \
+         ON CONFLICT (name) DO UPDATE SET sql_hash = EXCLUDED.sql_hash, sql = EXCLUDED.sql, backfilled_at = now(), \
+         member_epoch = EXCLUDED.member_epoch, member_gen = EXCLUDED.member_gen",
+        &[&def.name, &def.hash, &def.sql, &generation],
     )
     .await?;
     tx.commit().await?;

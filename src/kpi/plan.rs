@@ -138,7 +138,7 @@ pub const MAX_SET_MEASURES: usize = 31;
 
 /// Part of every KPI's hash: a change of how KPIs are stored makes every
 /// installed KPI rebuild from `events` at the next `migrate` or start.
-const STORAGE_LAYOUT: &str = "member-sets/1";
+const STORAGE_LAYOUT: &str = "member-log/1";
 
 impl KpiDef {
     /// The columns of a batch's partial rows, in the order the partial plan

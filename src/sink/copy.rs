@@ -17,6 +17,8 @@ const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 const PG_EPOCH_OFFSET_DAYS: i32 = 10_957;
 
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// Where the first row starts in [`encode_batch`]'s output.
+pub const HEADER_LEN: usize = HEADER.len();
 
 #[derive(Debug, thiserror::Error)]
 #[error("column {column} has Arrow type {data_type}, which has no COPY encoding")]

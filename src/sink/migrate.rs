@@ -19,6 +19,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "001_core.sql", include_str!("../../sql/001_core.sql")),
     (2, "002_kpi.sql", include_str!("../../sql/002_kpi.sql")),
     (3, "003_views.sql", include_str!("../../sql/003_views.sql")),
+    (
+        4,
+        "004_member_log.sql",
+        include_str!("../../sql/004_member_log.sql"),
+    ),
 ];
 
 /// Arbitrary constant shared by every energy-stream process.

@@ -45,8 +45,10 @@ pub struct BatchWrite<'a> {
     /// Rejects, in [`crate::event::reject_schema`].
     pub rejects: &'a RecordBatch,
     pub offsets: &'a [PartitionOffsets],
-    /// KPI merges that commit with the batch.
-    pub merges: &'a [crate::kpi::MergeStep],
+    /// KPI writes that commit with the batch.
+    pub kpis: &'a [crate::kpi::KpiWrite],
+    /// The memory of the count(DISTINCT) members ([`crate::kpi::members`]).
+    pub members: &'a crate::kpi::Memberships,
     /// KPIs that failed on this batch: marked stale in `kpi_registry` in the
     /// same transaction, so the next start rebuilds them from `events`.
     pub stale_kpis: &'a [String],
@@ -319,8 +321,11 @@ pub struct WriteTimings {
 pub struct Prepared<'c> {
     tx: Transaction<'c>,
     pub timings: WriteTimings,
-    /// Rows merged per KPI step (kpi name, rows).
+    /// Rows merged per KPI (kpi name, rows).
     pub merged: Vec<(String, u64)>,
+    /// Distinct members this batch adds: [`crate::kpi::Memberships::commit`]
+    /// them once the COMMIT succeeded.
+    pub pending: crate::kpi::Pending,
 }
 
 impl Prepared<'_> {
@@ -353,13 +358,16 @@ pub async fn prepare<'c>(
     }
     let copy = start.elapsed();
     let start = Instant::now();
-    let mut merged = Vec::with_capacity(batch.merges.len());
-    for step in batch.merges {
-        tx.batch_execute(&step.stage_ddl).await?;
-        copy_in(&tx, &step.copy_sql, &step.batch).await?;
-        let n = tx.execute(&step.merge_sql, &[]).await?;
-        merged.push((step.kpi.clone(), n));
-    }
+    let mut pending = crate::kpi::Pending::default();
+    let merged = crate::kpi::write(
+        &tx,
+        batch.members,
+        batch.kpis,
+        "",
+        crate::kpi::Writers::Shared,
+        &mut pending,
+    )
+    .await?;
     if !batch.stale_kpis.is_empty() {
         // A hash that no file has: the next start backfills these KPIs.
         tx.execute(
@@ -376,6 +384,7 @@ pub async fn prepare<'c>(
             merge: start.elapsed(),
         },
         merged,
+        pending,
     })
 }
 
