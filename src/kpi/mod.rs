@@ -19,6 +19,7 @@
 pub mod members;
 pub mod plan;
 pub mod slot;
+mod utc;
 
 use std::sync::Arc;
 
@@ -126,6 +127,9 @@ impl KpiEngine {
             .build_arc()
             .expect("a memory-limited runtime");
         let ctx = SessionContext::new_with_config_rt(config, runtime);
+        // Same results as DataFusion's date_trunc, without its per-value cost
+        // on UTC timestamps (see `utc`).
+        ctx.register_udf(utc::date_trunc());
         ctx.register_table(
             "events",
             Arc::new(slot::SlotTable::new(event_schema(), slot.clone())),
