@@ -10,7 +10,7 @@
 //! | [`source`] | the Kafka consumer-group member: assignment at the offsets stored in Postgres, ownership generations, pause/resume, the group-commit copy |
 //! | [`decode`] | message bytes → one Arrow `RecordBatch` per micro-batch, without a JSON tree per message |
 //! | [`validate`] | the business rules: a decoded batch → valid events + rejects with their reason |
-//! | [`kpi`] | KPI files in `queries/`: planning with DataFusion, per-batch partial aggregates, their exact merge into Postgres, backfill and verify |
+//! | [`kpi`] | KPI files in `queries/`: planning with DataFusion, per-batch partial aggregates, the distinct members (in memory and as a log), their exact merge into Postgres, backfill and verify |
 //! | [`sink`] | Postgres: connections, migrations (`sql/`), COPY BINARY from Arrow, the one transaction per batch, the stored offsets |
 //! | [`pipeline`] | the only place that knows the stages' channels: intake thread, compute task, writer task, retries, shutdown order |
 //! | [`telemetry`] | every metric name, logging set-up, `/metrics` `/healthz` `/readyz` |

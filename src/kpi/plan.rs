@@ -117,10 +117,10 @@ pub struct KpiDef {
 }
 
 /// The count(DISTINCT) measures of one KPI that count the same expression
-/// share one membership table, `(keys…, v, f)`: the member `v` under the keys,
-/// and in the flags `f` the measures (bit `1 << j` for `measures[j]`) whose
-/// FILTER it has passed. A funnel's five stages then cost one index entry per
-/// (day, customer), not five.
+/// share one membership set of `(keys…, v, f)`: the member `v` under the
+/// keys, and in the flags `f` the measures (bit `1 << j` for `measures[j]`)
+/// whose FILTER it has passed. A funnel's five stages then keep one member
+/// per (day, customer), not five. [`super::members`] stores the sets.
 #[derive(Debug, Clone)]
 pub struct MemberSet {
     /// Indexes into [`KpiDef::measures`], at most [`MAX_SET_MEASURES`].
