@@ -33,11 +33,12 @@
 //! Postgres value's binary form: equal values of one column type have equal
 //! bytes, and NULL differs from every value.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use bytes::BytesMut;
 use datafusion::arrow::array::RecordBatch;
+// hashbrown with foldhash: these maps hash every member of every batch.
+use datafusion::common::HashMap;
 use tokio_postgres::Transaction;
 
 use super::plan::KpiDef;
