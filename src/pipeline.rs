@@ -406,10 +406,10 @@ impl Backoff {
     }
 }
 
-/// Distinct members held in memory, at most (about 60 bytes each); the least
+/// Distinct members held in memory, at most (about 25 bytes each); the least
 /// recently used groups beyond it are read back from Postgres when needed.
 /// See [`crate::kpi::members`].
-const MEMBERS_CAP: usize = 1_000_000;
+const MEMBERS_CAP: usize = 2_000_000;
 
 /// How long a partition must be silent before the intake compares it with its
 /// high watermark (stall detection, and "caught up" for `stop_when_caught_up`).

@@ -39,6 +39,8 @@ use bytes::BytesMut;
 use datafusion::arrow::array::RecordBatch;
 // hashbrown with foldhash: these maps hash every member of every batch.
 use datafusion::common::HashMap;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use std::hash::BuildHasher;
 use tokio_postgres::Transaction;
 
 use super::plan::KpiDef;
@@ -47,11 +49,64 @@ use crate::sink::copy;
 
 type Bytes = Box<[u8]>;
 
+/// One group's members: their COPY fields back to back in one arena, and a
+/// hash table of (offset, flags). A group is two allocations, whatever its
+/// size, so holding it is compact and dropping it is cheap.
 struct Group {
-    /// Member (its COPY field, length included) → flags stored.
-    members: HashMap<Bytes, i32>,
+    arena: Vec<u8>,
+    index: HashTable<(u32, i32)>,
+    hasher: DefaultHashBuilder,
     /// The batch that last touched it, for eviction.
     used: u64,
+}
+
+impl Group {
+    fn new(used: u64) -> Self {
+        Group {
+            arena: Vec::new(),
+            index: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            used,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The member stored at `offset` (a COPY field, its length word included).
+    fn member(arena: &[u8], offset: u32) -> &[u8] {
+        let at = offset as usize;
+        &arena[at..at + field_len(&arena[at..])]
+    }
+
+    /// The flags stored for `m`, 0 when it is not a member.
+    fn flags(&self, m: &[u8]) -> i32 {
+        let h = self.hasher.hash_one(m);
+        self.index
+            .find(h, |&(o, _)| Self::member(&self.arena, o) == m)
+            .map_or(0, |&(_, f)| f)
+    }
+
+    /// Adds `m` with flags `f` (OR-ed into a member's); true if `m` is new.
+    fn add(&mut self, m: &[u8], f: i32) -> bool {
+        let h = self.hasher.hash_one(m);
+        let arena = &self.arena;
+        if let Some((_, known)) = self
+            .index
+            .find_mut(h, |&(o, _)| Self::member(arena, o) == m)
+        {
+            *known |= f;
+            return false;
+        }
+        let offset = u32::try_from(self.arena.len()).expect("a group's members fit in 4 GiB");
+        self.arena.extend_from_slice(m);
+        let (arena, hasher) = (&self.arena, &self.hasher);
+        self.index.insert_unique(h, (offset, f), |&(o, _)| {
+            hasher.hash_one(Self::member(arena, o))
+        });
+        true
+    }
 }
 
 /// What this process knows of one KPI's sets, as of generation `generation`.
@@ -78,7 +133,7 @@ impl Inner {
                 .sets
                 .iter()
                 .flat_map(|s| s.values())
-                .map(|g| g.members.len())
+                .map(Group::len)
                 .sum::<usize>();
         }
     }
@@ -169,12 +224,8 @@ impl Memberships {
                         continue;
                     };
                     for (m, f) in new {
-                        match g.members.get_mut(&m) {
-                            Some(known) => *known |= f,
-                            None => {
-                                g.members.insert(m, f);
-                                inner.total += 1;
-                            }
+                        if g.add(&m, f) {
+                            inner.total += 1;
                         }
                     }
                 }
@@ -316,13 +367,7 @@ impl Memberships {
             let inner = &mut *inner;
             let set = &mut inner.kpis.get_mut(&def.name).expect("inserted above").sets[*s];
             for grp in missing {
-                set.insert(
-                    grp.into(),
-                    Group {
-                        members: HashMap::new(),
-                        used: 0,
-                    },
-                );
+                set.insert(grp.into(), Group::new(0));
             }
             for r in &rows {
                 let grp: &[u8] = r.get(0);
@@ -363,7 +408,7 @@ impl Memberships {
                     g.used = tick;
                     let mut new = Vec::new();
                     for (m, f) in pg.members {
-                        let fresh = f & !g.members.get(&m).copied().unwrap_or(0);
+                        let fresh = f & !g.flags(&m);
                         if fresh == 0 {
                             continue;
                         }
@@ -424,7 +469,7 @@ fn evict(inner: &mut Inner, target: usize) {
             .get_mut(&kpi)
             .and_then(|m| m.sets[s].remove(&grp))
         {
-            inner.total -= g.members.len();
+            inner.total -= g.len();
         }
     }
 }
@@ -531,12 +576,8 @@ fn absorb(g: &mut Group, packed: &[u8]) -> Result<usize, SinkError> {
                 .expect("four bytes"),
         );
         at += len + 4;
-        match g.members.get_mut(m) {
-            Some(known) => *known |= f,
-            None => {
-                g.members.insert(m.into(), f);
-                added += 1;
-            }
+        if g.add(m, f) {
+            added += 1;
         }
     }
     Ok(added)
@@ -590,15 +631,14 @@ mod tests {
     fn packed_members_read_back_and_merge_flags() {
         let groups = parse_set(&rows(&[(Some(1), "a", 1), (Some(1), "", 2)]), 1).unwrap();
         let packed = pack(&groups[0].members);
-        let mut g = Group {
-            members: HashMap::new(),
-            used: 0,
-        };
+        let mut g = Group::new(0);
         assert_eq!(absorb(&mut g, &packed).unwrap(), 2);
         // The same members with another flag: nothing new, flags OR-ed.
         let again = pack(&[(groups[0].members[0].0.clone(), 4)]);
         assert_eq!(absorb(&mut g, &again).unwrap(), 0);
-        assert_eq!(g.members[&groups[0].members[0].0], 5);
+        assert_eq!(g.flags(&groups[0].members[0].0), 5);
+        assert_eq!(g.flags(&groups[0].members[1].0), 2);
+        assert_eq!(g.flags(b"\0\0\0\x01z"), 0);
         assert!(absorb(&mut g, &packed[..packed.len() - 1]).is_err());
     }
 
@@ -610,13 +650,7 @@ mod tests {
         {
             let mut inner = m.lock();
             let mut set = HashMap::new();
-            set.insert(
-                grp.clone(),
-                Group {
-                    members: HashMap::new(),
-                    used: 1,
-                },
-            );
+            set.insert(grp.clone(), Group::new(1));
             inner.kpis.insert(
                 "k".into(),
                 KpiMem {
@@ -650,10 +684,12 @@ mod tests {
             let mut inner = m.lock();
             let mut set = HashMap::new();
             for (used, n) in [(1u64, 3usize), (2, 2), (3, 1)] {
-                let members = (0..n)
-                    .map(|i| (vec![used as u8, i as u8].into(), 1))
-                    .collect();
-                set.insert(vec![used as u8].into(), Group { members, used });
+                let mut g = Group::new(used);
+                for i in 0..n {
+                    // A two-byte COPY field.
+                    assert!(g.add(&[0, 0, 0, 2, used as u8, i as u8], 1));
+                }
+                set.insert(vec![used as u8].into(), g);
             }
             inner.total = 6;
             inner.kpis.insert(

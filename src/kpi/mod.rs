@@ -651,9 +651,9 @@ use crate::sink::{self, SinkError};
 /// Rows read from `events` per chunk during backfills.
 const CHUNK_ROWS: i32 = 50_000;
 
-/// Distinct members a backfill holds in memory (about 60 bytes each); the
+/// Distinct members a backfill holds in memory (about 25 bytes each); the
 /// rest are read back from the new logs as chunks need them.
-const BACKFILL_MEMBERS_CAP: usize = 1_000_000;
+const BACKFILL_MEMBERS_CAP: usize = 2_000_000;
 
 const EVENTS_SELECT: &str = "SELECT kafka_partition, kafka_offset, kafka_timestamp, event_type, event_time, \
      customer_id, session_id, channel, tariff_type, \
