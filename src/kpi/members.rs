@@ -377,13 +377,7 @@ impl Memberships {
         }
 
         // Decide, against a memory that now holds every touched group whole.
-        let distinct: Vec<usize> = def
-            .measures
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.func == super::Func::CountDistinct)
-            .map(|(i, _)| i)
-            .collect();
+        let distinct = super::distinct_measures(def);
         let mut added = PendingKpi {
             kpi: def.name.clone(),
             epoch,
@@ -507,8 +501,12 @@ fn parse_set(rows: &RecordBatch, n_keys: usize) -> Result<Vec<ParsedGroup>, Sink
 
 /// The group key (COPY fields of the first `n_keys` columns) of every row.
 pub fn group_keys(rows: &RecordBatch, n_keys: usize) -> Result<Vec<Bytes>, SinkError> {
+    // Only the keys are encoded, not the measures beside them.
+    let keys = rows
+        .project(&(0..n_keys).collect::<Vec<_>>())
+        .map_err(|e| SinkError::Fatal(e.to_string()))?;
     let mut out = Vec::with_capacity(rows.num_rows());
-    for_each_tuple(rows, |fields| out.push(fields[..n_keys].concat().into()))?;
+    for_each_tuple(&keys, |fields| out.push(fields.concat().into()))?;
     Ok(out)
 }
 

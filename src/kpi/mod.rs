@@ -88,20 +88,19 @@ pub struct KpiDelta {
     pub distinct: Vec<(usize, RecordBatch)>,
 }
 
-/// A generic staged merge for the sink: COPY `batch` into `stage`, then run `merge`.
+/// A staged merge for [`write`]: COPY `batch` into `stage`, then run `merge_sql`.
 #[derive(Debug, Clone)]
-pub struct MergeStep {
-    pub kpi: String,
+struct MergeStep {
     /// The temporary staging table.
-    pub stage: String,
+    stage: String,
     /// Creates `stage` if this session has not yet. It is `ON COMMIT DELETE
     /// ROWS`, and each stage serves one step per batch transaction, so it is
     /// empty whenever a batch starts: no TRUNCATE, which costs a new file per
     /// table per batch (a fifth of a small batch's time in Postgres).
-    pub stage_ddl: String,
-    pub copy_sql: String,
-    pub batch: RecordBatch,
-    pub merge_sql: String,
+    stage_ddl: String,
+    copy_sql: String,
+    batch: RecordBatch,
+    merge_sql: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -407,7 +406,7 @@ pub async fn write(
 }
 
 /// The indexes of a KPI's count(DISTINCT) measures, in measure order.
-fn distinct_measures(def: &KpiDef) -> Vec<usize> {
+pub(crate) fn distinct_measures(def: &KpiDef) -> Vec<usize> {
     def.measures
         .iter()
         .enumerate()
@@ -619,7 +618,6 @@ fn main_merge(def: &KpiDef, batch: RecordBatch, suffix: &str) -> MergeStep {
     }
     sets.push("updated_at = now()".into());
     MergeStep {
-        kpi: def.name.clone(),
         stage: stage.clone(),
         stage_ddl: format!(
             "CREATE TEMP TABLE IF NOT EXISTS {stage} ({cols}) ON COMMIT DELETE ROWS"
