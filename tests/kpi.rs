@@ -126,6 +126,19 @@ async fn setup(prefix: &str, engine: &KpiEngine) -> tokio_postgres::Client {
     c
 }
 
+/// The tables whose names match any of the LIKE patterns, in name order.
+async fn tables_like(c: &tokio_postgres::Client, patterns: &[&str]) -> Vec<String> {
+    c.query(
+        "SELECT tablename::text FROM pg_tables WHERE tablename LIKE ANY($1) ORDER BY 1",
+        &[&patterns],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 async fn view_as_text(c: &tokio_postgres::Client, def: &kpi::KpiDef) -> String {
     c.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
     let cols: Vec<String> = def
@@ -605,16 +618,7 @@ async fn a_kpi_in_the_layout_before_member_sets_is_rebuilt() {
     .unwrap();
     let report = kpi::install(&mut c, &engine).await.unwrap();
     assert_eq!(report.backfilled, vec![def.name.clone()]);
-    let left: Vec<String> = c
-        .query(
-            "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'kpi\\_members\\_%' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let left = tables_like(&c, &["kpi\\_members\\_%"]).await;
     assert_eq!(left, vec![format!("kpi_members_{}_s0", def.name)]);
     assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
     stream(&mut c, &engine, &events.slice(100, 100), &[17]).await;
@@ -669,17 +673,7 @@ async fn distinct_members_stay_exact_across_writers_doubt_eviction_and_rebuilds(
     // The logs are rebuilt with other contents (here: from an emptied
     // `events`) under a new epoch, the generation going on as before. The
     // memory of A, which holds these very groups, must start over.
-    let tables: Vec<String> = a
-        .query(
-            "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'kpi\\_state\\_%' \
-             OR tablename LIKE 'kpi\\_members\\_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let tables = tables_like(&a, &["kpi\\_state\\_%", "kpi\\_members\\_%"]).await;
     a.batch_execute(&format!(
         "DELETE FROM events; TRUNCATE {}; UPDATE kpi_registry SET member_epoch = member_epoch + 1",
         tables.join(", ")
