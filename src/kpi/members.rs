@@ -42,6 +42,7 @@ use datafusion::common::HashMap;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use std::hash::BuildHasher;
 use tokio_postgres::Transaction;
+use tokio_postgres::types::Type;
 
 use super::plan::KpiDef;
 use crate::sink::SinkError;
@@ -266,12 +267,13 @@ impl Memberships {
             Writers::Exclusive { generation } => (0, generation),
             Writers::Shared => {
                 let row = tx
-                    .query_opt(
+                    .query_typed(
                         "UPDATE kpi_registry SET member_gen = member_gen + 1 WHERE name = $1 \
                          RETURNING member_epoch, member_gen",
-                        &[&def.name],
+                        &[(&def.name, Type::TEXT)],
                     )
                     .await?
+                    .pop()
                     .ok_or_else(|| {
                         SinkError::Fatal(format!(
                             "KPI {} is not in kpi_registry: start the pipeline or run `energy-stream migrate` to install it",
@@ -314,12 +316,12 @@ impl Memberships {
         if let Some((since, held)) = behind {
             for s in held {
                 let rows = tx
-                    .query(
+                    .query_typed(
                         &format!(
                             "SELECT grp, members FROM {} WHERE gen > $1 AND gen <= $2",
                             super::members_table(def, s, suffix)
                         ),
-                        &[&since, &prev],
+                        &[(&since, Type::INT8), (&prev, Type::INT8)],
                     )
                     .await?;
                 let mut inner = self.lock();
@@ -355,12 +357,12 @@ impl Memberships {
                 continue;
             }
             let rows = tx
-                .query(
+                .query_typed(
                     &format!(
                         "SELECT grp, members FROM {} WHERE grp = ANY($1)",
                         super::members_table(def, *s, suffix)
                     ),
-                    &[&missing],
+                    &[(&missing, Type::BYTEA_ARRAY)],
                 )
                 .await?;
             let mut inner = self.lock();
@@ -429,12 +431,16 @@ impl Memberships {
         for (s, groups) in &added.sets {
             let grps: Vec<&[u8]> = groups.iter().map(|(g, _)| &g[..]).collect();
             let blobs: Vec<Vec<u8>> = groups.iter().map(|(_, new)| pack(new)).collect();
-            tx.execute(
+            tx.execute_typed(
                 &format!(
                     "INSERT INTO {} (grp, gen, members) SELECT g, $2, m FROM unnest($1::bytea[], $3::bytea[]) AS t(g, m)",
                     super::members_table(def, *s, suffix)
                 ),
-                &[&grps, &generation, &blobs],
+                &[
+                    (&grps, Type::BYTEA_ARRAY),
+                    (&generation, Type::INT8),
+                    (&blobs, Type::BYTEA_ARRAY),
+                ],
             )
             .await?;
         }

@@ -399,7 +399,7 @@ pub async fn write(
             }
         }
         sink::copy_in(tx, &step.copy_sql, &step.batch).await?;
-        let n = tx.execute(&step.merge_sql, &[]).await?;
+        let n = tx.execute_typed(&step.merge_sql, &[]).await?;
         merged.push((w.def.name.clone(), n));
     }
     Ok(merged)

@@ -23,6 +23,7 @@ use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 
 use crate::event::event_schema;
@@ -391,12 +392,18 @@ pub async fn prepare<'c>(
 async fn fence_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(), SinkError> {
     let mut partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
     partitions.sort_unstable();
+    // Typed statements go out as one round trip (parse, bind and execute
+    // together); a batch's fixed cost is mostly round trips.
     let rows = tx
-        .query(
+        .query_typed(
             "SELECT kafka_partition, next_offset FROM consumer_offsets \
              WHERE group_id = $1 AND topic = $2 AND kafka_partition = ANY($3) \
              ORDER BY kafka_partition FOR UPDATE",
-            &[&batch.group_id, &batch.topic, &partitions],
+            &[
+                (&batch.group_id, Type::TEXT),
+                (&batch.topic, Type::TEXT),
+                (&partitions, Type::INT4_ARRAY),
+            ],
         )
         .await?;
     let stored: HashMap<i32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -490,25 +497,48 @@ async fn insert_rejects(
 }
 
 async fn store_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(), SinkError> {
-    for o in batch.offsets {
-        let n = if o.expected.is_some() {
-            tx.execute(
-                "UPDATE consumer_offsets SET next_offset = $4, updated_at = now() \
-                 WHERE group_id = $1 AND topic = $2 AND kafka_partition = $3",
-                &[&batch.group_id, &batch.topic, &o.partition, &o.next],
+    let (known, new): (Vec<&PartitionOffsets>, Vec<&PartitionOffsets>) =
+        batch.offsets.iter().partition(|o| o.expected.is_some());
+    // One statement per kind, not one per partition: the rows are locked by
+    // the fence already, so the order inside the statement cannot deadlock.
+    for (rows, sql) in [
+        (
+            known,
+            "UPDATE consumer_offsets c SET next_offset = v.next, updated_at = now() \
+             FROM unnest($3::int4[], $4::int8[]) AS v(p, next) \
+             WHERE c.group_id = $1 AND c.topic = $2 AND c.kafka_partition = v.p \
+             RETURNING c.kafka_partition",
+        ),
+        (
+            // A plain INSERT: if another consumer inserted a partition
+            // meanwhile, it is skipped here and reported as fenced below
+            // instead of being overwritten.
+            new,
+            "INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) \
+             SELECT $1, $2, p, next FROM unnest($3::int4[], $4::int8[]) AS v(p, next) \
+             ON CONFLICT DO NOTHING RETURNING kafka_partition",
+        ),
+    ] {
+        if rows.is_empty() {
+            continue;
+        }
+        let partitions: Vec<i32> = rows.iter().map(|o| o.partition).collect();
+        let next: Vec<i64> = rows.iter().map(|o| o.next).collect();
+        let written: Vec<i32> = tx
+            .query_typed(
+                sql,
+                &[
+                    (&batch.group_id, Type::TEXT),
+                    (&batch.topic, Type::TEXT),
+                    (&partitions, Type::INT4_ARRAY),
+                    (&next, Type::INT8_ARRAY),
+                ],
             )
             .await?
-        } else {
-            // A plain INSERT: if another consumer inserted this partition
-            // meanwhile, the unique violation aborts us instead of overwriting it.
-            tx.execute(
-                "INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[&batch.group_id, &batch.topic, &o.partition, &o.next],
-            )
-            .await?
-        };
-        if n != 1 {
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some(o) = rows.iter().find(|o| !written.contains(&o.partition)) {
             return Err(SinkError::Fenced {
                 partition: o.partition,
                 stored: None,
