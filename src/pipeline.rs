@@ -415,6 +415,10 @@ const MEMBERS_CAP: usize = 2_000_000;
 /// high watermark (stall detection, and "caught up" for `stop_when_caught_up`).
 const PROGRESS_CHECK_EVERY: Duration = Duration::from_millis(500);
 
+/// Messages drained per burst at most, so that the batch deadline and the
+/// progress checks still run every few milliseconds under full load.
+const BURST_MAX: usize = 512;
+
 /// The intake thread: poll, decode, cut batches, hand them over.
 fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mpsc::Sender<Batch>) {
     let ownership = source.ownership();
@@ -465,18 +469,35 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
                 .min(Duration::from_millis(100)),
             _ => Duration::from_millis(100),
         };
-        match source.poll(timeout) {
-            Polled::Message(m) => {
+        // Wait for one message, then drain what librdkafka already holds
+        // without waiting: the clock reads and checks below then run once per
+        // burst, not once per message.
+        let mut burst = Vec::new();
+        let mut polled = source.poll(timeout);
+        let burst_at = Instant::now();
+        let room = cfg
+            .batch_max_rows
+            .saturating_sub(dec.len())
+            .clamp(1, BURST_MAX);
+        while let Polled::Message(m) = polled {
+            if ownership.generation() != cut.generation {
+                // A rebalance happened inside poll: what we hold belongs to
+                // the old assignment and may now be someone else's.
+                burst.clear();
+                dec.finish();
+                cut = Cutter::new(ownership.generation());
+            }
+            burst.push(m);
+            if burst.len() >= room {
+                break;
+            }
+            polled = source.poll_ready(burst_at);
+        }
+        if !burst.is_empty() {
+            let t = Instant::now();
+            for m in &burst {
                 let (partition, offset) = (m.partition(), m.offset());
                 let timestamp_ms = m.timestamp().to_millis();
-                let generation = ownership.generation();
-                if generation != cut.generation {
-                    // A rebalance happened inside poll: what we hold belongs to
-                    // the old assignment and may now be someone else's.
-                    dec.finish();
-                    cut = Cutter::new(generation);
-                }
-                let t = Instant::now();
                 dec.push(
                     m.payload(),
                     MessageMeta {
@@ -485,10 +506,9 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
                         timestamp_ms,
                     },
                 );
-                decode_time += t.elapsed();
-                cut.note(partition, offset, timestamp_ms);
+                cut.note(partition, offset, timestamp_ms, burst_at);
             }
-            Polled::PartitionEof(_) | Polled::Idle => {}
+            decode_time += t.elapsed();
         }
         // On a timer, not only when idle: a partition can stall while others
         // keep the poll busy.
@@ -558,8 +578,8 @@ impl Cutter {
         }
     }
 
-    fn note(&mut self, partition: i32, offset: i64, ts_ms: Option<i64>) {
-        self.first_at.get_or_insert_with(Instant::now);
+    fn note(&mut self, partition: i32, offset: i64, ts_ms: Option<i64>, now: Instant) {
+        self.first_at.get_or_insert(now);
         let last = self.last_offsets.entry(partition).or_insert(offset);
         *last = (*last).max(offset);
         if let Some(ts) = ts_ms {

@@ -165,8 +165,8 @@ impl Cursor {
     /// broker sends from at or before `next`. A gap is real (compaction,
     /// transaction markers) only when the broker sent a message below `next`
     /// and then one above it, or when seeking back to 0 did not close it.
-    fn judge(&mut self, offset: i64) -> Verdict {
-        self.heard_at = Instant::now();
+    fn judge(&mut self, offset: i64, now: Instant) -> Verdict {
+        self.heard_at = now;
         self.last_seen = Some(offset);
         let Some(next) = self.next else {
             self.next = Some(offset + 1);
@@ -523,7 +523,7 @@ impl KafkaSource {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if let Some(p) = self.poll_once(left) {
+            if let Some(p) = self.poll_once(left, None) {
                 return p;
             }
             if left.is_zero() {
@@ -532,18 +532,28 @@ impl KafkaSource {
         }
     }
 
+    /// The next message librdkafka already holds, without waiting: for
+    /// draining a burst after [`KafkaSource::poll`]. Arrivals are stamped
+    /// with `now`, the burst's clock reading; clock reads per message were a
+    /// tenth of the intake thread. Idle also when what came was dropped.
+    pub fn poll_ready(&self, now: Instant) -> Polled<'_> {
+        self.poll_once(Duration::ZERO, Some(now))
+            .unwrap_or(Polled::Idle)
+    }
+
     /// One librdkafka poll; None when what came was dropped (re-delivered, or
-    /// a skip that needed a seek).
-    fn poll_once(&self, timeout: Duration) -> Option<Polled<'_>> {
+    /// a skip that needed a seek). `now` stamps the arrival (None: read the clock).
+    fn poll_once(&self, timeout: Duration, now: Option<Instant>) -> Option<Polled<'_>> {
         Some(match self.consumer.poll(timeout) {
             None => Polled::Idle,
             Some(Ok(m)) => {
                 self.health.kafka_ok.store(true, Ordering::Relaxed);
                 let (p, offset) = (m.partition(), m.offset());
+                let now = now.unwrap_or_else(Instant::now);
                 let verdict = {
                     let mut cursors = self.ownership.cursors.lock().expect("cursors lock");
                     match cursors.get_mut(&p) {
-                        Some(c) => c.judge(offset),
+                        Some(c) => c.judge(offset, now),
                         // Not (or no longer) ours: never hand it on.
                         None => Verdict::Redelivered,
                     }
@@ -747,11 +757,11 @@ mod tests {
     #[test]
     fn cursor_accepts_in_order_and_drops_redeliveries() {
         let mut c = Cursor::at(Some(10));
-        assert_eq!(c.judge(10), Verdict::Accept);
-        assert_eq!(c.judge(11), Verdict::Accept);
-        assert_eq!(c.judge(5), Verdict::Redelivered);
-        assert_eq!(c.judge(11), Verdict::Redelivered);
-        assert_eq!(c.judge(12), Verdict::Accept);
+        assert_eq!(c.judge(10, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(11, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(5, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(11, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(12, Instant::now()), Verdict::Accept);
         assert_eq!(c.next, Some(13));
     }
 
@@ -759,25 +769,25 @@ mod tests {
     fn cursor_seeks_back_when_the_broker_skips() {
         // Asked for 100, the broker answers from 150: seek back 16, 64, 256, ...
         let mut c = Cursor::at(Some(100));
-        assert_eq!(c.judge(150), Verdict::SeekBack(84));
-        assert_eq!(c.judge(150), Verdict::SeekBack(36));
-        assert_eq!(c.judge(150), Verdict::SeekBack(0));
+        assert_eq!(c.judge(150, Instant::now()), Verdict::SeekBack(84));
+        assert_eq!(c.judge(150, Instant::now()), Verdict::SeekBack(36));
+        assert_eq!(c.judge(150, Instant::now()), Verdict::SeekBack(0));
         // Now the fetch starts before 100: the head is dropped, 100 accepted.
-        assert_eq!(c.judge(90), Verdict::Redelivered);
-        assert_eq!(c.judge(99), Verdict::Redelivered);
-        assert_eq!(c.judge(100), Verdict::Accept);
+        assert_eq!(c.judge(90, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(99, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(100, Instant::now()), Verdict::Accept);
         assert_eq!(c.back, 0);
         // Mid-stream too (a fetch restarted after a reconnect).
-        assert_eq!(c.judge(140), Verdict::SeekBack(85));
+        assert_eq!(c.judge(140, Instant::now()), Verdict::SeekBack(85));
     }
 
     #[test]
     fn cursor_accepts_a_gap_the_broker_straddles() {
         // The broker sends 8, 9 (below next = 10) then 12: 10 and 11 do not exist.
         let mut c = Cursor::at(Some(10));
-        assert_eq!(c.judge(8), Verdict::Redelivered);
-        assert_eq!(c.judge(9), Verdict::Redelivered);
-        assert_eq!(c.judge(12), Verdict::Accept);
+        assert_eq!(c.judge(8, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(9, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(12, Instant::now()), Verdict::Accept);
         assert_eq!(c.next, Some(13));
     }
 
@@ -786,7 +796,7 @@ mod tests {
         let mut c = Cursor::at(Some(3));
         let mut seeks = 0;
         loop {
-            match c.judge(7) {
+            match c.judge(7, Instant::now()) {
                 Verdict::SeekBack(to) => {
                     assert!(to >= 0);
                     seeks += 1;
@@ -806,9 +816,9 @@ mod tests {
         assert_eq!(c.stalled(0, 121), Some(84));
         assert_eq!(c.stalled(0, 121), Some(36));
         // The refetch starts below 100: the head is dropped, 100 accepted.
-        assert_eq!(c.judge(40), Verdict::Redelivered);
-        assert_eq!(c.judge(99), Verdict::Redelivered);
-        assert_eq!(c.judge(100), Verdict::Accept);
+        assert_eq!(c.judge(40, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(99, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(100, Instant::now()), Verdict::Accept);
         // At the high watermark nothing is missing.
         assert_eq!(c.stalled(0, 101), None);
         // Never below the low watermark.
@@ -825,7 +835,7 @@ mod tests {
         let mut c = Cursor::at(Some(100));
         assert_eq!(c.stalled(0, 102), Some(84));
         for o in 84..100 {
-            assert_eq!(c.judge(o), Verdict::Redelivered);
+            assert_eq!(c.judge(o, Instant::now()), Verdict::Redelivered);
         }
         assert_eq!(c.stalled(0, 102), None);
         assert!(c.settled);
@@ -840,15 +850,15 @@ mod tests {
         assert_eq!(c.stalled(0, 30), Some(0));
         assert_eq!(c.stalled(0, 30), None);
         // A new message un-settles it.
-        assert_eq!(c.judge(25), Verdict::Accept);
+        assert_eq!(c.judge(25, Instant::now()), Verdict::Accept);
         assert!(!c.settled);
     }
 
     #[test]
     fn cursor_from_the_beginning_takes_the_first_offset() {
         let mut c = Cursor::at(None);
-        assert_eq!(c.judge(42), Verdict::Accept);
-        assert_eq!(c.judge(42), Verdict::Redelivered);
-        assert_eq!(c.judge(43), Verdict::Accept);
+        assert_eq!(c.judge(42, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(42, Instant::now()), Verdict::Redelivered);
+        assert_eq!(c.judge(43, Instant::now()), Verdict::Accept);
     }
 }
