@@ -299,7 +299,11 @@ pub fn produce(
             };
             if let Some(rate) = cfg.rate {
                 let due = Duration::from_secs_f64(offered as f64 / rate.max(0.001));
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                // Sleep only once a millisecond ahead: a sleep per message
+                // (70 µs apart at 14 k/s) cost more CPU than the sending.
+                if let Some(wait) = due.checked_sub(started.elapsed())
+                    && wait >= Duration::from_millis(1)
+                {
                     std::thread::sleep(wait);
                 }
             }
