@@ -555,11 +555,8 @@ fn parse_common_time(s: &[u8]) -> Option<i64> {
         }
         _ => return None,
     };
-    // Leap seconds are left to chrono.
-    if second > 59 {
-        return None;
-    }
     let date = chrono::NaiveDate::from_ymd_opt(year as i32, month, day)?;
+    // Refuses second 60: leap seconds are left to chrono.
     let time = chrono::NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
     let local = NaiveDateTime::new(date, time).and_utc().timestamp_micros();
     local.checked_sub(offset_secs * 1_000_000)
@@ -721,6 +718,8 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{Decimal128Type, Int64Type, TimestampMicrosecondType};
     use proptest::prelude::*;
 
     proptest! {
@@ -761,8 +760,6 @@ mod tests {
             }
         }
     }
-    use datafusion::arrow::array::{Array, AsArray};
-    use datafusion::arrow::datatypes::{Decimal128Type, Int64Type, TimestampMicrosecondType};
 
     /// Found by the property test while checking it against a flipped offset
     /// sign: a positive offset moves the instant back, here across a year.
