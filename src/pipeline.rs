@@ -1,14 +1,15 @@
 //! Pipeline: the only module that knows how the stages connect.
 //!
 //! ```text
-//!  intake thread                  compute task             writer task
-//!  ─────────────                  ────────────             ───────────
-//!  source.poll ─► decode.push ──► validate ─► KPI     ──► sink::prepare (one tx: offsets fence,
-//!      ▲   ─► cut                 partials (DataFusion)    COPY events, rejects, [KPI merges:
-//!      │   (rebalance callbacks                            new distinct members decided against
-//!      │    run here and set                               the memberships], offsets) ─► gate +
-//!      │    ownership)                                     generation check ─► COMMIT
-//!      │                                                   ─► memberships + Kafka group commit
+//!  intake thread                  compute task             writer: two lanes, one connection each
+//!  ─────────────                  ────────────             ──────────────────────────────────────
+//!  source.poll ─► decode.push ──► validate ─► KPI     ──► sink::begin_copy (open tx, COPY events
+//!      ▲   ─► cut                 partials (DataFusion)    and rejects) ─► wait for the baton ─►
+//!      │   (rebalance callbacks                            finish (offsets fence, KPI merges: new
+//!      │    run here and set                               distinct members decided against the
+//!      │    ownership)                                     memberships, offsets) ─► gate +
+//!      │                                                   generation check ─► COMMIT ─► memberships
+//!      │                                                   + Kafka group commit ─► pass the baton
 //!      └── blocks while the channels are full
 //! ```
 //!
@@ -16,12 +17,13 @@
 //! takes a batch only when the writer has taken the one before; when they are
 //! full (Postgres slow or away) the intake blocks and stops polling, and
 //! librdkafka stops fetching once its bounded queue is full, so memory stays
-//! bounded: at most four batches, as with a single channel of two. Batch N+2
-//! is decoded and batch N+1 validated and its KPI partials computed while
-//! batch N is in Postgres, on the core Postgres leaves idle; commits stay in
-//! order because there is one writer. Which distinct members are new is
-//! decided in the writer, inside batch N's transaction
-//! ([`crate::kpi::members`]).
+//! bounded: at most five batches (one being decoded, one in each channel, one
+//! in each writer lane). Batch N+2 is decoded and its KPI partials computed,
+//! and batch N+1 copied into Postgres, while batch N merges and commits.
+//! Commits stay in order because only the lane holding the baton fences,
+//! merges and commits, and it passes the baton on only after the Kafka group
+//! commit. Which distinct members are new is decided by the baton holder,
+//! inside its batch's transaction ([`crate::kpi::members`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -661,7 +663,76 @@ async fn compute(
     Ok(())
 }
 
-/// The writer: write, commit, in batch order.
+/// Connections the writer keeps: batch N+1 is copied on one while batch N
+/// merges and commits on the other, so Postgres works on two cores.
+const WRITER_LANES: usize = 2;
+
+/// What the writer's lanes share. Everything mutable is touched only by the
+/// lane that holds the baton (see [`lane`]), so the locks are never contended
+/// and never held across an await.
+struct WriterCtx<'a> {
+    cfg: &'a PipelineConfig,
+    kpis: Option<&'a KpiEngine>,
+    source: &'a KafkaSource,
+    ownership: &'a Ownership,
+    metrics: &'a Metrics,
+    health: &'a Health,
+    members: crate::kpi::Memberships,
+    /// The computed batches and the number of the last one taken.
+    rx: tokio::sync::Mutex<(mpsc::Receiver<Computed>, u64)>,
+    /// The number of the last batch that committed or was given up.
+    done: tokio::sync::watch::Sender<u64>,
+    state: std::sync::Mutex<WriterState>,
+}
+
+impl<'a> WriterCtx<'a> {
+    /// What one attempt at a batch writes.
+    fn batch_write<'b>(
+        &'b self,
+        batch: &'b Batch,
+        validated: &'b crate::validate::Validated,
+        kpis: &'b [crate::kpi::KpiWrite],
+        stale_kpis: &'b [String],
+        fault_now: Option<FaultPoint>,
+    ) -> BatchWrite<'b> {
+        BatchWrite {
+            group_id: &self.cfg.kafka.group_id,
+            topic: &self.cfg.kafka.topic,
+            events: &validated.valid,
+            rejects: &validated.rejects,
+            offsets: &batch.offsets,
+            kpis,
+            members: &self.members,
+            stale_kpis,
+            abort_mid_copy: fault_now == Some(FaultPoint::MidCopy),
+        }
+    }
+}
+
+struct WriterState {
+    summary: RunSummary,
+    progress: Progress,
+    stop_seen_at: Option<Instant>,
+    /// Disabled KPIs not yet marked stale by a committed batch.
+    unmarked_stale: Vec<String>,
+}
+
+/// A committed batch's timings and what it merged.
+struct Committed {
+    copy: Duration,
+    merge: Duration,
+    merged: Vec<(String, u64)>,
+    pending: crate::kpi::Pending,
+    commit: Duration,
+}
+
+/// The writer: write, commit, in batch order, on [`WRITER_LANES`] connections.
+///
+/// Batches alternate between the lanes. A lane COPYs its batch's rows as soon
+/// as it takes it, then waits for the baton (every earlier batch committed or
+/// given up) before the offset fence, the KPI merges and the COMMIT, and
+/// passes the baton on after the Kafka group commit. Commits therefore stay
+/// in batch order; only the COPY overlaps the batch before.
 #[allow(clippy::too_many_arguments)]
 async fn writer(
     cfg: &PipelineConfig,
@@ -671,18 +742,60 @@ async fn writer(
     ownership: &Ownership,
     metrics: &Metrics,
     health: &Health,
-    mut rx: mpsc::Receiver<Computed>,
+    rx: mpsc::Receiver<Computed>,
 ) -> Result<RunSummary, PipelineError> {
-    let mut client = Some(client);
-    let mut summary = RunSummary::default();
-    let mut progress = Progress::new(cfg.progress_interval);
-    let mut stop_seen_at: Option<Instant> = None;
-    // Disabled KPIs not yet marked stale by a committed batch.
-    let mut unmarked_stale: Vec<String> = Vec::new();
+    let ctx = WriterCtx {
+        cfg,
+        kpis,
+        source,
+        ownership,
+        metrics,
+        health,
+        members: crate::kpi::Memberships::new(MEMBERS_CAP),
+        rx: tokio::sync::Mutex::new((rx, 0)),
+        done: tokio::sync::watch::channel(0).0,
+        state: std::sync::Mutex::new(WriterState {
+            summary: RunSummary::default(),
+            progress: Progress::new(cfg.progress_interval),
+            stop_seen_at: None,
+            unmarked_stale: Vec::new(),
+        }),
+    };
+    let mut first = Some(client);
+    let lanes: Vec<_> = (0..WRITER_LANES)
+        .map(|_| lane(&ctx, first.take()))
+        .collect();
+    // The first lane error ends the writer; the other lane's open transaction
+    // is dropped with it and rolls back.
+    futures_util::future::try_join_all(lanes).await?;
+    let state = ctx.state.into_inner().unwrap_or_else(|e| e.into_inner());
+    state.progress.finish(&state.summary);
+    Ok(state.summary)
+}
 
-    let members = crate::kpi::Memberships::new(MEMBERS_CAP);
-    let mut batch_no: u64 = 0;
-    while let Some(computed) = rx.recv().await {
+/// One writer connection: takes the next batch, COPYs it, waits for the
+/// baton, finishes and commits it (retrying as long as Postgres is away),
+/// then passes the baton on.
+async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), PipelineError> {
+    let WriterCtx {
+        cfg,
+        kpis,
+        ownership,
+        metrics,
+        health,
+        members,
+        ..
+    } = ctx;
+    let mut baton = ctx.done.subscribe();
+    loop {
+        let (seq, computed) = {
+            let mut rx = ctx.rx.lock().await;
+            let Some(computed) = rx.0.recv().await else {
+                return Ok(());
+            };
+            rx.1 += 1;
+            (rx.1, computed)
+        };
         let Computed {
             batch,
             validated,
@@ -691,123 +804,98 @@ async fn writer(
             validate_time,
             kpi_time,
         } = computed;
-        batch_no += 1;
-        let fault_now = cfg.fault.filter(|f| f.batch == batch_no).map(|f| f.point);
+        let fault_now = cfg.fault.filter(|f| f.batch == seq).map(|f| f.point);
         let t = Instant::now();
         let kpi_writes = match kpis {
-            Some(engine) => {
-                for f in failures {
-                    // The batch still commits (events, rejects, the other KPIs):
-                    // one runaway query must not stall ingestion.
-                    tracing::error!(
-                        kpi = %f.kpi,
-                        error = %f.error,
-                        "KPI failed on a batch and is disabled in this process; its tables are marked stale \
-                         and rebuilt from events at the next start (fix queries/{}.sql first)",
-                        f.kpi
-                    );
-                    metrics.kpi_failures.with_label_values(&[&f.kpi]).inc();
-                    unmarked_stale.push(f.kpi);
-                }
-                engine.writes(deltas)
-            }
+            Some(engine) => engine.writes(deltas),
             None => Vec::new(),
         };
         let kpi_time = kpi_time + t.elapsed();
+        // The head start: COPY while the batch before is still in Postgres.
+        // An error here waits for the baton too, so that only the baton
+        // holder touches the memberships and retries.
+        let first_attempt = if ownership.generation() == batch.generation {
+            let copied = match open(cfg, &mut client).await {
+                Ok(c) => {
+                    sink::begin_copy(
+                        c,
+                        &ctx.batch_write(&batch, &validated, &kpi_writes, &[], fault_now),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            let _ = baton.wait_for(|done| *done + 1 >= seq).await;
+            let stale = note_failures(ctx, failures);
+            Some(match copied {
+                Ok(copied) => {
+                    commit_batch(
+                        ctx,
+                        copied,
+                        &ctx.batch_write(&batch, &validated, &kpi_writes, &stale, fault_now),
+                        batch.generation,
+                        fault_now,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            })
+        } else {
+            let _ = baton.wait_for(|done| *done + 1 >= seq).await;
+            note_failures(ctx, failures);
+            None
+        };
 
+        let mut first_attempt = first_attempt;
         let mut backoff = Backoff::new();
         let committed = loop {
-            if ownership.stop_requested() {
-                let since = *stop_seen_at.get_or_insert_with(Instant::now);
-                if since.elapsed() > cfg.drain_timeout {
-                    return Err(PipelineError::DrainTimeout(cfg.drain_timeout));
-                }
-            }
-            if ownership.generation() != batch.generation {
-                metrics
-                    .batches_discarded
-                    .with_label_values(&["rebalance"])
-                    .inc();
-                break false;
-            }
-            let c = match client.as_mut() {
-                Some(c) if !c.is_closed() => c,
-                _ => match cfg.database.connect().await {
-                    Ok(c) => {
-                        tracing::info!("reconnected to Postgres");
-                        client.insert(c)
+            let result = match first_attempt.take() {
+                Some(result) => result,
+                None => {
+                    if ownership.stop_requested() {
+                        let since = *ctx
+                            .state
+                            .lock()
+                            .unwrap()
+                            .stop_seen_at
+                            .get_or_insert_with(Instant::now);
+                        if since.elapsed() > cfg.drain_timeout {
+                            return Err(PipelineError::DrainTimeout(cfg.drain_timeout));
+                        }
                     }
-                    Err(e) => {
-                        on_db_error(&e, metrics, health)?;
-                        backoff.wait().await;
-                        continue;
+                    if ownership.generation() != batch.generation {
+                        metrics
+                            .batches_discarded
+                            .with_label_values(&["rebalance"])
+                            .inc();
+                        break None;
                     }
-                },
-            };
-            let write = BatchWrite {
-                group_id: &cfg.kafka.group_id,
-                topic: &cfg.kafka.topic,
-                events: &validated.valid,
-                rejects: &validated.rejects,
-                offsets: &batch.offsets,
-                kpis: &kpi_writes,
-                members: &members,
-                stale_kpis: &unmarked_stale,
-                abort_mid_copy: fault_now == Some(FaultPoint::MidCopy),
-            };
-            let result = async {
-                let mut prepared = sink::prepare(c, &write).await?;
-                let copy_time = prepared.timings.copy;
-                let merge_time = prepared.timings.merge;
-                let merged = std::mem::take(&mut prepared.merged);
-                let pending = std::mem::take(&mut prepared.pending);
-                let t = Instant::now();
-                let _gate = ownership.gate.lock().await;
-                if ownership.generation() != batch.generation {
-                    prepared.rollback().await?;
-                    return Ok(None);
+                    let c = match open(cfg, &mut client).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            on_db_error(&e, metrics, health)?;
+                            backoff.wait().await;
+                            continue;
+                        }
+                    };
+                    let stale = ctx.state.lock().unwrap().unmarked_stale.clone();
+                    let write = ctx.batch_write(&batch, &validated, &kpi_writes, &stale, fault_now);
+                    match sink::begin_copy(c, &write).await {
+                        Ok(copied) => {
+                            commit_batch(ctx, copied, &write, batch.generation, fault_now).await
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
-                if fault_now == Some(FaultPoint::InCommit) {
-                    // Dies while COMMIT is in flight: it may or may not land.
-                    std::thread::spawn(|| {
-                        std::thread::sleep(Duration::from_micros(300));
-                        tracing::warn!("fault injection: aborting inside the COMMIT");
-                        std::process::abort();
-                    });
-                }
-                prepared.commit().await?;
-                Ok::<_, SinkError>(Some((copy_time, merge_time, merged, pending, t.elapsed())))
-            }
-            .await;
+            };
             match result {
-                Ok(Some((copy_time, merge_time, merged, pending, commit_time))) => {
-                    members.commit(pending);
-                    unmarked_stale.clear();
-                    metrics
-                        .stage_duration
-                        .with_label_values(&[stage::KPI])
-                        .observe((kpi_time + merge_time).as_secs_f64());
-                    for (kpi, n) in merged {
-                        metrics.kpi_rows_merged.with_label_values(&[&kpi]).inc_by(n);
-                    }
-                    health.postgres_ok.store(true, Ordering::Relaxed);
-                    health.committing.store(true, Ordering::Relaxed);
-                    metrics
-                        .stage_duration
-                        .with_label_values(&[stage::COPY])
-                        .observe(copy_time.as_secs_f64());
-                    metrics
-                        .stage_duration
-                        .with_label_values(&[stage::COMMIT])
-                        .observe(commit_time.as_secs_f64());
-                    break true;
-                }
+                Ok(Some(done)) => break Some(done),
                 Ok(None) => {
                     metrics
                         .batches_discarded
                         .with_label_values(&["rebalance"])
                         .inc();
-                    break false;
+                    break None;
                 }
                 Err(e @ (SinkError::Fenced { .. } | SinkError::Duplicate(_))) => {
                     metrics.db_errors.with_label_values(&[e.kind()]).inc();
@@ -820,7 +908,7 @@ async fn writer(
                     // Postgres may hold less than we think (a failover to a
                     // lagging replica): forget what we remembered as stored.
                     members.clear();
-                    break false;
+                    break None;
                 }
                 Err(e) => {
                     members.clear();
@@ -830,53 +918,157 @@ async fn writer(
                 }
             }
         };
-        if !committed {
-            continue;
+        if let Some(done) = committed {
+            record_commit(ctx, &batch, &validated, validate_time, kpi_time, done);
         }
-
-        let now = Utc::now();
-        metrics
-            .stage_duration
-            .with_label_values(&[stage::DECODE])
-            .observe(batch.decode_time.as_secs_f64());
-        metrics
-            .stage_duration
-            .with_label_values(&[stage::VALIDATE])
-            .observe(validate_time.as_secs_f64());
-        metrics.batches.inc();
-        metrics.batch_rows.observe(batch.rows as f64);
-        metrics.last_commit.set(now.timestamp());
-        if let Some(ts) = batch.oldest_ts_ms {
-            let ms = (now.timestamp_millis() - ts).max(0);
-            metrics.end_to_end_latency.observe(ms as f64 / 1000.0);
-            summary.end_to_end_ms.push(ms as u64);
-        }
-        summary
-            .batch_latency_us
-            .push(batch.cut_at.elapsed().as_micros() as u64);
-        let written = count_by(&validated.valid, col::EVENT_TYPE);
-        let rejected = count_by(&validated.rejects, col::REASON);
-        for (k, n) in &written {
-            metrics.events_written.with_label_values(&[k]).inc_by(*n);
-            *summary.by_event_type.entry(k.clone()).or_default() += n;
-        }
-        for (k, n) in &rejected {
-            metrics.events_rejected.with_label_values(&[k]).inc_by(*n);
-            *summary.by_reason.entry(k.clone()).or_default() += n;
-        }
-        summary.batches += 1;
-        summary.events_written += validated.valid.num_rows() as u64;
-        summary.rejected += validated.rejects.num_rows() as u64;
-        let next: Vec<(i32, i64)> = batch
-            .offsets
-            .iter()
-            .map(|o| (o.partition, o.next))
-            .collect();
-        source.commit_to_group(&next);
-        progress.tick(&summary, metrics);
+        ctx.done.send_replace(seq);
     }
-    progress.finish(&summary);
-    Ok(summary)
+}
+
+/// The lane's connection, reconnecting when it broke or was never opened.
+async fn open<'c>(
+    cfg: &PipelineConfig,
+    client: &'c mut Option<Client>,
+) -> Result<&'c mut Client, SinkError> {
+    match client {
+        Some(c) if !c.is_closed() => {}
+        _ => {
+            let broken = client.is_some();
+            *client = Some(cfg.database.connect().await?);
+            if broken {
+                tracing::info!("reconnected to Postgres");
+            }
+        }
+    }
+    Ok(client.as_mut().expect("connected above"))
+}
+
+/// Logs and counts the KPIs that failed on a batch, and returns every KPI
+/// that the next commit must mark stale. Called by the baton holder.
+fn note_failures(ctx: &WriterCtx<'_>, failures: Vec<crate::kpi::KpiFailure>) -> Vec<String> {
+    let mut state = ctx.state.lock().unwrap();
+    for f in failures {
+        // The batch still commits (events, rejects, the other KPIs): one
+        // runaway query must not stall ingestion.
+        tracing::error!(
+            kpi = %f.kpi,
+            error = %f.error,
+            "KPI failed on a batch and is disabled in this process; its tables are marked stale \
+             and rebuilt from events at the next start (fix queries/{}.sql first)",
+            f.kpi
+        );
+        ctx.metrics.kpi_failures.with_label_values(&[&f.kpi]).inc();
+        state.unmarked_stale.push(f.kpi);
+    }
+    state.unmarked_stale.clone()
+}
+
+/// Fences, merges and commits a copied batch; None when a rebalance made it
+/// stale first.
+async fn commit_batch(
+    ctx: &WriterCtx<'_>,
+    copied: sink::Copied<'_>,
+    write: &BatchWrite<'_>,
+    generation: u64,
+    fault_now: Option<FaultPoint>,
+) -> Result<Option<Committed>, SinkError> {
+    let mut prepared = copied.finish(write).await?;
+    let merged = std::mem::take(&mut prepared.merged);
+    let pending = std::mem::take(&mut prepared.pending);
+    let timings = prepared.timings;
+    let t = Instant::now();
+    let _gate = ctx.ownership.gate.lock().await;
+    if ctx.ownership.generation() != generation {
+        prepared.rollback().await?;
+        return Ok(None);
+    }
+    if fault_now == Some(FaultPoint::InCommit) {
+        // Dies while COMMIT is in flight: it may or may not land.
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_micros(300));
+            tracing::warn!("fault injection: aborting inside the COMMIT");
+            std::process::abort();
+        });
+    }
+    prepared.commit().await?;
+    Ok(Some(Committed {
+        copy: timings.copy,
+        merge: timings.merge,
+        merged,
+        pending,
+        commit: t.elapsed(),
+    }))
+}
+
+/// After a COMMIT: metrics, the run summary and the Kafka group commit.
+fn record_commit(
+    ctx: &WriterCtx<'_>,
+    batch: &Batch,
+    validated: &crate::validate::Validated,
+    validate_time: Duration,
+    kpi_time: Duration,
+    done: Committed,
+) {
+    ctx.members.commit(done.pending);
+    let metrics = ctx.metrics;
+    let mut state = ctx.state.lock().unwrap();
+    state.unmarked_stale.clear();
+    metrics
+        .stage_duration
+        .with_label_values(&[stage::KPI])
+        .observe((kpi_time + done.merge).as_secs_f64());
+    for (kpi, n) in done.merged {
+        metrics.kpi_rows_merged.with_label_values(&[&kpi]).inc_by(n);
+    }
+    ctx.health.postgres_ok.store(true, Ordering::Relaxed);
+    ctx.health.committing.store(true, Ordering::Relaxed);
+    for (name, secs) in [
+        (stage::COPY, done.copy),
+        (stage::COMMIT, done.commit),
+        (stage::DECODE, batch.decode_time),
+        (stage::VALIDATE, validate_time),
+    ] {
+        metrics
+            .stage_duration
+            .with_label_values(&[name])
+            .observe(secs.as_secs_f64());
+    }
+    let now = Utc::now();
+    metrics.batches.inc();
+    metrics.batch_rows.observe(batch.rows as f64);
+    metrics.last_commit.set(now.timestamp());
+    let summary = &mut state.summary;
+    if let Some(ts) = batch.oldest_ts_ms {
+        let ms = (now.timestamp_millis() - ts).max(0);
+        metrics.end_to_end_latency.observe(ms as f64 / 1000.0);
+        summary.end_to_end_ms.push(ms as u64);
+    }
+    summary
+        .batch_latency_us
+        .push(batch.cut_at.elapsed().as_micros() as u64);
+    let written = count_by(&validated.valid, col::EVENT_TYPE);
+    let rejected = count_by(&validated.rejects, col::REASON);
+    for (k, n) in &written {
+        metrics.events_written.with_label_values(&[k]).inc_by(*n);
+        *summary.by_event_type.entry(k.clone()).or_default() += n;
+    }
+    for (k, n) in &rejected {
+        metrics.events_rejected.with_label_values(&[k]).inc_by(*n);
+        *summary.by_reason.entry(k.clone()).or_default() += n;
+    }
+    summary.batches += 1;
+    summary.events_written += validated.valid.num_rows() as u64;
+    summary.rejected += validated.rejects.num_rows() as u64;
+    let next: Vec<(i32, i64)> = batch
+        .offsets
+        .iter()
+        .map(|o| (o.partition, o.next))
+        .collect();
+    ctx.source.commit_to_group(&next);
+    let WriterState {
+        summary, progress, ..
+    } = &mut *state;
+    progress.tick(summary, metrics);
 }
 
 fn on_db_error(e: &SinkError, metrics: &Metrics, health: &Health) -> Result<(), PipelineError> {

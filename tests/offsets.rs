@@ -1,7 +1,8 @@
 //! The offsets a batch stores, against a real Postgres: first writes insert,
 //! later ones advance every partition in one statement, a stale expectation
-//! is fenced, and two consumers racing for a new partition never overwrite
-//! each other.
+//! is fenced, two consumers racing for a new partition never overwrite
+//! each other, and a batch copied while the one before is still open commits
+//! only after it.
 
 mod common;
 
@@ -85,7 +86,7 @@ async fn offsets_advance_together_and_a_racing_consumer_is_fenced_not_overwritte
         .unwrap();
     assert_eq!(stored(&a).await, BTreeMap::from([(0, 20), (1, 7), (3, 1)]));
 
-    // A consumer that still expects the old position is fenced before it writes.
+    // A consumer that still expects the old position is fenced; nothing it wrote stays.
     let stale = offsets(&[(0, Some(10), 30)]);
     match prepare(&mut b, &members, &stale).await {
         Err(SinkError::Fenced {
@@ -124,4 +125,85 @@ async fn offsets_advance_together_and_a_racing_consumer_is_fenced_not_overwritte
         stored(&a).await,
         BTreeMap::from([(0, 20), (1, 7), (2, 3), (3, 1)])
     );
+}
+
+/// The writer COPYs batch N+1 on a second connection while batch N still
+/// merges and commits: the COPY must not wait for batch N, and batch N+1 is
+/// only good if batch N commits; when it rolls back, N+1 is fenced.
+#[tokio::test]
+async fn a_batch_copied_while_the_one_before_is_open_commits_only_after_it() {
+    let db = fresh_db("offsets_overlap").await;
+    let mut a = client(&db).await;
+    let mut b = client(&db).await;
+    sink::migrate::migrate(&mut a).await.unwrap();
+    let members = Memberships::new(1000);
+    let lines: Vec<String> = (0..20)
+        .map(|i| event("user_login", &format!("C{i}"), i, i as u32))
+        .collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let all = validated(&lines);
+    assert_eq!(all.valid.num_rows(), 20);
+    let rejects = RecordBatch::new_empty(reject_schema());
+    let (n0, n1, n2, n3) = (
+        all.valid.slice(0, 5),
+        all.valid.slice(5, 5),
+        all.valid.slice(10, 5),
+        all.valid.slice(15, 5),
+    );
+    let o0 = offsets(&[(0, None, 5)]);
+    let o1 = offsets(&[(0, Some(5), 10)]);
+    let o2 = offsets(&[(0, Some(10), 15)]);
+    let o3 = offsets(&[(0, Some(15), 20)]);
+    let bw = |events, offsets| BatchWrite {
+        group_id: "g",
+        topic: "t",
+        events,
+        rejects: &rejects,
+        offsets,
+        kpis: &[],
+        members: &members,
+        stale_kpis: &[],
+        abort_mid_copy: false,
+    };
+    let wait = std::time::Duration::from_secs(30);
+
+    // Batch 0 is written but not committed; batch 1's COPY goes ahead anyway.
+    let (w0, w1) = (bw(&n0, &o0), bw(&n1, &o1));
+    let p0 = sink::prepare(&mut a, &w0).await.unwrap();
+    let c1 = tokio::time::timeout(wait, sink::begin_copy(&mut b, &w1))
+        .await
+        .expect("the COPY of the next batch waited for the open batch before it")
+        .unwrap();
+    p0.commit().await.unwrap();
+    c1.finish(&w1).await.unwrap().commit().await.unwrap();
+    assert_eq!(stored(&a).await, BTreeMap::from([(0, 10)]));
+    assert_eq!(events_stored(&a).await, 10);
+
+    // Batch 2 gives up (a rebalance, an error): batch 3, copied meanwhile,
+    // is fenced and its rows go with it.
+    let (w2, w3) = (bw(&n2, &o2), bw(&n3, &o3));
+    let p2 = sink::prepare(&mut a, &w2).await.unwrap();
+    let c3 = tokio::time::timeout(wait, sink::begin_copy(&mut b, &w3))
+        .await
+        .expect("the COPY of the next batch waited for the open batch before it")
+        .unwrap();
+    p2.rollback().await.unwrap();
+    match c3.finish(&w3).await {
+        Err(SinkError::Fenced {
+            partition: 0,
+            stored: Some(10),
+            expected: Some(15),
+        }) => {}
+        Err(e) => panic!("expected the batch after a rolled-back one to be fenced, got {e}"),
+        Ok(_) => panic!("the batch after a rolled-back one was written"),
+    }
+    assert_eq!(stored(&a).await, BTreeMap::from([(0, 10)]));
+    assert_eq!(events_stored(&a).await, 10);
+}
+
+async fn events_stored(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0)
 }

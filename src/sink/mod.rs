@@ -339,17 +339,35 @@ impl Prepared<'_> {
     }
 }
 
-/// Opens the batch transaction and writes everything but the COMMIT.
-///
-/// Order matters: the offset rows are locked first (in partition order, so two
-/// consumers never deadlock), and a mismatch aborts before any COPY work.
+/// Opens the batch transaction and writes everything but the COMMIT:
+/// [`begin_copy`] then [`Copied::finish`].
 pub async fn prepare<'c>(
     client: &'c mut Client,
     batch: &BatchWrite<'_>,
 ) -> Result<Prepared<'c>, SinkError> {
-    let tx = client.transaction().await?;
-    fence_offsets(&tx, batch).await?;
+    begin_copy(client, batch).await?.finish(batch).await
+}
 
+/// The first half of a batch transaction: the rows are copied, nothing else
+/// is written and no lock is held that another batch of this consumer needs.
+pub struct Copied<'c> {
+    tx: Transaction<'c>,
+    copy: Duration,
+}
+
+/// Opens the batch transaction and COPYs the valid rows and the rejects.
+///
+/// The COPY comes before the offset fence so that it can run while the
+/// previous batch is still merging and committing on another connection:
+/// the rows take no lock that batch waits for (their keys are new offsets),
+/// while the fence would wait on that batch's offset rows. A batch that turns
+/// out to be fenced still rolls back whole; a zombie's rows that are already
+/// stored fail here as [`SinkError::Duplicate`], which is handled as fenced.
+pub async fn begin_copy<'c>(
+    client: &'c mut Client,
+    batch: &BatchWrite<'_>,
+) -> Result<Copied<'c>, SinkError> {
+    let tx = client.transaction().await?;
     let start = Instant::now();
     if batch.events.num_rows() > 0 {
         copy_events(&tx, batch.events, batch.abort_mid_copy).await?;
@@ -357,36 +375,54 @@ pub async fn prepare<'c>(
     if batch.rejects.num_rows() > 0 {
         insert_rejects(&tx, batch.topic, batch.rejects).await?;
     }
-    let copy = start.elapsed();
-    let start = Instant::now();
-    let mut pending = crate::kpi::Pending::default();
-    let merged = crate::kpi::write(
-        &tx,
-        batch.members,
-        batch.kpis,
-        "",
-        crate::kpi::Writers::Shared,
-        &mut pending,
-    )
-    .await?;
-    if !batch.stale_kpis.is_empty() {
-        // A hash that no file has: the next start backfills these KPIs.
-        tx.execute(
-            "UPDATE kpi_registry SET sql_hash = 'stale' WHERE name = ANY($1)",
-            &[&batch.stale_kpis],
+    Ok(Copied {
+        tx,
+        copy: start.elapsed(),
+    })
+}
+
+impl<'c> Copied<'c> {
+    /// The second half, once every earlier batch of this consumer has
+    /// committed or given up: fence the offsets (locked in partition order,
+    /// so two consumers never deadlock), merge the KPIs, store the offsets.
+    pub async fn finish(self, batch: &BatchWrite<'_>) -> Result<Prepared<'c>, SinkError> {
+        let Copied { tx, copy } = self;
+        fence_offsets(&tx, batch).await?;
+        let start = Instant::now();
+        let mut pending = crate::kpi::Pending::default();
+        let merged = crate::kpi::write(
+            &tx,
+            batch.members,
+            batch.kpis,
+            "",
+            crate::kpi::Writers::Shared,
+            &mut pending,
         )
         .await?;
+        if !batch.stale_kpis.is_empty() {
+            // A hash that no file has: the next start backfills these KPIs.
+            tx.execute(
+                "UPDATE kpi_registry SET sql_hash = 'stale' WHERE name = ANY($1)",
+                &[&batch.stale_kpis],
+            )
+            .await?;
+        }
+        store_offsets(&tx, batch).await?;
+        Ok(Prepared {
+            tx,
+            timings: WriteTimings {
+                copy,
+                merge: start.elapsed(),
+            },
+            merged,
+            pending,
+        })
     }
-    store_offsets(&tx, batch).await?;
-    Ok(Prepared {
-        tx,
-        timings: WriteTimings {
-            copy,
-            merge: start.elapsed(),
-        },
-        merged,
-        pending,
-    })
+
+    /// Gives the batch up (a rebalance made it stale before it was finished).
+    pub async fn rollback(self) -> Result<(), SinkError> {
+        self.tx.rollback().await.map_err(SinkError::from)
+    }
 }
 
 async fn fence_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(), SinkError> {
