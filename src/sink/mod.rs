@@ -1,10 +1,13 @@
 //! Sink: everything that touches Postgres on the write path.
 //!
-//! It owns the connection, the migrations, the COPY encoding and the one
-//! transaction per micro-batch: fence the offsets, COPY the valid rows into
-//! `events`, insert the rejects, merge KPI rows, advance the offsets. The caller
-//! decides when to COMMIT ([`Prepared::commit`]), which lets the pipeline check,
-//! at the last moment, that it still owns the partitions.
+//! It owns the connections, the migrations, the COPY encoding and the one
+//! transaction per micro-batch, in two halves: [`begin_copy`] COPYs the valid
+//! rows into `events` and the rejects into `rejected_events`;
+//! [`Copied::finish`] fences the offsets, merges the KPI rows and advances the
+//! offsets. The pipeline runs the first half of batch N+1 while batch N is
+//! finishing on another connection. The caller decides when to COMMIT
+//! ([`Prepared::commit`]), which lets the pipeline check, at the last moment,
+//! that it still owns the partitions.
 //!
 //! Offsets live here and nowhere else: `consumer_offsets` is read on partition
 //! assignment ([`load_offsets`]) and written only inside the batch transaction.
