@@ -667,9 +667,10 @@ async fn compute(
 /// merges and commits on the other, so Postgres works on two cores.
 const WRITER_LANES: usize = 2;
 
-/// What the writer's lanes share. Everything mutable is touched only by the
-/// lane that holds the baton (see [`lane`]), so the locks are never contended
-/// and never held across an await.
+/// What the writer's lanes share. The memberships and `state` are touched
+/// only by the lane that holds the baton (see [`lane`]), so their locks are
+/// never contended and never held across an await; the lanes take turns on
+/// `rx`, which numbers the batches in the order they are taken.
 struct WriterCtx<'a> {
     cfg: &'a PipelineConfig,
     kpis: Option<&'a KpiEngine>,
@@ -814,7 +815,7 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
         // The head start: COPY while the batch before is still in Postgres.
         // An error here waits for the baton too, so that only the baton
         // holder touches the memberships and retries.
-        let first_attempt = if ownership.generation() == batch.generation {
+        let mut first_attempt = if ownership.generation() == batch.generation {
             let copied = match open(cfg, &mut client).await {
                 Ok(c) => {
                     sink::begin_copy(
@@ -846,7 +847,6 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
             None
         };
 
-        let mut first_attempt = first_attempt;
         let mut backoff = Backoff::new();
         let committed = loop {
             let result = match first_attempt.take() {
