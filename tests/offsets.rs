@@ -24,6 +24,26 @@ fn offsets(list: &[(i32, Option<i64>, i64)]) -> Vec<PartitionOffsets> {
         .collect()
 }
 
+/// A batch of `events` (no rejects, no KPIs) that stores `offsets`.
+fn write<'a>(
+    events: &'a RecordBatch,
+    rejects: &'a RecordBatch,
+    offsets: &'a [PartitionOffsets],
+    members: &'a Memberships,
+) -> BatchWrite<'a> {
+    BatchWrite {
+        group_id: "g",
+        topic: "t",
+        events,
+        rejects,
+        offsets,
+        kpis: &[],
+        members,
+        stale_kpis: &[],
+        abort_mid_copy: false,
+    }
+}
+
 /// A batch that carries only offsets, through the real transaction.
 async fn prepare<'c>(
     client: &'c mut tokio_postgres::Client,
@@ -32,18 +52,7 @@ async fn prepare<'c>(
 ) -> Result<sink::Prepared<'c>, SinkError> {
     let events = RecordBatch::new_empty(event_schema());
     let rejects = RecordBatch::new_empty(reject_schema());
-    let write = BatchWrite {
-        group_id: "g",
-        topic: "t",
-        events: &events,
-        rejects: &rejects,
-        offsets,
-        kpis: &[],
-        members,
-        stale_kpis: &[],
-        abort_mid_copy: false,
-    };
-    sink::prepare(client, &write).await
+    sink::prepare(client, &write(&events, &rejects, offsets, members)).await
 }
 
 async fn stored(c: &tokio_postgres::Client) -> BTreeMap<i32, i64> {
@@ -154,17 +163,7 @@ async fn a_batch_copied_while_the_one_before_is_open_commits_only_after_it() {
     let o1 = offsets(&[(0, Some(5), 10)]);
     let o2 = offsets(&[(0, Some(10), 15)]);
     let o3 = offsets(&[(0, Some(15), 20)]);
-    let bw = |events, offsets| BatchWrite {
-        group_id: "g",
-        topic: "t",
-        events,
-        rejects: &rejects,
-        offsets,
-        kpis: &[],
-        members: &members,
-        stale_kpis: &[],
-        abort_mid_copy: false,
-    };
+    let bw = |events, offsets| write(events, &rejects, offsets, &members);
     let wait = std::time::Duration::from_secs(30);
 
     // Batch 0 is written but not committed; batch 1's COPY goes ahead anyway.
