@@ -222,7 +222,8 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     for row in [
         "| events | 3000 |",
-        "| pipeline (`run`, defaults, every KPI file, start → caught up) |",
+        "| pipeline (`run`, defaults, every KPI file, start → last offset committed) |",
+        "| `run` exits on its own (notices it is caught up, leaves the group) | after ",
         "| ceiling A: COPY into `events` clone (PK + BRIN) |",
         "| ceiling B: COPY into same columns, PK only |",
         "| ratio to A |",
@@ -241,6 +242,20 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
     assert!(
         stdout.contains("written=3000 rejected=0"),
         "every generated event is valid and written: {stdout}"
+    );
+    // The clock stops when Postgres holds the last offsets, which `run`
+    // reaches before it notices, leaves the group and exits.
+    let secs_after = |row: &str, open: &str, close: &str| -> f64 {
+        let line = stdout.lines().find(|l| l.starts_with(row)).unwrap();
+        let from = line.rfind(open).unwrap() + open.len();
+        let to = from + line[from..].find(close).unwrap();
+        line[from..to].trim().parse().unwrap()
+    };
+    let caught_up = secs_after("| pipeline (", "(", " s)");
+    let exited = secs_after("| `run` exits", "after ", " s");
+    assert!(
+        caught_up > 0.0 && caught_up < exited,
+        "caught up after {caught_up} s, exited after {exited} s:\n{stdout}"
     );
     assert_eq!(
         bench_dbs(&admin).await,
