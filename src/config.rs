@@ -93,7 +93,7 @@ pub struct BenchArgs {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
     pub brokers: String,
     /// Events to generate, load and stream (default 1 000 000; 100 000 with --quick).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub events: Option<u64>,
     /// The CI size: 100 000 events.
     #[arg(long)]
@@ -619,6 +619,17 @@ mod tests {
             !format!("{:?}", cfg.kafka).contains("PLAIN"),
             "option values are not logged"
         );
+    }
+
+    /// A bench of no events has no rate to report and no offsets to wait
+    /// for: clap refuses it before anything starts.
+    #[test]
+    fn bench_refuses_zero_events() {
+        let err = Cli::try_parse_from(["energy-stream", "bench", "--events", "0"])
+            .expect_err("--events 0 is refused")
+            .to_string();
+        assert!(err.contains("--events"), "{err}");
+        assert!(Cli::try_parse_from(["energy-stream", "bench", "--events", "1"]).is_ok());
     }
 
     #[test]
