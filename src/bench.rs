@@ -2,8 +2,9 @@
 //!
 //! It owns one measured run: generate N events, load them into a real broker
 //! topic, install the schema, time the real `run` binary (all KPIs on,
-//! default settings) from start until caught up (Postgres holds its last offsets; read from outside
-//! the pipeline, see [`watch_offsets`]), then time a plain binary COPY of the very rows it
+//! default settings) from start until caught up (Postgres holds its last
+//! offsets, read from outside the pipeline: [`watch_offsets`]), then time a
+//! plain binary COPY of the very rows it
 //! wrote into an identical fresh table (ceiling A) and into one with the
 //! primary key only (ceiling B), and report rates, ratios, batch latency and
 //! the pipeline process's peak RSS. Optionally it also measures end-to-end
@@ -298,8 +299,7 @@ const OFFSETS_POLL: Duration = Duration::from_millis(5);
 /// Reads the offsets `run` stores for `group` until `exited` is set, and
 /// returns when (after `started`) they first reached their final value: the
 /// moment everything `run` consumed was committed. Polling stops only after
-/// the process exited, so the final value is known to be final. Until `run`
-/// has created its tables, there is nothing to read.
+/// the process exited, so the final value is known to be final.
 async fn watch_offsets(
     db: tokio_postgres::Config,
     group: String,
@@ -320,15 +320,9 @@ async fn watch_offsets(
             )
             .await;
         let at = started.elapsed();
-        match read {
-            Ok(row) => {
-                let sum: i64 = row.get(0);
-                if seen.is_none_or(|(s, _)| s != sum) {
-                    seen = Some((sum, at));
-                }
-            }
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {}
-            Err(e) => return Err(e).context("cannot read the offsets `run` stores"),
+        let sum: i64 = read.context("cannot read the offsets `run` stores")?.get(0);
+        if seen.is_none_or(|(s, _)| s != sum) {
+            seen = Some((sum, at));
         }
         if last {
             return seen
