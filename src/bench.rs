@@ -418,6 +418,50 @@ fn spawn_run(
     c.spawn().context("cannot start `run`")
 }
 
+/// A checkpoint before each timed phase. The pipeline's million rows and the
+/// ceilings' two copies write more WAL than Postgres lets pass between
+/// checkpoints (with the default `max_wal_size`), so one used to start inside
+/// a timed phase: in the server log of twenty-odd back-to-back 1 M benches, a
+/// WAL-triggered checkpoint started in every run, during the last ceiling.
+/// Starting each phase right after a checkpoint keeps that out of every
+/// clock (with the defaults it moved no number beyond the spread between
+/// runs; with a smaller `max_wal_size` it would). A role that may not
+/// checkpoint (neither superuser nor `pg_checkpoint`) gets a warning, and the
+/// phases take their chances.
+struct Checkpoints {
+    allowed: bool,
+}
+
+impl Checkpoints {
+    async fn new(admin: &tokio_postgres::Client) -> Self {
+        let allowed = admin
+            .query_one(
+                "SELECT rolsuper OR pg_has_role(current_user, 'pg_checkpoint', 'MEMBER') \
+                 FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .is_ok_and(|r| r.get::<_, bool>(0));
+        if !allowed {
+            eprintln!(
+                "bench: this role may not CHECKPOINT (needs superuser or pg_checkpoint): \
+                 a checkpoint may start inside a timed phase and slow it"
+            );
+        }
+        Checkpoints { allowed }
+    }
+
+    async fn take(&self, admin: &tokio_postgres::Client) -> anyhow::Result<()> {
+        if self.allowed {
+            admin
+                .batch_execute("CHECKPOINT")
+                .await
+                .context("CHECKPOINT before a timed phase")?;
+        }
+        Ok(())
+    }
+}
+
 /// Times a binary COPY of `data` into `table`, commit included.
 async fn timed_copy(
     client: &mut tokio_postgres::Client,
@@ -554,6 +598,8 @@ async fn race(
     // are created before their clock starts: `run` then starts as any
     // restart does, against an installed schema.
     install_schema(cfg, &db_url)?;
+    let checkpoints = Checkpoints::new(admin).await;
+    checkpoints.take(admin).await?;
 
     // 2. The pipeline, start to caught up. The clock stops when Postgres
     // holds the group's last offsets, seen from outside the pipeline: `run`
@@ -604,9 +650,12 @@ async fn race(
              ALTER TABLE bench_ceiling_b ADD PRIMARY KEY (kafka_partition, kafka_offset)",
         )
         .await?;
-    // Flush what the pipeline left dirty, so the ceilings start from the same calm.
+    // Vacuum what the pipeline wrote now, so that autovacuum does not start on it
+    // inside a ceiling's clock; then a checkpoint, as before every timed phase.
     client.batch_execute("VACUUM ANALYZE").await?;
+    checkpoints.take(admin).await?;
     let ceiling_a_secs = timed_copy(&mut client, "bench_ceiling_a", &data).await?;
+    checkpoints.take(admin).await?;
     let ceiling_b_secs = timed_copy(&mut client, "bench_ceiling_b", &data).await?;
 
     let mut report = BenchReport {

@@ -243,6 +243,20 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
         stdout.contains("written=3000 rejected=0"),
         "every generated event is valid and written: {stdout}"
     );
+    let superuser: bool = admin
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if superuser {
+        assert!(
+            !stderr.contains("may not CHECKPOINT"),
+            "a superuser takes the checkpoints: {stderr}"
+        );
+    }
     // The clock stops when Postgres holds the last offsets, which `run`
     // reaches before it notices, leaves the group and exits.
     let secs_after = |row: &str, open: &str, close: &str| -> f64 {
@@ -262,4 +276,55 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
         before,
         "the bench database was left on the server"
     );
+}
+
+/// The bench takes a checkpoint before each timed phase, which needs
+/// superuser or `pg_checkpoint`. A role with only CREATEDB still gets its
+/// whole report, with a warning that says what it lacks.
+#[tokio::test]
+async fn a_role_that_may_not_checkpoint_still_gets_its_bench() {
+    let _turn = BENCH_DBS.lock().await;
+    let broker = common::Broker::get();
+    let admin_cfg: tokio_postgres::Config = common::server_url().parse().unwrap();
+    let admin = common::client(&admin_cfg).await;
+    let role = common::unique("es_bench").replace('-', "_");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN CREATEDB PASSWORD 'bench-secret'"
+        ))
+        .await
+        .unwrap();
+    let mut cfg = admin_cfg.clone();
+    cfg.user(&role).dbname("postgres");
+    let url = common::db_url(&cfg).replacen(
+        &format!("://{role}@"),
+        &format!("://{role}:bench-secret@"),
+        1,
+    );
+    let out = bench(
+        &url,
+        &[
+            "--events",
+            "1000",
+            "--partitions",
+            "2",
+            "--min-ratio",
+            "0",
+            "--brokers",
+            &broker.brokers,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("may not CHECKPOINT (needs superuser or pg_checkpoint)"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("| ratio to B |"), "{stdout}");
+    assert!(stdout.contains("written=1000 rejected=0"), "{stdout}");
+    admin
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .unwrap();
 }
