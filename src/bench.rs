@@ -436,8 +436,10 @@ impl Checkpoints {
     async fn new(admin: &tokio_postgres::Client) -> Self {
         let allowed = admin
             .query_one(
-                "SELECT rolsuper OR pg_has_role(current_user, 'pg_checkpoint', 'MEMBER') \
-                 FROM pg_roles WHERE rolname = current_user",
+                // pg_checkpoint is new in Postgres 15: before, only superusers.
+                "SELECT r.rolsuper OR coalesce((SELECT pg_has_role(current_user, c.oid, 'MEMBER') \
+                 FROM pg_roles c WHERE c.rolname = 'pg_checkpoint'), false) \
+                 FROM pg_roles r WHERE r.rolname = current_user",
                 &[],
             )
             .await
