@@ -295,12 +295,8 @@ async fn a_role_that_may_not_checkpoint_still_gets_its_bench() {
         .await
         .unwrap();
     let mut cfg = admin_cfg.clone();
-    cfg.user(&role).dbname("postgres");
-    let url = common::db_url(&cfg).replacen(
-        &format!("://{role}@"),
-        &format!("://{role}:bench-secret@"),
-        1,
-    );
+    cfg.user(&role).password("bench-secret").dbname("postgres");
+    let url = common::db_url_with_password(&cfg);
     let out = bench(
         &url,
         &[

@@ -98,19 +98,15 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         c.user(role).password(password).dbname(&db);
         c
     };
-    // db_url leaves the password out; these roles need it on a server that
-    // checks passwords (TEST_DATABASE_URL).
-    let url = |c: &tokio_postgres::Config| {
-        let user = c.get_user().unwrap();
-        let pw = String::from_utf8_lossy(c.get_password().unwrap());
-        db_url(c).replacen(&format!("://{user}@"), &format!("://{user}:{pw}@"), 1)
-    };
     let (owner_cfg, app_cfg, read_cfg) = (
         as_role(&owner, "owner-secret"),
         as_role(&app, "app-secret"),
         as_role(&reader, "read-secret"),
     );
-    let (owner_url, app_url) = (url(&owner_cfg), url(&app_cfg));
+    let (owner_url, app_url) = (
+        db_url_with_password(&owner_cfg),
+        db_url_with_password(&app_cfg),
+    );
 
     let broker = Broker::get();
     let topic = unique("roles");

@@ -393,6 +393,14 @@ pub fn db_url(cfg: &tokio_postgres::Config) -> String {
     )
 }
 
+/// [`db_url`] with the config's password in it, for a role that logs in with
+/// one on a server that checks passwords (`TEST_DATABASE_URL`).
+pub fn db_url_with_password(cfg: &tokio_postgres::Config) -> String {
+    let user = cfg.get_user().unwrap();
+    let pw = String::from_utf8_lossy(cfg.get_password().unwrap());
+    db_url(cfg).replacen(&format!("://{user}@"), &format!("://{user}:{pw}@"), 1)
+}
+
 /// Every row of `relation`, as text, sorted: comparable across databases.
 pub async fn relation_rows(
     c: &tokio_postgres::Client,
