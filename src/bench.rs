@@ -364,18 +364,25 @@ fn url_of(cfg: &tokio_postgres::Config) -> String {
     )
 }
 
+/// This binary's `subcommand` against the database at `db_url` (given in
+/// the environment, never argv), with `run`'s KPI files and quiet logs.
+fn child(cfg: &BenchConfig, subcommand: &str, db_url: &str) -> anyhow::Result<Command> {
+    let exe = std::env::current_exe().context("cannot find the energy-stream binary")?;
+    let mut c = Command::new(exe);
+    c.arg(subcommand)
+        .arg("--queries-dir")
+        .arg(&cfg.queries_dir)
+        .env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    Ok(c)
+}
+
 /// Runs `energy-stream migrate` for `run`'s KPI files on the database at
 /// `db_url`, and waits for it.
 fn install_schema(cfg: &BenchConfig, db_url: &str) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("cannot find the energy-stream binary")?;
-    let out = Command::new(exe)
-        .arg("migrate")
-        .arg("--queries-dir")
-        .arg(&cfg.queries_dir)
+    let out = child(cfg, "migrate", db_url)?
         .args(cfg.run_args.iter().filter(|a| *a == "--no-kpis"))
-        .env("DATABASE_URL", db_url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
         .output()
         .context("cannot start `migrate`")?;
     if !out.status.success() {
@@ -396,13 +403,10 @@ fn spawn_run(
     stop_when_caught_up: bool,
     metrics: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<std::process::Child> {
-    let exe = std::env::current_exe().context("cannot find the energy-stream binary")?;
-    let mut c = Command::new(exe);
-    c.args(["run", "--brokers", &cfg.brokers, "--topic", topic])
+    let mut c = child(cfg, "run", db_url)?;
+    c.args(["--brokers", &cfg.brokers, "--topic", topic])
         .args(["--group-id", group, "--metrics-addr"])
         .arg(metrics.map_or("off".to_string(), |a| a.to_string()))
-        .arg("--queries-dir")
-        .arg(&cfg.queries_dir)
         .args(&cfg.run_args);
     for (k, v) in &cfg.kafka_options {
         c.arg("--kafka-option").arg(format!("{k}={v}"));
@@ -410,11 +414,7 @@ fn spawn_run(
     if stop_when_caught_up {
         c.arg("--stop-when-caught-up");
     }
-    c.env("DATABASE_URL", db_url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    c.stdout(Stdio::piped()).stderr(Stdio::inherit());
     c.spawn().context("cannot start `run`")
 }
 
