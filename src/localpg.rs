@@ -368,8 +368,12 @@ impl LocalPostgres {
     }
 }
 
-impl Drop for LocalPostgres {
-    fn drop(&mut self) {
+impl LocalPostgres {
+    /// Stops the server and deletes its directory, as dropping it does; a
+    /// second call does nothing. For a cluster that is never dropped, such as
+    /// one in a `static` shared by a test binary: call this at exit, or the
+    /// detached postmaster outlives the process until the next start reaps it.
+    pub fn shut_down(&self) {
         if self.data_dir.join("postmaster.pid").exists() {
             match self.stop_immediate() {
                 Ok(()) => {}
@@ -383,6 +387,12 @@ impl Drop for LocalPostgres {
         {
             tracing::warn!(dir = %self.root.display(), "removing throwaway PostgreSQL dir: {e}");
         }
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }
 

@@ -1,5 +1,6 @@
 //! Postgres goes away for 10 s in the middle of a run: the pipeline keeps
 //! running, retries without committing offsets, and the counts are exact after.
+//! Also: the throwaway server a test binary shares does not outlive it.
 
 mod common;
 
@@ -358,4 +359,60 @@ async fn postgres_restarted_five_times_mid_stream() {
         metrics.render()
     );
     rig.assert_offsets_at_end(&c, 3).await;
+}
+
+/// Regression: the cluster a test binary shares lives in a static, which is
+/// never dropped, and its postmaster is detached from the binary, so the last
+/// binary's server kept running after `cargo test` until a later start
+/// reaped it. This test runs itself again as a child that starts the shared
+/// cluster and returns; once the child has exited, the server must be gone.
+#[test]
+fn the_shared_cluster_stops_when_its_test_binary_exits() {
+    const CHILD: &str = "ENERGY_STREAM_TEST_CHILD_STARTS_SHARED_CLUSTER";
+    const NAME: &str = "the_shared_cluster_stops_when_its_test_binary_exits";
+    if std::env::var_os(CHILD).is_some() {
+        // The child: start the shared cluster, say where it is, and return.
+        server_url();
+        let pg = shared_cluster().expect("the shared cluster was started");
+        let pid = std::fs::read_to_string(pg.data_dir().join("postmaster.pid")).unwrap();
+        println!(
+            "shared cluster: {} {}",
+            pid.lines().next().unwrap(),
+            pg.data_dir().display()
+        );
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .env_remove("TEST_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("shared cluster: ").map(|(_, at)| at))
+        .unwrap_or_else(|| panic!("the child did not report its cluster:\n{stdout}\n{stderr}"));
+    let (pid, data_dir) = line.split_once(' ').unwrap();
+    // A process that has exited but not yet been reaped (state Z) is gone:
+    // whoever adopted the detached postmaster reaps it in its own time.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat.rsplit_once(") ")?.1.chars().next()?;
+                Some(!matches!(state, 'Z' | 'X'))
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        !running(),
+        "the postmaster (pid {pid}) outlived its test binary:\n{stdout}"
+    );
+    assert!(
+        !std::path::Path::new(data_dir).exists(),
+        "{data_dir} outlived its test binary"
+    );
 }

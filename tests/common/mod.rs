@@ -21,11 +21,28 @@ pub fn server_url() -> String {
         return url;
     }
     PG.get_or_init(|| {
-        LocalPostgres::start().unwrap_or_else(|e| {
+        let pg = LocalPostgres::start().unwrap_or_else(|e| {
             panic!("integration tests need PostgreSQL: {e}. Install it with `apt-get install -y postgresql` or set TEST_DATABASE_URL")
-        })
+        });
+        // A static is never dropped, and the postmaster is detached from us:
+        // without this hook the last test binary's server kept running after
+        // `cargo test` until some later start reaped it.
+        // SAFETY: registers a plain `extern "C" fn` with no captured state.
+        unsafe { libc::atexit(stop_shared_cluster) };
+        pg
     })
     .url()
+}
+
+/// The cluster this test binary started for [`server_url`], if it did.
+pub fn shared_cluster() -> Option<&'static LocalPostgres> {
+    PG.get()
+}
+
+extern "C" fn stop_shared_cluster() {
+    if let Some(pg) = PG.get() {
+        pg.shut_down();
+    }
 }
 
 /// A fresh, empty database on the shared server.
