@@ -366,9 +366,7 @@ impl LocalPostgres {
             Err(e) => format!("(could not read {}: {e})", self.log_path().display()),
         }
     }
-}
 
-impl LocalPostgres {
     /// Stops the server and deletes its directory, as dropping it does; a
     /// second call does nothing. For a cluster that is never dropped, such as
     /// one in a `static` shared by a test binary: call this at exit, or the
