@@ -44,8 +44,9 @@ fn a_tansu_without_libsql_is_reinstalled() {
         "no-libsql",
         r#"Error: Server(Storage(FeatureNotEnabled { feature: "libsql", message: "sqlite:///nonexistent-dir/probe.db" }))"#,
     );
-    assert!(!probe_says_sqlite(&with_system_path(&dir)));
+    let says = probe_says_sqlite(&with_system_path(&dir));
     std::fs::remove_dir_all(dir).unwrap();
+    assert!(!says);
 }
 
 #[test]
@@ -56,16 +57,18 @@ fn a_tansu_with_libsql_is_kept() {
         "libsql",
         "Error: Server(Storage(LibSql(SqliteFailure(unable to open database file))))",
     );
-    assert!(probe_says_sqlite(&with_system_path(&dir)));
+    let says = probe_says_sqlite(&with_system_path(&dir));
     std::fs::remove_dir_all(dir).unwrap();
+    assert!(says);
 }
 
 #[test]
 fn no_tansu_at_all_is_installed() {
     let empty = std::env::temp_dir().join(format!("es-no-tansu-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();
-    assert!(!probe_says_sqlite(&empty.display().to_string()));
+    let says = probe_says_sqlite(&empty.display().to_string());
     std::fs::remove_dir_all(empty).unwrap();
+    assert!(!says);
 }
 
 /// Regression: `.ci/run` (errexit, pipefail) read a failing `cargo test`'s
