@@ -3,13 +3,14 @@
 //! ```text
 //!  intake thread                  compute task             writer: two lanes, one connection each
 //!  ─────────────                  ────────────             ──────────────────────────────────────
-//!  source.poll ─► decode.push ──► validate ─► KPI     ──► sink::begin_copy (open tx, COPY events
-//!      ▲   ─► cut                 partials (DataFusion)    and rejects) ─► wait for the baton ─►
-//!      │   (rebalance callbacks                            finish (offsets fence, KPI merges: new
-//!      │    run here and set                               distinct members decided against the
-//!      │    ownership)                                     memberships, offsets) ─► gate +
-//!      │                                                   generation check ─► COMMIT ─► memberships
-//!      │                                                   + Kafka group commit ─► pass the baton
+//!  source.poll ─► decode.push ──► validate ─► hand over ─► sink::begin_copy (open tx, COPY events
+//!      ▲   ─► cut                 ─► KPI partials ·······► and rejects) ─► its KPI partials ─►
+//!      │   (rebalance callbacks      (DataFusion)          wait for the baton ─► finish (offsets
+//!      │    run here and set                               fence, KPI merges: new distinct members
+//!      │    ownership)                                     decided against the memberships,
+//!      │                                                   offsets) ─► gate + generation check ─►
+//!      │                                                   COMMIT ─► memberships + Kafka group
+//!      │                                                   commit ─► pass the baton
 //!      └── blocks while the channels are full
 //! ```
 //!
@@ -18,8 +19,11 @@
 //! full (Postgres slow or away) the intake blocks and stops polling, and
 //! librdkafka stops fetching once its bounded queue is full, so memory stays
 //! bounded: at most five batches (one being decoded, one in each channel, one
-//! in each writer lane). Batch N+2 is decoded and its KPI partials computed,
-//! and batch N+1 copied into Postgres, while batch N merges and commits.
+//! in each writer lane). The compute task hands a batch over as soon as it is
+//! validated and sends its KPI partials after it (the dotted line), so a
+//! batch's KPIs are computed while its rows are copied: batch N+2 is decoded,
+//! and batch N+1 copied into Postgres and its KPI partials computed, while
+//! batch N merges and commits.
 //! Commits stay in order because only the lane holding the baton fences,
 //! merges and commits, and it passes the baton on only after the Kafka group
 //! commit. Which distinct members are new is decided by the baton holder,
@@ -65,14 +69,20 @@ struct Batch {
     cut_at: Instant,
 }
 
-/// A batch validated and with its KPI partials, on its way to the writer.
+/// A validated batch on its way to the writer. Its KPI partials follow on
+/// `kpis`, so that the writer can COPY the rows while they are computed.
 struct Computed {
     batch: Batch,
     validated: crate::validate::Validated,
+    kpis: tokio::sync::oneshot::Receiver<KpiOutcome>,
+    validate_time: Duration,
+}
+
+/// A batch's KPI partials, and the KPIs that failed on it.
+struct KpiOutcome {
     deltas: Vec<crate::kpi::KpiDelta>,
     failures: Vec<crate::kpi::KpiFailure>,
-    validate_time: Duration,
-    kpi_time: Duration,
+    time: Duration,
 }
 
 /// What a finished run did.
@@ -619,8 +629,10 @@ impl Cutter {
     }
 }
 
-/// The compute stage: validate each batch and compute its KPI partials, so
-/// that this CPU work overlaps the writer's wait on Postgres.
+/// The compute stage: validate each batch, hand it to the writer, then
+/// compute its KPI partials, so that this CPU work overlaps the batch's own
+/// COPY and the writer's wait on Postgres. One batch's KPIs at a time: the
+/// engine's plans all read one slot.
 async fn compute(
     rules: &crate::validate::ValidationRules,
     kpis: Option<&KpiEngine>,
@@ -645,20 +657,25 @@ async fn compute(
         let validate_time = t.elapsed();
         // `validated` holds the rows now; `rows` keeps the count, not a second copy.
         batch.decoded = RecordBatch::new_empty(batch.decoded.schema());
-        let t = Instant::now();
-        let (deltas, failures) = match kpis {
-            Some(engine) => engine.compute_tolerant(&validated.valid).await,
-            None => (Vec::new(), Vec::new()),
-        };
-        let computed = Computed {
+        let valid = validated.valid.clone();
+        let (kpi_tx, kpi_rx) = tokio::sync::oneshot::channel();
+        permit.send(Computed {
             batch,
             validated,
+            kpis: kpi_rx,
+            validate_time,
+        });
+        let t = Instant::now();
+        let (deltas, failures) = match kpis {
+            Some(engine) => engine.compute_tolerant(&valid).await,
+            None => (Vec::new(), Vec::new()),
+        };
+        // A writer that stopped meanwhile no longer wants them.
+        let _ = kpi_tx.send(KpiOutcome {
             deltas,
             failures,
-            validate_time,
-            kpi_time: t.elapsed(),
-        };
-        permit.send(computed);
+            time: t.elapsed(),
+        });
     }
     Ok(())
 }
@@ -800,51 +817,49 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
         let Computed {
             batch,
             validated,
-            deltas,
-            failures,
+            kpis: kpi_outcome,
             validate_time,
-            kpi_time,
         } = computed;
         let fault_now = cfg.fault.filter(|f| f.batch == seq).map(|f| f.point);
-        let t = Instant::now();
-        let kpi_writes = match kpis {
-            Some(engine) => engine.writes(deltas),
-            None => Vec::new(),
-        };
-        let kpi_time = kpi_time + t.elapsed();
-        // The head start: COPY while the batch before is still in Postgres.
+        let kpi_writes;
+        let kpi_time;
+        // The head start: COPY while the batch before is still in Postgres
+        // and while the compute task works out this batch's KPI partials.
         // An error here waits for the baton too, so that only the baton
-        // holder touches the memberships and retries.
-        let mut first_attempt = if ownership.generation() == batch.generation {
-            let copied = match open(cfg, &mut client).await {
-                Ok(c) => {
-                    sink::begin_copy(
-                        c,
-                        &ctx.batch_write(&batch, &validated, &kpi_writes, &[], fault_now),
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
+        // holder touches the memberships and retries. (A block, so that
+        // `copied`'s borrow of `client` ends before the retries below.)
+        let mut first_attempt = {
+            let copied = if ownership.generation() == batch.generation {
+                Some(match open(cfg, &mut client).await {
+                    Ok(c) => {
+                        let write = ctx.batch_write(&batch, &validated, &[], &[], fault_now);
+                        sink::begin_copy(c, &write).await
+                    }
+                    Err(e) => Err(e),
+                })
+            } else {
+                None
             };
+            // Dropping `copied` on this error rolls the batch back.
+            let outcome = kpi_outcome.await.map_err(|_| {
+                PipelineError::Kpi("the compute task stopped before a batch's KPI partials".into())
+            })?;
+            let t = Instant::now();
+            kpi_writes = match kpis {
+                Some(engine) => engine.writes(outcome.deltas),
+                None => Vec::new(),
+            };
+            kpi_time = outcome.time + t.elapsed();
             let _ = baton.wait_for(|done| *done + 1 >= seq).await;
-            let stale = note_failures(ctx, failures);
-            Some(match copied {
-                Ok(copied) => {
-                    commit_batch(
-                        ctx,
-                        copied,
-                        &ctx.batch_write(&batch, &validated, &kpi_writes, &stale, fault_now),
-                        batch.generation,
-                        fault_now,
-                    )
-                    .await
+            let stale = note_failures(ctx, outcome.failures);
+            match copied {
+                Some(Ok(copied)) => {
+                    let write = ctx.batch_write(&batch, &validated, &kpi_writes, &stale, fault_now);
+                    Some(commit_batch(ctx, copied, &write, batch.generation, fault_now).await)
                 }
-                Err(e) => Err(e),
-            })
-        } else {
-            let _ = baton.wait_for(|done| *done + 1 >= seq).await;
-            note_failures(ctx, failures);
-            None
+                Some(Err(e)) => Some(Err(e)),
+                None => None,
+            }
         };
 
         let mut backoff = Backoff::new();
