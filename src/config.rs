@@ -334,10 +334,12 @@ pub struct PipelineConfig {
 /// The environment variable of the crash tests' fault hook.
 pub const FAULT_ENV: &str = "ENERGY_STREAM_FAULT";
 
-/// Where the crash tests make the process abort, on purpose: `copy:N` aborts
+/// Where the crash tests make the process fail, on purpose: `copy:N` aborts
 /// in the middle of the COPY of this process's N-th batch, `commit:N` while
-/// its COMMIT is in flight (so the commit may or may not land). Set only by
-/// tests, through `ENERGY_STREAM_FAULT`.
+/// its COMMIT is in flight (so the commit may or may not land), and
+/// `commit-reply:N` lets that COMMIT land but reports it as a broken
+/// connection, as when the reply is lost on the way back. Set only by tests,
+/// through `ENERGY_STREAM_FAULT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
     pub point: FaultPoint,
@@ -348,15 +350,18 @@ pub struct Fault {
 pub enum FaultPoint {
     MidCopy,
     InCommit,
+    LostCommitReply,
 }
 
 impl Fault {
     pub fn parse(s: &str) -> Result<Fault, String> {
-        let bad = || format!("{FAULT_ENV}={s:?}: expected copy:N or commit:N (N >= 1)");
+        let bad =
+            || format!("{FAULT_ENV}={s:?}: expected copy:N, commit:N or commit-reply:N (N >= 1)");
         let (point, n) = s.split_once(':').ok_or_else(bad)?;
         let point = match point {
             "copy" => FaultPoint::MidCopy,
             "commit" => FaultPoint::InCommit,
+            "commit-reply" => FaultPoint::LostCommitReply,
             _ => return Err(bad()),
         };
         let batch = n.parse().ok().filter(|n| *n >= 1).ok_or_else(bad)?;
@@ -720,5 +725,18 @@ mod tests {
         unsafe { std::env::remove_var("DATABASE_URL") };
         assert!(help.contains("DATABASE_URL"));
         assert!(!help.contains("hunter2"));
+    }
+
+    #[test]
+    fn fault_hook_forms() {
+        let f = |s| Fault::parse(s);
+        assert_eq!(f("copy:3").unwrap().point, FaultPoint::MidCopy);
+        assert_eq!(f("commit:1").unwrap().point, FaultPoint::InCommit);
+        let lost = f("commit-reply:2").unwrap();
+        assert_eq!((lost.point, lost.batch), (FaultPoint::LostCommitReply, 2));
+        for bad in ["commit", "commit:0", "reply:2", "commit-reply:x"] {
+            let e = f(bad).unwrap_err();
+            assert!(e.contains("commit-reply:N"), "{bad}: {e}");
+        }
     }
 }

@@ -823,6 +823,8 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
         let fault_now = cfg.fault.filter(|f| f.batch == seq).map(|f| f.point);
         let kpi_writes;
         let kpi_time;
+        // A batch whose COMMIT failed: it may have landed (see `commit_batch`).
+        let mut in_doubt: Option<Committed> = None;
         // The head start: COPY while the batch before is still in Postgres
         // and while the compute task works out this batch's KPI partials.
         // An error here waits for the baton too, so that only the baton
@@ -855,7 +857,17 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
             match copied {
                 Some(Ok(copied)) => {
                     let write = ctx.batch_write(&batch, &validated, &kpi_writes, &stale, fault_now);
-                    Some(commit_batch(ctx, copied, &write, batch.generation, fault_now).await)
+                    Some(
+                        commit_batch(
+                            ctx,
+                            copied,
+                            &write,
+                            batch.generation,
+                            fault_now,
+                            &mut in_doubt,
+                        )
+                        .await,
+                    )
                 }
                 Some(Err(e)) => Some(Err(e)),
                 None => None,
@@ -895,9 +907,35 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                     };
                     let stale = ctx.state.lock().unwrap().unmarked_stale.clone();
                     let write = ctx.batch_write(&batch, &validated, &kpi_writes, &stale, fault_now);
+                    if let Some(done) = in_doubt.take() {
+                        match sink::landed(c, &write).await {
+                            Ok(true) => {
+                                tracing::info!(
+                                    "the batch whose COMMIT failed had landed; not writing it again"
+                                );
+                                break Some(done);
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                in_doubt = Some(done);
+                                on_db_error(&e, metrics, health)?;
+                                metrics.retries.inc();
+                                backoff.wait().await;
+                                continue;
+                            }
+                        }
+                    }
                     match sink::begin_copy(c, &write).await {
                         Ok(copied) => {
-                            commit_batch(ctx, copied, &write, batch.generation, fault_now).await
+                            commit_batch(
+                                ctx,
+                                copied,
+                                &write,
+                                batch.generation,
+                                fault_now,
+                                &mut in_doubt,
+                            )
+                            .await
                         }
                         Err(e) => Err(e),
                     }
@@ -980,12 +1018,21 @@ fn note_failures(ctx: &WriterCtx<'_>, failures: Vec<crate::kpi::KpiFailure>) -> 
 
 /// Fences, merges and commits a copied batch; None when a rebalance made it
 /// stale first.
+///
+/// A failed COMMIT may still have landed: the server can commit and the
+/// connection break before its reply arrives. So the batch's record goes to
+/// `in_doubt`, and the retry asks Postgres ([`sink::landed`]) before writing
+/// the batch again. Without that, the retry's COPY would meet the batch's own
+/// rows, be taken for fenced, and the batch would go uncounted. (After a
+/// rebalance it is given up unasked: its partitions may be another
+/// consumer's by then, whose batch the stored offsets could describe.)
 async fn commit_batch(
     ctx: &WriterCtx<'_>,
     copied: sink::Copied<'_>,
     write: &BatchWrite<'_>,
     generation: u64,
     fault_now: Option<FaultPoint>,
+    in_doubt: &mut Option<Committed>,
 ) -> Result<Option<Committed>, SinkError> {
     let mut prepared = copied.finish(write).await?;
     let merged = std::mem::take(&mut prepared.merged);
@@ -1005,14 +1052,31 @@ async fn commit_batch(
             std::process::abort();
         });
     }
-    prepared.commit().await?;
-    Ok(Some(Committed {
+    let outcome = prepared.commit().await;
+    let done = Committed {
         copy: timings.copy,
         merge: timings.merge,
         merged,
         pending,
         commit: t.elapsed(),
-    }))
+    };
+    let outcome = match outcome {
+        Ok(()) if fault_now == Some(FaultPoint::LostCommitReply) => {
+            tracing::warn!("fault injection: the COMMIT landed; reporting its reply as lost");
+            Err(SinkError::Unavailable {
+                kind: "connection",
+                message: "fault injection: the reply to COMMIT was lost".into(),
+            })
+        }
+        other => other,
+    };
+    match outcome {
+        Ok(()) => Ok(Some(done)),
+        Err(e) => {
+            *in_doubt = Some(done);
+            Err(e)
+        }
+    }
 }
 
 /// After a COMMIT: metrics, the run summary and the Kafka group commit.

@@ -10,7 +10,8 @@
 //! that it still owns the partitions.
 //!
 //! Offsets live here and nowhere else: `consumer_offsets` is read on partition
-//! assignment ([`load_offsets`]) and written only inside the batch transaction.
+//! assignment ([`load_offsets`]) and after a COMMIT that failed without a
+//! clear answer ([`landed`]), and written only inside the batch transaction.
 
 pub mod copy;
 pub mod migrate;
@@ -426,6 +427,34 @@ impl<'c> Copied<'c> {
     pub async fn rollback(self) -> Result<(), SinkError> {
         self.tx.rollback().await.map_err(SinkError::from)
     }
+}
+
+/// Whether a batch whose COMMIT failed was stored after all: a connection
+/// can break after the server committed and before its reply arrived. The
+/// batch landed if every partition's stored offset is the batch's end; it
+/// did not if they are still where the batch started (then retrying it is
+/// safe, and anything else is fenced by the retry as usual).
+pub async fn landed(client: &Client, batch: &BatchWrite<'_>) -> Result<bool, SinkError> {
+    if batch.offsets.is_empty() {
+        return Ok(false);
+    }
+    let partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
+    let rows = client
+        .query_typed(
+            "SELECT kafka_partition, next_offset FROM consumer_offsets \
+             WHERE group_id = $1 AND topic = $2 AND kafka_partition = ANY($3)",
+            &[
+                (&batch.group_id, Type::TEXT),
+                (&batch.topic, Type::TEXT),
+                (&partitions, Type::INT4_ARRAY),
+            ],
+        )
+        .await?;
+    let stored: HashMap<i32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(batch
+        .offsets
+        .iter()
+        .all(|o| stored.get(&o.partition) == Some(&o.next)))
 }
 
 async fn fence_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(), SinkError> {
