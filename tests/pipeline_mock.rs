@@ -299,6 +299,7 @@ async fn a_commit_whose_reply_is_lost_is_counted_once_and_not_rewritten() {
 
     let db = fresh_db("lostreply").await;
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    let group = cfg.kafka.group_id.clone();
     cfg.kpi = Some(energy_stream::kpi::KpiConfig {
         dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("queries"),
         ..Default::default()
@@ -324,12 +325,12 @@ async fn a_commit_whose_reply_is_lost_is_counted_once_and_not_rewritten() {
         .unwrap()
         .get(0);
     assert_eq!(rows, n as i64);
-    let stored: i64 = c
-        .query_one("SELECT sum(next_offset)::bigint FROM consumer_offsets", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(stored, n as i64, "stored offsets are the end");
+    let ends = assert_exactly_once_by_position(&c, &group, &topic).await;
+    assert_eq!(
+        ends.values().sum::<i64>(),
+        n as i64,
+        "stored offsets are the end"
+    );
     let written: u64 = TYPES
         .iter()
         .map(|t| metrics.events_written.with_label_values(&[t]).get())
