@@ -217,6 +217,12 @@ pub struct RunArgs {
     /// Events more than this many seconds ahead of the clock are rejected (event_time_in_future).
     #[arg(long, env = "MAX_FUTURE_SECS", default_value_t = 86_400)]
     pub max_future_secs: i64,
+    /// customer_id, channel and tariff_type longer than this many bytes are
+    /// rejected (field_too_long). At most 800: KPIs group by these fields, and
+    /// Postgres caps an index entry at about 2.7 kB.
+    #[arg(long, env = "MAX_FIELD_BYTES", default_value_t = 256,
+          value_parser = clap::value_parser!(u16).range(1..=crate::validate::MAX_FIELD_BYTES_LIMIT as i64))]
+    pub max_field_bytes: u16,
     /// Do not apply migrations at start.
     #[arg(long, env = "NO_MIGRATE")]
     pub no_migrate: bool,
@@ -529,6 +535,7 @@ impl RunArgs {
         cfg.rules = ValidationRules {
             min_event_time: self.min_event_time,
             max_future: TimeDelta::seconds(self.max_future_secs),
+            max_field_bytes: usize::from(self.max_field_bytes),
         };
         cfg.batch_max_rows = self.batch_max_rows;
         cfg.batch_max_wait = Duration::from_millis(self.batch_max_wait_ms);
@@ -615,6 +622,7 @@ mod tests {
         );
         assert_eq!(cfg.decode.max_message_bytes, 1 << 20);
         assert_eq!(cfg.rules.max_future, TimeDelta::hours(24));
+        assert_eq!(cfg.rules.max_field_bytes, 256);
         assert_eq!(
             cfg.metrics_addr,
             Some("127.0.0.1:9898".parse().unwrap()),
@@ -624,6 +632,23 @@ mod tests {
             !format!("{:?}", cfg.kafka).contains("PLAIN"),
             "option values are not logged"
         );
+    }
+
+    /// Longer fields would not fit the KPI tables' index entries, so clap
+    /// refuses a limit above MAX_FIELD_BYTES_LIMIT (and zero).
+    #[test]
+    fn field_limit_is_bounded() {
+        let run = |v: &str| {
+            Cli::try_parse_from(["energy-stream", "run", "--max-field-bytes", v]).map(|c| c.command)
+        };
+        let Ok(Command::Run(args)) = run("800") else {
+            panic!("800 is accepted")
+        };
+        assert_eq!(args.max_field_bytes, 800);
+        for bad in ["801", "0", "1000000"] {
+            let err = run(bad).expect_err("refused").to_string();
+            assert!(err.contains("--max-field-bytes"), "{bad}: {err}");
+        }
     }
 
     /// A bench of no events has no rate to report and no offsets to wait

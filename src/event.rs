@@ -119,10 +119,14 @@ pub enum RejectReason {
     NegativeNumber,
     /// A number does not fit the column (numeric(10,3) for energy, numeric(10,2) for money).
     NumberOutOfRange,
+    /// A text field holds U+0000, which Postgres `text` cannot store.
+    InvalidText,
+    /// A text field is longer than the configured limit (default 256 bytes).
+    FieldTooLong,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 18] = [
+    pub const ALL: [RejectReason; 20] = [
         RejectReason::Empty,
         RejectReason::Tombstone,
         RejectReason::TooLarge,
@@ -141,6 +145,8 @@ impl RejectReason {
         RejectReason::NonFiniteNumber,
         RejectReason::NegativeNumber,
         RejectReason::NumberOutOfRange,
+        RejectReason::InvalidText,
+        RejectReason::FieldTooLong,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -163,6 +169,8 @@ impl RejectReason {
             RejectReason::NonFiniteNumber => "non_finite_number",
             RejectReason::NegativeNumber => "negative_number",
             RejectReason::NumberOutOfRange => "number_out_of_range",
+            RejectReason::InvalidText => "invalid_text",
+            RejectReason::FieldTooLong => "field_too_long",
         }
     }
 

@@ -1,7 +1,8 @@
 //! Validate: a decoded batch → (valid events, rejects).
 //!
 //! This stage owns the per-event business rules: known event type, a plausible
-//! event time, the fields each type requires, and non-negative amounts. It works
+//! event time, the fields each type requires, text that Postgres can store and
+//! index, and non-negative amounts. It works
 //! on whole columns and splits the batch with Arrow's `filter`, so one bad row
 //! never fails or stalls the others. Decode-level reasons pass through unchanged.
 
@@ -24,7 +25,16 @@ pub struct ValidationRules {
     pub min_event_time: DateTime<Utc>,
     /// Events further than this ahead of the wall clock are rejected (`event_time_in_future`).
     pub max_future: TimeDelta,
+    /// Text fields longer than this many bytes are rejected (`field_too_long`).
+    /// KPIs group by these fields, and the KPI tables' unique keys are b-tree
+    /// entries, which Postgres caps at about 2.7 kB: a longer value would make it
+    /// refuse the whole batch on every retry. See [`MAX_FIELD_BYTES_LIMIT`].
+    pub max_field_bytes: usize,
 }
+
+/// The largest `max_field_bytes` accepted: three text group keys of this size
+/// still fit one b-tree entry.
+pub const MAX_FIELD_BYTES_LIMIT: usize = 800;
 
 impl Default for ValidationRules {
     fn default() -> Self {
@@ -33,6 +43,7 @@ impl Default for ValidationRules {
                 .expect("constant")
                 .to_utc(),
             max_future: TimeDelta::hours(24),
+            max_field_bytes: 256,
         }
     }
 }
@@ -73,6 +84,12 @@ pub fn validate(
 
     let min_us = rules.min_event_time.timestamp_micros();
     let max_us = (now + rules.max_future).timestamp_micros();
+    let text = [
+        (customer, col::CUSTOMER_ID),
+        (channel, col::CHANNEL),
+        (tariff, col::TARIFF_TYPE),
+    ]
+    .map(|(array, name)| TextColumn::new(array.as_string::<i32>(), name, rules.max_field_bytes));
 
     let mut keep = Vec::with_capacity(n);
     let mut reasons = StringBuilder::new();
@@ -94,6 +111,7 @@ pub fn validate(
                 payment,
                 (min_us, max_us),
             )
+            .or_else(|| text.iter().find_map(|t| t.check(i)))
         };
         keep.push(verdict.is_none());
         if let Some((reason, detail)) = verdict {
@@ -193,6 +211,64 @@ fn check_row(
         }
     }
     None
+}
+
+/// A text column of the batch, scanned once for U+0000 and over-long values so
+/// that clean batches (nearly all of them) skip the per-row checks.
+struct TextColumn<'a> {
+    array: &'a datafusion::arrow::array::StringArray,
+    name: &'static str,
+    max_bytes: usize,
+    suspect: bool,
+}
+
+impl<'a> TextColumn<'a> {
+    fn new(
+        array: &'a datafusion::arrow::array::StringArray,
+        name: &'static str,
+        max_bytes: usize,
+    ) -> Self {
+        let offsets = array.value_offsets();
+        let (first, last) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
+        let suspect = array.value_data()[first..last].contains(&0)
+            || offsets
+                .windows(2)
+                .any(|w| (w[1] - w[0]) as usize > max_bytes);
+        TextColumn {
+            array,
+            name,
+            max_bytes,
+            suspect,
+        }
+    }
+
+    /// Postgres `text` refuses U+0000 outright, so the row must not reach COPY.
+    fn check(&self, i: usize) -> Option<(RejectReason, String)> {
+        if !self.suspect || self.array.is_null(i) {
+            return None;
+        }
+        let v = self.array.value(i);
+        if v.contains('\0') {
+            return Some((
+                RejectReason::InvalidText,
+                format!(
+                    "payload.{} contains U+0000, which Postgres text cannot store",
+                    self.name
+                ),
+            ));
+        }
+        (v.len() > self.max_bytes).then(|| {
+            (
+                RejectReason::FieldTooLong,
+                format!(
+                    "payload.{} is {} bytes, the limit is {}",
+                    self.name,
+                    v.len(),
+                    self.max_bytes
+                ),
+            )
+        })
+    }
 }
 
 fn missing(field: &str, kind: EventType) -> (RejectReason, String) {
@@ -378,8 +454,103 @@ mod tests {
         let late = ValidationRules {
             min_event_time: now + TimeDelta::days(30),
             max_future: TimeDelta::days(365),
+            ..ValidationRules::default()
         };
         let v = validate(&decoded, &late, now).unwrap();
         assert_eq!(reasons(&v), vec!["event_time_too_old".to_string()]);
+    }
+
+    fn login(customer: &str, channel: &str, tariff: Option<&str>) -> String {
+        let mut payload = serde_json::json!({
+            "customer_id": customer, "session_id": 1, "channel": channel,
+        });
+        if let Some(t) = tariff {
+            payload["tariff_type"] = t.into();
+        }
+        serde_json::json!({
+            "event_type": "user_login", "event_time": "2025-06-01T00:00:00Z", "payload": payload,
+        })
+        .to_string()
+    }
+
+    /// Regression: a valid JSON string with `\u0000`, or a value too long for a
+    /// b-tree entry, passed validation, and Postgres then refused the batch's
+    /// COPY or KPI merge on every retry, stalling the partition for good.
+    #[test]
+    fn text_postgres_cannot_store_or_index_is_rejected() {
+        let long = "x".repeat(257);
+        let cases = [
+            (login("C\u{0}1", "web", None), "invalid_text", "customer_id"),
+            (login("C1", "web\u{0}", None), "invalid_text", "channel"),
+            // tariff_type is optional for a login, and still stored
+            (
+                login("C1", "web", Some("\u{0}")),
+                "invalid_text",
+                "tariff_type",
+            ),
+            (login(&long, "web", None), "field_too_long", "customer_id"),
+            (login("C1", &long, None), "field_too_long", "channel"),
+            (
+                login("C1", "web", Some(&long)),
+                "field_too_long",
+                "tariff_type",
+            ),
+            // the limit counts bytes, not characters: 129 × 2 bytes
+            (
+                login(&"é".repeat(129), "web", None),
+                "field_too_long",
+                "customer_id",
+            ),
+        ];
+        for (line, want, field) in &cases {
+            let v = run(&[OK, line, OK]);
+            assert_eq!(reasons(&v), vec![want.to_string()], "line {line:?}");
+            assert_eq!(v.valid.num_rows(), 2, "the good rows around it survive");
+            let detail = v.rejects.column_by_name("detail").unwrap();
+            let detail = detail.as_string::<i32>().value(0);
+            assert!(detail.contains(field), "{detail}");
+            assert!(
+                !detail.contains('\u{0}'),
+                "the detail never quotes the value"
+            );
+        }
+        // At the limit is fine; so are control characters other than U+0000.
+        let fine = [
+            login(&"x".repeat(256), &"é".repeat(128), Some(&"y".repeat(256))),
+            login("C\u{1}\t\u{1f}", "web", None),
+        ];
+        let v = run(&[fine[0].as_str(), fine[1].as_str()]);
+        assert_eq!(reasons(&v), Vec::<String>::new());
+        assert_eq!(v.valid.num_rows(), 2);
+    }
+
+    #[test]
+    fn field_length_limit_is_configurable() {
+        let line = login(&"x".repeat(300), "web", None);
+        let decoded = decode_batch(
+            DecodeConfig::default(),
+            [(
+                Some(line.as_bytes()),
+                MessageMeta {
+                    partition: 0,
+                    offset: 0,
+                    timestamp_ms: None,
+                },
+            )],
+        );
+        let now = DateTime::parse_from_rfc3339("2025-06-10T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let wide = ValidationRules {
+            max_field_bytes: 300,
+            ..ValidationRules::default()
+        };
+        assert_eq!(validate(&decoded, &wide, now).unwrap().valid.num_rows(), 1);
+        let narrow = ValidationRules {
+            max_field_bytes: 299,
+            ..ValidationRules::default()
+        };
+        let v = validate(&decoded, &narrow, now).unwrap();
+        assert_eq!(reasons(&v), vec!["field_too_long".to_string()]);
     }
 }
