@@ -267,6 +267,7 @@ pub async fn run(
         let _ = stop_http_tx.send(());
         return Ok(RunSummary::default());
     };
+    sink::check_encoding(&client).await?;
     if cfg.migrate {
         let report = sink::migrate::migrate(&mut client).await?;
         if !report.applied.is_empty() {

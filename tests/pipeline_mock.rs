@@ -254,6 +254,48 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
 /// Regression: consumers starting together on a fresh database raced to
 /// create `schema_migrations` before taking the migration lock, and one died
 /// with "duplicate key value violates unique constraint pg_type_typname_nsp_index".
+/// A LATIN1 database refuses characters outside Latin-1 (SQLSTATE 22P05) on
+/// every retry, which would stall the partition that carries one: `run`
+/// refuses such a database at start, before creating anything in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_cannot_store_unicode_is_refused_at_start() {
+    let admin: tokio_postgres::Config = server_url().parse().unwrap();
+    let name = unique("latin1");
+    client(&admin)
+        .await
+        .batch_execute(&format!(
+            "CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ))
+        .await
+        .unwrap();
+    let mut db = admin.clone();
+    db.dbname(&name);
+    let mock = MockCluster::new(1).unwrap();
+    let cfg = pipeline_config(&mock.bootstrap_servers(), "latin1_events", db.clone());
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        pipeline::run(cfg, Metrics::new(), std::future::pending()),
+    )
+    .await
+    .expect("refused promptly")
+    .expect_err("a LATIN1 database is refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("LATIN1") && msg.contains("ENCODING 'UTF8'"),
+        "{msg}"
+    );
+    let tables: i64 = client(&db)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "nothing was created in it");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_from_many_starters_at_once_all_succeed() {
     let db = fresh_db("migrace").await;

@@ -286,6 +286,25 @@ pub async fn load_offsets(
         .collect())
 }
 
+/// Refuses a database whose encoding cannot hold every character an event
+/// may carry: Postgres would refuse such a batch on every retry (SQLSTATE
+/// 22P05), stalling its partitions. UTF8 holds everything; SQL_ASCII stores
+/// the bytes unchecked.
+pub async fn check_encoding(client: &Client) -> Result<(), SinkError> {
+    let encoding: String = client
+        .query_one("SELECT current_setting('server_encoding')", &[])
+        .await?
+        .get(0);
+    match encoding.as_str() {
+        "UTF8" | "SQL_ASCII" => Ok(()),
+        other => Err(SinkError::Fatal(format!(
+            "the database's encoding is {other}, which cannot store every character an event may \
+             carry; create the database with ENCODING 'UTF8' (CREATE DATABASE ... ENCODING 'UTF8' \
+             TEMPLATE template0)"
+        ))),
+    }
+}
+
 /// Refuses to start a group on a topic that another group already loads into
 /// this database: `events` is keyed by (partition, offset), so a second copy
 /// of the topic would collide row by row and never make progress.
