@@ -283,7 +283,7 @@ mod tests {
     use super::*;
     use crate::decode::{DecodeConfig, MessageMeta, decode_batch};
 
-    fn run(lines: &[&str]) -> Validated {
+    fn decode(lines: &[&str]) -> RecordBatch {
         let msgs = lines.iter().enumerate().map(|(i, l)| {
             (
                 Some(l.as_bytes()),
@@ -294,11 +294,14 @@ mod tests {
                 },
             )
         });
-        let decoded = decode_batch(DecodeConfig::default(), msgs);
+        decode_batch(DecodeConfig::default(), msgs)
+    }
+
+    fn run(lines: &[&str]) -> Validated {
         let now = DateTime::parse_from_rfc3339("2025-06-10T00:00:00Z")
             .unwrap()
             .to_utc();
-        validate(&decoded, &ValidationRules::default(), now).unwrap()
+        validate(&decode(lines), &ValidationRules::default(), now).unwrap()
     }
 
     fn reasons(v: &Validated) -> Vec<String> {
@@ -423,17 +426,7 @@ mod tests {
 
     #[test]
     fn bounds_are_configurable() {
-        let decoded = decode_batch(
-            DecodeConfig::default(),
-            [(
-                Some(OK.as_bytes()),
-                MessageMeta {
-                    partition: 0,
-                    offset: 0,
-                    timestamp_ms: None,
-                },
-            )],
-        );
+        let decoded = decode(&[OK]);
         let now = DateTime::parse_from_rfc3339("2025-05-31T00:00:00Z")
             .unwrap()
             .to_utc();
@@ -526,18 +519,7 @@ mod tests {
 
     #[test]
     fn field_length_limit_is_configurable() {
-        let line = login(&"x".repeat(300), "web", None);
-        let decoded = decode_batch(
-            DecodeConfig::default(),
-            [(
-                Some(line.as_bytes()),
-                MessageMeta {
-                    partition: 0,
-                    offset: 0,
-                    timestamp_ms: None,
-                },
-            )],
-        );
+        let decoded = decode(&[&login(&"x".repeat(300), "web", None)]);
         let now = DateTime::parse_from_rfc3339("2025-06-10T00:00:00Z")
             .unwrap()
             .to_utc();

@@ -251,9 +251,6 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
     );
 }
 
-/// Regression: consumers starting together on a fresh database raced to
-/// create `schema_migrations` before taking the migration lock, and one died
-/// with "duplicate key value violates unique constraint pg_type_typname_nsp_index".
 /// A LATIN1 database refuses characters outside Latin-1 (SQLSTATE 22P05) on
 /// every retry, which would stall the partition that carries one: `run`
 /// refuses such a database at start, before creating anything in it.
@@ -296,6 +293,9 @@ async fn a_database_that_cannot_store_unicode_is_refused_at_start() {
     assert_eq!(tables, 0, "nothing was created in it");
 }
 
+/// Regression: consumers starting together on a fresh database raced to
+/// create `schema_migrations` before taking the migration lock, and one died
+/// with "duplicate key value violates unique constraint pg_type_typname_nsp_index".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_from_many_starters_at_once_all_succeed() {
     let db = fresh_db("migrace").await;

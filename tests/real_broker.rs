@@ -42,8 +42,15 @@ fn generate(events: u64, bad_ratio: f64, seed: u64) -> PathBuf {
 
 /// Runs `cmd`, asserts it exits 0, returns its standard output.
 fn produce(brokers: &str, topic: &str, input: &Path) -> String {
+    produce_with(brokers, topic, input, &[])
+}
+
+/// [`produce`] with extra arguments, e.g. a `--kafka-option`.
+fn produce_with(brokers: &str, topic: &str, input: &Path, extra: &[&str]) -> String {
     let mut cmd = Command::new(BIN);
-    cmd.args(["produce", "--brokers", brokers, "--topic", topic, "--input"])
+    cmd.args(["produce", "--brokers", brokers, "--topic", topic])
+        .args(extra)
+        .arg("--input")
         .arg(input)
         .arg("--bad-lines")
         .arg(input.with_extension("bad"));
@@ -235,14 +242,9 @@ async fn every_producer_compression_codec_is_consumed() {
     {
         let part = input.with_extension(format!("{codec}.jsonl"));
         std::fs::write(&part, chunk.join("\n") + "\n").unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args(["produce", "--brokers", &broker.brokers, "--topic", &topic])
-            .args(["--kafka-option", &format!("compression.type={codec}")])
-            .args(["--metrics-addr", "off", "--input"])
-            .arg(&part)
-            .arg("--bad-lines")
-            .arg(part.with_extension("bad"));
-        sent += sent_count(&succeed(cmd));
+        let option = format!("compression.type={codec}");
+        let summary = produce_with(&broker.brokers, &topic, &part, &["--kafka-option", &option]);
+        sent += sent_count(&summary);
     }
     assert!(sent >= 2_400, "sent {sent}");
 
