@@ -616,6 +616,12 @@ impl Cutter {
             })
             .collect();
         let decoded = dec.finish();
+        tracing::debug!(
+            rows = decoded.num_rows(),
+            fill_ms = self.first_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+            decode_ms = decode_time.as_millis() as u64,
+            "batch cut"
+        );
         let batch = Batch {
             rows: decoded.num_rows(),
             decoded,
@@ -1123,9 +1129,18 @@ fn record_commit(
         metrics.end_to_end_latency.observe(ms as f64 / 1000.0);
         summary.end_to_end_ms.push(ms as u64);
     }
-    summary
-        .batch_latency_us
-        .push(batch.cut_at.elapsed().as_micros() as u64);
+    let since_cut = batch.cut_at.elapsed();
+    tracing::debug!(
+        rows = batch.rows,
+        validate_ms = validate_time.as_millis() as u64,
+        kpi_ms = kpi_time.as_millis() as u64,
+        copy_ms = done.copy.as_millis() as u64,
+        merge_ms = done.merge.as_millis() as u64,
+        commit_ms = done.commit.as_millis() as u64,
+        since_cut_ms = since_cut.as_millis() as u64,
+        "batch committed"
+    );
+    summary.batch_latency_us.push(since_cut.as_micros() as u64);
     let written = count_by(&validated.valid, col::EVENT_TYPE);
     let rejected = count_by(&validated.rejects, col::REASON);
     for (k, n) in &written {
