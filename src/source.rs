@@ -164,8 +164,10 @@ impl Cursor {
     /// message lands beyond `next`, seek back (doubling the distance) until the
     /// broker sends from at or before `next`. A gap is real (compaction,
     /// transaction markers) only when the broker sent a message below `next`
-    /// and then one above it, or when seeking back to 0 did not close it.
-    fn judge(&mut self, offset: i64, now: Instant) -> Verdict {
+    /// and then one above it, or when seeking back to 0 did not close it, and
+    /// never while `erroring` (librdkafka reports consumption errors): the
+    /// gap may then be a batch it failed to read, so it seeks to `next` again.
+    fn judge(&mut self, offset: i64, now: Instant, erroring: bool) -> Verdict {
         self.heard_at = now;
         self.last_seen = Some(offset);
         let Some(next) = self.next else {
@@ -180,6 +182,11 @@ impl Cursor {
             // Start a few messages back: a skipped batch is usually far larger.
             self.back = (self.back * 4).max(16);
             return Verdict::SeekBack((next - self.back).max(0));
+        }
+        if offset > next && erroring {
+            // Start over from `next`, as if no message below it had come.
+            self.prev_below = false;
+            return Verdict::SeekBack(next);
         }
         self.next = Some(offset + 1);
         self.prev_below = false;
@@ -387,6 +394,99 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// How long a consumption error keeps partitions that are behind from
+/// counting as caught up or settled. librdkafka retries a failing fetch every
+/// `fetch.error.backoff.ms` (500 ms by default), so a persisting error is seen
+/// again well within it; one that went away releases the hold soon after.
+const CONSUME_ERROR_HOLD: Duration = Duration::from_secs(5);
+
+/// At most one warning per this, with the count of what it left out.
+const CONSUME_ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// The consumption errors librdkafka reported through poll: when the last one
+/// came, what it said, and how many went unlogged.
+struct ConsumeErrors {
+    started: Instant,
+    /// Milliseconds after `started` of the last error, plus one (0: none).
+    /// Read on every message, so an atomic rather than the lock below.
+    last_ms: AtomicU64,
+    log: Mutex<ConsumeErrorLog>,
+}
+
+#[derive(Default)]
+struct ConsumeErrorLog {
+    last: String,
+    logged_at: Option<Instant>,
+    unlogged: u64,
+    behind_warned_at: Option<Instant>,
+}
+
+impl ConsumeErrors {
+    fn new() -> Self {
+        ConsumeErrors {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            log: Mutex::new(ConsumeErrorLog::default()),
+        }
+    }
+
+    fn note(&self, e: &KafkaError, metrics: &Metrics) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let kind = match e.rdkafka_error_code() {
+            Some(Code::AllBrokersDown) => "all_brokers_down",
+            Some(Code::BrokerTransportFailure) => "transport",
+            _ => "consume",
+        };
+        metrics.kafka_errors.with_label_values(&[kind]).inc();
+        // A reset to the earliest offset after retention deleted what was
+        // wanted is not a read failure: the gap it leaves is real.
+        if e.rdkafka_error_code() != Some(Code::AutoOffsetReset) {
+            let ms = self.started.elapsed().as_millis() as u64 + 1;
+            self.last_ms.store(ms, Ordering::Relaxed);
+        }
+        let mut log = self.log.lock().expect("consume error log");
+        log.last = e.to_string();
+        if log
+            .logged_at
+            .is_some_and(|t| t.elapsed() < CONSUME_ERROR_LOG_EVERY)
+        {
+            log.unlogged += 1;
+            return;
+        }
+        tracing::warn!(error = %e, earlier_unlogged = log.unlogged, "consumer error");
+        log.logged_at = Some(Instant::now());
+        log.unlogged = 0;
+    }
+
+    /// True while the last error is younger than [`CONSUME_ERROR_HOLD`].
+    fn recent(&self) -> bool {
+        match self.last_ms.load(Ordering::Relaxed) {
+            0 => false,
+            ms => {
+                let at = self.started + Duration::from_millis(ms - 1);
+                at.elapsed() < CONSUME_ERROR_HOLD
+            }
+        }
+    }
+
+    fn last_text(&self) -> String {
+        self.log.lock().expect("consume error log").last.clone()
+    }
+
+    /// Rate-limits the "behind while erroring" warning of check_progress.
+    fn should_warn_behind(&self) -> bool {
+        let mut log = self.log.lock().expect("consume error log");
+        if log
+            .behind_warned_at
+            .is_some_and(|t| t.elapsed() < CONSUME_ERROR_LOG_EVERY)
+        {
+            return false;
+        }
+        log.behind_warned_at = Some(Instant::now());
+        true
+    }
+}
+
 /// One consumed message, as the pipeline needs it.
 pub enum Polled<'a> {
     Message(BorrowedMessage<'a>),
@@ -399,6 +499,11 @@ pub struct KafkaSource {
     consumer: BaseConsumer<SourceContext>,
     /// Re-delivered messages dropped since the last [`KafkaSource::take_dropped`].
     dropped: std::sync::atomic::AtomicU64,
+    /// Consumption errors (a fetch or a record batch that librdkafka could not
+    /// deliver). librdkafka does not say which partition, so while any is
+    /// recent no partition that is behind counts as caught up or as settled,
+    /// and no gap is accepted: see [`KafkaSource::check_progress`].
+    consume_errors: ConsumeErrors,
     ownership: Arc<Ownership>,
     topic: String,
     health: Arc<Health>,
@@ -477,6 +582,7 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer,
             dropped: std::sync::atomic::AtomicU64::new(0),
+            consume_errors: ConsumeErrors::new(),
             ownership,
             topic: cfg.topic.clone(),
             health,
@@ -553,7 +659,7 @@ impl KafkaSource {
                 let verdict = {
                     let mut cursors = self.ownership.cursors.lock().expect("cursors lock");
                     match cursors.get_mut(&p) {
-                        Some(c) => c.judge(offset, now),
+                        Some(c) => c.judge(offset, now, self.consume_errors.recent()),
                         // Not (or no longer) ours: never hand it on.
                         None => Verdict::Redelivered,
                     }
@@ -589,7 +695,8 @@ impl KafkaSource {
                 Polled::PartitionEof(p)
             }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "consumer error");
+                self.consume_errors
+                    .note(&e, &self.consumer.context().metrics);
                 Polled::Idle
             }
         })
@@ -626,6 +733,12 @@ impl KafkaSource {
     /// goes to the broker, so a slow broker cannot stall the intake here. This
     /// does not rely on end-of-partition events, which librdkafka does not
     /// send again after a seek.
+    ///
+    /// While librdkafka reports consumption errors, a partition that is behind
+    /// is neither caught up nor settled: what it has not delivered may be a
+    /// record batch it cannot read (corrupt, or compressed with a codec it
+    /// lacks), and taking the silence for the end would let `run` report
+    /// "caught up" with messages left behind. It waits, and says why.
     pub fn check_progress(&self, quiet: Duration) -> bool {
         let (quiet_ones, mut caught_up) = {
             let cursors = self.ownership.cursors.lock().expect("cursors lock");
@@ -637,16 +750,26 @@ impl KafkaSource {
             let all_quiet = !cursors.is_empty() && quiet_ones.len() == cursors.len();
             (quiet_ones, all_quiet)
         };
+        let erroring = self.consume_errors.recent();
+        let mut held = Vec::new();
         for (p, next) in quiet_ones {
             let Some((low, high)) = self.cached_watermarks(p) else {
                 caught_up = false;
                 continue;
             };
+            if next.unwrap_or(low) >= high {
+                continue;
+            }
+            if erroring {
+                caught_up = false;
+                held.push(format!("{p} at {} of {high}", next.unwrap_or(low)));
+                continue;
+            }
             let settled = {
                 let cursors = self.ownership.cursors.lock().expect("cursors lock");
                 cursors.get(&p).is_some_and(|c| c.settled)
             };
-            if next.unwrap_or(low) >= high || settled {
+            if settled {
                 continue;
             }
             caught_up = false;
@@ -673,6 +796,13 @@ impl KafkaSource {
                     tracing::warn!(partition = p, error = %e, "seek failed");
                 }
             }
+        }
+        if !held.is_empty() && self.consume_errors.should_warn_behind() {
+            tracing::warn!(
+                partitions = %held.join(", "),
+                error = %self.consume_errors.last_text(),
+                "partitions behind their high watermark while the consumer reports errors; waiting, nothing is skipped"
+            );
         }
         caught_up
     }
@@ -757,11 +887,11 @@ mod tests {
     #[test]
     fn cursor_accepts_in_order_and_drops_redeliveries() {
         let mut c = Cursor::at(Some(10));
-        assert_eq!(c.judge(10, Instant::now()), Verdict::Accept);
-        assert_eq!(c.judge(11, Instant::now()), Verdict::Accept);
-        assert_eq!(c.judge(5, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(11, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(12, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(10, Instant::now(), false), Verdict::Accept);
+        assert_eq!(c.judge(11, Instant::now(), false), Verdict::Accept);
+        assert_eq!(c.judge(5, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(11, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(12, Instant::now(), false), Verdict::Accept);
         assert_eq!(c.next, Some(13));
     }
 
@@ -769,25 +899,25 @@ mod tests {
     fn cursor_seeks_back_when_the_broker_skips() {
         // Asked for 100, the broker answers from 150: seek back 16, 64, 256, ...
         let mut c = Cursor::at(Some(100));
-        assert_eq!(c.judge(150, Instant::now()), Verdict::SeekBack(84));
-        assert_eq!(c.judge(150, Instant::now()), Verdict::SeekBack(36));
-        assert_eq!(c.judge(150, Instant::now()), Verdict::SeekBack(0));
+        assert_eq!(c.judge(150, Instant::now(), false), Verdict::SeekBack(84));
+        assert_eq!(c.judge(150, Instant::now(), false), Verdict::SeekBack(36));
+        assert_eq!(c.judge(150, Instant::now(), false), Verdict::SeekBack(0));
         // Now the fetch starts before 100: the head is dropped, 100 accepted.
-        assert_eq!(c.judge(90, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(99, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(100, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(90, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(99, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(100, Instant::now(), false), Verdict::Accept);
         assert_eq!(c.back, 0);
         // Mid-stream too (a fetch restarted after a reconnect).
-        assert_eq!(c.judge(140, Instant::now()), Verdict::SeekBack(85));
+        assert_eq!(c.judge(140, Instant::now(), false), Verdict::SeekBack(85));
     }
 
     #[test]
     fn cursor_accepts_a_gap_the_broker_straddles() {
         // The broker sends 8, 9 (below next = 10) then 12: 10 and 11 do not exist.
         let mut c = Cursor::at(Some(10));
-        assert_eq!(c.judge(8, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(9, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(12, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(8, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(9, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(12, Instant::now(), false), Verdict::Accept);
         assert_eq!(c.next, Some(13));
     }
 
@@ -796,7 +926,7 @@ mod tests {
         let mut c = Cursor::at(Some(3));
         let mut seeks = 0;
         loop {
-            match c.judge(7, Instant::now()) {
+            match c.judge(7, Instant::now(), false) {
                 Verdict::SeekBack(to) => {
                     assert!(to >= 0);
                     seeks += 1;
@@ -816,9 +946,9 @@ mod tests {
         assert_eq!(c.stalled(0, 121), Some(84));
         assert_eq!(c.stalled(0, 121), Some(36));
         // The refetch starts below 100: the head is dropped, 100 accepted.
-        assert_eq!(c.judge(40, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(99, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(100, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(40, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(99, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(100, Instant::now(), false), Verdict::Accept);
         // At the high watermark nothing is missing.
         assert_eq!(c.stalled(0, 101), None);
         // Never below the low watermark.
@@ -835,7 +965,7 @@ mod tests {
         let mut c = Cursor::at(Some(100));
         assert_eq!(c.stalled(0, 102), Some(84));
         for o in 84..100 {
-            assert_eq!(c.judge(o, Instant::now()), Verdict::Redelivered);
+            assert_eq!(c.judge(o, Instant::now(), false), Verdict::Redelivered);
         }
         assert_eq!(c.stalled(0, 102), None);
         assert!(c.settled);
@@ -850,15 +980,38 @@ mod tests {
         assert_eq!(c.stalled(0, 30), Some(0));
         assert_eq!(c.stalled(0, 30), None);
         // A new message un-settles it.
-        assert_eq!(c.judge(25, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(25, Instant::now(), false), Verdict::Accept);
         assert!(!c.settled);
+    }
+
+    #[test]
+    fn cursor_accepts_no_gap_while_the_consumer_reports_errors() {
+        // 99 came (below 100), then 150: without errors the gap is real
+        // (compaction, markers) and 150 is taken.
+        let mut c = Cursor::at(Some(100));
+        assert_eq!(c.judge(99, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(150, Instant::now(), false), Verdict::Accept);
+        // With errors, 100..150 may be a batch librdkafka failed to read:
+        // seek to 100 again, however the broker got there.
+        let mut c = Cursor::at(Some(100));
+        assert_eq!(c.judge(99, Instant::now(), true), Verdict::Redelivered);
+        assert_eq!(c.judge(150, Instant::now(), true), Verdict::SeekBack(100));
+        // After looking back to the start as well.
+        let mut c = Cursor::at(Some(20));
+        assert_eq!(c.judge(30, Instant::now(), true), Verdict::SeekBack(4));
+        assert_eq!(c.judge(30, Instant::now(), true), Verdict::SeekBack(0));
+        assert_eq!(c.judge(30, Instant::now(), true), Verdict::SeekBack(20));
+        assert_eq!(c.next, Some(20));
+        // Once the errors stop, the usual rule takes the gap.
+        assert_eq!(c.judge(30, Instant::now(), false), Verdict::Accept);
+        assert_eq!(c.next, Some(31));
     }
 
     #[test]
     fn cursor_from_the_beginning_takes_the_first_offset() {
         let mut c = Cursor::at(None);
-        assert_eq!(c.judge(42, Instant::now()), Verdict::Accept);
-        assert_eq!(c.judge(42, Instant::now()), Verdict::Redelivered);
-        assert_eq!(c.judge(43, Instant::now()), Verdict::Accept);
+        assert_eq!(c.judge(42, Instant::now(), false), Verdict::Accept);
+        assert_eq!(c.judge(42, Instant::now(), false), Verdict::Redelivered);
+        assert_eq!(c.judge(43, Instant::now(), false), Verdict::Accept);
     }
 }

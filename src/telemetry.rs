@@ -241,7 +241,7 @@ impl Metrics {
         for c in ["rebalance", "fenced"] {
             self.batches_discarded.with_label_values(&[c]);
         }
-        for k in ["all_brokers_down", "transport", "other"] {
+        for k in ["all_brokers_down", "transport", "consume", "other"] {
             self.kafka_errors.with_label_values(&[k]);
         }
     }

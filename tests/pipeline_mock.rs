@@ -400,3 +400,61 @@ async fn a_commit_whose_reply_is_lost_is_counted_once_and_not_rewritten() {
     );
     verify_ok(&db_url(&db), &[]);
 }
+
+/// Regression: when librdkafka cannot read what a partition holds (a corrupt
+/// record batch, a codec it lacks), it reports consumption errors and delivers
+/// nothing. The partition used to look settled after a few quiet checks, and
+/// `run --stop-when-caught-up` stopped and logged "caught up" with the rest of
+/// the partition unread. It must wait while the errors last, then read it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_fetches_fail_is_not_reported_caught_up() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("fetcherr");
+    mock_topic(&cluster, &topic, 1);
+    let messages = |from: usize| -> Vec<Option<Vec<u8>>> {
+        (from..from + 100)
+            .map(|i| {
+                Some(event(TYPES[i % 7], &format!("C{}", i % 30), i as i64, i as u32).into_bytes())
+            })
+            .collect()
+    };
+    send_raw(&brokers, &topic, &messages(0));
+    let db = fresh_db("fetcherr").await;
+    let cfg = pipeline_config(&brokers, &topic, db.clone());
+    let group = cfg.kafka.group_id.clone();
+    assert_eq!(run_to_end(cfg.clone()).await.events_written, 100);
+
+    // The second run resumes at offset 100 and its first fetches all fail
+    // (each fetch takes one error; librdkafka waits 500 ms after each).
+    send_raw(&brokers, &topic, &messages(100));
+    cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_MSG; 16],
+    );
+    let metrics = Metrics::new();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(120),
+        pipeline::run(cfg, metrics.clone(), std::future::pending()),
+    )
+    .await
+    .expect("caught up within 120 s")
+    .expect("consumption errors are waited out, not fatal");
+
+    assert!(
+        metrics.kafka_errors.with_label_values(&["consume"]).get() > 0,
+        "the fetch errors reached the consumer"
+    );
+    assert_eq!(
+        summary.events_written, 100,
+        "the run read what the failing fetches held back before it stopped"
+    );
+    let c = client(&db).await;
+    let ends = assert_exactly_once_by_position(&c, &group, &topic).await;
+    assert_eq!(
+        ends.values().sum::<i64>(),
+        200,
+        "stored offsets are the end"
+    );
+}
