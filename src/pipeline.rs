@@ -959,6 +959,19 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                 }
                 Err(e @ (SinkError::Fenced { .. } | SinkError::Duplicate(_))) => {
                     metrics.db_errors.with_label_values(&[e.kind()]).inc();
+                    if let SinkError::Duplicate(message) = &e {
+                        // Rows no member of this group wrote would be fenced
+                        // and retried forever: refuse them. When asking fails,
+                        // the retry after the resync asks again.
+                        if let Ok(c) = open(cfg, &mut client).await {
+                            let write = ctx.batch_write(&batch, &validated, &[], &[], None);
+                            if let Err(fatal @ SinkError::Fatal(_)) =
+                                sink::check_duplicate(c, &write, message).await
+                            {
+                                return Err(PipelineError::Sink(fatal));
+                            }
+                        }
+                    }
                     metrics
                         .batches_discarded
                         .with_label_values(&["fenced"])

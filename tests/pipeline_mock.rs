@@ -458,3 +458,65 @@ async fn a_partition_whose_fetches_fail_is_not_reported_caught_up() {
         "stored offsets are the end"
     );
 }
+
+/// Regression: a second topic loaded into a database that already holds
+/// another topic's rows (same partitions, same offsets) hit the events key on
+/// every try. That was taken for a fenced batch, so the run re-read its
+/// offsets and tried again, forever. It is now refused with a message that
+/// says what to do, and nothing is written. (A second group on the same topic
+/// is refused earlier, at start, by `check_single_group`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let messages: Vec<Option<Vec<u8>>> = (0..100)
+        .map(|i| {
+            Some(event(TYPES[i % 7], &format!("C{}", i % 30), i as i64, i as u32).into_bytes())
+        })
+        .collect();
+    let first_topic = unique("first_topic");
+    let second_topic = unique("second_topic");
+    for topic in [&first_topic, &second_topic] {
+        mock_topic(&cluster, topic, 2);
+        send_raw(&brokers, topic, &messages);
+    }
+    let db = fresh_db("two_topics").await;
+    let cfg = pipeline_config(&brokers, &first_topic, db.clone());
+    let first_group = cfg.kafka.group_id.clone();
+    assert_eq!(run_to_end(cfg).await.events_written, 100);
+
+    let second = pipeline_config(&brokers, &second_topic, db.clone());
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        pipeline::run(second, Metrics::new(), std::future::pending()),
+    )
+    .await
+    .expect("refused within 60 s, not retried forever")
+    .expect_err("rows another topic wrote are an error");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("another consumer group or another topic")
+            && msg.contains(&second_topic)
+            && msg.contains("consumer_offsets"),
+        "{msg}"
+    );
+
+    let c = client(&db).await;
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 100, "nothing written twice");
+    let groups = counts(
+        &c,
+        "SELECT group_id, sum(next_offset)::bigint FROM consumer_offsets GROUP BY 1",
+    )
+    .await;
+    assert_eq!(
+        groups.len(),
+        1,
+        "only the first topic's group stored offsets: {groups:?}"
+    );
+    assert_eq!(groups[&first_group], 100);
+}

@@ -78,8 +78,9 @@ pub enum SinkError {
         stored: Option<i64>,
         expected: Option<i64>,
     },
-    /// A row that this batch writes is already stored: the offsets and the data
-    /// disagree, or another consumer won a race. Handled like [`SinkError::Fenced`].
+    /// A row that this batch writes is already stored: another consumer of the
+    /// group won a race (handled like [`SinkError::Fenced`]), or another group
+    /// or topic wrote the same keys (see [`check_duplicate`]).
     #[error("duplicate row: {0}")]
     Duplicate(String),
     /// A mistake that retrying cannot fix: missing tables, missing privileges, a bad URL.
@@ -457,6 +458,56 @@ pub async fn landed(client: &Client, batch: &BatchWrite<'_>) -> Result<bool, Sin
     if batch.offsets.is_empty() {
         return Ok(false);
     }
+    let stored = stored_offsets(client, batch).await?;
+    Ok(batch
+        .offsets
+        .iter()
+        .all(|o| stored.get(&o.partition) == Some(&o.next)))
+}
+
+/// After a batch's COPY found some of its rows already stored
+/// ([`SinkError::Duplicate`], whose text is `message`): who wrote them.
+/// When this consumer group did (a zombie's batch, or a race with the
+/// partition's new owner), its stored offsets have moved from where the batch
+/// expected them, and the batch is fenced as usual: returns Ok. When every
+/// partition's stored offset is still the expected one, no member of this
+/// group wrote those rows: another consumer group, or another topic, wrote
+/// the same (partition, offset) keys. Retrying can never succeed, so that is
+/// a [`SinkError::Fatal`] that says what to do.
+pub async fn check_duplicate(
+    client: &Client,
+    batch: &BatchWrite<'_>,
+    message: &str,
+) -> Result<(), SinkError> {
+    let stored = stored_offsets(client, batch).await?;
+    if batch
+        .offsets
+        .iter()
+        .any(|o| stored.get(&o.partition).copied() != o.expected)
+    {
+        return Ok(());
+    }
+    let at: Vec<String> = batch
+        .offsets
+        .iter()
+        .map(|o| match o.expected {
+            Some(e) => format!("partition {} offsets {e} to {}", o.partition, o.next - 1),
+            None => format!("partition {} offsets up to {}", o.partition, o.next - 1),
+        })
+        .collect();
+    Err(SinkError::Fatal(format!(
+        "rows for topic '{}' ({}) are already stored ({message}), but consumer group '{}' never wrote them: another consumer group or another topic did. This database holds one topic's events, keyed by (partition, offset). Run with the group that wrote them (see the consumer_offsets table), or point this group or topic at another database",
+        batch.topic,
+        at.join("; "),
+        batch.group_id,
+    )))
+}
+
+/// This group's stored next offset of each of the batch's partitions.
+async fn stored_offsets(
+    client: &Client,
+    batch: &BatchWrite<'_>,
+) -> Result<HashMap<i32, i64>, SinkError> {
     let partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
     let rows = client
         .query_typed(
@@ -469,11 +520,7 @@ pub async fn landed(client: &Client, batch: &BatchWrite<'_>) -> Result<bool, Sin
             ],
         )
         .await?;
-    let stored: HashMap<i32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(batch
-        .offsets
-        .iter()
-        .all(|o| stored.get(&o.partition) == Some(&o.next)))
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 async fn fence_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(), SinkError> {
