@@ -403,8 +403,23 @@ const CONSUME_ERROR_HOLD: Duration = Duration::from_secs(5);
 /// At most one warning per this, with the count of what it left out.
 const CONSUME_ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
 
-/// The consumption errors librdkafka reported through poll: when the last one
-/// came, what it said, and how many went unlogged.
+/// Whether an error that poll returned means that some partition's data could
+/// not be read: a broker's error for a fetch (positive codes, which librdkafka
+/// passes on per partition: corrupt message, unsupported compression, not
+/// authorized...) or a record batch the client could not parse or decompress.
+/// Client-level errors (a broker unreachable, a name that does not resolve) are
+/// not: they hold no data back for good, and one broker of a cluster that stays
+/// down would otherwise hold every partition, and every real gap (transaction
+/// markers), as long as it stays down. Nor is a reset to the earliest offset
+/// after retention deleted what was wanted: the gap it leaves is real.
+fn is_read_failure(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    code as i32 > 0 || matches!(code, Code::BadMessage | Code::BadCompression)
+}
+
+/// The read failures librdkafka reported through poll (see
+/// [`is_read_failure`]): when the last one came, and the last error of any
+/// kind, for the logs, with how many went unlogged.
 struct ConsumeErrors {
     started: Instant,
     /// Milliseconds after `started` of the last error, plus one (0: none).
@@ -432,15 +447,15 @@ impl ConsumeErrors {
 
     fn note(&self, e: &KafkaError, metrics: &Metrics) {
         use rdkafka::types::RDKafkaErrorCode as Code;
-        let kind = match e.rdkafka_error_code() {
+        let code = e.rdkafka_error_code();
+        let kind = match code {
             Some(Code::AllBrokersDown) => "all_brokers_down",
             Some(Code::BrokerTransportFailure) => "transport",
-            _ => "consume",
+            Some(c) if is_read_failure(c) => "consume",
+            _ => "other",
         };
         metrics.kafka_errors.with_label_values(&[kind]).inc();
-        // A reset to the earliest offset after retention deleted what was
-        // wanted is not a read failure: the gap it leaves is real.
-        if e.rdkafka_error_code() != Some(Code::AutoOffsetReset) {
+        if code.is_some_and(is_read_failure) {
             let ms = self.started.elapsed().as_millis() as u64 + 1;
             self.last_ms.store(ms, Ordering::Relaxed);
         }
@@ -499,7 +514,7 @@ pub struct KafkaSource {
     consumer: BaseConsumer<SourceContext>,
     /// Re-delivered messages dropped since the last [`KafkaSource::take_dropped`].
     dropped: std::sync::atomic::AtomicU64,
-    /// Consumption errors (a fetch or a record batch that librdkafka could not
+    /// Read failures (a fetch or a record batch that librdkafka could not
     /// deliver). librdkafka does not say which partition, so while any is
     /// recent no partition that is behind counts as caught up or as settled,
     /// and no gap is accepted: see [`KafkaSource::check_progress`].
@@ -734,7 +749,7 @@ impl KafkaSource {
     /// does not rely on end-of-partition events, which librdkafka does not
     /// send again after a seek.
     ///
-    /// While librdkafka reports consumption errors, a partition that is behind
+    /// While librdkafka reports read failures, a partition that is behind
     /// is neither caught up nor settled: what it has not delivered may be a
     /// record batch it cannot read (corrupt, or compressed with a codec it
     /// lacks), and taking the silence for the end would let `run` report
@@ -1005,6 +1020,28 @@ mod tests {
         // Once the errors stop, the usual rule takes the gap.
         assert_eq!(c.judge(30, Instant::now(), false), Verdict::Accept);
         assert_eq!(c.next, Some(31));
+    }
+
+    #[test]
+    fn only_read_failures_hold_partitions() {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        for held in [
+            Code::InvalidMessage,
+            Code::UnsupportedCompressionType,
+            Code::TopicAuthorizationFailed,
+            Code::BadMessage,
+            Code::BadCompression,
+        ] {
+            assert!(is_read_failure(held), "{held:?}");
+        }
+        for passed in [
+            Code::BrokerTransportFailure,
+            Code::AllBrokersDown,
+            Code::Resolve,
+            Code::AutoOffsetReset,
+        ] {
+            assert!(!is_read_failure(passed), "{passed:?}");
+        }
     }
 
     #[test]
