@@ -327,14 +327,10 @@ impl ClientContext for SourceContext {
         if let Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) = error.rdkafka_error_code() {
             return;
         }
-        let kind = match error.rdkafka_error_code() {
-            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) => {
-                self.health.kafka_ok.store(false, Ordering::Relaxed);
-                "all_brokers_down"
-            }
-            Some(rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure) => "transport",
-            _ => "other",
-        };
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.health.kafka_ok.store(false, Ordering::Relaxed);
+        }
+        let kind = error_kind(error.rdkafka_error_code());
         self.metrics.kafka_errors.with_label_values(&[kind]).inc();
         tracing::warn!(error = %error, reason, "kafka client error");
     }
@@ -417,6 +413,27 @@ fn is_read_failure(code: rdkafka::types::RDKafkaErrorCode) -> bool {
     code as i32 > 0 || matches!(code, Code::BadMessage | Code::BadCompression)
 }
 
+/// The `kind` label of `energy_stream_kafka_errors_total` for a client error.
+fn error_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> &'static str {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match code {
+        Some(Code::AllBrokersDown) => "all_brokers_down",
+        Some(Code::BrokerTransportFailure) => "transport",
+        Some(c) if is_read_failure(c) => "consume",
+        _ => "other",
+    }
+}
+
+/// True, and starts the wait over, when `last` is unset or at least
+/// [`CONSUME_ERROR_LOG_EVERY`] ago: a rate limit for warnings.
+fn log_due(last: &mut Option<Instant>) -> bool {
+    if last.is_some_and(|t| t.elapsed() < CONSUME_ERROR_LOG_EVERY) {
+        return false;
+    }
+    *last = Some(Instant::now());
+    true
+}
+
 /// The read failures librdkafka reported through poll (see
 /// [`is_read_failure`]): when the last one came, and the last error of any
 /// kind, for the logs, with how many went unlogged.
@@ -446,30 +463,22 @@ impl ConsumeErrors {
     }
 
     fn note(&self, e: &KafkaError, metrics: &Metrics) {
-        use rdkafka::types::RDKafkaErrorCode as Code;
         let code = e.rdkafka_error_code();
-        let kind = match code {
-            Some(Code::AllBrokersDown) => "all_brokers_down",
-            Some(Code::BrokerTransportFailure) => "transport",
-            Some(c) if is_read_failure(c) => "consume",
-            _ => "other",
-        };
-        metrics.kafka_errors.with_label_values(&[kind]).inc();
+        metrics
+            .kafka_errors
+            .with_label_values(&[error_kind(code)])
+            .inc();
         if code.is_some_and(is_read_failure) {
             let ms = self.started.elapsed().as_millis() as u64 + 1;
             self.last_ms.store(ms, Ordering::Relaxed);
         }
         let mut log = self.log.lock().expect("consume error log");
         log.last = e.to_string();
-        if log
-            .logged_at
-            .is_some_and(|t| t.elapsed() < CONSUME_ERROR_LOG_EVERY)
-        {
+        if !log_due(&mut log.logged_at) {
             log.unlogged += 1;
             return;
         }
         tracing::warn!(error = %e, earlier_unlogged = log.unlogged, "consumer error");
-        log.logged_at = Some(Instant::now());
         log.unlogged = 0;
     }
 
@@ -490,15 +499,7 @@ impl ConsumeErrors {
 
     /// Rate-limits the "behind while erroring" warning of check_progress.
     fn should_warn_behind(&self) -> bool {
-        let mut log = self.log.lock().expect("consume error log");
-        if log
-            .behind_warned_at
-            .is_some_and(|t| t.elapsed() < CONSUME_ERROR_LOG_EVERY)
-        {
-            return false;
-        }
-        log.behind_warned_at = Some(Instant::now());
-        true
+        log_due(&mut self.log.lock().expect("consume error log").behind_warned_at)
     }
 }
 

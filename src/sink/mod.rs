@@ -28,7 +28,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::event::event_schema;
 
@@ -458,7 +458,7 @@ pub async fn landed(client: &Client, batch: &BatchWrite<'_>) -> Result<bool, Sin
     if batch.offsets.is_empty() {
         return Ok(false);
     }
-    let stored = stored_offsets(client, batch).await?;
+    let stored = stored_offsets(client, batch, false).await?;
     Ok(batch
         .offsets
         .iter()
@@ -479,7 +479,7 @@ pub async fn check_duplicate(
     batch: &BatchWrite<'_>,
     message: &str,
 ) -> Result<(), SinkError> {
-    let stored = stored_offsets(client, batch).await?;
+    let stored = stored_offsets(client, batch, false).await?;
     if batch
         .offsets
         .iter()
@@ -503,16 +503,28 @@ pub async fn check_duplicate(
     )))
 }
 
-/// This group's stored next offset of each of the batch's partitions.
+/// This group's stored next offset of each of the batch's partitions. With
+/// `lock`, the rows are locked in partition order, so that two consumers
+/// never deadlock on them.
 async fn stored_offsets(
-    client: &Client,
+    client: &impl GenericClient,
     batch: &BatchWrite<'_>,
+    lock: bool,
 ) -> Result<HashMap<i32, i64>, SinkError> {
     let partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
+    let sql = if lock {
+        "SELECT kafka_partition, next_offset FROM consumer_offsets \
+         WHERE group_id = $1 AND topic = $2 AND kafka_partition = ANY($3) \
+         ORDER BY kafka_partition FOR UPDATE"
+    } else {
+        "SELECT kafka_partition, next_offset FROM consumer_offsets \
+         WHERE group_id = $1 AND topic = $2 AND kafka_partition = ANY($3)"
+    };
+    // Typed statements go out as one round trip (parse, bind and execute
+    // together); a batch's fixed cost is mostly round trips.
     let rows = client
         .query_typed(
-            "SELECT kafka_partition, next_offset FROM consumer_offsets \
-             WHERE group_id = $1 AND topic = $2 AND kafka_partition = ANY($3)",
+            sql,
             &[
                 (&batch.group_id, Type::TEXT),
                 (&batch.topic, Type::TEXT),
@@ -524,23 +536,7 @@ async fn stored_offsets(
 }
 
 async fn fence_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(), SinkError> {
-    let mut partitions: Vec<i32> = batch.offsets.iter().map(|o| o.partition).collect();
-    partitions.sort_unstable();
-    // Typed statements go out as one round trip (parse, bind and execute
-    // together); a batch's fixed cost is mostly round trips.
-    let rows = tx
-        .query_typed(
-            "SELECT kafka_partition, next_offset FROM consumer_offsets \
-             WHERE group_id = $1 AND topic = $2 AND kafka_partition = ANY($3) \
-             ORDER BY kafka_partition FOR UPDATE",
-            &[
-                (&batch.group_id, Type::TEXT),
-                (&batch.topic, Type::TEXT),
-                (&partitions, Type::INT4_ARRAY),
-            ],
-        )
-        .await?;
-    let stored: HashMap<i32, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let stored = stored_offsets(tx, batch, true).await?;
     for o in batch.offsets {
         let s = stored.get(&o.partition).copied();
         if s != o.expected {
