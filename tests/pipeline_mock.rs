@@ -28,14 +28,45 @@ fn pipeline_config(brokers: &str, topic: &str, db: tokio_postgres::Config) -> Pi
     cfg
 }
 
+/// Runs the pipeline until it stops on its own; panics with `what` when that
+/// takes longer than `limit`.
+async fn run_within(
+    cfg: PipelineConfig,
+    metrics: std::sync::Arc<Metrics>,
+    limit: Duration,
+    what: &str,
+) -> Result<pipeline::RunSummary, pipeline::PipelineError> {
+    tokio::time::timeout(limit, pipeline::run(cfg, metrics, std::future::pending()))
+        .await
+        .expect(what)
+}
+
 async fn run_to_end(cfg: PipelineConfig) -> pipeline::RunSummary {
-    tokio::time::timeout(
+    run_within(
+        cfg,
+        Metrics::new(),
         Duration::from_secs(120),
-        pipeline::run(cfg, Metrics::new(), std::future::pending()),
+        "pipeline caught up within 120 s",
     )
     .await
-    .expect("pipeline caught up within 120 s")
     .expect("pipeline ran without error")
+}
+
+/// Valid events at `offsets`, one message each, from `customers` customers.
+fn sample_messages(offsets: std::ops::Range<usize>, customers: usize) -> Vec<Option<Vec<u8>>> {
+    offsets
+        .map(|i| {
+            let customer = format!("C{}", i % customers);
+            Some(event(TYPES[i % 7], &customer, i as i64, i as u32).into_bytes())
+        })
+        .collect()
+}
+
+async fn event_rows(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,11 +106,7 @@ async fn valid_and_invalid_messages_land_exactly_once_with_reasons() {
     assert_eq!(summary.rejected, n_invalid as u64);
 
     let c = client(&db).await;
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows = event_rows(&c).await;
     assert_eq!(rows, n_valid as i64);
     let reasons = counts(
         &c,
@@ -154,11 +181,7 @@ async fn valid_and_invalid_messages_land_exactly_once_with_reasons() {
     // Resume: a restart after a clean finish writes nothing new.
     let again = run_to_end(cfg).await;
     assert_eq!(again.events_written + again.rejected, 0);
-    let rows_after: i64 = c
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows_after = event_rows(&c).await;
     assert_eq!(rows_after, rows);
 }
 
@@ -171,12 +194,7 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
     let topic = unique("events");
     mock_topic(&cluster, &topic, 2);
     let n = 600;
-    let messages: Vec<Option<Vec<u8>>> = (0..n)
-        .map(|i| {
-            Some(event(TYPES[i % 7], &format!("C{}", i % 40), i as i64, i as u32).into_bytes())
-        })
-        .collect();
-    send_raw(&brokers, &topic, &messages);
+    send_raw(&brokers, &topic, &sample_messages(0..n, 40));
 
     let dir = std::env::temp_dir().join(unique("kpis"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -216,21 +234,18 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());
     cfg.kpi = Some(kpi_cfg);
     let metrics = Metrics::new();
-    let summary = tokio::time::timeout(
+    let summary = run_within(
+        cfg,
+        metrics.clone(),
         Duration::from_secs(120),
-        pipeline::run(cfg, metrics.clone(), std::future::pending()),
+        "caught up within 120 s",
     )
     .await
-    .expect("caught up within 120 s")
     .expect("a failing KPI does not stop the pipeline");
     assert_eq!(summary.events_written, n as u64);
 
     let c = client(&db).await;
-    let events: i64 = c
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let events = event_rows(&c).await;
     assert_eq!(events, n as i64);
     let by_type: i64 = c
         .query_one("SELECT sum(n)::bigint FROM by_type", &[])
@@ -269,12 +284,13 @@ async fn a_database_that_cannot_store_unicode_is_refused_at_start() {
     db.dbname(&name);
     let mock = MockCluster::new(1).unwrap();
     let cfg = pipeline_config(&mock.bootstrap_servers(), "latin1_events", db.clone());
-    let err = tokio::time::timeout(
+    let err = run_within(
+        cfg,
+        Metrics::new(),
         Duration::from_secs(60),
-        pipeline::run(cfg, Metrics::new(), std::future::pending()),
+        "refused promptly",
     )
     .await
-    .expect("refused promptly")
     .expect_err("a LATIN1 database is refused");
     let msg = err.to_string();
     assert!(
@@ -332,12 +348,7 @@ async fn a_commit_whose_reply_is_lost_is_counted_once_and_not_rewritten() {
     let topic = unique("lostreply");
     mock_topic(&cluster, &topic, 3);
     let n = 600;
-    let messages: Vec<Option<Vec<u8>>> = (0..n)
-        .map(|i| {
-            Some(event(TYPES[i % 7], &format!("C{}", i % 40), i as i64, i as u32).into_bytes())
-        })
-        .collect();
-    send_raw(&brokers, &topic, &messages);
+    send_raw(&brokers, &topic, &sample_messages(0..n, 40));
 
     let db = fresh_db("lostreply").await;
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());
@@ -351,21 +362,18 @@ async fn a_commit_whose_reply_is_lost_is_counted_once_and_not_rewritten() {
         batch: 2,
     });
     let metrics = Metrics::new();
-    let summary = tokio::time::timeout(
+    let summary = run_within(
+        cfg,
+        metrics.clone(),
         Duration::from_secs(120),
-        pipeline::run(cfg, metrics.clone(), std::future::pending()),
+        "caught up within 120 s",
     )
     .await
-    .expect("caught up within 120 s")
     .expect("a lost COMMIT reply is retried, not fatal");
 
     assert_eq!(summary.events_written, n as u64, "every batch counted once");
     let c = client(&db).await;
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows = event_rows(&c).await;
     assert_eq!(rows, n as i64);
     let ends = assert_exactly_once_by_position(&c, &group, &topic).await;
     assert_eq!(
@@ -413,14 +421,7 @@ async fn a_partition_whose_fetches_fail_is_not_reported_caught_up() {
     let brokers = cluster.bootstrap_servers();
     let topic = unique("fetcherr");
     mock_topic(&cluster, &topic, 1);
-    let messages = |from: usize| -> Vec<Option<Vec<u8>>> {
-        (from..from + 100)
-            .map(|i| {
-                Some(event(TYPES[i % 7], &format!("C{}", i % 30), i as i64, i as u32).into_bytes())
-            })
-            .collect()
-    };
-    send_raw(&brokers, &topic, &messages(0));
+    send_raw(&brokers, &topic, &sample_messages(0..100, 30));
     let db = fresh_db("fetcherr").await;
     let cfg = pipeline_config(&brokers, &topic, db.clone());
     let group = cfg.kafka.group_id.clone();
@@ -428,18 +429,19 @@ async fn a_partition_whose_fetches_fail_is_not_reported_caught_up() {
 
     // The second run resumes at offset 100 and its first fetches all fail
     // (each fetch takes one error; librdkafka waits 500 ms after each).
-    send_raw(&brokers, &topic, &messages(100));
+    send_raw(&brokers, &topic, &sample_messages(100..200, 30));
     cluster.request_errors(
         RDKafkaApiKey::Fetch,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_MSG; 16],
     );
     let metrics = Metrics::new();
-    let summary = tokio::time::timeout(
+    let summary = run_within(
+        cfg,
+        metrics.clone(),
         Duration::from_secs(120),
-        pipeline::run(cfg, metrics.clone(), std::future::pending()),
+        "caught up within 120 s",
     )
     .await
-    .expect("caught up within 120 s")
     .expect("consumption errors are waited out, not fatal");
 
     assert!(
@@ -469,11 +471,7 @@ async fn a_partition_whose_fetches_fail_is_not_reported_caught_up() {
 async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     let cluster = MockCluster::new(1).unwrap();
     let brokers = cluster.bootstrap_servers();
-    let messages: Vec<Option<Vec<u8>>> = (0..100)
-        .map(|i| {
-            Some(event(TYPES[i % 7], &format!("C{}", i % 30), i as i64, i as u32).into_bytes())
-        })
-        .collect();
+    let messages = sample_messages(0..100, 30);
     let first_topic = unique("first_topic");
     let second_topic = unique("second_topic");
     for topic in [&first_topic, &second_topic] {
@@ -486,12 +484,13 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     assert_eq!(run_to_end(cfg).await.events_written, 100);
 
     let second = pipeline_config(&brokers, &second_topic, db.clone());
-    let err = tokio::time::timeout(
+    let err = run_within(
+        second,
+        Metrics::new(),
         Duration::from_secs(60),
-        pipeline::run(second, Metrics::new(), std::future::pending()),
+        "refused within 60 s, not retried forever",
     )
     .await
-    .expect("refused within 60 s, not retried forever")
     .expect_err("rows another topic wrote are an error");
     let msg = err.to_string();
     assert!(
@@ -502,11 +501,7 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     );
 
     let c = client(&db).await;
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows = event_rows(&c).await;
     assert_eq!(rows, 100, "nothing written twice");
     let groups = counts(
         &c,
