@@ -312,12 +312,13 @@ fn nesting_exceeds(bytes: &[u8], max: usize) -> bool {
     false
 }
 
-/// Strings: absent, null and "" all read as absent; `validate` decides whether
-/// absence is fatal for this event type.
+/// Strings: absent, null, "" and whitespace-only all read as absent, so a blank
+/// `customer_id` is a missing one; `validate` decides whether absence is fatal
+/// for this event type. Other values are kept verbatim, untrimmed.
 fn string_field<'a>(name: &str, v: Option<Scalar<'a>>) -> Result<Option<Cow<'a, str>>, Failure> {
     match v {
         None | Some(Scalar::Null) => Ok(None),
-        Some(Scalar::Str(s)) if s.is_empty() => Ok(None),
+        Some(Scalar::Str(s)) if s.trim().is_empty() => Ok(None),
         Some(Scalar::Str(s)) => Ok(Some(s)),
         Some(other) => Err((
             RejectReason::InvalidType,
@@ -326,6 +327,12 @@ fn string_field<'a>(name: &str, v: Option<Scalar<'a>>) -> Result<Option<Cow<'a, 
     }
 }
 
+/// The largest integer a JSON float holds exactly (2^53).
+const EXACT_FLOAT_INT: f64 = 9_007_199_254_740_992.0;
+
+/// An integer, or a string of digits (surrounding spaces allowed, as for the
+/// numeric fields). A float with no fraction, such as `12.0` from a producer
+/// that writes every number as a float, is the integer it names.
 fn session_id(v: Option<Scalar<'_>>) -> Result<Option<i64>, Failure> {
     let bad = |what: &str| {
         (
@@ -333,30 +340,40 @@ fn session_id(v: Option<Scalar<'_>>) -> Result<Option<i64>, Failure> {
             format!("session_id must be an integer or a string of digits, got {what}"),
         )
     };
+    let too_big = || {
+        (
+            RejectReason::NumberOutOfRange,
+            "session_id does not fit in 64 bits".to_string(),
+        )
+    };
+    let negative = || {
+        (
+            RejectReason::NegativeNumber,
+            "session_id is negative".to_string(),
+        )
+    };
     match v {
         None | Some(Scalar::Null) => Ok(None),
-        Some(Scalar::Str(s)) if s.is_empty() => Ok(None),
-        Some(Scalar::I64(i)) if i < 0 => Err((
-            RejectReason::NegativeNumber,
-            "session_id is negative".into(),
-        )),
+        Some(Scalar::Str(s)) if s.trim().is_empty() => Ok(None),
+        Some(Scalar::I64(i)) if i < 0 => Err(negative()),
         Some(Scalar::I64(i)) => Ok(Some(i)),
-        Some(Scalar::U64(u)) => i64::try_from(u).map(Some).map_err(|_| {
-            (
-                RejectReason::NumberOutOfRange,
-                "session_id does not fit in 64 bits".into(),
-            )
-        }),
+        Some(Scalar::U64(u)) => i64::try_from(u).map(Some).map_err(|_| too_big()),
+        Some(Scalar::F64(f)) if f.fract() != 0.0 => Err(bad("a number with a fraction")),
+        Some(Scalar::F64(f)) if f < 0.0 => Err(negative()),
+        // serde reads an integer literal beyond u64 as a float.
+        Some(Scalar::F64(f)) if f >= i64::MAX as f64 => Err(too_big()),
+        // Above 2^53 a float no longer names one integer, so the id it meant is lost.
+        Some(Scalar::F64(f)) if f > EXACT_FLOAT_INT => Err((
+            RejectReason::NumberOutOfRange,
+            "session_id is a float too large to be an exact integer; send it as an integer".into(),
+        )),
+        Some(Scalar::F64(f)) => Ok(Some(f as i64)),
         Some(Scalar::Str(s)) => {
+            let s = s.trim();
             if !s.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad("a non-digit string"));
             }
-            s.parse::<i64>().map(Some).map_err(|_| {
-                (
-                    RejectReason::NumberOutOfRange,
-                    "session_id does not fit in 64 bits".into(),
-                )
-            })
+            s.parse::<i64>().map(Some).map_err(|_| too_big())
         }
         Some(other) => Err(bad(other.kind())),
     }
@@ -485,7 +502,14 @@ fn parse_event_time_general(s: &str) -> Option<i64> {
     if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
         return Some(dt.timestamp_micros());
     }
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"] {
+    // `%#z` also takes `Z` and an offset of hours only (`+05`), and a time may
+    // stop at the minute: ISO-8601 allows both.
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f%#z",
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%dT%H:%M%#z",
+        "%Y-%m-%d %H:%M%#z",
+    ] {
         if let Ok(dt) = DateTime::parse_from_str(s, fmt) {
             return Some(dt.timestamp_micros());
         }
@@ -494,6 +518,7 @@ fn parse_event_time_general(s: &str) -> Option<i64> {
         "%Y-%m-%dT%H:%M:%S%.f",
         "%Y-%m-%d %H:%M:%S%.f",
         "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
     ] {
         if let Ok(dt) = NaiveDateTime::parse_from_str(s, fmt) {
             return Some(dt.and_utc().timestamp_micros());
@@ -815,6 +840,85 @@ mod tests {
         assert_eq!(p.as_primitive::<Decimal128Type>().value(0), 2050);
         let raw = b.column_by_name("raw_payload").unwrap();
         assert!(raw.is_valid(0));
+    }
+
+    /// ISO-8601 allows a time that stops at the minute and an offset of hours
+    /// only; both were refused as invalid_event_time.
+    #[test]
+    fn minute_precision_and_hour_offsets_are_iso_8601() {
+        let utc = parse_event_time("2025-06-01T00:00:00Z").unwrap();
+        assert_eq!(parse_event_time("2025-06-01T00:00Z"), Some(utc));
+        assert_eq!(parse_event_time("2025-06-01 00:00"), Some(utc));
+        assert_eq!(parse_event_time("2025-06-01T02:00+02:00"), Some(utc));
+        assert_eq!(parse_event_time("2025-06-01T05:00:00+05"), Some(utc));
+        assert_eq!(parse_event_time("2025-05-31T21:00:00.000-03"), Some(utc));
+        assert_eq!(parse_event_time("2025-06-01T00:00:00+5"), None);
+        assert_eq!(parse_event_time("2025-06-01T00Z"), None);
+    }
+
+    fn session_of(value: &str) -> Result<i64, String> {
+        let msg = format!(
+            r#"{{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{{"customer_id":"C","session_id":{value},"channel":"web_portal"}}}}"#
+        );
+        let b = one(Some(msg.as_bytes()));
+        match reason(&b) {
+            Some(r) => Err(r),
+            None => Ok(b
+                .column_by_name("session_id")
+                .unwrap()
+                .as_primitive::<Int64Type>()
+                .value(0)),
+        }
+    }
+
+    /// `12.0` is how many producers write the integer 12; it was refused as
+    /// invalid_type, and a 20-digit id as invalid_type instead of out of range.
+    #[test]
+    fn session_id_from_floats_and_padded_strings() {
+        assert_eq!(session_of("12.0"), Ok(12));
+        assert_eq!(session_of("1.2e1"), Ok(12));
+        assert_eq!(session_of(r#"" 42 ""#), Ok(42));
+        assert_eq!(session_of("9007199254740992.0"), Ok(9_007_199_254_740_992));
+        assert_eq!(session_of("12.5").unwrap_err(), "invalid_type");
+        assert_eq!(session_of("-3.0").unwrap_err(), "negative_number");
+        assert_eq!(
+            session_of("99999999999999999999").unwrap_err(),
+            "number_out_of_range"
+        );
+        assert_eq!(session_of("1e19").unwrap_err(), "number_out_of_range");
+        assert_eq!(session_of("1e17").unwrap_err(), "number_out_of_range");
+        assert_eq!(session_of(r#""4 2""#).unwrap_err(), "invalid_type");
+        // Blank reads as absent; validate then rejects it as missing_field.
+        let b = one(Some(
+            br#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":"  ","channel":"web"}}"#,
+        ));
+        assert_eq!(reason(&b), None);
+        assert!(b.column_by_name("session_id").unwrap().is_null(0));
+    }
+
+    /// A blank customer_id or channel names nobody; it was stored as a
+    /// customer. Decode reads it as absent, and validate rejects it as
+    /// missing_field (`validate::tests::blank_required_text_is_missing`).
+    #[test]
+    fn blank_text_reads_as_absent() {
+        for (customer, channel, blank) in [
+            ("   ", "web", "customer_id"),
+            ("", "web", "customer_id"),
+            ("C", "\\t \\n", "channel"),
+        ] {
+            let msg = format!(
+                r#"{{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{{"customer_id":"{customer}","session_id":1,"channel":"{channel}"}}}}"#
+            );
+            let b = one(Some(msg.as_bytes()));
+            assert_eq!(reason(&b), None, "{msg}");
+            assert_eq!(str_col(&b, blank), None, "{msg}");
+        }
+        // Text is stored verbatim, surrounding spaces included.
+        let b = one(Some(
+            br#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":" C ","session_id":1,"channel":"web"}}"#,
+        ));
+        assert_eq!(reason(&b), None);
+        assert_eq!(str_col(&b, "customer_id").as_deref(), Some(" C "));
     }
 
     #[test]

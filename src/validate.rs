@@ -332,6 +332,21 @@ mod tests {
         assert_eq!(v.valid.schema(), event_schema());
     }
 
+    /// A whitespace-only customer_id, channel or tariff_type was stored as a
+    /// value; it is a missing field.
+    #[test]
+    fn blank_required_text_is_missing() {
+        let lines = [
+            r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"  ","session_id":1,"channel":"web_portal"}}"#,
+            r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C1","session_id":1,"channel":"\t"}}"#,
+            r#"{"event_type":"view_tariffs","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C1","session_id":1,"channel":"web_portal","tariff_type":" "}}"#,
+            r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C1","session_id":" ","channel":"web_portal"}}"#,
+        ];
+        let v = run(&lines);
+        assert_eq!(reasons(&v), vec!["missing_field"; 4]);
+        assert_eq!(v.valid.num_rows(), 0);
+    }
+
     #[test]
     fn every_validate_reject_reason() {
         let cases = [
