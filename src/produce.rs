@@ -42,8 +42,9 @@ pub struct ProduceConfig {
 }
 
 /// Every reason [`check_line`] gives, for metric labels.
-pub const BAD_LINE_REASONS: [&str; 4] = [
+pub const BAD_LINE_REASONS: [&str; 5] = [
     "empty_line",
+    "not_utf8",
     "invalid_json",
     "not_object",
     "missing_top_level_key",
@@ -216,7 +217,13 @@ pub fn produce(
         source,
     };
     // Open the input before touching the broker, so a typo fails fast.
-    File::open(&cfg.input).map_err(input_err)?;
+    let input = File::open(&cfg.input).map_err(input_err)?;
+    if input.metadata().map_err(input_err)?.is_dir() {
+        return Err(input_err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "is a directory; give a JSONL file",
+        )));
+    }
     ensure_topic(&cfg.kafka, cfg.partitions)?;
 
     let ctx = DeliveryCounter {
@@ -244,9 +251,10 @@ pub fn produce(
     let mut reported = (0u64, 0u64);
     let mut last_report = Instant::now();
 
+    let mut read_failed = None;
     'outer: loop {
-        let lines: Box<dyn Iterator<Item = std::io::Result<String>>> = if cfg.shuffle {
-            let mut all: Vec<String> = read_lines(&cfg.input)
+        let lines: Box<dyn Iterator<Item = std::io::Result<Line>>> = if cfg.shuffle {
+            let mut all: Vec<Line> = read_lines(&cfg.input)
                 .map_err(input_err)?
                 .collect::<Result<_, _>>()
                 .map_err(input_err)?;
@@ -256,8 +264,8 @@ pub fn produce(
             Box::new(read_lines(&cfg.input).map_err(input_err)?)
         };
         let live_after_file = cfg.live && !cfg.repeat;
-        let lines: Box<dyn Iterator<Item = std::io::Result<String>>> = if live_after_file {
-            Box::new(lines.chain(LiveEvents::new().map(Ok)))
+        let lines: Box<dyn Iterator<Item = std::io::Result<Line>>> = if live_after_file {
+            Box::new(lines.chain(LiveEvents::new().map(|l| Ok(Ok(l)))))
         } else {
             lines
         };
@@ -269,8 +277,21 @@ pub fn produce(
                 report_deliveries(producer.context(), &mut reported);
                 last_report = Instant::now();
             }
-            let line = line.map_err(input_err)?;
-            let key = match check_line(&line) {
+            let line = match line {
+                Ok(line) => line,
+                Err(e) => {
+                    // Stop reading, but deliver what is queued before failing:
+                    // dropping it would make a re-run duplicate the delivered part.
+                    read_failed = Some(e);
+                    break 'outer;
+                }
+            };
+            let checked = match &line {
+                Ok(text) => check_line(text),
+                Err(_) => Err("not_utf8"),
+            };
+            let line = line.unwrap_or_else(|lossy| lossy);
+            let key = match checked {
                 Ok(k) => k,
                 Err(reason) => {
                     summary.bad_lines += 1;
@@ -339,6 +360,16 @@ pub fn produce(
     }
     producer.flush(Duration::from_secs(60))?;
     let ctx = producer.context();
+    if let Some(e) = read_failed {
+        if offered > 0 {
+            tracing::warn!(
+                delivered = ctx.ok.load(Ordering::Relaxed),
+                failed = ctx.failed.load(Ordering::Relaxed),
+                "input read failed; the lines before it were delivered"
+            );
+        }
+        return Err(input_err(e));
+    }
     summary.sent = ctx.ok.load(Ordering::Relaxed);
     summary.failed = ctx.failed.load(Ordering::Relaxed)
         + offered.saturating_sub(summary.sent + ctx.failed.load(Ordering::Relaxed));
@@ -432,8 +463,28 @@ impl Iterator for LiveEvents {
     }
 }
 
-fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<String>>> {
-    Ok(BufReader::new(File::open(path)?).lines())
+/// One input line: its text, or, when it is not UTF-8, a lossy copy for the
+/// bad-lines file.
+type Line = Result<String, String>;
+
+/// The file's lines without their `\n` or `\r\n`, and without a UTF-8 byte
+/// order mark on the first, which Windows tools write and JSON does not allow.
+/// A line that is not UTF-8 is one bad line, not the end of the file.
+fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<Line>>> {
+    let mut first = true;
+    Ok(BufReader::new(File::open(path)?)
+        .split(b'\n')
+        .map(move |bytes| {
+            let mut bytes = bytes?;
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+            if std::mem::take(&mut first) && bytes.starts_with(b"\xef\xbb\xbf") {
+                bytes.drain(..3);
+            }
+            Ok(String::from_utf8(bytes)
+                .map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        }))
 }
 
 #[cfg(test)]
@@ -458,6 +509,68 @@ mod tests {
                 chrono::DateTime::parse_from_rfc3339(v["event_time"].as_str().unwrap()).unwrap();
             assert!(t >= before && t <= chrono::Utc::now(), "{line}");
         }
+    }
+
+    /// A JSONL file with a byte order mark, CRLF line ends and one line that
+    /// is not UTF-8. The mark made line 1 invalid_json, and the bad line ended
+    /// the replay with "stream did not contain valid UTF-8", purging the
+    /// messages still queued.
+    #[test]
+    fn bom_crlf_and_a_non_utf8_line_do_not_stop_the_replay() {
+        let dir = std::env::temp_dir().join(format!("es-produce-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.jsonl");
+        let good = |c: &str| {
+            format!(
+                r#"{{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{{"customer_id":"{c}","session_id":1,"channel":"web"}}}}"#
+            )
+        };
+        let mut bytes = b"\xef\xbb\xbf".to_vec();
+        bytes.extend(format!("{}\r\n{}\r\n", good("A"), good("B")).as_bytes());
+        bytes.extend(b"{\"event_type\":\"user_login\",\"payload\":\"\xff\xfe\"}\n");
+        bytes.extend(format!("{}\n{}", good("C"), good("D")).as_bytes());
+        std::fs::write(&input, &bytes).unwrap();
+
+        let lines: Vec<Line> = read_lines(&input).unwrap().map(Result::unwrap).collect();
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[0], Ok(good("A")), "mark and CR dropped");
+        assert_eq!(lines[1], Ok(good("B")));
+        assert!(lines[2].as_ref().is_err_and(|l| l.contains('\u{fffd}')));
+        assert_eq!(lines[4], Ok(good("D")), "last line without a newline");
+
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        // The mock broker has no CreateTopics; produce finds the topic there.
+        cluster.create_topic("bom", 1, 1).unwrap();
+        let cfg = ProduceConfig {
+            kafka: KafkaConfig {
+                brokers: cluster.bootstrap_servers(),
+                topic: "bom".into(),
+                group_id: "unused".into(),
+                options: vec![],
+            },
+            input: input.clone(),
+            partitions: 1,
+            rate: None,
+            shuffle: false,
+            repeat: false,
+            bad_lines: dir.join("bad.jsonl"),
+            live: false,
+        };
+        let summary = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap();
+        assert_eq!((summary.sent, summary.failed, summary.bad_lines), (4, 0, 1));
+        let bad = std::fs::read_to_string(dir.join("bad.jsonl")).unwrap();
+        let bad: serde_json::Value = serde_json::from_str(bad.trim()).unwrap();
+        assert_eq!(bad["line"], 3);
+        assert_eq!(bad["reason"], "not_utf8");
+
+        // A directory given as the input fails before the broker is asked
+        // anything (it used to create the topic first).
+        let mut cfg = cfg;
+        cfg.input = dir.clone();
+        cfg.kafka.brokers = "127.0.0.1:1".into();
+        let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
