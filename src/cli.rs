@@ -97,6 +97,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         kpis.backfilled.len(),
                         kpis.backfilled.join(", ")
                     );
+                    let retired = crate::kpi::retire_missing(&client, &engine).await?;
+                    if !retired.is_empty() {
+                        println!(
+                            "KPIs retired (no file in the queries directory; their tables and views stay, no longer updated): {}",
+                            retired.join(", ")
+                        );
+                    }
                 }
                 crate::sink::migrate::grant(
                     &client,

@@ -288,6 +288,16 @@ pub async fn run(
         }
         None => None,
     };
+    // Refuse before reading anything: the first batch would be refused anyway.
+    let known: Vec<(&str, &str)> = kpis
+        .iter()
+        .flat_map(|e| e.defs())
+        .map(|d| (d.name.as_str(), d.hash.as_str()))
+        .collect();
+    let short = crate::kpi::unmaintained(&client, &known, &[]).await?;
+    if !short.is_empty() {
+        return Err(crate::kpi::unmaintained_error(&short).into());
+    }
 
     let loader = PgOffsetLoader {
         handle: tokio::runtime::Handle::current(),

@@ -515,3 +515,117 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     );
     assert_eq!(groups[&first_group], 100);
 }
+
+/// Consumers of one database must compute the same KPIs. A consumer started
+/// before another one installed a new KPI file used to go on committing its
+/// batches without that KPI, which then stayed short for good (`verify`
+/// failed). Now its next batch is refused and it stops; so does a start with
+/// the old files; `migrate` retiring the KPI lets the old files run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_short() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..300, 40));
+
+    let kpi_dir = |files: &[(&str, &str)]| {
+        let dir = std::env::temp_dir().join(unique("kpis"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, sql) in files {
+            std::fs::write(dir.join(name), sql).unwrap();
+        }
+        energy_stream::kpi::KpiConfig {
+            dir,
+            ..Default::default()
+        }
+    };
+    let by_type = (
+        "by_type.sql",
+        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+    );
+    let by_channel = (
+        "by_channel.sql",
+        "SELECT channel, count(DISTINCT customer_id) AS customers FROM events GROUP BY channel",
+    );
+    let old = kpi_dir(&[by_type]);
+    let new = kpi_dir(&[by_type, by_channel]);
+
+    let db = fresh_db("kpiset").await;
+    let c = client(&db).await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.kpi = Some(old.clone());
+    cfg.stop_when_caught_up = false;
+    let group = cfg.kafka.group_id.clone();
+    let running = tokio::spawn(pipeline::run(cfg, Metrics::new(), std::future::pending()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Until the pipeline has migrated the database, `events` does not exist.
+    let stored = async || {
+        c.query_one("SELECT count(*) FROM events", &[])
+            .await
+            .map_or(0, |r| r.get::<_, i64>(0))
+    };
+    while stored().await < 300 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first 300 events stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Another consumer starts with the new file and installs it.
+    let engine = energy_stream::kpi::KpiEngine::load_dir(&new).await.unwrap();
+    let mut other = client(&db).await;
+    energy_stream::kpi::install(&mut other, &engine)
+        .await
+        .unwrap();
+    send_raw(&brokers, &topic, &sample_messages(300..600, 40));
+    let err = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the consumer with the old files stops")
+        .unwrap()
+        .expect_err("its batch is refused");
+    assert!(
+        err.to_string().contains("by_channel (no file here)"),
+        "{err}"
+    );
+    assert_eq!(
+        event_rows(&c).await,
+        300,
+        "nothing committed without by_channel"
+    );
+
+    // Started again with the old files: refused before reading anything.
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.kafka.group_id = group.clone();
+    cfg.kpi = Some(old.clone());
+    let err = run_within(cfg, Metrics::new(), Duration::from_secs(60), "refused")
+        .await
+        .expect_err("old files refused at start");
+    assert!(
+        err.to_string().contains("by_channel (no file here)"),
+        "{err}"
+    );
+
+    // With the new files it catches up, and every KPI equals its recomputation.
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.kafka.group_id = group.clone();
+    cfg.kpi = Some(new.clone());
+    let summary = run_to_end(cfg).await;
+    assert_eq!(summary.events_written, 300);
+    let new_dir = new.dir.to_str().unwrap();
+    verify_ok(&db_url(&db), &["--queries-dir", new_dir]);
+
+    // `migrate` with by_channel's file deleted retires it; the old files run.
+    let engine = energy_stream::kpi::KpiEngine::load_dir(&old).await.unwrap();
+    let retired = energy_stream::kpi::retire_missing(&other, &engine)
+        .await
+        .unwrap();
+    assert_eq!(retired, vec!["by_channel".to_string()]);
+    send_raw(&brokers, &topic, &sample_messages(600..700, 40));
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.kafka.group_id = group;
+    cfg.kpi = Some(old.clone());
+    assert_eq!(run_to_end(cfg).await.events_written, 100);
+    verify_ok(&db_url(&db), &["--queries-dir", old.dir.to_str().unwrap()]);
+}

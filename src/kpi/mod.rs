@@ -715,6 +715,77 @@ fn kpi_err(e: impl std::fmt::Display) -> SinkError {
     SinkError::Fatal(format!("KPI computation failed: {e}"))
 }
 
+/// `kpi_registry.sql_hash` of a KPI whose tables a failed batch left behind;
+/// the next start that has its file rebuilds it.
+pub const STALE_HASH: &str = "stale";
+/// `kpi_registry.sql_hash` of a KPI whose file `migrate` no longer found: its
+/// tables and view stay, no longer updated, until a file of that name is back
+/// (which rebuilds it, as any new definition is).
+pub const RETIRED_HASH: &str = "retired";
+
+/// The KPIs `kpi_registry` says are maintained ("live": not stale or retired)
+/// that a process computing `known` (name, hash) would leave short, because it
+/// has no file for them or another definition, leaving out `given_up` (KPIs
+/// the caller is marking stale). Each is named with the reason.
+///
+/// In the batch transaction, after the COPY into `events` (whose lock a
+/// backfill must wait for), this fences a consumer whose KPI files differ
+/// from the ones another consumer installed: without it, its batches would
+/// commit with no rows for the KPIs it does not know, and they would stay
+/// short for good.
+pub async fn unmaintained(
+    client: &impl tokio_postgres::GenericClient,
+    known: &[(&str, &str)],
+    given_up: &[String],
+) -> Result<Vec<String>, SinkError> {
+    let rows = client
+        .query(
+            "SELECT name, sql_hash FROM kpi_registry WHERE sql_hash <> ALL($1) ORDER BY name",
+            &[&vec![STALE_HASH, RETIRED_HASH]],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let (name, hash): (&str, &str) = (r.get(0), r.get(1));
+            if given_up.iter().any(|g| g == name) {
+                return None;
+            }
+            match known.iter().find(|(n, _)| *n == name) {
+                Some((_, h)) if *h == hash => None,
+                Some(_) => Some(format!("{name} (another definition)")),
+                None => Some(format!("{name} (no file here)")),
+            }
+        })
+        .collect())
+}
+
+/// The error for [`unmaintained`] KPIs: the process must not write events.
+pub fn unmaintained_error(kpis: &[String]) -> SinkError {
+    SinkError::Fatal(format!(
+        "the database maintains KPIs that this consumer would not: {}. Its events would leave them short for good, so it stops. \
+         Run every consumer with the same KPI files (--queries-dir); another consumer may have installed a new or changed file since this one started, so restart this one with it. \
+         To stop maintaining a KPI, delete its file and run `energy-stream migrate`, which retires it (README: Adding a KPI)",
+        kpis.join(", ")
+    ))
+}
+
+/// Marks the KPIs in `kpi_registry` that `engine` has no file for as retired,
+/// so that consumers without them may write; returns their names. `migrate`
+/// calls this with the files it installed.
+pub async fn retire_missing(client: &Client, engine: &KpiEngine) -> Result<Vec<String>, SinkError> {
+    let names: Vec<&str> = engine.defs().map(|d| d.name.as_str()).collect();
+    let rows = client
+        .query(
+            "UPDATE kpi_registry SET sql_hash = $2 WHERE name <> ALL($1) AND sql_hash <> $2 RETURNING name",
+            &[&names, &RETIRED_HASH],
+        )
+        .await?;
+    let mut retired: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    retired.sort();
+    Ok(retired)
+}
+
 /// What [`install`] did.
 #[derive(Debug, Default)]
 pub struct InstallReport {

@@ -412,6 +412,22 @@ impl<'c> Copied<'c> {
     pub async fn finish(self, batch: &BatchWrite<'_>) -> Result<Prepared<'c>, SinkError> {
         let Copied { tx, copy } = self;
         fence_offsets(&tx, batch).await?;
+        // Before the merges: tables of another definition would fail them
+        // with a misleading error.
+        if batch.events.num_rows() > 0 {
+            // Every enabled KPI has a write when there are events, so these
+            // are the KPIs this batch keeps up to date.
+            let known: Vec<(&str, &str)> = batch
+                .kpis
+                .iter()
+                .map(|k| (k.def.name.as_str(), k.def.hash.as_str()))
+                .collect();
+            // KPIs this batch marks stale (below) are given up, not short.
+            let short = crate::kpi::unmaintained(&tx, &known, batch.stale_kpis).await?;
+            if !short.is_empty() {
+                return Err(crate::kpi::unmaintained_error(&short));
+            }
+        }
         let start = Instant::now();
         let mut pending = crate::kpi::Pending::default();
         let merged = crate::kpi::write(
@@ -423,11 +439,12 @@ impl<'c> Copied<'c> {
             &mut pending,
         )
         .await?;
+        // After the merges, which lock `kpi_registry` rows in engine order.
         if !batch.stale_kpis.is_empty() {
             // A hash that no file has: the next start backfills these KPIs.
             tx.execute(
-                "UPDATE kpi_registry SET sql_hash = 'stale' WHERE name = ANY($1)",
-                &[&batch.stale_kpis],
+                "UPDATE kpi_registry SET sql_hash = $2 WHERE name = ANY($1)",
+                &[&batch.stale_kpis, &crate::kpi::STALE_HASH],
             )
             .await?;
         }
