@@ -242,6 +242,11 @@ pub struct RunArgs {
     /// Memory for DataFusion's KPI work on one batch, in MiB.
     #[arg(long, env = "KPI_MEMORY_MB", default_value_t = 256)]
     pub kpi_memory_mb: usize,
+    /// Seconds between looks at the KPI directory for added, changed or
+    /// deleted files, which restart the pipeline in-process with them; 0 turns
+    /// the watch off (files are then read at start only).
+    #[arg(long, env = "KPI_WATCH_SECS", default_value_t = 5)]
+    pub kpi_watch_secs: u64,
     /// Seconds between progress log lines.
     #[arg(long, env = "PROGRESS_INTERVAL_SECS", default_value_t = 10)]
     pub progress_interval_secs: u64,
@@ -333,6 +338,9 @@ pub struct PipelineConfig {
     pub progress_interval: Duration,
     /// KPI files to compute; None writes raw events only.
     pub kpi: Option<crate::kpi::KpiConfig>,
+    /// How often to look at the KPI files for changes while running; None
+    /// reads them at start only.
+    pub kpi_watch: Option<Duration>,
     /// Fault injection for the crash tests; None in production.
     pub fault: Option<Fault>,
 }
@@ -391,6 +399,7 @@ impl PipelineConfig {
             metrics_addr: None,
             progress_interval: Duration::from_secs(10),
             kpi: None,
+            kpi_watch: None,
             fault: None,
         }
     }
@@ -566,6 +575,7 @@ impl RunArgs {
                 dir,
                 memory_limit: self.kpi_memory_mb << 20,
             });
+        cfg.kpi_watch = (self.kpi_watch_secs > 0).then(|| Duration::from_secs(self.kpi_watch_secs));
         Ok(cfg)
     }
 }

@@ -12,7 +12,7 @@
 //! | [`validate`] | the business rules: a decoded batch → valid events + rejects with their reason |
 //! | [`kpi`] | KPI files in `queries/`: planning with DataFusion, per-batch partial aggregates, the distinct members (in memory and as a log), their exact merge into Postgres, backfill and verify |
 //! | [`sink`] | Postgres: connections, migrations (`sql/`), COPY BINARY from Arrow, the one transaction per batch, the stored offsets |
-//! | [`pipeline`] | the only place that knows the stages' channels: intake thread, compute task, the writer's two connection lanes and their commit order, retries, shutdown order |
+//! | [`pipeline`] | the only place that knows the stages' channels: intake thread, compute task, the writer's two connection lanes and their commit order, retries, shutdown order, the in-process restart when KPI files change |
 //! | [`telemetry`] | every metric name, logging set-up, `/metrics` `/healthz` `/readyz` |
 //! | [`config`] | the CLI, env fallbacks, secrets; typed settings for the stages |
 //! | [`event`] | the shared contract: event types, Arrow schemas between stages, reject reasons |

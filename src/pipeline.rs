@@ -28,6 +28,11 @@
 //! merges and commits, and it passes the baton on only after the Kafka group
 //! commit. Which distinct members are new is decided by the baton holder,
 //! inside its batch's transaction ([`crate::kpi::members`]).
+//!
+//! Around all this, [`run`] serves the HTTP endpoints and restarts the stages
+//! in-process when the KPI files change (`run_kpi_sets`): the running stages
+//! stop as on shutdown, committing what is in flight, and start again with
+//! the new files from the offsets stored in Postgres.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -100,6 +105,23 @@ pub struct RunSummary {
     pub end_to_end_ms: Sample,
 }
 
+impl RunSummary {
+    /// Adds a later run's figures (the pipeline restarts when KPI files change).
+    fn absorb(&mut self, other: RunSummary) {
+        self.batches += other.batches;
+        self.events_written += other.events_written;
+        self.rejected += other.rejected;
+        for (k, v) in other.by_event_type {
+            *self.by_event_type.entry(k).or_default() += v;
+        }
+        for (k, v) in other.by_reason {
+            *self.by_reason.entry(k).or_default() += v;
+        }
+        self.batch_latency_us.absorb(other.batch_latency_us);
+        self.end_to_end_ms.absorb(other.end_to_end_ms);
+    }
+}
+
 impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms =
@@ -144,6 +166,13 @@ impl Sample {
             if (i as usize) < Self::CAPACITY {
                 self.values[i as usize] = v;
             }
+        }
+    }
+
+    /// Adds another sample's values (those it kept, when it was full).
+    fn absorb(&mut self, other: Sample) {
+        for v in other.values {
+            self.push(v);
         }
     }
 
@@ -201,6 +230,9 @@ pub enum PipelineError {
     DrainTimeout(Duration),
     #[error("KPI: {0}")]
     Kpi(String),
+    /// Installing (creating, backfilling) the KPIs failed.
+    #[error(transparent)]
+    KpiInstall(SinkError),
     #[error("the intake thread failed: {0}")]
     Intake(String),
 }
@@ -227,6 +259,9 @@ impl OffsetLoader for PgOffsetLoader {
 /// `stop_when_caught_up`, until every owned partition is consumed to its end
 /// and committed). On shutdown it stops intake, commits the in-flight batches
 /// and returns.
+///
+/// With `kpi_watch` set, a change to the KPI files restarts the pipeline
+/// in-process with them (see `run_kpi_sets`).
 pub async fn run(
     cfg: PipelineConfig,
     metrics: Arc<Metrics>,
@@ -242,29 +277,242 @@ pub async fn run(
         .map_err(|source| PipelineError::Metrics { addr, source })?;
         tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     }
-
-    // Bad KPI files fail fast, before anything waits on Postgres or Kafka.
-    let engine = match &cfg.kpi {
-        Some(k) => Some(
-            KpiEngine::load_dir(k)
-                .await
-                .map_err(|e| PipelineError::Kpi(e.to_string()))?,
-        ),
-        None => None,
-    };
     // Shutdown is honoured from the first moment, including while Postgres is
     // still unreachable at start.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutdown requested: stopping intake, committing in-flight batches");
-        let _ = stop_tx.send(true);
+        let _ = shutdown_tx.send(true);
         // Keep the sender alive so that late watchers still see `true`.
         std::future::pending::<()>().await;
     });
+    let result = run_kpi_sets(&cfg, &metrics, &health, shutdown_rx).await;
+    let _ = stop_http_tx.send(());
+    result
+}
+
+/// The KPI files as one run loaded them.
+struct KpiSet {
+    engine: Option<Arc<KpiEngine>>,
+    /// [`crate::kpi::dir_fingerprint`] taken before the files were read, so a
+    /// change made while they were read is seen as one.
+    fingerprint: Option<u64>,
+}
+
+impl KpiSet {
+    async fn load(cfg: &PipelineConfig) -> Result<KpiSet, PipelineError> {
+        let Some(k) = &cfg.kpi else {
+            return Ok(KpiSet {
+                engine: None,
+                fingerprint: None,
+            });
+        };
+        let fingerprint = crate::kpi::dir_fingerprint(&k.dir).ok();
+        let engine = KpiEngine::load_dir(k)
+            .await
+            .map_err(|e| PipelineError::Kpi(e.to_string()))?;
+        Ok(KpiSet {
+            engine: Some(Arc::new(engine)),
+            fingerprint,
+        })
+    }
+
+    fn identity(&self) -> Vec<(String, String)> {
+        self.engine.as_ref().map_or_else(Vec::new, |e| e.identity())
+    }
+}
+
+/// Runs [`run_once`] with the KPI files, and again each time they change:
+/// - the watch ([`watch_kpis`]) sees added, changed or deleted files that
+///   load: the run stops as on shutdown (in-flight batches commit), and starts
+///   again with them, which backfills new and changed KPIs and retires the
+///   deleted ones; it resumes from the offsets stored in Postgres;
+/// - a batch finds that another consumer installed KPIs this one does not
+///   compute ([`SinkError::KpisDiffer`]): if the files here changed too, it
+///   starts again with them; if not, the error stands;
+/// - a restart whose new KPIs cannot be installed (the app role may not
+///   create tables) goes back to the KPIs it ran before, and says so.
+async fn run_kpi_sets(
+    cfg: &PipelineConfig,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<RunSummary, PipelineError> {
+    // Bad KPI files fail fast, before anything waits on Postgres or Kafka.
+    let mut set = KpiSet::load(cfg).await?;
+    let mut previous: Option<KpiSet> = None;
+    let mut total = RunSummary::default();
+    loop {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (reload_tx, mut reload_rx) = mpsc::channel::<KpiSet>(1);
+        let watch = match (&cfg.kpi, cfg.kpi_watch) {
+            (Some(k), Some(every)) => Some(tokio::spawn(watch_kpis(
+                k.clone(),
+                every,
+                set.identity(),
+                set.fingerprint,
+                reload_tx,
+            ))),
+            _ => None,
+        };
+        // Which KPIs this run would leave behind, should its files lack them.
+        let retire: Vec<(String, String)> = match &previous {
+            Some(p) => {
+                let now = set.identity();
+                p.identity()
+                    .into_iter()
+                    .filter(|(name, _)| !now.iter().any(|(n, _)| n == name))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let mut committed = RunSummary::default();
+        let mut run = Box::pin(run_once(
+            cfg,
+            set.engine.clone(),
+            &retire,
+            metrics,
+            health,
+            stop_rx,
+            &mut committed,
+        ));
+        let mut reload = None;
+        let mut stop_sent = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut run => break r,
+                _ = shutdown.wait_for(|s| *s), if !stop_sent => {
+                    let _ = stop_tx.send(true);
+                    stop_sent = true;
+                }
+                Some(new) = reload_rx.recv(), if !stop_sent => {
+                    reload = Some(new);
+                    let _ = stop_tx.send(true);
+                    stop_sent = true;
+                }
+            }
+        };
+        drop(run);
+        if let Some(w) = watch {
+            w.abort();
+        }
+        let stopping = *shutdown.borrow_and_update();
+        // A failed run's commits count too, whether or not the loop goes on.
+        total.absorb(committed);
+        match result {
+            Ok(summary) => {
+                total.absorb(summary);
+                match reload {
+                    Some(new) if !stopping => {
+                        previous = Some(std::mem::replace(&mut set, new));
+                        tracing::info!(
+                            kpis = ?set.identity().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+                            "KPI files changed: in-flight batches committed; starting again with them"
+                        );
+                    }
+                    _ => return Ok(total),
+                }
+            }
+            Err(PipelineError::Sink(SinkError::KpisDiffer(kpis))) if !stopping => {
+                let new = KpiSet::load(cfg).await?;
+                if new.identity() == set.identity() {
+                    return Err(SinkError::KpisDiffer(kpis).into());
+                }
+                tracing::info!(
+                    ?kpis,
+                    "another consumer installed KPIs this one did not compute, and the files here changed: starting again with them"
+                );
+                previous = Some(std::mem::replace(&mut set, new));
+            }
+            Err(PipelineError::KpiInstall(e))
+                if previous.is_some() && !stopping && e.is_retryable() =>
+            {
+                tracing::warn!(error = %e, "cannot install the changed KPI files yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.wait_for(|s| *s) => return Ok(total),
+                }
+            }
+            Err(PipelineError::KpiInstall(e)) if previous.is_some() && !stopping => {
+                tracing::error!(
+                    error = %e,
+                    "cannot install the changed KPI files; carrying on with the KPIs that ran before (the watch tries again when the files change)"
+                );
+                let mut back = previous.take().expect("checked above");
+                // Not this version of the files again, only a later one.
+                back.fingerprint = set.fingerprint;
+                set = back;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Looks at the KPI files every `every`. When they changed since
+/// `fingerprint` and load, and define other KPIs than `running`, sends them
+/// and ends. Files that do not load are logged once per change, and the
+/// running KPIs stay.
+async fn watch_kpis(
+    kpi: crate::kpi::KpiConfig,
+    every: Duration,
+    running: Vec<(String, String)>,
+    mut fingerprint: Option<u64>,
+    reload: mpsc::Sender<KpiSet>,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let now = match crate::kpi::dir_fingerprint(&kpi.dir) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                if fingerprint.is_some() {
+                    tracing::warn!(dir = %kpi.dir.display(), error = %e, "cannot read the KPI directory; the running KPIs stay");
+                }
+                None
+            }
+        };
+        if now.is_none() || now == fingerprint {
+            fingerprint = now;
+            continue;
+        }
+        fingerprint = now;
+        match KpiEngine::load_dir(&kpi).await {
+            Ok(engine) if engine.identity() != running => {
+                let set = KpiSet {
+                    engine: Some(Arc::new(engine)),
+                    fingerprint: now,
+                };
+                let _ = reload.send(set).await;
+                return;
+            }
+            // A comment or the layout changed, not what any KPI computes.
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the KPI files changed but do not load; the running KPIs stay until they are fixed"
+            ),
+        }
+    }
+}
+
+/// One run with one set of KPI files, until `stop_rx` turns true or, with
+/// `stop_when_caught_up`, until caught up. KPIs in `retire` were dropped from
+/// the files since the previous run: they are retired after the install.
+/// When it fails, what it committed is added to `committed`.
+async fn run_once(
+    cfg: &PipelineConfig,
+    engine: Option<Arc<KpiEngine>>,
+    retire: &[(String, String)],
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+    committed: &mut RunSummary,
+) -> Result<RunSummary, PipelineError> {
+    let cfg = cfg.clone();
+    let metrics = metrics.clone();
+    let health = health.clone();
     let Some(mut client) = connect_with_retry(&cfg, &health, &metrics, stop_rx.clone()).await?
     else {
-        let _ = stop_http_tx.send(());
         return Ok(RunSummary::default());
     };
     sink::check_encoding(&client).await?;
@@ -278,7 +526,9 @@ pub async fn run(
     sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
     let kpis = match engine {
         Some(engine) => {
-            let report = crate::kpi::install(&mut client, &engine).await?;
+            let report = crate::kpi::install(&mut client, &engine)
+                .await
+                .map_err(PipelineError::KpiInstall)?;
             tracing::info!(
                 kpis = engine.len(),
                 backfilled = ?report.backfilled,
@@ -288,6 +538,15 @@ pub async fn run(
         }
         None => None,
     };
+    if !retire.is_empty() {
+        let retired = crate::kpi::retire(&client, retire).await?;
+        if !retired.is_empty() {
+            tracing::info!(
+                ?retired,
+                "KPI files deleted: retired, their tables and views stay as they are, no longer updated"
+            );
+        }
+    }
     // Refuse before reading anything: the first batch would be refused anyway.
     let known: Vec<(&str, &str)> = kpis
         .iter()
@@ -296,7 +555,7 @@ pub async fn run(
         .collect();
     let short = crate::kpi::unmaintained(&client, &known, &[]).await?;
     if !short.is_empty() {
-        return Err(crate::kpi::unmaintained_error(&short).into());
+        return Err(SinkError::KpisDiffer(short).into());
     }
 
     let loader = PgOffsetLoader {
@@ -323,7 +582,6 @@ pub async fn run(
         });
     }
 
-    let kpis = kpis.map(Arc::new);
     let (tx, rx) = mpsc::channel::<Batch>(CHANNEL_DEPTH);
     let (computed_tx, computed_rx) = mpsc::channel::<Computed>(CHANNEL_DEPTH);
     let intake = {
@@ -348,7 +606,7 @@ pub async fn run(
             result
         }
     });
-    let result = writer(
+    let (summary, result) = writer(
         &cfg,
         kpis.as_deref(),
         client,
@@ -376,16 +634,18 @@ pub async fn run(
         joined
     })
     .await
-    .map_err(|e| PipelineError::Intake(e.to_string()))?;
-    let _ = stop_http_tx.send(());
-    match intake_result {
-        Ok(()) => {}
-        Err(_) => return Err(PipelineError::Intake("the intake thread panicked".into())),
-    }
+    .map_err(|e| PipelineError::Intake(e.to_string()))
+    .and_then(|joined| {
+        joined.map_err(|_| PipelineError::Intake("the intake thread panicked".into()))
+    });
     // A compute failure stopped the run; the writer committed what came before.
-    let summary = result?;
-    computed?;
-    Ok(summary)
+    match intake_result.and(result).and(computed) {
+        Ok(()) => Ok(summary),
+        Err(e) => {
+            committed.absorb(summary);
+            Err(e)
+        }
+    }
 }
 
 /// Connects, retrying while Postgres is unreachable; None when shutdown came first.
@@ -778,7 +1038,7 @@ async fn writer(
     metrics: &Metrics,
     health: &Health,
     rx: mpsc::Receiver<Computed>,
-) -> Result<RunSummary, PipelineError> {
+) -> (RunSummary, Result<(), PipelineError>) {
     let ctx = WriterCtx {
         cfg,
         kpis,
@@ -802,10 +1062,12 @@ async fn writer(
         .collect();
     // The first lane error ends the writer; the other lane's open transaction
     // is dropped with it and rolls back.
-    futures_util::future::try_join_all(lanes).await?;
+    let joined = futures_util::future::try_join_all(lanes).await;
     let state = ctx.state.into_inner().unwrap_or_else(|e| e.into_inner());
-    state.progress.finish(&state.summary);
-    Ok(state.summary)
+    if joined.is_ok() {
+        state.progress.finish(&state.summary);
+    }
+    (state.summary, joined.map(drop))
 }
 
 /// One writer connection: takes the next batch, COPYs it, waits for the
@@ -1192,7 +1454,11 @@ fn record_commit(
 fn on_db_error(e: &SinkError, metrics: &Metrics, health: &Health) -> Result<(), PipelineError> {
     metrics.db_errors.with_label_values(&[e.kind()]).inc();
     if !e.is_retryable() {
-        return Err(PipelineError::Sink(SinkError::Fatal(e.to_string())));
+        return Err(PipelineError::Sink(match e {
+            // The one the caller acts on: it reloads the KPI files.
+            SinkError::KpisDiffer(kpis) => SinkError::KpisDiffer(kpis.clone()),
+            _ => SinkError::Fatal(e.to_string()),
+        }));
     }
     health.postgres_ok.store(false, Ordering::Relaxed);
     health.committing.store(false, Ordering::Relaxed);

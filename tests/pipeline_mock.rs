@@ -28,6 +28,24 @@ fn pipeline_config(brokers: &str, topic: &str, db: tokio_postgres::Config) -> Pi
     cfg
 }
 
+/// Waits up to 60 s for `sql` (one boolean) to be true; until the pipeline
+/// has migrated the database, its tables do not exist, which reads as false.
+async fn wait_until(c: &tokio_postgres::Client, sql: &str, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(row) = c.query_one(sql, &[]).await
+            && row.get::<_, Option<bool>>(0) == Some(true)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 60 s for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs the pipeline until it stops on its own; panics with `what` when that
 /// takes longer than `limit`.
 async fn run_within(
@@ -558,20 +576,12 @@ async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_
     cfg.stop_when_caught_up = false;
     let group = cfg.kafka.group_id.clone();
     let running = tokio::spawn(pipeline::run(cfg, Metrics::new(), std::future::pending()));
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    // Until the pipeline has migrated the database, `events` does not exist.
-    let stored = async || {
-        c.query_one("SELECT count(*) FROM events", &[])
-            .await
-            .map_or(0, |r| r.get::<_, i64>(0))
-    };
-    while stored().await < 300 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "first 300 events stored"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        &c,
+        "SELECT count(*) = 300 FROM events",
+        "first 300 events stored",
+    )
+    .await;
 
     // Another consumer starts with the new file and installs it.
     let engine = energy_stream::kpi::KpiEngine::load_dir(&new).await.unwrap();
@@ -628,4 +638,229 @@ async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_
     cfg.kpi = Some(old.clone());
     assert_eq!(run_to_end(cfg).await.events_written, 100);
     verify_ok(&db_url(&db), &["--queries-dir", old.dir.to_str().unwrap()]);
+}
+
+/// KPI files added, broken, changed and deleted while `run` runs are picked
+/// up without a restart (issue 3's stretch goal): the pipeline commits its
+/// in-flight batches and starts again in-process with the new files. A new
+/// KPI is backfilled from the stored events, a changed one rebuilt, a
+/// deleted one retired; a file that does not load is logged and changes
+/// nothing. Before, files were read at start only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kpi_files_changed_while_running_are_picked_up() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..300, 40));
+
+    let dir = std::env::temp_dir().join(unique("kpis"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, sql: &str| std::fs::write(dir.join(name), sql).unwrap();
+    write(
+        "by_type.sql",
+        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+    );
+
+    let db = fresh_db("watch").await;
+    let c = client(&db).await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.kpi = Some(energy_stream::kpi::KpiConfig {
+        dir: dir.clone(),
+        ..Default::default()
+    });
+    cfg.kpi_watch = Some(Duration::from_millis(200));
+    cfg.stop_when_caught_up = false;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
+        let _ = stop_rx.await;
+    }));
+    wait_until(&c, "SELECT count(*) = 300 FROM events", "300 events").await;
+
+    // Added: backfilled from the 300 stored events, then kept up to date.
+    write(
+        "by_channel.sql",
+        "SELECT channel, count(*) AS n, count(DISTINCT customer_id) AS customers FROM events GROUP BY channel",
+    );
+    wait_until(
+        &c,
+        "SELECT sum(n) = 300 FROM by_channel",
+        "by_channel backfilled",
+    )
+    .await;
+    send_raw(&brokers, &topic, &sample_messages(300..600, 40));
+    wait_until(
+        &c,
+        "SELECT sum(n) = 600 FROM by_channel",
+        "by_channel kept up",
+    )
+    .await;
+
+    // Broken: logged; the running KPIs go on.
+    write("broken.sql", "SELECT nonsense FROM");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    send_raw(&brokers, &topic, &sample_messages(600..700, 40));
+    wait_until(
+        &c,
+        "SELECT sum(n) = 700 FROM by_channel",
+        "past a broken file",
+    )
+    .await;
+
+    // Changed and deleted at once (the broken file too).
+    std::fs::remove_file(dir.join("broken.sql")).unwrap();
+    std::fs::remove_file(dir.join("by_channel.sql")).unwrap();
+    write(
+        "by_type.sql",
+        "SELECT event_type, count(*) AS n, count(DISTINCT customer_id) AS customers FROM events GROUP BY event_type",
+    );
+    wait_until(
+        &c,
+        "SELECT sql_hash = 'retired' FROM kpi_registry WHERE name = 'by_channel'",
+        "by_channel retired",
+    )
+    .await;
+    send_raw(&brokers, &topic, &sample_messages(700..800, 40));
+    wait_until(&c, "SELECT sum(n) = 800 FROM by_type", "all 800 in by_type").await;
+    let frozen: i64 = c
+        .query_one("SELECT sum(n)::bigint FROM by_channel", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(frozen, 700, "a retired KPI is kept, no longer updated");
+
+    stop_tx.send(()).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("stops on shutdown")
+        .unwrap()
+        .expect("no error across the restarts");
+    assert_eq!(
+        summary.events_written, 800,
+        "the summary covers every restart"
+    );
+    assert_eq!(event_rows(&c).await, 800);
+    let customers: i64 = c
+        .query_one("SELECT sum(customers)::bigint FROM by_type", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(customers > 0, "by_type rebuilt with its new column");
+    verify_ok(&db_url(&db), &["--queries-dir", dir.to_str().unwrap()]);
+}
+
+/// The app role may not create tables, so a KPI file added while it runs
+/// cannot be installed by the consumer: it says so and goes on with the
+/// KPIs it had. Once the owner has run `migrate` with the file, the
+/// consumer's next batch finds the new KPI installed and starts again with
+/// it, from the stored offsets, so the KPI misses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
+    let admin_cfg: tokio_postgres::Config = server_url().parse().unwrap();
+    let admin = client(&admin_cfg).await;
+    let id = unique("w").replace('-', "_");
+    let (owner, app, db) = (
+        format!("es_owner_{id}"),
+        format!("es_app_{id}"),
+        format!("watch_{id}"),
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {owner} LOGIN PASSWORD 'owner-pw'; CREATE ROLE {app} LOGIN PASSWORD 'app-pw';"
+        ))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db} OWNER {owner}"))
+        .await
+        .unwrap();
+    let as_role = |role: &str, password: &str| {
+        let mut c = admin_cfg.clone();
+        c.user(role).password(password).dbname(&db);
+        c
+    };
+    let (owner_cfg, app_cfg) = (as_role(&owner, "owner-pw"), as_role(&app, "app-pw"));
+
+    let dir = std::env::temp_dir().join(unique("kpis"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("by_type.sql"),
+        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+    )
+    .unwrap();
+    let kpi_cfg = energy_stream::kpi::KpiConfig {
+        dir: dir.clone(),
+        ..Default::default()
+    };
+    // `energy-stream migrate --grant-app`, as the owner.
+    let migrate = async || {
+        let mut c = client(&owner_cfg).await;
+        energy_stream::sink::migrate::migrate(&mut c).await.unwrap();
+        let engine = energy_stream::kpi::KpiEngine::load_dir(&kpi_cfg)
+            .await
+            .unwrap();
+        energy_stream::kpi::install(&mut c, &engine).await.unwrap();
+        energy_stream::sink::migrate::grant(&c, Some(&app), None)
+            .await
+            .unwrap();
+    };
+    migrate().await;
+
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..200, 40));
+    let mut cfg = pipeline_config(&brokers, &topic, app_cfg);
+    cfg.kpi = Some(kpi_cfg.clone());
+    cfg.kpi_watch = Some(Duration::from_millis(200));
+    cfg.stop_when_caught_up = false;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
+        let _ = stop_rx.await;
+    }));
+    let c = client(&owner_cfg).await;
+    wait_until(&c, "SELECT sum(n) = 200 FROM by_type", "200 events").await;
+
+    std::fs::write(
+        dir.join("by_channel.sql"),
+        "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    send_raw(&brokers, &topic, &sample_messages(200..400, 40));
+    wait_until(&c, "SELECT sum(n) = 400 FROM by_type", "the old KPIs go on").await;
+    assert!(
+        !running.is_finished(),
+        "the consumer carries on without the file it may not install"
+    );
+    let installed: bool = c
+        .query_one("SELECT to_regclass('by_channel') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!installed);
+
+    // The owner installs it; the consumer picks it up at its next batch.
+    migrate().await;
+    send_raw(&brokers, &topic, &sample_messages(400..500, 40));
+    wait_until(
+        &c,
+        "SELECT sum(n) = 500 FROM by_channel",
+        "by_channel kept up",
+    )
+    .await;
+    wait_until(&c, "SELECT sum(n) = 500 FROM by_type", "by_type kept up").await;
+
+    stop_tx.send(()).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("stops on shutdown")
+        .unwrap()
+        .expect("no error");
+    assert_eq!(summary.events_written, 500);
+    verify_ok(
+        &db_url_with_password(&owner_cfg),
+        &["--queries-dir", dir.to_str().unwrap()],
+    );
 }

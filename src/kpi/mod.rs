@@ -232,6 +232,14 @@ impl KpiEngine {
         self.kpis.iter().map(|k| &*k.def)
     }
 
+    /// Each KPI's name and SQL hash, in engine order: two engines with the
+    /// same identity maintain the same tables the same way.
+    pub fn identity(&self) -> Vec<(String, String)> {
+        self.defs()
+            .map(|d| (d.name.clone(), d.hash.clone()))
+            .collect()
+    }
+
     pub fn def(&self, idx: usize) -> &KpiDef {
         &self.kpis[idx].def
     }
@@ -715,6 +723,24 @@ fn kpi_err(e: impl std::fmt::Display) -> SinkError {
     SinkError::Fatal(format!("KPI computation failed: {e}"))
 }
 
+/// A hash of the names and contents of the `*.sql` files in `dir`, which is
+/// all [`KpiEngine::load_dir`] reads: the KPI watch reloads when it changes.
+pub fn dir_fingerprint(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(&f)?.hash(&mut h);
+    }
+    Ok(h.finish())
+}
+
 /// `kpi_registry.sql_hash` of a KPI whose tables a failed batch left behind;
 /// the next start that has its file rebuilds it.
 pub const STALE_HASH: &str = "stale";
@@ -760,16 +786,6 @@ pub async fn unmaintained(
         .collect())
 }
 
-/// The error for [`unmaintained`] KPIs: the process must not write events.
-pub fn unmaintained_error(kpis: &[String]) -> SinkError {
-    SinkError::Fatal(format!(
-        "the database maintains KPIs that this consumer would not: {}. Its events would leave them short for good, so it stops. \
-         Run every consumer with the same KPI files (--queries-dir); another consumer may have installed a new or changed file since this one started, so restart this one with it. \
-         To stop maintaining a KPI, delete its file and run `energy-stream migrate`, which retires it (README: Adding a KPI)",
-        kpis.join(", ")
-    ))
-}
-
 /// Marks the KPIs in `kpi_registry` that `engine` has no file for as retired,
 /// so that consumers without them may write; returns their names. `migrate`
 /// calls this with the files it installed.
@@ -779,6 +795,24 @@ pub async fn retire_missing(client: &Client, engine: &KpiEngine) -> Result<Vec<S
         .query(
             "UPDATE kpi_registry SET sql_hash = $2 WHERE name <> ALL($1) AND sql_hash <> $2 RETURNING name",
             &[&names, &RETIRED_HASH],
+        )
+        .await?;
+    let mut retired: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    retired.sort();
+    Ok(retired)
+}
+
+/// Retires the KPIs `gone` (name, SQL hash) whose files were deleted while
+/// `run` ran, each only if it is still installed with that hash: a KPI that
+/// another consumer has since redefined is theirs. Returns those retired.
+pub async fn retire(client: &Client, gone: &[(String, String)]) -> Result<Vec<String>, SinkError> {
+    let (names, hashes): (Vec<&str>, Vec<&str>) =
+        gone.iter().map(|(n, h)| (n.as_str(), h.as_str())).unzip();
+    let rows = client
+        .query(
+            "UPDATE kpi_registry r SET sql_hash = $3 FROM unnest($1::text[], $2::text[]) AS g(name, hash) \
+             WHERE r.name = g.name AND r.sql_hash = g.hash RETURNING r.name",
+            &[&names, &hashes, &RETIRED_HASH],
         )
         .await?;
     let mut retired: Vec<String> = rows.iter().map(|r| r.get(0)).collect();

@@ -86,6 +86,16 @@ pub enum SinkError {
     /// A mistake that retrying cannot fix: missing tables, missing privileges, a bad URL.
     #[error("{0}")]
     Fatal(String),
+    /// `kpi_registry` maintains KPIs this process does not compute as they
+    /// are (each named with the reason): it must not write events until it
+    /// runs the same KPI files ([`crate::kpi::unmaintained`]).
+    #[error(
+        "the database maintains KPIs that this consumer would not: {}. Its events would leave them short for good, so it stops. \
+         Run every consumer with the same KPI files (--queries-dir); another consumer may have installed a new or changed file since this one started, so restart this one with it. \
+         To stop maintaining a KPI, delete its file and run `energy-stream migrate`, which retires it (README: Adding a KPI)",
+        .0.join(", ")
+    )]
+    KpisDiffer(Vec<String>),
 }
 
 impl SinkError {
@@ -110,7 +120,7 @@ impl SinkError {
         match self {
             SinkError::Unavailable { kind, .. } => kind,
             SinkError::Fenced { .. } | SinkError::Duplicate(_) => "fenced",
-            SinkError::Fatal(_) => "fatal",
+            SinkError::Fatal(_) | SinkError::KpisDiffer(_) => "fatal",
         }
     }
 }
@@ -425,7 +435,7 @@ impl<'c> Copied<'c> {
             // KPIs this batch marks stale (below) are given up, not short.
             let short = crate::kpi::unmaintained(&tx, &known, batch.stale_kpis).await?;
             if !short.is_empty() {
-                return Err(crate::kpi::unmaintained_error(&short));
+                return Err(SinkError::KpisDiffer(short));
             }
         }
         let start = Instant::now();
