@@ -398,6 +398,12 @@ async fn run_kpi_sets(
             w.abort();
         }
         let stopping = *shutdown.borrow_and_update();
+        tracing::debug!(
+            error = ?result.as_ref().err(),
+            reload = reload.is_some(),
+            stopping,
+            "stages stopped"
+        );
         // A failed run's commits count too, whether or not the loop goes on.
         total.absorb(committed);
         match result {
@@ -413,6 +419,12 @@ async fn run_kpi_sets(
                     }
                     _ => return Ok(total),
                 }
+            }
+            // Stopped for the new files while Postgres was away: what did not
+            // commit is read again from the stored offsets by the next run.
+            Err(e @ PipelineError::DrainTimeout(_)) if reload.is_some() && !stopping => {
+                tracing::warn!(error = %e, "starting again with the changed KPI files");
+                previous = Some(std::mem::replace(&mut set, reload.expect("checked above")));
             }
             Err(PipelineError::Sink(SinkError::KpisDiffer(kpis))) if !stopping => {
                 let new = KpiSet::load(cfg).await?;
@@ -617,6 +629,7 @@ async fn run_once(
         computed_rx,
     )
     .await;
+    tracing::debug!(error = ?result.as_ref().err(), "writer stopped");
     ownership.request_stop();
     // The intake ends on the stop, and with it the compute task. Its error
     // is returned after the intake is joined and the consumer closed.
@@ -627,10 +640,13 @@ async fn run_once(
     });
     // Joining, leaving the group and dropping the consumer can all run
     // rebalance callbacks, which block: keep them off the async workers.
+    tracing::debug!("compute task stopped");
     let intake_result = tokio::task::spawn_blocking(move || {
         let joined = intake.join();
+        tracing::debug!("intake thread joined");
         source.close();
         drop(source);
+        tracing::debug!("consumer closed");
         joined
     })
     .await
