@@ -430,48 +430,21 @@ async fn kpi_files_changed_while_postgres_is_away_are_picked_up_after() {
         .try_init();
     let rig = rig("watch_outage", 2).await;
     let (pg, db) = (rig.pg.clone(), rig.db.clone());
-    let dir = std::env::temp_dir().join(unique("kpis"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("by_type.sql"),
+    let kpi_cfg = kpi_dir(&[(
+        "by_type.sql",
         "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
-    )
-    .unwrap();
+    )]);
+    let dir = kpi_cfg.dir.clone();
     let mut cfg = rig.config();
     cfg.batch_max_wait = Duration::from_millis(50);
     cfg.drain_timeout = Duration::from_secs(2);
-    cfg.kpi = Some(energy_stream::kpi::KpiConfig {
-        dir: dir.clone(),
-        ..Default::default()
-    });
+    cfg.kpi = Some(kpi_cfg);
     cfg.kpi_watch = Some(Duration::from_millis(200));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(energy_stream::pipeline::run(cfg, Metrics::new(), async {
-        let _ = stop_rx.await;
-    }));
+    let run = Running::spawn(cfg, Metrics::new());
     rig.produce_in_chunks(200, 1, 20, Duration::ZERO)
         .join()
         .unwrap();
-    let stored = async |want: i64| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let rows = match db.connect(tokio_postgres::NoTls).await {
-                Ok((c, conn)) => {
-                    tokio::spawn(conn);
-                    c.query_one("SELECT count(*) FROM events", &[])
-                        .await
-                        .map_or(0, |r| r.get::<_, i64>(0))
-                }
-                Err(_) => 0,
-            };
-            if rows == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "waited 60 s for {want} events");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    stored(200).await;
+    wait_until(&db, "SELECT count(*) = 200 FROM events", "200 events").await;
 
     {
         let pg = pg.clone();
@@ -480,7 +453,7 @@ async fn kpi_files_changed_while_postgres_is_away_are_picked_up_after() {
             .unwrap();
     }
     // A batch that cannot commit, then the new file.
-    send_raw(&rig.brokers, &rig.topic, &sample_after(200, 100));
+    send_raw(&rig.brokers, &rig.topic, &sample_messages(200..300, 20));
     tokio::time::sleep(Duration::from_secs(1)).await;
     std::fs::write(
         dir.join("by_channel.sql"),
@@ -499,44 +472,14 @@ async fn kpi_files_changed_while_postgres_is_away_are_picked_up_after() {
             .await
             .unwrap();
     }
-    stored(300).await;
-    let c = client(&db).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: Option<i64> = c
-            .query_one("SELECT sum(n)::bigint FROM by_channel", &[])
-            .await
-            .ok()
-            .and_then(|r| r.get(0));
-        if n == Some(300) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "by_channel has all 300: {n:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = stop_tx.send(());
-    let summary = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("clean stop")
-        .unwrap()
-        .expect("no error");
+    wait_until(&db, "SELECT count(*) = 300 FROM events", "300 events").await;
+    wait_until(
+        &db,
+        "SELECT sum(n) = 300 FROM by_channel",
+        "by_channel has all 300",
+    )
+    .await;
+    let summary = run.stop().await;
     assert_eq!(summary.events_written, 300);
     verify_ok(&db_url(&db), &["--queries-dir", dir.to_str().unwrap()]);
-}
-
-/// `count` events numbered from `first`, as [`Rig::produce_in_chunks`] makes them.
-fn sample_after(first: usize, count: usize) -> Vec<Option<Vec<u8>>> {
-    (first..first + count)
-        .map(|n| {
-            Some(
-                event(
-                    TYPES[n % 7],
-                    &format!("C{}", n % 20),
-                    n as i64,
-                    (n % 1440) as u32,
-                )
-                .into_bytes(),
-            )
-        })
-        .collect()
 }

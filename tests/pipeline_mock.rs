@@ -28,24 +28,6 @@ fn pipeline_config(brokers: &str, topic: &str, db: tokio_postgres::Config) -> Pi
     cfg
 }
 
-/// Waits up to 60 s for `sql` (one boolean) to be true; until the pipeline
-/// has migrated the database, its tables do not exist, which reads as false.
-async fn wait_until(c: &tokio_postgres::Client, sql: &str, what: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(row) = c.query_one(sql, &[]).await
-            && row.get::<_, Option<bool>>(0) == Some(true)
-        {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "waited 60 s for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Runs the pipeline until it stops on its own; panics with `what` when that
 /// takes longer than `limit`.
 async fn run_within(
@@ -68,16 +50,6 @@ async fn run_to_end(cfg: PipelineConfig) -> pipeline::RunSummary {
     )
     .await
     .expect("pipeline ran without error")
-}
-
-/// Valid events at `offsets`, one message each, from `customers` customers.
-fn sample_messages(offsets: std::ops::Range<usize>, customers: usize) -> Vec<Option<Vec<u8>>> {
-    offsets
-        .map(|i| {
-            let customer = format!("C{}", i % customers);
-            Some(event(TYPES[i % 7], &customer, i as i64, i as u32).into_bytes())
-        })
-        .collect()
 }
 
 async fn event_rows(c: &tokio_postgres::Client) -> i64 {
@@ -547,17 +519,6 @@ async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_
     mock_topic(&cluster, &topic, 2);
     send_raw(&brokers, &topic, &sample_messages(0..300, 40));
 
-    let kpi_dir = |files: &[(&str, &str)]| {
-        let dir = std::env::temp_dir().join(unique("kpis"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for (name, sql) in files {
-            std::fs::write(dir.join(name), sql).unwrap();
-        }
-        energy_stream::kpi::KpiConfig {
-            dir,
-            ..Default::default()
-        }
-    };
     let by_type = (
         "by_type.sql",
         "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
@@ -577,7 +538,7 @@ async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_
     let group = cfg.kafka.group_id.clone();
     let running = tokio::spawn(pipeline::run(cfg, Metrics::new(), std::future::pending()));
     wait_until(
-        &c,
+        &db,
         "SELECT count(*) = 300 FROM events",
         "first 300 events stored",
     )
@@ -654,28 +615,21 @@ async fn kpi_files_changed_while_running_are_picked_up() {
     mock_topic(&cluster, &topic, 2);
     send_raw(&brokers, &topic, &sample_messages(0..300, 40));
 
-    let dir = std::env::temp_dir().join(unique("kpis"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let write = |name: &str, sql: &str| std::fs::write(dir.join(name), sql).unwrap();
-    write(
+    let kpi_cfg = kpi_dir(&[(
         "by_type.sql",
         "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
-    );
+    )]);
+    let dir = kpi_cfg.dir.clone();
+    let write = |name: &str, sql: &str| std::fs::write(dir.join(name), sql).unwrap();
 
     let db = fresh_db("watch").await;
     let c = client(&db).await;
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());
-    cfg.kpi = Some(energy_stream::kpi::KpiConfig {
-        dir: dir.clone(),
-        ..Default::default()
-    });
+    cfg.kpi = Some(kpi_cfg);
     cfg.kpi_watch = Some(Duration::from_millis(200));
     cfg.stop_when_caught_up = false;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
-        let _ = stop_rx.await;
-    }));
-    wait_until(&c, "SELECT count(*) = 300 FROM events", "300 events").await;
+    let running = Running::spawn(cfg, Metrics::new());
+    wait_until(&db, "SELECT count(*) = 300 FROM events", "300 events").await;
 
     // Added: backfilled from the 300 stored events, then kept up to date.
     write(
@@ -683,14 +637,14 @@ async fn kpi_files_changed_while_running_are_picked_up() {
         "SELECT channel, count(*) AS n, count(DISTINCT customer_id) AS customers FROM events GROUP BY channel",
     );
     wait_until(
-        &c,
+        &db,
         "SELECT sum(n) = 300 FROM by_channel",
         "by_channel backfilled",
     )
     .await;
     send_raw(&brokers, &topic, &sample_messages(300..600, 40));
     wait_until(
-        &c,
+        &db,
         "SELECT sum(n) = 600 FROM by_channel",
         "by_channel kept up",
     )
@@ -701,7 +655,7 @@ async fn kpi_files_changed_while_running_are_picked_up() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     send_raw(&brokers, &topic, &sample_messages(600..700, 40));
     wait_until(
-        &c,
+        &db,
         "SELECT sum(n) = 700 FROM by_channel",
         "past a broken file",
     )
@@ -715,13 +669,18 @@ async fn kpi_files_changed_while_running_are_picked_up() {
         "SELECT event_type, count(*) AS n, count(DISTINCT customer_id) AS customers FROM events GROUP BY event_type",
     );
     wait_until(
-        &c,
+        &db,
         "SELECT sql_hash = 'retired' FROM kpi_registry WHERE name = 'by_channel'",
         "by_channel retired",
     )
     .await;
     send_raw(&brokers, &topic, &sample_messages(700..800, 40));
-    wait_until(&c, "SELECT sum(n) = 800 FROM by_type", "all 800 in by_type").await;
+    wait_until(
+        &db,
+        "SELECT sum(n) = 800 FROM by_type",
+        "all 800 in by_type",
+    )
+    .await;
     let frozen: i64 = c
         .query_one("SELECT sum(n)::bigint FROM by_channel", &[])
         .await
@@ -729,12 +688,7 @@ async fn kpi_files_changed_while_running_are_picked_up() {
         .get(0);
     assert_eq!(frozen, 700, "a retired KPI is kept, no longer updated");
 
-    stop_tx.send(()).unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(60), running)
-        .await
-        .expect("stops on shutdown")
-        .unwrap()
-        .expect("no error across the restarts");
+    let summary = running.stop().await;
     assert_eq!(
         summary.events_written, 800,
         "the summary covers every restart"
@@ -781,17 +735,11 @@ async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
     };
     let (owner_cfg, app_cfg) = (as_role(&owner, "owner-pw"), as_role(&app, "app-pw"));
 
-    let dir = std::env::temp_dir().join(unique("kpis"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("by_type.sql"),
+    let kpi_cfg = kpi_dir(&[(
+        "by_type.sql",
         "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
-    )
-    .unwrap();
-    let kpi_cfg = energy_stream::kpi::KpiConfig {
-        dir: dir.clone(),
-        ..Default::default()
-    };
+    )]);
+    let dir = kpi_cfg.dir.clone();
     // `energy-stream migrate --grant-app`, as the owner.
     let migrate = async || {
         let mut c = client(&owner_cfg).await;
@@ -815,12 +763,9 @@ async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
     cfg.kpi = Some(kpi_cfg.clone());
     cfg.kpi_watch = Some(Duration::from_millis(200));
     cfg.stop_when_caught_up = false;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
-        let _ = stop_rx.await;
-    }));
+    let running = Running::spawn(cfg, Metrics::new());
     let c = client(&owner_cfg).await;
-    wait_until(&c, "SELECT sum(n) = 200 FROM by_type", "200 events").await;
+    wait_until(&owner_cfg, "SELECT sum(n) = 200 FROM by_type", "200 events").await;
 
     std::fs::write(
         dir.join("by_channel.sql"),
@@ -829,7 +774,12 @@ async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
     .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     send_raw(&brokers, &topic, &sample_messages(200..400, 40));
-    wait_until(&c, "SELECT sum(n) = 400 FROM by_type", "the old KPIs go on").await;
+    wait_until(
+        &owner_cfg,
+        "SELECT sum(n) = 400 FROM by_type",
+        "the old KPIs go on",
+    )
+    .await;
     assert!(
         !running.is_finished(),
         "the consumer carries on without the file it may not install"
@@ -845,19 +795,19 @@ async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
     migrate().await;
     send_raw(&brokers, &topic, &sample_messages(400..500, 40));
     wait_until(
-        &c,
+        &owner_cfg,
         "SELECT sum(n) = 500 FROM by_channel",
         "by_channel kept up",
     )
     .await;
-    wait_until(&c, "SELECT sum(n) = 500 FROM by_type", "by_type kept up").await;
+    wait_until(
+        &owner_cfg,
+        "SELECT sum(n) = 500 FROM by_type",
+        "by_type kept up",
+    )
+    .await;
 
-    stop_tx.send(()).unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(60), running)
-        .await
-        .expect("stops on shutdown")
-        .unwrap()
-        .expect("no error");
+    let summary = running.stop().await;
     assert_eq!(summary.events_written, 500);
     verify_ok(
         &db_url_with_password(&owner_cfg),

@@ -603,3 +603,84 @@ pub async fn kpi_snapshot(c: &tokio_postgres::Client) -> Vec<(String, Vec<String
     }
     out
 }
+
+/// Valid events at `offsets`, one message each, from `customers` customers.
+pub fn sample_messages(offsets: std::ops::Range<usize>, customers: usize) -> Vec<Option<Vec<u8>>> {
+    offsets
+        .map(|i| {
+            let customer = format!("C{}", i % customers);
+            Some(event(TYPES[i % 7], &customer, i as i64, i as u32).into_bytes())
+        })
+        .collect()
+}
+
+/// A fresh directory holding the KPI files `files` (name, SQL).
+pub fn kpi_dir(files: &[(&str, &str)]) -> energy_stream::kpi::KpiConfig {
+    let dir = std::env::temp_dir().join(unique("kpis"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, sql) in files {
+        std::fs::write(dir.join(name), sql).unwrap();
+    }
+    energy_stream::kpi::KpiConfig {
+        dir,
+        ..Default::default()
+    }
+}
+
+/// Waits up to 60 s for `sql` (one boolean) to be true in `db`. It connects
+/// for each look, so it sees through a Postgres restart; a table the
+/// pipeline has not created yet, or a server that is down, reads as false.
+pub async fn wait_until(db: &tokio_postgres::Config, sql: &str, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((c, conn)) = db.connect(tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            if let Ok(row) = c.query_one(sql, &[]).await
+                && row.get::<_, Option<bool>>(0) == Some(true)
+            {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 60 s for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `pipeline::run` in a task, until [`Running::stop`] shuts it down as
+/// SIGTERM does.
+pub struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<
+        Result<energy_stream::pipeline::RunSummary, energy_stream::pipeline::PipelineError>,
+    >,
+}
+
+impl Running {
+    pub fn spawn(
+        cfg: energy_stream::config::PipelineConfig,
+        metrics: std::sync::Arc<energy_stream::telemetry::Metrics>,
+    ) -> Running {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(energy_stream::pipeline::run(cfg, metrics, async {
+            let _ = stopped.await;
+        }));
+        Running { stop, task }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Shuts the pipeline down; panics unless it ends without error within 60 s.
+    pub async fn stop(self) -> energy_stream::pipeline::RunSummary {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("stops within 60 s of the shutdown")
+            .unwrap()
+            .expect("no error")
+    }
+}
