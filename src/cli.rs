@@ -71,8 +71,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrate(args) => {
             let database = crate::sink::Database {
-                config: args.db.require(db_in_argv)?,
                 ca_file: args.db.database_ca_file.clone(),
+                ..crate::sink::Database::new(args.db.require(db_in_argv)?)
             };
             let rt = runtime()?;
             rt.block_on(async {
@@ -252,8 +252,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Backfill(args) | Command::Verify(args) => {
             let database = crate::sink::Database {
-                config: args.db.require(db_in_argv)?,
                 ca_file: args.db.database_ca_file.clone(),
+                ..crate::sink::Database::new(args.db.require(db_in_argv)?)
             };
             let rt = runtime()?;
             rt.block_on(async {

@@ -232,6 +232,13 @@ pub struct RunArgs {
     /// On SIGTERM/SIGINT, how long to keep trying to commit in-flight batches.
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// How long Postgres may leave a connection attempt, a batch's COPY,
+    /// merges or COMMIT, or the read of the stored offsets unanswered before
+    /// it counts as away: the connection is dropped and the batch retried on
+    /// a new one. Start-up work (migrations, KPI backfills) is not bounded.
+    #[arg(long, env = "DB_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub db_timeout_secs: u64,
     /// Directory of KPI files (*.sql), each computed on every batch. Default:
     /// ./queries when it exists; without it, no KPIs are computed (logged).
     #[arg(long, env = "QUERIES_DIR")]
@@ -538,6 +545,7 @@ impl RunArgs {
         let mut cfg = PipelineConfig::new(kafka, database);
         cfg.fault = fault;
         cfg.database.ca_file = self.db.database_ca_file.clone();
+        cfg.database.timeout = Duration::from_secs(self.db_timeout_secs);
         cfg.decode = DecodeConfig {
             max_message_bytes: self.max_message_bytes,
         };
@@ -659,6 +667,23 @@ mod tests {
             let err = run(bad).expect_err("refused").to_string();
             assert!(err.contains("--max-field-bytes"), "{bad}: {err}");
         }
+    }
+
+    /// The database timeout reaches the sink; zero would time out every
+    /// exchange, so clap refuses it.
+    #[test]
+    fn db_timeout_reaches_the_database_and_zero_is_refused() {
+        let run = |v: &str| {
+            Cli::try_parse_from(["energy-stream", "run", "--db-timeout-secs", v]).map(|c| c.command)
+        };
+        let Ok(Command::Run(mut args)) = run("7") else {
+            panic!("7 is accepted")
+        };
+        args.db.database_url = Some("postgres://u@h/db".into());
+        let cfg = args.to_config(false, Vec::new()).unwrap();
+        assert_eq!(cfg.database.timeout, Duration::from_secs(7));
+        let err = run("0").expect_err("0 is refused").to_string();
+        assert!(err.contains("--db-timeout-secs"), "{err}");
     }
 
     /// A bench of no events has no rate to report and no offsets to wait

@@ -208,6 +208,18 @@ impl LocalPostgres {
         }
     }
 
+    /// Stops every process of the server with SIGSTOP, as `docker pause` or a
+    /// hung host would: connections stay open and the kernel still accepts
+    /// new ones, but nothing answers. [`LocalPostgres::thaw`] undoes it.
+    pub fn freeze(&self) -> Result<(), LocalPgError> {
+        signal_cluster(&self.data_dir, libc::SIGSTOP)
+    }
+
+    /// Lets a [`LocalPostgres::freeze`]d server run again.
+    pub fn thaw(&self) -> Result<(), LocalPgError> {
+        signal_cluster(&self.data_dir, libc::SIGCONT)
+    }
+
     fn initdb(&self) -> Result<(), LocalPgError> {
         let out = run(
             server_command(&self.bin_dir.join("initdb"), self.run_as)
@@ -373,6 +385,8 @@ impl LocalPostgres {
     /// detached postmaster outlives the process until the next start reaps it.
     pub fn shut_down(&self) {
         if self.data_dir.join("postmaster.pid").exists() {
+            // A frozen server would hold the signal pg_ctl sends until thawed.
+            let _ = self.thaw();
             match self.stop_immediate() {
                 Ok(()) => {}
                 Err(e) => {
@@ -561,6 +575,7 @@ fn reap_stale_clusters(bin_dir: &Path, run_as: Option<RunAs>) {
         let root = entry.path();
         let data_dir = root.join("data");
         if data_dir.join("postmaster.pid").exists() {
+            let _ = signal_cluster(&data_dir, libc::SIGCONT);
             let _ = server_command(&bin_dir.join("pg_ctl"), run_as)
                 .arg("stop")
                 .arg("-D")
@@ -572,6 +587,49 @@ fn reap_stale_clusters(bin_dir: &Path, run_as: Option<RunAs>) {
             tracing::info!(dir = %root.display(), pid = owner, "removed throwaway PostgreSQL cluster left by an exited process");
         }
     }
+}
+
+/// Signals the postmaster of the cluster in `data_dir` first (so that it forks
+/// nothing meanwhile), then each of its children.
+fn signal_cluster(data_dir: &Path, signal: libc::c_int) -> Result<(), LocalPgError> {
+    let pid_file = data_dir.join("postmaster.pid");
+    let postmaster: libc::pid_t = fs::read_to_string(&pid_file)
+        .map_err(io_err(format!("cannot read {}", pid_file.display())))?
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| LocalPgError::Stop(format!("no pid in {}", pid_file.display())))?;
+    let mut pids = vec![postmaster];
+    for entry in fs::read_dir("/proc").map_err(io_err("cannot list /proc"))? {
+        let Some(pid) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // The parent is the first field after the command name, which
+        // ends with the last ')'.
+        let parent = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().nth(1)?.parse::<libc::pid_t>().ok()
+            });
+        if parent == Some(postmaster) {
+            pids.push(pid);
+        }
+    }
+    for pid in pids {
+        // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            let e = io::Error::last_os_error();
+            // A child that exited meanwhile is fine; the postmaster is not.
+            if pid == postmaster || e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(io_err(format!("cannot signal postgres process {pid}"))(e));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn process_exists(pid: libc::pid_t) -> bool {

@@ -248,7 +248,13 @@ impl OffsetLoader for PgOffsetLoader {
     fn load(&self) -> Result<HashMap<i32, i64>, String> {
         self.handle.block_on(async {
             let client = self.db.connect().await.map_err(|e| e.to_string())?;
-            sink::load_offsets(&client, &self.group_id, &self.topic)
+            // Runs in the rebalance callback: a Postgres that stops answering
+            // must not hold the assignment, and with it the group, forever.
+            self.db
+                .bounded(
+                    "reading the stored offsets",
+                    sink::load_offsets(&client, &self.group_id, &self.topic),
+                )
                 .await
                 .map_err(|e| e.to_string())
         })
@@ -997,6 +1003,60 @@ struct WriterCtx<'a> {
 }
 
 impl<'a> WriterCtx<'a> {
+    /// One exchange with Postgres, given up as a retryable `timeout` error
+    /// after the database timeout, or once the shutdown drain has run out.
+    /// Without the bound a Postgres that stops answering (frozen, paused,
+    /// cut off by the network) sends no error: the lane would wait forever,
+    /// holding the ownership gate (and so any rebalance), and a SIGTERM would
+    /// never end. The caller drops the connection on a timeout.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = Result<T, SinkError>>,
+    ) -> Result<T, SinkError> {
+        tokio::select! {
+            result = self.cfg.database.bounded(what, work) => result,
+            () = self.drain_expired() => Err(SinkError::Unavailable {
+                kind: "timeout",
+                message: format!(
+                    "the shutdown drain timeout ({:?}) ran out while {what}",
+                    self.cfg.drain_timeout
+                ),
+            }),
+        }
+    }
+
+    /// Resolves once a stop has been requested and the drain timeout has
+    /// passed since the writer first saw it; never resolves otherwise.
+    async fn drain_expired(&self) {
+        loop {
+            if self.ownership.stop_requested() {
+                let since = *self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .stop_seen_at
+                    .get_or_insert_with(Instant::now);
+                let left = self.cfg.drain_timeout.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    return;
+                }
+                tokio::time::sleep(left).await;
+            } else {
+                // The stop is a flag, not a channel: look again shortly.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Backs off before a retry, cut short when the shutdown drain runs out.
+    async fn back_off(&self, backoff: &mut Backoff) {
+        tokio::select! {
+            () = backoff.wait() => {}
+            () = self.drain_expired() => {}
+        }
+    }
+
     /// What one attempt at a batch writes.
     fn batch_write<'b>(
         &'b self,
@@ -1127,13 +1187,16 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
         // `copied`'s borrow of `client` ends before the retries below.)
         let mut first_attempt = {
             let copied = if ownership.generation() == batch.generation {
-                Some(match open(cfg, &mut client).await {
-                    Ok(c) => {
-                        let write = ctx.batch_write(&batch, &validated, &[], &[], fault_now);
-                        sink::begin_copy(c, &write).await
-                    }
-                    Err(e) => Err(e),
-                })
+                Some(
+                    match ctx.bounded("connecting", open(cfg, &mut client)).await {
+                        Ok(c) => {
+                            let write = ctx.batch_write(&batch, &validated, &[], &[], fault_now);
+                            ctx.bounded("copying a batch", sink::begin_copy(c, &write))
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    },
+                )
             } else {
                 None
             };
@@ -1192,18 +1255,21 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                             .inc();
                         break None;
                     }
-                    let c = match open(cfg, &mut client).await {
+                    let c = match ctx.bounded("connecting", open(cfg, &mut client)).await {
                         Ok(c) => c,
                         Err(e) => {
                             on_db_error(&e, metrics, health)?;
-                            backoff.wait().await;
+                            ctx.back_off(&mut backoff).await;
                             continue;
                         }
                     };
                     let stale = ctx.state.lock().unwrap().unmarked_stale.clone();
                     let write = ctx.batch_write(&batch, &validated, &kpi_writes, &stale, fault_now);
                     if let Some(done) = in_doubt.take() {
-                        match sink::landed(c, &write).await {
+                        match ctx
+                            .bounded("asking whether a batch landed", sink::landed(c, &write))
+                            .await
+                        {
                             Ok(true) => {
                                 tracing::info!(
                                     "the batch whose COMMIT failed had landed; not writing it again"
@@ -1213,14 +1279,18 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                             Ok(false) => {}
                             Err(e) => {
                                 in_doubt = Some(done);
+                                forget_if_stuck(&e, &mut client);
                                 on_db_error(&e, metrics, health)?;
                                 metrics.retries.inc();
-                                backoff.wait().await;
+                                ctx.back_off(&mut backoff).await;
                                 continue;
                             }
                         }
                     }
-                    match sink::begin_copy(c, &write).await {
+                    match ctx
+                        .bounded("copying a batch", sink::begin_copy(c, &write))
+                        .await
+                    {
                         Ok(copied) => {
                             commit_batch(
                                 ctx,
@@ -1251,12 +1321,20 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                         // Rows no member of this group wrote would be fenced
                         // and retried forever: refuse them. When asking fails,
                         // the retry after the resync asks again.
-                        if let Ok(c) = open(cfg, &mut client).await {
+                        if let Ok(c) = ctx.bounded("connecting", open(cfg, &mut client)).await {
                             let write = ctx.batch_write(&batch, &validated, &[], &[], None);
-                            if let Err(fatal @ SinkError::Fatal(_)) =
-                                sink::check_duplicate(c, &write, message).await
+                            match ctx
+                                .bounded(
+                                    "checking a duplicate row",
+                                    sink::check_duplicate(c, &write, message),
+                                )
+                                .await
                             {
-                                return Err(PipelineError::Sink(fatal));
+                                Err(fatal @ SinkError::Fatal(_)) => {
+                                    return Err(PipelineError::Sink(fatal));
+                                }
+                                Err(e) => forget_if_stuck(&e, &mut client),
+                                Ok(_) => {}
                             }
                         }
                     }
@@ -1273,9 +1351,10 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                 }
                 Err(e) => {
                     members.clear();
+                    forget_if_stuck(&e, &mut client);
                     on_db_error(&e, metrics, health)?;
                     metrics.retries.inc();
-                    backoff.wait().await;
+                    ctx.back_off(&mut backoff).await;
                 }
             }
         };
@@ -1283,6 +1362,14 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
             record_commit(ctx, &batch, &validated, validate_time, kpi_time, done);
         }
         ctx.done.send_replace(seq);
+    }
+}
+
+/// Drops a connection that went unanswered, so that the retry opens a new
+/// one: the old one may still deliver its late reply, or never anything.
+fn forget_if_stuck(e: &SinkError, client: &mut Option<Client>) {
+    if e.kind() == "timeout" && client.take().is_some() {
+        tracing::debug!("dropped a connection Postgres left unanswered");
     }
 }
 
@@ -1342,14 +1429,15 @@ async fn commit_batch(
     fault_now: Option<FaultPoint>,
     in_doubt: &mut Option<Committed>,
 ) -> Result<Option<Committed>, SinkError> {
-    let mut prepared = copied.finish(write).await?;
+    let mut prepared = ctx.bounded("merging a batch", copied.finish(write)).await?;
     let merged = std::mem::take(&mut prepared.merged);
     let pending = std::mem::take(&mut prepared.pending);
     let timings = prepared.timings;
     let t = Instant::now();
     let _gate = ctx.ownership.gate.lock().await;
     if ctx.ownership.generation() != generation {
-        prepared.rollback().await?;
+        ctx.bounded("rolling back a stale batch", prepared.rollback())
+            .await?;
         return Ok(None);
     }
     if fault_now == Some(FaultPoint::InCommit) {
@@ -1360,7 +1448,8 @@ async fn commit_batch(
             std::process::abort();
         });
     }
-    let outcome = prepared.commit().await;
+    // A COMMIT given up on may still land: `in_doubt` below settles it.
+    let outcome = ctx.bounded("committing a batch", prepared.commit()).await;
     let done = Committed {
         copy: timings.copy,
         merge: timings.merge,

@@ -1,5 +1,7 @@
 //! Postgres goes away for 10 s in the middle of a run: the pipeline keeps
 //! running, retries without committing offsets, and the counts are exact after.
+//! Postgres frozen (it stops answering without an error): the database timeout
+//! gives the exchange up, and a shutdown still ends at the drain timeout.
 //! Also: the throwaway server a test binary shares does not outlive it.
 
 mod common;
@@ -482,4 +484,155 @@ async fn kpi_files_changed_while_postgres_is_away_are_picked_up_after() {
     let summary = run.stop().await;
     assert_eq!(summary.events_written, 300);
     verify_ok(&db_url(&db), &["--queries-dir", dir.to_str().unwrap()]);
+}
+
+/// Freezes (SIGSTOP) or thaws the rig's server off the async workers.
+async fn set_frozen(pg: &Arc<LocalPostgres>, frozen: bool) {
+    let pg = pg.clone();
+    tokio::task::spawn_blocking(move || {
+        if frozen {
+            pg.freeze().unwrap()
+        } else {
+            pg.thaw().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Fault suite: Postgres frozen mid-stream (every server process stopped
+/// with SIGSTOP, as `docker pause` or a hung host does). It sends no error and
+/// the kernel keeps its sockets open, so only the database timeout can tell:
+/// the writer gives the exchange up, counts a `timeout`, reports not ready
+/// and keeps retrying; after the thaw every message is stored exactly once.
+/// Regression: the writer waited for the answer forever, ready all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_frozen_mid_run_times_out_and_recovers() {
+    let rig = rig("frozen", 4).await;
+    let (pg, db) = (rig.pg.clone(), rig.db.clone());
+    let mut cfg = rig.config();
+    cfg.batch_max_rows = 200;
+    cfg.batch_max_wait = Duration::from_millis(50);
+    cfg.database.timeout = Duration::from_secs(2);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    cfg.metrics_addr = Some(metrics_addr.parse().unwrap());
+    let metrics = Metrics::new();
+    let run = Running::spawn(cfg, metrics.clone());
+
+    // 16 000 events over about 8 s, while Postgres freezes and thaws.
+    let total = 16_000usize;
+    let producer = rig.produce_in_chunks(total, 20, 300, Duration::from_millis(400));
+    wait_until(&db, "SELECT count(*) > 0 FROM events", "a first commit").await;
+    let ready = |addr: &str| http_get(addr, "/readyz").starts_with("HTTP/1.0 200");
+    assert!(ready(&metrics_addr), "ready while committing");
+
+    set_frozen(&pg, true).await;
+    // Several database timeouts long: the batch in flight, then reconnects
+    // that the kernel accepts and nobody answers.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let timeouts = metrics.db_errors.with_label_values(&["timeout"]).get();
+    let was_ready = ready(&metrics_addr);
+    let finished = run.is_finished();
+    set_frozen(&pg, false).await;
+    assert!(
+        timeouts >= 1,
+        "an unanswered exchange counts as db_errors_total{{kind=\"timeout\"}}:\n{}",
+        metrics.render()
+    );
+    assert!(
+        !was_ready,
+        "/readyz is false while Postgres does not answer"
+    );
+    assert!(!finished, "the pipeline survives the freeze");
+
+    tokio::task::spawn_blocking(move || producer.join().unwrap())
+        .await
+        .unwrap();
+    wait_until(
+        &db,
+        &format!("SELECT count(*) = {total} FROM events"),
+        "every event after the thaw",
+    )
+    .await;
+    assert!(ready(&metrics_addr), "ready again after the thaw");
+    run.stop().await;
+
+    let c = client(&db).await;
+    let distinct: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct as usize, total, "no duplicates");
+    let rejects: i64 = c
+        .query_one("SELECT count(*) FROM rejected_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rejects, 0, "infrastructure errors are never rejects");
+    rig.assert_offsets_at_end(&c, 4).await;
+}
+
+/// A shutdown while Postgres is frozen ends at the drain timeout, with the
+/// drain error, although the database timeout is longer; the batch it could
+/// not commit is consumed again by the next run, exactly once.
+/// Regression: the stop waited for Postgres' answer forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_postgres_is_frozen_ends_at_the_drain_timeout() {
+    let rig = rig("frozen_stop", 2).await;
+    let (pg, db) = (rig.pg.clone(), rig.db.clone());
+    let mut cfg = rig.config();
+    cfg.batch_max_wait = Duration::from_millis(50);
+    cfg.drain_timeout = Duration::from_secs(3);
+    cfg.database.timeout = Duration::from_secs(120);
+    let run = Running::spawn(cfg.clone(), Metrics::new());
+    send_raw(&rig.brokers, &rig.topic, &sample_messages(0..200, 20));
+    wait_until(&db, "SELECT count(*) = 200 FROM events", "200 events").await;
+
+    set_frozen(&pg, true).await;
+    send_raw(&rig.brokers, &rig.topic, &sample_messages(200..300, 20));
+    // The batch is cut and its writer waits on the frozen server.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut stopping = tokio::spawn(run.stop_result());
+    // A bound on hanging, not a speed check: the database timeout is 120 s.
+    let in_time = tokio::time::timeout(Duration::from_secs(30), &mut stopping).await;
+    // Thawed before any assertion, so that a failure cannot leave it frozen.
+    set_frozen(&pg, false).await;
+    let ended = match in_time {
+        Ok(ended) => ended.unwrap(),
+        Err(_) => {
+            let late = stopping.await.unwrap();
+            panic!("the shutdown waited for the frozen server, then ended with {late:?}")
+        }
+    };
+    assert!(
+        matches!(
+            ended,
+            Err(energy_stream::pipeline::PipelineError::DrainTimeout(_))
+        ),
+        "ends with the drain error: {ended:?}"
+    );
+
+    let again = Running::spawn(cfg, Metrics::new());
+    wait_until(
+        &db,
+        "SELECT count(*) = 300 FROM events",
+        "the rest after the thaw",
+    )
+    .await;
+    again.stop().await;
+    let c = client(&db).await;
+    let distinct: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(distinct, 300, "no duplicates");
+    rig.assert_offsets_at_end(&c, 2).await;
 }

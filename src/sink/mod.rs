@@ -105,8 +105,9 @@ impl SinkError {
 
     /// A low-cardinality label for `energy_stream_db_errors_total{kind}`.
     /// Every value [`SinkError::kind`] returns, for metric labels.
-    pub const KINDS: [&'static str; 8] = [
+    pub const KINDS: [&'static str; 9] = [
         "connection",
+        "timeout",
         "shutdown",
         "conflict",
         "resources",
@@ -115,6 +116,16 @@ impl SinkError {
         "fenced",
         "fatal",
     ];
+
+    /// Postgres did not answer `what` within `after`.
+    pub fn timed_out(what: &str, after: Duration) -> SinkError {
+        SinkError::Unavailable {
+            kind: "timeout",
+            message: format!(
+                "no answer from Postgres within {after:?} while {what}; dropping the connection"
+            ),
+        }
+    }
 
     pub fn kind(&self) -> &'static str {
         match self {
@@ -227,13 +238,22 @@ pub async fn connect_with_ca(
     Ok(client)
 }
 
-/// Where Postgres is, and how to trust its certificate.
+/// How long Postgres may take to answer one exchange (see [`Database::timeout`]).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where Postgres is, how to trust its certificate, and how long to wait for it.
 #[derive(Clone)]
 pub struct Database {
     pub config: tokio_postgres::Config,
     /// CA bundle to verify the server certificate against; without it TLS
     /// encrypts but does not verify (libpq's `require`).
     pub ca_file: Option<std::path::PathBuf>,
+    /// How long a connection attempt, or an exchange that the caller bounds
+    /// with [`Database::bounded`], may go unanswered before it counts as
+    /// Postgres being away. A frozen server, a paused container or a
+    /// partitioned network sends no error: the socket simply stays quiet, and
+    /// the kernel's TCP timeouts take from minutes to hours.
+    pub timeout: Duration,
 }
 
 impl Database {
@@ -241,11 +261,33 @@ impl Database {
         Database {
             config,
             ca_file: None,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
+    /// Connects, giving up after [`Database::timeout`]. tokio-postgres's own
+    /// `connect_timeout` bounds only the TCP connect, not the start-up and
+    /// TLS exchanges that a frozen server never answers.
     pub async fn connect(&self) -> Result<Client, SinkError> {
-        connect_with_ca(&self.config, self.ca_file.as_deref()).await
+        self.bounded(
+            "connecting",
+            connect_with_ca(&self.config, self.ca_file.as_deref()),
+        )
+        .await
+    }
+
+    /// `work`, or a retryable [`SinkError::Unavailable`] of kind `timeout`
+    /// when Postgres has not answered within [`Database::timeout`]. The
+    /// caller must drop the connection `work` used: its reply may still come.
+    pub async fn bounded<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = Result<T, SinkError>>,
+    ) -> Result<T, SinkError> {
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(SinkError::timed_out(what, self.timeout)),
+        }
     }
 }
 

@@ -676,11 +676,18 @@ impl Running {
 
     /// Shuts the pipeline down; panics unless it ends without error within 60 s.
     pub async fn stop(self) -> energy_stream::pipeline::RunSummary {
+        self.stop_result().await.expect("no error")
+    }
+
+    /// Shuts the pipeline down and returns how it ended; panics unless it
+    /// ends within 60 s.
+    pub async fn stop_result(
+        self,
+    ) -> Result<energy_stream::pipeline::RunSummary, energy_stream::pipeline::PipelineError> {
         let _ = self.stop.send(());
         tokio::time::timeout(Duration::from_secs(60), self.task)
             .await
             .expect("stops within 60 s of the shutdown")
             .unwrap()
-            .expect("no error")
     }
 }
