@@ -1030,23 +1030,28 @@ impl<'a> WriterCtx<'a> {
     /// passed since the writer first saw it; never resolves otherwise.
     async fn drain_expired(&self) {
         loop {
-            if self.ownership.stop_requested() {
-                let since = *self
-                    .state
-                    .lock()
-                    .unwrap()
-                    .stop_seen_at
-                    .get_or_insert_with(Instant::now);
-                let left = self.cfg.drain_timeout.saturating_sub(since.elapsed());
-                if left.is_zero() {
-                    return;
-                }
-                tokio::time::sleep(left).await;
-            } else {
+            match self.drain_left() {
+                Some(left) if left.is_zero() => return,
+                Some(left) => tokio::time::sleep(left).await,
                 // The stop is a flag, not a channel: look again shortly.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
+    }
+
+    /// What is left of the shutdown drain, counted from when the writer first
+    /// saw the stop; None while no stop is requested.
+    fn drain_left(&self) -> Option<Duration> {
+        if !self.ownership.stop_requested() {
+            return None;
+        }
+        let since = *self
+            .state
+            .lock()
+            .unwrap()
+            .stop_seen_at
+            .get_or_insert_with(Instant::now);
+        Some(self.cfg.drain_timeout.saturating_sub(since.elapsed()))
     }
 
     /// Backs off before a retry, cut short when the shutdown drain runs out.
@@ -1237,16 +1242,8 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
             let result = match first_attempt.take() {
                 Some(result) => result,
                 None => {
-                    if ownership.stop_requested() {
-                        let since = *ctx
-                            .state
-                            .lock()
-                            .unwrap()
-                            .stop_seen_at
-                            .get_or_insert_with(Instant::now);
-                        if since.elapsed() > cfg.drain_timeout {
-                            return Err(PipelineError::DrainTimeout(cfg.drain_timeout));
-                        }
+                    if ctx.drain_left().is_some_and(|left| left.is_zero()) {
+                        return Err(PipelineError::DrainTimeout(cfg.drain_timeout));
                     }
                     if ownership.generation() != batch.generation {
                         metrics
