@@ -16,8 +16,8 @@ use energy_stream::source::KafkaConfig;
 use energy_stream::telemetry::Metrics;
 use rdkafka::mocking::MockCluster;
 
-/// What both tests stand on: a private Postgres (the tests stop or restart
-/// it), a fresh database on it, and a MockCluster topic.
+/// What every fault test stands on: a private Postgres (the tests stop,
+/// restart or freeze it), a fresh database on it, and a MockCluster topic.
 struct Rig {
     pg: Arc<LocalPostgres>,
     db: tokio_postgres::Config,
@@ -90,8 +90,23 @@ impl Rig {
         })
     }
 
-    /// The stored offsets are the end of every partition.
-    async fn assert_offsets_at_end(&self, c: &tokio_postgres::Client, partitions: i32) {
+    /// Exactly once, after the fault: `total` events, one row per message,
+    /// no rejects (an infrastructure error is never bad data), and stored
+    /// offsets at the end of every partition.
+    async fn assert_stored_once(&self, total: usize, partitions: i32) {
+        let c = client(&self.db).await;
+        let r = c
+            .query_one(
+                "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)), \
+                        (SELECT count(*) FROM rejected_events) FROM events",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (rows, distinct, rejects): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+        assert_eq!(rows as usize, total, "R == P after the fault");
+        assert_eq!(distinct, rows, "no duplicates");
+        assert_eq!(rejects, 0, "infrastructure errors are never rejects");
         let hw = high_watermarks(&self.brokers, &self.topic, partitions);
         let stored: i64 = c
             .query_one("SELECT sum(next_offset)::bigint FROM consumer_offsets", &[])
@@ -122,10 +137,7 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     cfg.metrics_addr = Some(metrics_addr.parse().unwrap());
     let metrics = Metrics::new();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(energy_stream::pipeline::run(cfg, metrics.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    let run = Running::spawn(cfg, metrics.clone());
 
     // Produce 30 000 events over ~12 s while Postgres goes down and comes back.
     let total = 30_000usize;
@@ -190,34 +202,9 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(ready(&metrics_addr), "ready again after the outage");
-    let _ = stop_tx.send(());
-    let summary = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("clean stop")
-        .unwrap()
-        .expect("no error");
+    let summary = run.stop().await;
 
-    let rows: i64 = c
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let distinct: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows as usize, total, "exact count after the outage");
-    assert_eq!(distinct, rows);
-    let rejects: i64 = c
-        .query_one("SELECT count(*) FROM rejected_events", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rejects, 0, "infrastructure errors are never rejects");
+    rig.assert_stored_once(total, 4).await;
     assert_eq!(summary.events_written as usize, total);
     assert!(
         db_errors(&metrics) > 0.0,
@@ -235,7 +222,6 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
         redelivered, 0,
         "no partition is sought back after the intake waited for Postgres"
     );
-    rig.assert_offsets_at_end(&c, 4).await;
 }
 
 /// Fault suite: Postgres restarted (`pg_ctl restart -m immediate`) five times
@@ -255,10 +241,7 @@ async fn postgres_restarted_five_times_mid_stream() {
         ..Default::default()
     });
     let metrics = Metrics::new();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(energy_stream::pipeline::run(cfg, metrics.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    let run = Running::spawn(cfg, metrics.clone());
 
     let total = 60_000usize;
     let producer = rig.produce_in_chunks(total, 60, 500, Duration::from_millis(150));
@@ -325,42 +308,18 @@ async fn postgres_restarted_five_times_mid_stream() {
         .await
         .unwrap();
 
-    let c = client(&db).await;
     let deadline = Instant::now() + Duration::from_secs(180);
     while rows(client(&db).await).await < total as i64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let _ = stop_tx.send(());
-    tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("clean stop")
-        .unwrap()
-        .expect("no error");
+    run.stop().await;
 
-    let (n, distinct): (i64, i64) = {
-        let r = c
-            .query_one(
-                "SELECT count(*), count(DISTINCT (kafka_partition, kafka_offset)) FROM events",
-                &[],
-            )
-            .await
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
-    assert_eq!(n as usize, total, "R == P after five restarts");
-    assert_eq!(distinct, n, "no duplicates");
-    let rejects: i64 = c
-        .query_one("SELECT count(*) FROM rejected_events", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rejects, 0, "infrastructure errors are never rejects");
+    rig.assert_stored_once(total, 3).await;
     assert!(
         db_errors(&metrics) >= 5.0,
         "each restart under a COPY counted as a database error:\n{}",
         metrics.render()
     );
-    rig.assert_offsets_at_end(&c, 3).await;
 }
 
 /// Regression: the cluster a test binary shares lives in a static, which is
@@ -483,6 +442,7 @@ async fn kpi_files_changed_while_postgres_is_away_are_picked_up_after() {
     .await;
     let summary = run.stop().await;
     assert_eq!(summary.events_written, 300);
+    rig.assert_stored_once(300, 2).await;
     verify_ok(&db_url(&db), &["--queries-dir", dir.to_str().unwrap()]);
 }
 
@@ -556,24 +516,7 @@ async fn postgres_frozen_mid_run_times_out_and_recovers() {
     .await;
     assert!(ready(&metrics_addr), "ready again after the thaw");
     run.stop().await;
-
-    let c = client(&db).await;
-    let distinct: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(distinct as usize, total, "no duplicates");
-    let rejects: i64 = c
-        .query_one("SELECT count(*) FROM rejected_events", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rejects, 0, "infrastructure errors are never rejects");
-    rig.assert_offsets_at_end(&c, 4).await;
+    rig.assert_stored_once(total, 4).await;
 }
 
 /// A shutdown while Postgres is frozen ends at the drain timeout, with the
@@ -624,15 +567,5 @@ async fn a_shutdown_while_postgres_is_frozen_ends_at_the_drain_timeout() {
     )
     .await;
     again.stop().await;
-    let c = client(&db).await;
-    let distinct: i64 = c
-        .query_one(
-            "SELECT count(DISTINCT (kafka_partition, kafka_offset)) FROM events",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(distinct, 300, "no duplicates");
-    rig.assert_offsets_at_end(&c, 2).await;
+    rig.assert_stored_once(300, 2).await;
 }
