@@ -710,30 +710,7 @@ async fn kpi_files_changed_while_running_are_picked_up() {
 /// it, from the stored offsets, so the KPI misses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
-    let admin_cfg: tokio_postgres::Config = server_url().parse().unwrap();
-    let admin = client(&admin_cfg).await;
-    let id = unique("w").replace('-', "_");
-    let (owner, app, db) = (
-        format!("es_owner_{id}"),
-        format!("es_app_{id}"),
-        format!("watch_{id}"),
-    );
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {owner} LOGIN PASSWORD 'owner-pw'; CREATE ROLE {app} LOGIN PASSWORD 'app-pw';"
-        ))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db} OWNER {owner}"))
-        .await
-        .unwrap();
-    let as_role = |role: &str, password: &str| {
-        let mut c = admin_cfg.clone();
-        c.user(role).password(password).dbname(&db);
-        c
-    };
-    let (owner_cfg, app_cfg) = (as_role(&owner, "owner-pw"), as_role(&app, "app-pw"));
+    let (_, [(_, owner_cfg), (app, app_cfg)]) = db_with_roles(["owner", "app"]).await;
 
     let kpi_cfg = kpi_dir(&[(
         "by_type.sql",

@@ -72,37 +72,10 @@ fn copy_queries(to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
+    let (db, [(owner, owner_cfg), (app, app_cfg), (reader, read_cfg)]) =
+        db_with_roles(["owner", "app", "reader"]).await;
     let admin_cfg: tokio_postgres::Config = server_url().parse().unwrap();
     let admin = client(&admin_cfg).await;
-    let id = unique("r").replace('-', "_");
-    let (owner, app, reader, db) = (
-        format!("es_owner_{id}"),
-        format!("es_app_{id}"),
-        format!("es_read_{id}"),
-        format!("roles_{id}"),
-    );
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {owner} LOGIN PASSWORD 'owner-secret';
-             CREATE ROLE {app} LOGIN PASSWORD 'app-secret';
-             CREATE ROLE {reader} LOGIN PASSWORD 'read-secret';"
-        ))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db} OWNER {owner}"))
-        .await
-        .unwrap();
-    let as_role = |role: &str, password: &str| {
-        let mut c = admin_cfg.clone();
-        c.user(role).password(password).dbname(&db);
-        c
-    };
-    let (owner_cfg, app_cfg, read_cfg) = (
-        as_role(&owner, "owner-secret"),
-        as_role(&app, "app-secret"),
-        as_role(&reader, "read-secret"),
-    );
     let (owner_url, app_url) = (
         db_url_with_password(&owner_cfg),
         db_url_with_password(&app_cfg),
@@ -123,7 +96,7 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         })
         .collect();
     send_raw(&broker.brokers, &topic, &lines);
-    let queries = std::env::temp_dir().join(format!("roles-queries-{id}"));
+    let queries = std::env::temp_dir().join(format!("queries-{db}"));
     copy_queries(&queries);
     let q = queries.to_str().unwrap();
 

@@ -68,6 +68,41 @@ pub async fn client(cfg: &tokio_postgres::Config) -> tokio_postgres::Client {
     energy_stream::sink::connect(cfg).await.unwrap()
 }
 
+/// A fresh database on the shared server, owned by the first of `kinds`,
+/// with a fresh login role for each kind: how production splits the owner
+/// that migrates, the app that writes rows, and readers. Returns the
+/// database's name and, per kind in order, the role's name and a config
+/// that logs in as it to the new database. A password is `{kind}-secret`,
+/// so that a test can look for "secret" in output.
+pub async fn db_with_roles<const N: usize>(
+    kinds: [&str; N],
+) -> (String, [(String, tokio_postgres::Config); N]) {
+    let admin_cfg: tokio_postgres::Config = server_url().parse().unwrap();
+    let admin = client(&admin_cfg).await;
+    let id = unique("r").replace('-', "_");
+    let db = format!("roles_{id}");
+    let roles = kinds.map(|kind| {
+        let name = format!("es_{kind}_{id}");
+        let mut cfg = admin_cfg.clone();
+        cfg.user(&name)
+            .password(format!("{kind}-secret"))
+            .dbname(&db);
+        (name, cfg)
+    });
+    for (name, cfg) in &roles {
+        let pw = String::from_utf8_lossy(cfg.get_password().unwrap());
+        admin
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD '{pw}'"))
+            .await
+            .unwrap();
+    }
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db} OWNER {}", roles[0].0))
+        .await
+        .unwrap();
+    (db, roles)
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
