@@ -608,6 +608,44 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Regression: `--progress-interval-secs` and `--log-json` were missing
+    /// from the README's configuration table, which says it lists every flag
+    /// of `run` with its environment fallback.
+    #[test]
+    fn the_readme_configuration_table_lists_every_run_flag_and_its_env() {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README has a Configuration section");
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| `--")).collect();
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let mut missing = Vec::new();
+        for arg in cli.get_arguments().chain(run.get_arguments()) {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let flag = format!("| `--{long}");
+            let Some(row) = rows
+                .iter()
+                .find(|r| r.starts_with(&flag) && r[flag.len()..].starts_with(['`', ' ']))
+            else {
+                missing.push(format!("--{long}"));
+                continue;
+            };
+            if let Some(env) = arg.get_env() {
+                let env = format!("`{}`", env.to_str().unwrap());
+                if !row.contains(&env) {
+                    missing.push(format!("--{long}'s {env}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in the README's table: {missing:?}");
+    }
+
     #[test]
     fn run_defaults_and_options() {
         let cli = parse(&[
