@@ -610,7 +610,7 @@ mod tests {
 
     /// Regression: `--progress-interval-secs` and `--log-json` were missing
     /// from the README's configuration table, which says it lists every flag
-    /// of `run` with its environment fallback.
+    /// of `run` with its environment fallback; the defaults must match too.
     #[test]
     fn the_readme_configuration_table_lists_every_run_flag_and_its_env() {
         let readme = include_str!("../README.md");
@@ -640,6 +640,12 @@ mod tests {
                 let env = format!("`{}`", env.to_str().unwrap());
                 if !row.contains(&env) {
                     missing.push(format!("--{long}'s {env}"));
+                }
+            }
+            for default in arg.get_default_values() {
+                let default = format!("| `{}` |", default.to_str().unwrap());
+                if !row.contains(&default) {
+                    missing.push(format!("--{long}'s default {default}"));
                 }
             }
         }
