@@ -647,12 +647,13 @@ async fn run_once(
     // Joining, leaving the group and dropping the consumer can all run
     // rebalance callbacks, which block: keep them off the async workers.
     tracing::debug!("compute task stopped");
+    let close_limit = cfg
+        .drain_timeout
+        .clamp(Duration::from_secs(1), CONSUMER_CLOSE_LIMIT);
     let intake_result = tokio::task::spawn_blocking(move || {
         let joined = intake.join();
         tracing::debug!("intake thread joined");
-        source.close();
-        drop(source);
-        tracing::debug!("consumer closed");
+        close_consumer(source, close_limit, &metrics);
         joined
     })
     .await
@@ -666,6 +667,53 @@ async fn run_once(
         Err(e) => {
             committed.absorb(summary);
             Err(e)
+        }
+    }
+}
+
+/// The longest a run waits for the Kafka consumer to leave its group at the
+/// end (the drain timeout when shorter, and at least 1 s).
+const CONSUMER_CLOSE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Leaves the Kafka group and drops the consumer, giving up after `limit`.
+///
+/// The Kafka client's close waits for the group coordinator's answer with no
+/// bound of its own, so a broker that stops answering (a frozen host, a
+/// paused container, a partition) would hold the shutdown, and a reload of
+/// the KPI files, forever. Giving up loses nothing: the offsets live in
+/// Postgres, and the broker drops the silent member once it expires it (Kafka:
+/// after its session timeout). The consumer is left to finish its close on a
+/// detached thread, which does not keep the process from exiting.
+fn close_consumer(source: Arc<KafkaSource>, limit: Duration, metrics: &Metrics) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || {
+            source.close();
+            drop(source);
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = spawned {
+        // The closure was dropped, and the consumer closed with it, here.
+        tracing::warn!(error = %e, "cannot start a thread to close the Kafka consumer");
+        return;
+    }
+    match done_rx.recv_timeout(limit) {
+        Ok(()) => tracing::debug!("consumer closed"),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            metrics
+                .kafka_errors
+                .with_label_values(&["close_timeout"])
+                .inc();
+            tracing::warn!(
+                waited = ?limit,
+                "the Kafka broker did not answer while the consumer left its group; going on \
+                 without its answer (nothing is lost: the offsets are stored in Postgres; the \
+                 group's next member may wait for its partitions until the broker expires this one)"
+            );
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            tracing::warn!("closing the Kafka consumer panicked");
         }
     }
 }

@@ -241,7 +241,13 @@ impl Metrics {
         for c in ["rebalance", "fenced"] {
             self.batches_discarded.with_label_values(&[c]);
         }
-        for k in ["all_brokers_down", "transport", "consume", "other"] {
+        for k in [
+            "all_brokers_down",
+            "transport",
+            "consume",
+            "other",
+            "close_timeout",
+        ] {
             self.kafka_errors.with_label_values(&[k]);
         }
     }

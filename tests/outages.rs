@@ -1,7 +1,8 @@
 //! Fault-suite scenarios 5 and 6, with `run` as a process on the real broker:
 //! Postgres away for 60 s under a growing backlog (no offset advances, memory
 //! stays bounded, not ready, then full recovery), and the broker stopped for
-//! 30 s and started again (no crash, reconnects, nothing lost).
+//! 30 s and started again (no crash, reconnects, nothing lost). Also: SIGTERM
+//! while the broker does not answer at all still ends `run`.
 
 mod common;
 
@@ -329,6 +330,54 @@ async fn broker_down_for_30_seconds_then_back() {
     broker.start();
     send_raw(&broker.brokers, &topic, &second);
     wait_stored(&c, produced, Duration::from_secs(300), &mut child).await;
+    sigterm_and_wait(child.into_inner(), Duration::from_secs(60));
+    check_exactly_once(&c, &group, &topic, produced).await;
+    drop(broker);
+    let _ = std::fs::remove_file(std::env::temp_dir().join(file));
+}
+
+/// A broker that stops answering (SIGSTOP on tansu, as a frozen host, a
+/// paused container or a network that drops packets does) when `run` gets
+/// SIGTERM: `run` still exits 0, with everything it consumed committed. It
+/// does not wait for the broker to acknowledge that it left the group; the
+/// offsets live in Postgres, so the next run stores the rest exactly once.
+/// Regression: the Kafka client's close waited for the broker forever, so
+/// SIGTERM never ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_broker_is_frozen_exits() {
+    // SQLite storage, so that the broker can be restarted below.
+    let file = format!("{}.db", unique("tansu"));
+    let mut broker = Broker::own_with_storage(&format!("sqlite://{file}"));
+    let db = fresh_db("brokerfrozen").await;
+    let topic = unique("frozen");
+    create_topic(&broker.brokers, &topic, 3);
+    let first = generated(100_000, 71);
+    let second = generated(5_000, 72);
+    let produced = (first.len() + second.len()) as i64;
+    send_raw(&broker.brokers, &topic, &first);
+
+    let group = unique("frozen-g");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut child = spawn_run(&broker.brokers, &topic, &group, &db_url(&db), &metrics);
+    let c = client(&db).await;
+    // Frozen mid-stream, with requests in flight that nobody answers.
+    wait_stored(&c, 10_000, Duration::from_secs(120), &mut child).await;
+    broker.set_frozen(true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A bound on hanging, not a speed check: the drain timeout is 30 s. A
+    // failure kills `run`, and dropping the broker ends it too.
+    sigterm_and_wait(child.into_inner(), Duration::from_secs(90));
+    // What was stored is whole: every row once, offsets at the rows' end.
+    assert_exactly_once_by_position(&c, &group, &topic).await;
+
+    // The member that could not say it left stays in the group until the
+    // broker expires it; tansu kept such a member for over 5 minutes, which
+    // blocks the next assignment. A restart of the broker forgets it.
+    broker.kill();
+    broker.start();
+    send_raw(&broker.brokers, &topic, &second);
+    let mut child = spawn_run(&broker.brokers, &topic, &group, &db_url(&db), &metrics);
+    wait_stored(&c, produced, Duration::from_secs(120), &mut child).await;
     sigterm_and_wait(child.into_inner(), Duration::from_secs(60));
     check_exactly_once(&c, &group, &topic, produced).await;
     drop(broker);
