@@ -362,7 +362,7 @@ async fn sigterm_while_the_broker_is_frozen_exits() {
     let c = client(&db).await;
     // Frozen mid-stream, with requests in flight that nobody answers.
     wait_stored(&c, 10_000, Duration::from_secs(120), &mut child).await;
-    broker.set_frozen(true);
+    broker.freeze();
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A bound on hanging, not a speed check: the drain timeout is 30 s. A
     // failure kills `run`, and dropping the broker ends it too.

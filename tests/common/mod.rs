@@ -345,19 +345,14 @@ impl Broker {
         panic!("tansu did not listen on port {} within 10 s", self.port);
     }
 
-    /// Stops (SIGSTOP) or resumes (SIGCONT) the broker process, as a frozen
-    /// host or `docker pause` does: its sockets stay open and nothing answers.
-    pub fn set_frozen(&self, frozen: bool) {
+    /// Stops the broker process (SIGSTOP), as a frozen host or `docker
+    /// pause` does: its sockets stay open and nothing answers. `kill` still
+    /// ends it.
+    pub fn freeze(&self) {
         let child = self.child.as_ref().expect("a broker this test started");
-        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
         // SAFETY: kill(2) on a child we spawned and have not reaped.
-        let rc = unsafe { libc::kill(child.id() as i32, signal) };
-        assert_eq!(
-            rc,
-            0,
-            "signal the broker: {}",
-            std::io::Error::last_os_error()
-        );
+        let rc = unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+        assert_eq!(rc, 0, "SIGSTOP: {}", std::io::Error::last_os_error());
     }
 
     /// Kills the broker process (memory storage: its data is gone too).
