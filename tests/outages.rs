@@ -283,33 +283,61 @@ async fn postgres_away_for_60_seconds_pauses_intake_and_recovers() {
     check_exactly_once(&c, &group, &topic, produced).await;
 }
 
+/// What both broker scenarios stand on: a private broker that can be
+/// restarted without losing its log, a topic of 3 partitions loaded with
+/// `first`, a fresh database, and `run` consuming the topic into it.
+struct BrokerRig {
+    broker: Broker,
+    db: String,
+    topic: String,
+    group: String,
+    metrics: String,
+    c: tokio_postgres::Client,
+}
+
+impl BrokerRig {
+    async fn new(prefix: &str, first: &[Option<Vec<u8>>]) -> BrokerRig {
+        let broker = Broker::own_restartable();
+        let db = fresh_db(prefix).await;
+        let topic = unique(prefix);
+        create_topic(&broker.brokers, &topic, 3);
+        send_raw(&broker.brokers, &topic, first);
+        BrokerRig {
+            broker,
+            c: client(&db).await,
+            db: db_url(&db),
+            topic,
+            group: unique(&format!("{prefix}-g")),
+            metrics: format!("127.0.0.1:{}", free_port()),
+        }
+    }
+
+    fn spawn_run(&self) -> Reaped {
+        spawn_run(
+            &self.broker.brokers,
+            &self.topic,
+            &self.group,
+            &self.db,
+            &self.metrics,
+        )
+    }
+}
+
 /// Scenario 6. The broker (tansu, keeping its log in a SQLite file so that a
 /// restart loses nothing) is stopped for 30 s mid-stream and started again on
 /// the same port. Passes when `run` stays up (and says it is not ready), then
 /// reconnects, and every message, before and after, is stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_for_30_seconds_then_back() {
-    let file = format!("{}.db", unique("tansu"));
-    let mut broker = Broker::own_with_storage(&format!("sqlite://{file}"));
-    let db = fresh_db("brokerdown").await;
-    let topic = unique("down");
-    create_topic(&broker.brokers, &topic, 3);
     let first = generated(20_000, 61);
     let second = generated(20_000, 62);
     let produced = (first.len() + second.len()) as i64;
-    send_raw(&broker.brokers, &topic, &first);
-
-    let group = unique("down-g");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut child = spawn_run(&broker.brokers, &topic, &group, &db_url(&db), &metrics);
-    let c = client(&db).await;
+    let mut rig = BrokerRig::new("brokerdown", &first).await;
+    let metrics = rig.metrics.clone();
+    let mut child = rig.spawn_run();
     // Stop the broker once part of the first load is in.
-    let started = Instant::now();
-    while stored_messages(&c).await.unwrap_or(0) < 2_000 {
-        assert!(started.elapsed() < Duration::from_secs(120), "run started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    broker.kill();
+    wait_stored(&rig.c, 2_000, Duration::from_secs(120), &mut child).await;
+    rig.broker.kill();
     let down = Instant::now();
     let mut not_ready = 0;
     while down.elapsed() < Duration::from_secs(30) {
@@ -327,13 +355,11 @@ async fn broker_down_for_30_seconds_then_back() {
         not_ready >= 5,
         "/readyz says not ready while the broker is away"
     );
-    broker.start();
-    send_raw(&broker.brokers, &topic, &second);
-    wait_stored(&c, produced, Duration::from_secs(300), &mut child).await;
+    rig.broker.start();
+    send_raw(&rig.broker.brokers, &rig.topic, &second);
+    wait_stored(&rig.c, produced, Duration::from_secs(300), &mut child).await;
     sigterm_and_wait(child.into_inner(), Duration::from_secs(60));
-    check_exactly_once(&c, &group, &topic, produced).await;
-    drop(broker);
-    let _ = std::fs::remove_file(std::env::temp_dir().join(file));
+    check_exactly_once(&rig.c, &rig.group, &rig.topic, produced).await;
 }
 
 /// A broker that stops answering (SIGSTOP on tansu, as a frozen host, a
@@ -345,41 +371,30 @@ async fn broker_down_for_30_seconds_then_back() {
 /// SIGTERM never ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_broker_is_frozen_exits() {
-    // SQLite storage, so that the broker can be restarted below.
-    let file = format!("{}.db", unique("tansu"));
-    let mut broker = Broker::own_with_storage(&format!("sqlite://{file}"));
-    let db = fresh_db("brokerfrozen").await;
-    let topic = unique("frozen");
-    create_topic(&broker.brokers, &topic, 3);
     let first = generated(100_000, 71);
     let second = generated(5_000, 72);
     let produced = (first.len() + second.len()) as i64;
-    send_raw(&broker.brokers, &topic, &first);
-
-    let group = unique("frozen-g");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut child = spawn_run(&broker.brokers, &topic, &group, &db_url(&db), &metrics);
-    let c = client(&db).await;
+    // Restartable, for the second half below.
+    let mut rig = BrokerRig::new("brokerfrozen", &first).await;
+    let mut child = rig.spawn_run();
     // Frozen mid-stream, with requests in flight that nobody answers.
-    wait_stored(&c, 10_000, Duration::from_secs(120), &mut child).await;
-    broker.freeze();
+    wait_stored(&rig.c, 10_000, Duration::from_secs(120), &mut child).await;
+    rig.broker.freeze();
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A bound on hanging, not a speed check: the drain timeout is 30 s. A
     // failure kills `run`, and dropping the broker ends it too.
     sigterm_and_wait(child.into_inner(), Duration::from_secs(90));
     // What was stored is whole: every row once, offsets at the rows' end.
-    assert_exactly_once_by_position(&c, &group, &topic).await;
+    assert_exactly_once_by_position(&rig.c, &rig.group, &rig.topic).await;
 
     // The member that could not say it left stays in the group until the
     // broker expires it; tansu kept such a member for over 5 minutes, which
     // blocks the next assignment. A restart of the broker forgets it.
-    broker.kill();
-    broker.start();
-    send_raw(&broker.brokers, &topic, &second);
-    let mut child = spawn_run(&broker.brokers, &topic, &group, &db_url(&db), &metrics);
-    wait_stored(&c, produced, Duration::from_secs(120), &mut child).await;
+    rig.broker.kill();
+    rig.broker.start();
+    send_raw(&rig.broker.brokers, &rig.topic, &second);
+    let mut child = rig.spawn_run();
+    wait_stored(&rig.c, produced, Duration::from_secs(120), &mut child).await;
     sigterm_and_wait(child.into_inner(), Duration::from_secs(60));
-    check_exactly_once(&c, &group, &topic, produced).await;
-    drop(broker);
-    let _ = std::fs::remove_file(std::env::temp_dir().join(file));
+    check_exactly_once(&rig.c, &rig.group, &rig.topic, produced).await;
 }

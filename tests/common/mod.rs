@@ -264,6 +264,8 @@ pub struct Broker {
     child: Option<std::process::Child>,
     port: u16,
     storage: String,
+    /// The SQLite file a restartable broker keeps its log in, removed on drop.
+    file: Option<std::path::PathBuf>,
 }
 
 impl Broker {
@@ -274,6 +276,7 @@ impl Broker {
                 child: None,
                 port: 0,
                 storage: String::new(),
+                file: None,
             },
             _ => Broker::own(),
         }
@@ -284,11 +287,18 @@ impl Broker {
         Broker::own_with_storage("memory://tansu/")
     }
 
-    /// A private tansu with another storage engine, e.g. `sqlite://x.db` (a
-    /// file in the temp dir), which survives a restart of the broker, unlike
-    /// the memory engine. SQLite needs tansu's `libsql` feature, which
-    /// .ci/run installs.
-    pub fn own_with_storage(storage: &str) -> Broker {
+    /// A private tansu that keeps its log in a SQLite file in the temp dir,
+    /// so that it survives a restart of the broker, unlike the memory
+    /// engine; the file is removed when the broker is dropped. SQLite needs
+    /// tansu's `libsql` feature, which .ci/run installs.
+    pub fn own_restartable() -> Broker {
+        let file = format!("{}.db", unique("tansu"));
+        let mut b = Broker::own_with_storage(&format!("sqlite://{file}"));
+        b.file = Some(std::env::temp_dir().join(file));
+        b
+    }
+
+    fn own_with_storage(storage: &str) -> Broker {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -299,6 +309,7 @@ impl Broker {
             child: None,
             port,
             storage: storage.to_string(),
+            file: None,
         };
         b.start();
         b
@@ -367,6 +378,9 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        if let Some(file) = &self.file {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 
