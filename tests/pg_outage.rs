@@ -58,6 +58,23 @@ impl Rig {
         )
     }
 
+    /// `run` with small batches, so that many commit around the fault,
+    /// serving `/metrics`, `/healthz` and `/readyz` on a free port; `edit`
+    /// adjusts the config. Returns it, its metrics and that address.
+    fn spawn_served(
+        &self,
+        edit: impl FnOnce(&mut PipelineConfig),
+    ) -> (Running, Arc<Metrics>, String) {
+        let mut cfg = self.config();
+        cfg.batch_max_rows = 200;
+        cfg.batch_max_wait = Duration::from_millis(50);
+        let addr = format!("127.0.0.1:{}", free_port());
+        cfg.metrics_addr = Some(addr.parse().unwrap());
+        edit(&mut cfg);
+        let metrics = Metrics::new();
+        (Running::spawn(cfg, metrics.clone()), metrics, addr)
+    }
+
     /// Sends `total` events in `chunks` chunks, pausing between them, from a
     /// thread, so that the stream goes on while the test breaks Postgres.
     fn produce_in_chunks(
@@ -117,6 +134,11 @@ impl Rig {
     }
 }
 
+/// Whether `/readyz` at `addr` says ready.
+fn ready(addr: &str) -> bool {
+    http_get(addr, "/readyz").starts_with("HTTP/1.0 200")
+}
+
 /// All database errors counted, whatever their kind.
 fn db_errors(metrics: &Metrics) -> f64 {
     metrics
@@ -131,13 +153,7 @@ fn db_errors(metrics: &Metrics) -> f64 {
 async fn postgres_stopped_for_ten_seconds_mid_run() {
     let rig = rig("outage", 4).await;
     let (pg, db) = (rig.pg.clone(), rig.db.clone());
-    let mut cfg = rig.config();
-    cfg.batch_max_rows = 200;
-    cfg.batch_max_wait = Duration::from_millis(50);
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    cfg.metrics_addr = Some(metrics_addr.parse().unwrap());
-    let metrics = Metrics::new();
-    let run = Running::spawn(cfg, metrics.clone());
+    let (run, metrics, metrics_addr) = rig.spawn_served(|_| {});
 
     // Produce 30 000 events over ~12 s while Postgres goes down and comes back.
     let total = 30_000usize;
@@ -157,7 +173,6 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
             .unwrap_or(0);
     }
     assert!(before > 0, "the pipeline committed before the outage");
-    let ready = |addr: &str| http_get(addr, "/readyz").starts_with("HTTP/1.0 200");
     assert!(ready(&metrics_addr), "ready while committing");
     assert!((before as usize) < total, "the outage starts mid-run");
     drop(c);
@@ -470,20 +485,13 @@ async fn set_frozen(pg: &Arc<LocalPostgres>, frozen: bool) {
 async fn postgres_frozen_mid_run_times_out_and_recovers() {
     let rig = rig("frozen", 4).await;
     let (pg, db) = (rig.pg.clone(), rig.db.clone());
-    let mut cfg = rig.config();
-    cfg.batch_max_rows = 200;
-    cfg.batch_max_wait = Duration::from_millis(50);
-    cfg.database.timeout = Duration::from_secs(2);
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    cfg.metrics_addr = Some(metrics_addr.parse().unwrap());
-    let metrics = Metrics::new();
-    let run = Running::spawn(cfg, metrics.clone());
+    let (run, metrics, metrics_addr) =
+        rig.spawn_served(|cfg| cfg.database.timeout = Duration::from_secs(2));
 
     // 16 000 events over about 8 s, while Postgres freezes and thaws.
     let total = 16_000usize;
     let producer = rig.produce_in_chunks(total, 20, 300, Duration::from_millis(400));
     wait_until(&db, "SELECT count(*) > 0 FROM events", "a first commit").await;
-    let ready = |addr: &str| http_get(addr, "/readyz").starts_with("HTTP/1.0 200");
     assert!(ready(&metrics_addr), "ready while committing");
 
     set_frozen(&pg, true).await;
