@@ -607,14 +607,8 @@ fn signal_cluster(data_dir: &Path, signal: libc::c_int) -> Result<(), LocalPgErr
         else {
             continue;
         };
-        // The parent is the first field after the command name, which
-        // ends with the last ')'.
-        let parent = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let rest = &stat[stat.rfind(')')? + 1..];
-                rest.split_whitespace().nth(1)?.parse::<libc::pid_t>().ok()
-            });
+        // The parent is the second field: after the state.
+        let parent = stat_fields(pid).and_then(|f| f.split_whitespace().nth(1)?.parse().ok());
         if parent == Some(postmaster) {
             pids.push(pid);
         }
@@ -630,6 +624,14 @@ fn signal_cluster(data_dir: &Path, signal: libc::c_int) -> Result<(), LocalPgErr
         }
     }
     Ok(())
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name, starting with the
+/// state; None once the process is gone. The name is in parentheses and may
+/// hold spaces and ')' itself, so it ends at the last ')'.
+fn stat_fields(pid: libc::pid_t) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat[stat.rfind(')')? + 1..].to_string())
 }
 
 fn process_exists(pid: libc::pid_t) -> bool {
@@ -811,11 +813,7 @@ mod tests {
     }
 
     fn is_zombie(pid: libc::pid_t) -> bool {
-        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
+        stat_fields(pid).is_some_and(|f| f.trim_start().starts_with('Z'))
     }
 
     #[test]
