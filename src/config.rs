@@ -235,7 +235,8 @@ pub struct RunArgs {
     /// How long Postgres may leave a connection attempt, a batch's COPY,
     /// merges or COMMIT, or the read of the stored offsets unanswered before
     /// it counts as away: the connection is dropped and the batch retried on
-    /// a new one. Start-up work (migrations, KPI backfills) is not bounded.
+    /// a new one. Start-up work (migrations, KPI backfills) is not bounded,
+    /// though a shutdown ends it at once.
     #[arg(long, env = "DB_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub db_timeout_secs: u64,

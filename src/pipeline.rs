@@ -443,15 +443,6 @@ async fn run_kpi_sets(
                 );
                 previous = Some(std::mem::replace(&mut set, new));
             }
-            Err(PipelineError::KpiInstall(e))
-                if previous.is_some() && !stopping && e.is_retryable() =>
-            {
-                tracing::warn!(error = %e, "cannot install the changed KPI files yet; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.wait_for(|s| *s) => return Ok(total),
-                }
-            }
             Err(PipelineError::KpiInstall(e)) if previous.is_some() && !stopping => {
                 tracing::error!(
                     error = %e,
@@ -529,52 +520,11 @@ async fn run_once(
     let cfg = cfg.clone();
     let metrics = metrics.clone();
     let health = health.clone();
-    let Some(mut client) = connect_with_retry(&cfg, &health, &metrics, stop_rx.clone()).await?
+    let Some((client, kpis)) =
+        start_up(&cfg, engine, retire, &metrics, &health, stop_rx.clone()).await?
     else {
         return Ok(RunSummary::default());
     };
-    sink::check_encoding(&client).await?;
-    if cfg.migrate {
-        let report = sink::migrate::migrate(&mut client).await?;
-        if !report.applied.is_empty() {
-            tracing::info!(applied = ?report.applied, "schema migrations applied");
-        }
-    }
-
-    sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
-    let kpis = match engine {
-        Some(engine) => {
-            let report = crate::kpi::install(&mut client, &engine)
-                .await
-                .map_err(PipelineError::KpiInstall)?;
-            tracing::info!(
-                kpis = engine.len(),
-                backfilled = ?report.backfilled,
-                "KPIs ready"
-            );
-            Some(engine)
-        }
-        None => None,
-    };
-    if !retire.is_empty() {
-        let retired = crate::kpi::retire(&client, retire).await?;
-        if !retired.is_empty() {
-            tracing::info!(
-                ?retired,
-                "KPI files deleted: retired, their tables and views stay as they are, no longer updated"
-            );
-        }
-    }
-    // Refuse before reading anything: the first batch would be refused anyway.
-    let known: Vec<(&str, &str)> = kpis
-        .iter()
-        .flat_map(|e| e.defs())
-        .map(|d| (d.name.as_str(), d.hash.as_str()))
-        .collect();
-    let short = crate::kpi::unmaintained(&client, &known, &[]).await?;
-    if !short.is_empty() {
-        return Err(SinkError::KpisDiffer(short).into());
-    }
 
     let loader = PgOffsetLoader {
         handle: tokio::runtime::Handle::current(),
@@ -669,6 +619,104 @@ async fn run_once(
             Err(e)
         }
     }
+}
+
+/// Connects and readies the database for a run: migrations, the group
+/// check, the KPI install (with its backfills) and retirements. Returns the
+/// connection and the KPIs to compute, or None when shutdown came first.
+///
+/// Nothing has been consumed yet, so both ways out are safe at any moment:
+/// - a shutdown ends it at once; the work is transactional, and a dropped
+///   connection rolls it back (a lock wait or a long backfill would
+///   otherwise hold SIGTERM for as long as it lasts);
+/// - Postgres going away (a restart, a broken connection) is retried from
+///   a new connection after a backoff, as for a batch, instead of ending
+///   the process.
+async fn start_up(
+    cfg: &PipelineConfig,
+    engine: Option<Arc<KpiEngine>>,
+    retire: &[(String, String)],
+    metrics: &Metrics,
+    health: &Health,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<(Client, Option<Arc<KpiEngine>>)>, PipelineError> {
+    let mut backoff = Backoff::new();
+    loop {
+        let Some(client) = connect_with_retry(cfg, health, metrics, stop.clone()).await? else {
+            return Ok(None);
+        };
+        let prepared = tokio::select! {
+            r = prepare(cfg, engine.clone(), retire, client) => r,
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!("shutdown during start-up: nothing was consumed yet");
+                return Ok(None);
+            }
+        };
+        let e = match prepared {
+            Ok(ready) => return Ok(Some(ready)),
+            Err(PipelineError::Sink(e) | PipelineError::KpiInstall(e)) if e.is_retryable() => e,
+            Err(e) => return Err(e),
+        };
+        metrics.db_errors.with_label_values(&[e.kind()]).inc();
+        health.postgres_ok.store(false, Ordering::Relaxed);
+        tracing::warn!(error = %e, "Postgres went away during start-up; starting it again");
+        tokio::select! {
+            _ = backoff.wait() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(None),
+        }
+    }
+}
+
+/// The start-up work of [`start_up`] on one connection.
+async fn prepare(
+    cfg: &PipelineConfig,
+    engine: Option<Arc<KpiEngine>>,
+    retire: &[(String, String)],
+    mut client: Client,
+) -> Result<(Client, Option<Arc<KpiEngine>>), PipelineError> {
+    sink::check_encoding(&client).await?;
+    if cfg.migrate {
+        let report = sink::migrate::migrate(&mut client).await?;
+        if !report.applied.is_empty() {
+            tracing::info!(applied = ?report.applied, "schema migrations applied");
+        }
+    }
+
+    sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
+    let kpis = match engine {
+        Some(engine) => {
+            let report = crate::kpi::install(&mut client, &engine)
+                .await
+                .map_err(PipelineError::KpiInstall)?;
+            tracing::info!(
+                kpis = engine.len(),
+                backfilled = ?report.backfilled,
+                "KPIs ready"
+            );
+            Some(engine)
+        }
+        None => None,
+    };
+    if !retire.is_empty() {
+        let retired = crate::kpi::retire(&client, retire).await?;
+        if !retired.is_empty() {
+            tracing::info!(
+                ?retired,
+                "KPI files deleted: retired, their tables and views stay as they are, no longer updated"
+            );
+        }
+    }
+    // Refuse before reading anything: the first batch would be refused anyway.
+    let known: Vec<(&str, &str)> = kpis
+        .iter()
+        .flat_map(|e| e.defs())
+        .map(|d| (d.name.as_str(), d.hash.as_str()))
+        .collect();
+    let short = crate::kpi::unmaintained(&client, &known, &[]).await?;
+    if !short.is_empty() {
+        return Err(SinkError::KpisDiffer(short).into());
+    }
+    Ok((client, kpis))
 }
 
 /// The longest a run waits for the Kafka consumer to leave its group at the

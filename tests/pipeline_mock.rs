@@ -791,3 +791,116 @@ async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
         &["--queries-dir", dir.to_str().unwrap()],
     );
 }
+
+/// Holds an exclusive lock on `table` in an open transaction until dropped,
+/// as a `VACUUM FULL`, a long migration or an operator's `LOCK TABLE` would.
+struct TableLock {
+    _client: tokio_postgres::Client,
+}
+
+impl TableLock {
+    async fn take(db: &tokio_postgres::Config, table: &str) -> TableLock {
+        let c = client(db).await;
+        c.batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+        TableLock { _client: c }
+    }
+}
+
+/// Waits until a backend of `application_name` waits for a lock; returns its pid.
+async fn backend_waiting_for_lock(db: &tokio_postgres::Config, application_name: &str) -> i32 {
+    let c = client(db).await;
+    for _ in 0..300 {
+        let row = c
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&application_name],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no backend of {application_name} waited for the lock within 30 s");
+}
+
+/// Regression: start-up work (migrations, the group check, KPI backfills)
+/// ignored SIGTERM, so a lock held on one of its tables kept `run` alive for
+/// as long as the lock lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_start_up_ends_at_once() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..100, 10));
+    let mut db = fresh_db("startup_stop").await;
+    energy_stream::sink::migrate::migrate(&mut client(&db).await)
+        .await
+        .unwrap();
+    let lock = TableLock::take(&db, "consumer_offsets").await;
+
+    let name = unique("starting");
+    db.application_name(&name);
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.stop_when_caught_up = false;
+    let running = Running::spawn(cfg, Metrics::new());
+    backend_waiting_for_lock(&db, &name).await;
+    // The lock is still held: only the shutdown can end the run now.
+    let summary = tokio::time::timeout(Duration::from_secs(20), running.stop())
+        .await
+        .expect("run ends within 20 s of the shutdown while its start-up waits for a lock");
+    assert_eq!(summary.events_written, 0);
+    drop(lock);
+    assert_eq!(event_rows(&client(&db).await).await, 0);
+}
+
+/// Regression: Postgres going away during start-up (here the connection is
+/// terminated while the group check waits for a lock; a restart does the
+/// same) ended `run` with "postgres unavailable" instead of retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lost_during_start_up_is_retried() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..300, 20));
+    let mut db = fresh_db("startup_lost").await;
+    energy_stream::sink::migrate::migrate(&mut client(&db).await)
+        .await
+        .unwrap();
+    let lock = TableLock::take(&db, "consumer_offsets").await;
+
+    let name = unique("starting");
+    db.application_name(&name);
+    let metrics = Metrics::new();
+    let run = tokio::spawn(run_within(
+        pipeline_config(&brokers, &topic, db.clone()),
+        metrics.clone(),
+        Duration::from_secs(120),
+        "pipeline caught up within 120 s",
+    ));
+    let pid = backend_waiting_for_lock(&db, &name).await;
+    let c = client(&db).await;
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    // It comes back on a new connection and waits for the lock again.
+    let again = backend_waiting_for_lock(&db, &name).await;
+    assert_ne!(again, pid);
+    drop(lock);
+
+    let summary = run.await.unwrap().expect("start-up retried, not fatal");
+    assert_eq!(summary.events_written, 300);
+    assert_eq!(event_rows(&c).await, 300);
+    assert!(
+        metrics.db_errors.with_label_values(&["shutdown"]).get() >= 1,
+        "the lost connection is counted as a database error"
+    );
+}
