@@ -250,13 +250,17 @@ impl OffsetLoader for PgOffsetLoader {
             let client = self.db.connect().await.map_err(|e| e.to_string())?;
             // Runs in the rebalance callback: a Postgres that stops answering
             // must not hold the assignment, and with it the group, forever.
-            self.db
+            let loaded = self
+                .db
                 .bounded(
                     "reading the stored offsets",
                     sink::load_offsets(&client, &self.group_id, &self.topic),
                 )
-                .await
-                .map_err(|e| e.to_string())
+                .await;
+            if matches!(&loaded, Err(e) if e.kind() == "timeout") {
+                self.db.abandon(client);
+            }
+            loaded.map_err(|e| e.to_string())
         })
     }
 }
@@ -659,7 +663,7 @@ async fn start_up(
         };
         metrics.db_errors.with_label_values(&[e.kind()]).inc();
         health.postgres_ok.store(false, Ordering::Relaxed);
-        tracing::warn!(error = %e, "Postgres went away during start-up; starting it again");
+        tracing::warn!(error = %e, "start-up failed on a database error that may pass (Postgres away, restarting, a statement cancelled); starting it again");
         tokio::select! {
             _ = backoff.wait() => {}
             _ = stop.wait_for(|s| *s) => return Ok(None),
@@ -1372,7 +1376,7 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                             Ok(false) => {}
                             Err(e) => {
                                 in_doubt = Some(done);
-                                forget_if_stuck(&e, &mut client);
+                                forget_if_stuck(&e, &mut client, &cfg.database);
                                 on_db_error(&e, metrics, health)?;
                                 metrics.retries.inc();
                                 ctx.back_off(&mut backoff).await;
@@ -1426,7 +1430,7 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                                 Err(fatal @ SinkError::Fatal(_)) => {
                                     return Err(PipelineError::Sink(fatal));
                                 }
-                                Err(e) => forget_if_stuck(&e, &mut client),
+                                Err(e) => forget_if_stuck(&e, &mut client, &cfg.database),
                                 Ok(_) => {}
                             }
                         }
@@ -1444,7 +1448,7 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                 }
                 Err(e) => {
                     members.clear();
-                    forget_if_stuck(&e, &mut client);
+                    forget_if_stuck(&e, &mut client, &cfg.database);
                     on_db_error(&e, metrics, health)?;
                     metrics.retries.inc();
                     ctx.back_off(&mut backoff).await;
@@ -1458,11 +1462,14 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
     }
 }
 
-/// Drops a connection that went unanswered, so that the retry opens a new
+/// Gives up a connection that went unanswered, so that the retry opens a new
 /// one: the old one may still deliver its late reply, or never anything.
-fn forget_if_stuck(e: &SinkError, client: &mut Option<Client>) {
-    if e.kind() == "timeout" && client.take().is_some() {
-        tracing::debug!("dropped a connection Postgres left unanswered");
+fn forget_if_stuck(e: &SinkError, client: &mut Option<Client>, db: &sink::Database) {
+    if e.kind() == "timeout"
+        && let Some(c) = client.take()
+    {
+        tracing::debug!("giving up a connection Postgres left unanswered");
+        db.abandon(c);
     }
 }
 

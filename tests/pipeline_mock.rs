@@ -904,3 +904,65 @@ async fn postgres_lost_during_start_up_is_retried() {
         "the lost connection is counted as a database error"
     );
 }
+
+/// Regression: a batch whose COPY waited behind a lock was given up after the
+/// database timeout, but its backend went on waiting, since the connection
+/// stayed open while a reply was owed. Each retry left one more, until
+/// `max_connections` would run out for every client of the database. Now the
+/// query is cancelled when the connection is given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_given_up_behind_a_lock_are_cancelled_not_left_waiting() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..400, 20));
+    let mut db = fresh_db("lock_cancel").await;
+    energy_stream::sink::migrate::migrate(&mut client(&db).await)
+        .await
+        .unwrap();
+    let lock = TableLock::take(&db, "events").await;
+
+    let name = unique("writer");
+    db.application_name(&name);
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.database.timeout = Duration::from_secs(1);
+    let metrics = Metrics::new();
+    let run = tokio::spawn(run_within(
+        cfg,
+        metrics.clone(),
+        Duration::from_secs(120),
+        "pipeline caught up within 120 s",
+    ));
+    let timeouts = || metrics.db_errors.with_label_values(&["timeout"]).get();
+    for _ in 0..600 {
+        if timeouts() >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(timeouts() >= 6, "the lock makes the writes time out");
+    let c = client(&db).await;
+    for _ in 0..5 {
+        let backends: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        // Two writer lanes, and one just given up whose cancel is in flight.
+        assert!(
+            backends <= 4,
+            "{backends} backends of the pipeline after {} timeouts: given-up queries were left waiting",
+            timeouts()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(lock);
+
+    let summary = run.await.unwrap().expect("retried until the lock went");
+    assert_eq!(summary.events_written, 400);
+    assert_eq!(event_rows(&c).await, 400);
+}

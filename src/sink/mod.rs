@@ -203,39 +203,55 @@ pub async fn connect_with_ca(
     config: &tokio_postgres::Config,
     ca_file: Option<&std::path::Path>,
 ) -> Result<Client, SinkError> {
-    let client = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
-        let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "postgres connection closed");
-            }
-        });
-        client
-    } else {
-        let tls_err =
-            |e: openssl::error::ErrorStack| SinkError::Fatal(format!("cannot set up TLS: {e}"));
-        let mut builder =
-            openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).map_err(tls_err)?;
-        match ca_file {
-            Some(ca) => builder.set_ca_file(ca).map_err(tls_err)?,
-            None => builder.set_verify(openssl::ssl::SslVerifyMode::NONE),
+    let client = match tls_connector(config, ca_file)? {
+        None => {
+            let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(drive(conn));
+            client
         }
-        let mut tls = postgres_openssl::MakeTlsConnector::new(builder.build());
-        if ca_file.is_none() {
-            tls.set_callback(|c, _| {
-                c.set_verify_hostname(false);
-                Ok(())
-            });
+        Some(tls) => {
+            let (client, conn) = config.connect(tls).await?;
+            tokio::spawn(drive(conn));
+            client
         }
-        let (client, conn) = config.connect(tls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "postgres connection closed");
-            }
-        });
-        client
     };
     Ok(client)
+}
+
+async fn drive<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "postgres connection closed");
+    }
+}
+
+/// The TLS set-up for `config`, None when `sslmode=disable`.
+fn tls_connector(
+    config: &tokio_postgres::Config,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Option<postgres_openssl::MakeTlsConnector>, SinkError> {
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+        return Ok(None);
+    }
+    let tls_err =
+        |e: openssl::error::ErrorStack| SinkError::Fatal(format!("cannot set up TLS: {e}"));
+    let mut builder =
+        openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).map_err(tls_err)?;
+    match ca_file {
+        Some(ca) => builder.set_ca_file(ca).map_err(tls_err)?,
+        None => builder.set_verify(openssl::ssl::SslVerifyMode::NONE),
+    }
+    let mut tls = postgres_openssl::MakeTlsConnector::new(builder.build());
+    if ca_file.is_none() {
+        tls.set_callback(|c, _| {
+            c.set_verify_hostname(false);
+            Ok(())
+        });
+    }
+    Ok(Some(tls))
 }
 
 /// How long Postgres may take to answer one exchange (see [`Database::timeout`]).
@@ -276,9 +292,46 @@ impl Database {
         .await
     }
 
+    /// Gives up on a connection whose exchange went unanswered: asks Postgres
+    /// to cancel what it runs there, then lets the connection go.
+    ///
+    /// Dropping the client alone is not enough. The connection stays open
+    /// while a reply is owed, and its backend goes on waiting: behind a lock
+    /// (a `VACUUM FULL`, a long migration, an operator's `LOCK TABLE`), each
+    /// retry would leave one more waiting backend, until `max_connections`
+    /// ran out for every client of the database. The cancel request is sent
+    /// in the background and bounded by the timeout, since a frozen server
+    /// answers it no more than the exchange.
+    pub fn abandon(&self, client: Client) {
+        let token = client.cancel_token();
+        drop(client);
+        let tls = match tls_connector(&self.config, self.ca_file.as_deref()) {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot cancel an unanswered query");
+                return;
+            }
+        };
+        let limit = self.timeout;
+        tokio::spawn(async move {
+            let cancel = async {
+                match tls {
+                    None => token.cancel_query(tokio_postgres::NoTls).await,
+                    Some(tls) => token.cancel_query(tls).await,
+                }
+            };
+            match tokio::time::timeout(limit, cancel).await {
+                Ok(Ok(())) => tracing::debug!("cancelled an unanswered query"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot cancel an unanswered query"),
+                Err(_) => tracing::debug!("no answer to the cancel request either"),
+            }
+        });
+    }
+
     /// `work`, or a retryable [`SinkError::Unavailable`] of kind `timeout`
     /// when Postgres has not answered within [`Database::timeout`]. The
-    /// caller must drop the connection `work` used: its reply may still come.
+    /// caller must give up the connection `work` used ([`Database::abandon`]):
+    /// its reply may still come.
     pub async fn bounded<T>(
         &self,
         what: &str,
