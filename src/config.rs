@@ -204,6 +204,12 @@ pub struct RunArgs {
     /// ...or this many milliseconds after its first message, whichever comes first.
     #[arg(long, env = "BATCH_MAX_WAIT_MS", default_value_t = 500)]
     pub batch_max_wait_ms: u64,
+    /// ...or once its messages add up to this many bytes. It bounds memory
+    /// when messages are large; events of a few hundred bytes fill
+    /// --batch-max-rows long before.
+    #[arg(long, env = "BATCH_MAX_BYTES", default_value_t = 16 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_max_bytes: u64,
     /// Serve /metrics, /healthz and /readyz here ("off" to disable).
     /// Loopback by default; the container image sets 0.0.0.0:9898.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
@@ -339,6 +345,8 @@ pub struct PipelineConfig {
     pub rules: ValidationRules,
     pub batch_max_rows: usize,
     pub batch_max_wait: Duration,
+    /// Message bytes (payloads) after which a batch closes, whatever its rows.
+    pub batch_max_bytes: usize,
     pub migrate: bool,
     pub stop_when_caught_up: bool,
     pub drain_timeout: Duration,
@@ -401,6 +409,7 @@ impl PipelineConfig {
             rules: ValidationRules::default(),
             batch_max_rows: 20_000,
             batch_max_wait: Duration::from_millis(500),
+            batch_max_bytes: 16 * 1024 * 1024,
             migrate: true,
             stop_when_caught_up: false,
             drain_timeout: Duration::from_secs(30),
@@ -557,6 +566,7 @@ impl RunArgs {
         };
         cfg.batch_max_rows = self.batch_max_rows;
         cfg.batch_max_wait = Duration::from_millis(self.batch_max_wait_ms);
+        cfg.batch_max_bytes = usize::try_from(self.batch_max_bytes).unwrap_or(usize::MAX);
         cfg.migrate = !self.no_migrate;
         cfg.stop_when_caught_up = self.stop_when_caught_up;
         cfg.drain_timeout = Duration::from_secs(self.drain_timeout_secs);

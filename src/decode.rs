@@ -116,6 +116,11 @@ impl BatchDecoder {
         self.len == 0
     }
 
+    /// The message bytes appended since the last [`BatchDecoder::finish`].
+    pub fn payload_bytes(&self) -> usize {
+        self.raw.values_slice().len()
+    }
+
     /// Appends one message. `payload` is `None` for a tombstone.
     pub fn push(&mut self, payload: Option<&[u8]>, meta: MessageMeta) {
         self.len += 1;

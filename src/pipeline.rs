@@ -884,16 +884,19 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
             .batch_max_rows
             .saturating_sub(dec.len())
             .clamp(1, BURST_MAX);
+        let mut burst_bytes = 0;
         while let Polled::Message(m) = polled {
             if ownership.generation() != cut.generation {
                 // A rebalance happened inside poll: what we hold belongs to
                 // the old assignment and may now be someone else's.
                 burst.clear();
+                burst_bytes = 0;
                 dec.finish();
                 cut = Cutter::new(ownership.generation());
             }
+            burst_bytes += m.payload_len();
             burst.push(m);
-            if burst.len() >= room {
+            if burst.len() >= room || dec.payload_bytes() + burst_bytes >= cfg.batch_max_bytes {
                 break;
             }
             polled = source.poll_ready(burst_at);
@@ -935,7 +938,7 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
             }
         }
 
-        let full = dec.len() >= cfg.batch_max_rows;
+        let full = dec.len() >= cfg.batch_max_rows || dec.payload_bytes() >= cfg.batch_max_bytes;
         let due = cut
             .first_at
             .is_some_and(|t| t.elapsed() >= cfg.batch_max_wait);

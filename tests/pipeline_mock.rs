@@ -966,3 +966,43 @@ async fn queries_given_up_behind_a_lock_are_cancelled_not_left_waiting() {
     assert_eq!(summary.events_written, 400);
     assert_eq!(event_rows(&c).await, 400);
 }
+
+/// Regression: batches closed only by rows and time, so large messages (an
+/// upstream bug, an unknown field of 900 kB: both accepted) made batches of
+/// tens of MB, several of them in flight: 356 MB of RSS on a 2.7 GB topic
+/// (251 MB with the limit). `batch_max_bytes` closes a batch once its
+/// messages add up to that much.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_close_batches_by_bytes() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    // 4.8 MB in all: the MockCluster drops a partition's oldest messages
+    // beyond about 5 MB.
+    let pad = "x".repeat(40_000);
+    let messages: Vec<Option<Vec<u8>>> = (0..120)
+        .map(|i| {
+            let e = event("user_login", &format!("C{}", i % 7), i, i as u32);
+            Some(format!("{{\"extra\":\"{pad}\",{}", &e[1..]).into_bytes())
+        })
+        .collect();
+    send_raw(&brokers, &topic, &messages);
+
+    let db = fresh_db("batch_bytes").await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.batch_max_rows = 10_000;
+    cfg.batch_max_wait = Duration::from_secs(2);
+    cfg.batch_max_bytes = 256 * 1024;
+    let summary = run_to_end(cfg).await;
+    assert_eq!(summary.events_written, 120, "{summary:?}");
+    assert_eq!(summary.rejected, 0);
+    // Batches of at most 256 KiB plus the message that crosses it: 7
+    // messages. Closed by rows or time, 4.8 MB would be one or two batches.
+    assert!(
+        summary.batches >= 15,
+        "{} batches for 4.8 MB with a 256 KiB limit",
+        summary.batches
+    );
+    assert_eq!(event_rows(&client(&db).await).await, 120);
+}
