@@ -633,9 +633,9 @@ async fn run_once(
 /// - a shutdown ends it at once; the work is transactional, and a dropped
 ///   connection rolls it back (a lock wait or a long backfill would
 ///   otherwise hold SIGTERM for as long as it lasts);
-/// - Postgres going away (a restart, a broken connection) is retried from
-///   a new connection after a backoff, as for a batch, instead of ending
-///   the process.
+/// - Postgres going away (a restart, a broken connection, a lock or
+///   resource error) is retried from a new connection after a backoff, as
+///   for a batch, instead of ending the process.
 async fn start_up(
     cfg: &PipelineConfig,
     engine: Option<Arc<KpiEngine>>,
@@ -658,7 +658,13 @@ async fn start_up(
         };
         let e = match prepared {
             Ok(ready) => return Ok(Some(ready)),
-            Err(PipelineError::Sink(e) | PipelineError::KpiInstall(e)) if e.is_retryable() => e,
+            // Not "query": an error the SQL itself raised (a migration, a
+            // backfill) would come back the same; it ends the run, as before.
+            Err(PipelineError::Sink(e) | PipelineError::KpiInstall(e))
+                if e.is_retryable() && e.kind() != "query" =>
+            {
+                e
+            }
             Err(e) => return Err(e),
         };
         metrics.db_errors.with_label_values(&[e.kind()]).inc();
