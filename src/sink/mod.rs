@@ -218,6 +218,7 @@ pub async fn connect_with_ca(
     Ok(client)
 }
 
+/// Runs a connection's I/O until it closes; the client talks to it through channels.
 async fn drive<S, T>(conn: tokio_postgres::Connection<S, T>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
