@@ -301,8 +301,8 @@ impl Database {
     /// (a `VACUUM FULL`, a long migration, an operator's `LOCK TABLE`), each
     /// retry would leave one more waiting backend, until `max_connections`
     /// ran out for every client of the database. The cancel request is sent
-    /// in the background and bounded by the timeout, since a frozen server
-    /// answers it no more than the exchange.
+    /// in the background and bounded, since a frozen server answers it no
+    /// more than the exchange.
     pub fn abandon(&self, client: Client) {
         let token = client.cancel_token();
         drop(client);
@@ -313,7 +313,9 @@ impl Database {
                 return;
             }
         };
-        let limit = self.timeout;
+        // At least a few seconds: a busy server can be slow to take the
+        // cancel's new connection, and a cancel that gives up leaves the wait.
+        let limit = self.timeout.max(Duration::from_secs(5));
         tokio::spawn(async move {
             let cancel = async {
                 match tls {
