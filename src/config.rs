@@ -741,6 +741,34 @@ mod tests {
         assert!(err.contains("--db-timeout-secs"), "{err}");
     }
 
+    /// The batch byte limit reaches the pipeline (16 MiB by default); zero
+    /// would close a batch at every message, so clap refuses it.
+    #[test]
+    fn batch_max_bytes_reaches_the_pipeline_and_zero_is_refused() {
+        let run = |extra: &[&str]| {
+            let mut argv = vec![
+                "energy-stream",
+                "run",
+                "--database-url",
+                "postgres://u@h/db",
+            ];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.command)
+        };
+        let cfg = |extra: &[&str]| {
+            let Ok(Command::Run(args)) = run(extra) else {
+                panic!("{extra:?} is accepted")
+            };
+            args.to_config(true, Vec::new()).unwrap()
+        };
+        assert_eq!(cfg(&[]).batch_max_bytes, 16 << 20);
+        assert_eq!(cfg(&["--batch-max-bytes", "65536"]).batch_max_bytes, 65536);
+        let err = run(&["--batch-max-bytes", "0"])
+            .expect_err("0 is refused")
+            .to_string();
+        assert!(err.contains("--batch-max-bytes"), "{err}");
+    }
+
     /// A bench of no events has no rate to report and no offsets to wait
     /// for: clap refuses it before anything starts.
     #[test]
