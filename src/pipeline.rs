@@ -242,25 +242,41 @@ struct PgOffsetLoader {
     db: sink::Database,
     group_id: String,
     topic: String,
+    /// The run's stop: a read that waits (behind a lock, on a frozen server)
+    /// must not hold a shutdown for the whole database timeout.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl OffsetLoader for PgOffsetLoader {
     fn load(&self) -> Result<HashMap<i32, i64>, String> {
+        const STOPPED: &str = "stopped while reading the stored offsets";
         self.handle.block_on(async {
-            let client = self.db.connect().await.map_err(|e| e.to_string())?;
+            let mut stop = self.stop.clone();
+            let client = tokio::select! {
+                c = self.db.connect() => c.map_err(|e| e.to_string())?,
+                _ = stop.wait_for(|s| *s) => return Err(STOPPED.into()),
+            };
             // Runs in the rebalance callback: a Postgres that stops answering
             // must not hold the assignment, and with it the group, forever.
-            let loaded = self
-                .db
-                .bounded(
+            let loaded = {
+                let read = self.db.bounded(
                     "reading the stored offsets",
                     sink::load_offsets(&client, &self.group_id, &self.topic),
-                )
-                .await;
-            if matches!(&loaded, Err(e) if e.kind() == "timeout") {
-                self.db.abandon(client);
+                );
+                tokio::select! {
+                    r = read => r.map_err(|e| (e.kind() == "timeout", e.to_string())),
+                    _ = stop.wait_for(|s| *s) => Err((true, STOPPED.to_string())),
+                }
+            };
+            match loaded {
+                Ok(offsets) => Ok(offsets),
+                Err((unanswered, e)) => {
+                    if unanswered {
+                        self.db.abandon(client);
+                    }
+                    Err(e)
+                }
             }
-            loaded.map_err(|e| e.to_string())
         })
     }
 }
@@ -535,6 +551,7 @@ async fn run_once(
         db: cfg.database.clone(),
         group_id: cfg.kafka.group_id.clone(),
         topic: cfg.kafka.topic.clone(),
+        stop: stop_rx.clone(),
     };
     let source = Arc::new(KafkaSource::new(
         &cfg.kafka,
@@ -652,7 +669,7 @@ async fn start_up(
         let prepared = tokio::select! {
             r = prepare(cfg, engine.clone(), retire, client) => r,
             _ = stop.wait_for(|s| *s) => {
-                tracing::info!("shutdown during start-up: nothing was consumed yet");
+                tracing::info!("stopped during start-up (a shutdown, or changed KPI files): nothing was consumed yet");
                 return Ok(None);
             }
         };

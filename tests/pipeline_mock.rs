@@ -1006,3 +1006,59 @@ async fn large_messages_close_batches_by_bytes() {
     );
     assert_eq!(event_rows(&client(&db).await).await, 120);
 }
+
+/// Regression: the read of the stored offsets on an assignment (in the
+/// rebalance callback) ignored a shutdown, so a read waiting behind a lock or
+/// on a frozen server held SIGTERM for the whole database timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_the_stored_offsets_wait_ends_at_once() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    let mut db = fresh_db("offsets_stop").await;
+    energy_stream::sink::migrate::migrate(&mut client(&db).await)
+        .await
+        .unwrap();
+    let name = unique("loading");
+    db.application_name(&name);
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.stop_when_caught_up = false;
+    cfg.database.timeout = Duration::from_secs(90);
+    let running = Running::spawn(cfg, Metrics::new());
+
+    // Start-up ends with the KPI registry check; the MockCluster assigns the
+    // partitions about 3 s after the consumer joins. Lock in between.
+    let c = client(&db).await;
+    for _ in 0..300 {
+        let started: bool = c
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 \
+                 AND state = 'idle' AND query LIKE '%kpi_registry%'",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if started {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lock = TableLock::take(&db, "consumer_offsets").await;
+    let pid = backend_waiting_for_lock(&db, &name).await;
+    let query: String = c
+        .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        query.contains("next_offset FROM consumer_offsets"),
+        "the offset read waits: {query}"
+    );
+    let summary = tokio::time::timeout(Duration::from_secs(20), running.stop())
+        .await
+        .expect("run ends within 20 s of the shutdown while its offset read waits for a lock");
+    assert_eq!(summary.events_written, 0);
+    drop(lock);
+}
