@@ -663,30 +663,47 @@ async fn start_up(
 ) -> Result<Option<(Client, Option<Arc<KpiEngine>>)>, PipelineError> {
     let mut backoff = Backoff::new();
     loop {
-        let Some(client) = connect_with_retry(cfg, health, metrics, stop.clone()).await? else {
-            return Ok(None);
+        // The error says whether it came from connecting, which retries on
+        // any retryable error, as it always did.
+        let attempt = async {
+            let client = cfg
+                .database
+                .connect()
+                .await
+                .map_err(|e| (true, PipelineError::Sink(e)))?;
+            health.postgres_ok.store(true, Ordering::Relaxed);
+            prepare(cfg, engine.clone(), retire, client)
+                .await
+                .map_err(|e| (false, e))
         };
-        let prepared = tokio::select! {
-            r = prepare(cfg, engine.clone(), retire, client) => r,
+        let (connecting, e) = tokio::select! {
+            r = attempt => match r {
+                Ok(ready) => return Ok(Some(ready)),
+                Err(failed) => failed,
+            },
             _ = stop.wait_for(|s| *s) => {
                 tracing::info!("stopped during start-up (a shutdown, or changed KPI files): nothing was consumed yet");
                 return Ok(None);
             }
         };
-        let e = match prepared {
-            Ok(ready) => return Ok(Some(ready)),
-            // Not "query": an error the SQL itself raised (a migration, a
-            // backfill) would come back the same; it ends the run, as before.
-            Err(PipelineError::Sink(e) | PipelineError::KpiInstall(e))
-                if e.is_retryable() && e.kind() != "query" =>
+        let e = match e {
+            // Not "query" after connecting: an error the SQL itself raised
+            // (a migration, a backfill) would come back the same; it ends
+            // the run, as before.
+            PipelineError::Sink(e) | PipelineError::KpiInstall(e)
+                if e.is_retryable() && (connecting || e.kind() != "query") =>
             {
                 e
             }
-            Err(e) => return Err(e),
+            e => return Err(e),
         };
         metrics.db_errors.with_label_values(&[e.kind()]).inc();
         health.postgres_ok.store(false, Ordering::Relaxed);
-        tracing::warn!(error = %e, "start-up failed on a database error that may pass (Postgres away, restarting, a statement cancelled); starting it again");
+        if connecting {
+            tracing::warn!(error = %e, db = %cfg.database, "cannot reach Postgres; retrying");
+        } else {
+            tracing::warn!(error = %e, "start-up failed on a database error that may pass (Postgres away, restarting, a statement cancelled); starting it again");
+        }
         tokio::select! {
             _ = backoff.wait() => {}
             _ = stop.wait_for(|s| *s) => return Ok(None),
@@ -789,34 +806,6 @@ fn close_consumer(source: Arc<KafkaSource>, limit: Duration, metrics: &Metrics) 
         }
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
             tracing::warn!("closing the Kafka consumer panicked");
-        }
-    }
-}
-
-/// Connects, retrying while Postgres is unreachable; None when shutdown came first.
-async fn connect_with_retry(
-    cfg: &PipelineConfig,
-    health: &Health,
-    metrics: &Metrics,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Option<Client>, PipelineError> {
-    let mut backoff = Backoff::new();
-    loop {
-        match cfg.database.connect().await {
-            Ok(c) => {
-                health.postgres_ok.store(true, Ordering::Relaxed);
-                return Ok(Some(c));
-            }
-            Err(e) if e.is_retryable() => {
-                health.postgres_ok.store(false, Ordering::Relaxed);
-                metrics.db_errors.with_label_values(&[e.kind()]).inc();
-                tracing::warn!(error = %e, db = %cfg.database, "cannot reach Postgres; retrying");
-                tokio::select! {
-                    _ = backoff.wait() => {}
-                    _ = stop.wait_for(|s| *s) => return Ok(None),
-                }
-            }
-            Err(e) => return Err(e.into()),
         }
     }
 }
