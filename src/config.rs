@@ -242,7 +242,8 @@ pub struct RunArgs {
     /// merges or COMMIT, or the read of the stored offsets unanswered before
     /// it counts as away: the connection is dropped and the batch retried on
     /// a new one. Start-up work (migrations, KPI backfills) is not bounded,
-    /// though a shutdown ends it at once.
+    /// though a shutdown ends it at once, and a connection whose host is gone
+    /// fails within about a minute (TCP keepalives; see the README).
     #[arg(long, env = "DB_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub db_timeout_secs: u64,
@@ -432,6 +433,39 @@ fn read_secret_file(var: &str, path: &PathBuf) -> Result<String, ConfigError> {
         })
 }
 
+/// tokio-postgres's idle time before the first TCP keepalive probe, as
+/// libpq's: what the URL holds when it sets none.
+const KEEPALIVES_IDLE_UNSET: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// Makes a connection whose peer is gone fail within about a minute, unless the
+/// URL sets these itself (`keepalives_idle`, `keepalives_interval`,
+/// `keepalives_retries`, `tcp_user_timeout`; `keepalives=0` turns probes off).
+///
+/// A host that fails over, dies or is cut off sends nothing, and a connection
+/// waiting for its answer waits for the kernel: up to 2 h 11 min with the
+/// default keepalives when the request was acknowledged, about 15 min of
+/// retransmissions when it was not. Exchanges that the pipeline bounds with
+/// `--db-timeout-secs` do not depend on this; the others do: start-up
+/// (migrations, KPI backfills, which may rightly take long), `migrate`,
+/// `backfill` and `verify`. A live server's kernel answers the probes however
+/// long a statement runs, so only a dead peer is cut.
+fn notice_dead_peers(config: &mut tokio_postgres::Config) {
+    if config.get_keepalives() {
+        if config.get_keepalives_idle() == KEEPALIVES_IDLE_UNSET {
+            config.keepalives_idle(Duration::from_secs(15));
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(Duration::from_secs(5));
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(3);
+        }
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
+}
+
 impl DbArgs {
     /// Resolves the database settings. `from_argv` tells whether `--database-url`
     /// was typed on the command line (as opposed to taken from DATABASE_URL).
@@ -454,6 +488,7 @@ impl DbArgs {
         if config.get_application_name().is_none() {
             config.application_name("energy-stream");
         }
+        notice_dead_peers(&mut config);
         Ok(Some(config))
     }
 
@@ -856,6 +891,40 @@ mod tests {
                 .contains("cannot read")
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_dead_database_host_is_noticed_unless_the_url_says_otherwise() {
+        let db = |url: &str| {
+            DbArgs {
+                database_url: Some(url.into()),
+                database_url_file: None,
+                database_password_file: None,
+                database_ca_file: None,
+            }
+            .require(false)
+            .unwrap()
+        };
+        // Regression: a connection cut while start-up waited for Postgres
+        // (a failed-over host) kept `run` waiting on the 2 h keepalive.
+        let c = db("postgres://u@h/db");
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(15));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(5)));
+        assert_eq!(c.get_keepalives_retries(), Some(3));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+
+        let c = db(
+            "postgres://u@h/db?keepalives_idle=600&keepalives_interval=60&keepalives_retries=9&tcp_user_timeout=900",
+        );
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(600));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(60)));
+        assert_eq!(c.get_keepalives_retries(), Some(9));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(900)));
+
+        let c = db("postgres://u@h/db?keepalives=0");
+        assert!(!c.get_keepalives());
+        assert_eq!(c.get_keepalives_interval(), None);
     }
 
     #[test]
