@@ -53,7 +53,7 @@ use crate::event::col;
 use crate::kpi::KpiEngine;
 use crate::sink::{self, BatchWrite, PartitionOffsets, SinkError};
 use crate::source::{KafkaSource, OffsetLoader, Ownership, Polled};
-use crate::telemetry::{Health, Metrics, stage};
+use crate::telemetry::{Health, Metrics, kafka_error, stage};
 use crate::validate::validate;
 
 /// Batches waiting in each channel (intake → compute, compute → writer).
@@ -795,7 +795,7 @@ fn close_consumer(source: Arc<KafkaSource>, limit: Duration, metrics: &Metrics) 
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
             metrics
                 .kafka_errors
-                .with_label_values(&["close_timeout"])
+                .with_label_values(&[kafka_error::CLOSE_TIMEOUT])
                 .inc();
             tracing::warn!(
                 waited = ?limit,
@@ -962,7 +962,7 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
             if dropped > 0 {
                 metrics
                     .kafka_errors
-                    .with_label_values(&["redelivered"])
+                    .with_label_values(&[kafka_error::REDELIVERED])
                     .inc_by(dropped);
             }
             // Backpressure: while the writer is behind (Postgres slow or away)

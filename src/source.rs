@@ -26,7 +26,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message};
 
-use crate::telemetry::{Health, Metrics};
+use crate::telemetry::{Health, Metrics, kafka_error};
 
 /// Kafka settings; part of [`crate::config`].
 #[derive(Clone)]
@@ -417,10 +417,10 @@ fn is_read_failure(code: rdkafka::types::RDKafkaErrorCode) -> bool {
 fn error_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> &'static str {
     use rdkafka::types::RDKafkaErrorCode as Code;
     match code {
-        Some(Code::AllBrokersDown) => "all_brokers_down",
-        Some(Code::BrokerTransportFailure) => "transport",
-        Some(c) if is_read_failure(c) => "consume",
-        _ => "other",
+        Some(Code::AllBrokersDown) => kafka_error::ALL_BROKERS_DOWN,
+        Some(Code::BrokerTransportFailure) => kafka_error::TRANSPORT,
+        Some(c) if is_read_failure(c) => kafka_error::CONSUME,
+        _ => kafka_error::OTHER,
     }
 }
 

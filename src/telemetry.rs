@@ -2,9 +2,11 @@
 //! `/metrics`, `/healthz`, `/readyz` endpoints.
 //!
 //! Metric names are a contract with the dashboards and alerts in `monitoring/`,
-//! so they are spelled once, here. Stages never touch metrics: the pipeline
-//! records them once per batch, never per row, and labels stay low-cardinality
-//! (event type, reject reason, stage, partition).
+//! so they are spelled once, here. The pipeline records them once per batch,
+//! never per row; the one stage that touches them is the source, which alone
+//! sees the consumer lag and the Kafka client's errors, through the handles
+//! the pipeline gives it. Labels stay low-cardinality (event type, reject
+//! reason, stage, partition).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +48,30 @@ pub mod stage {
     pub const COPY: &str = "copy";
     pub const COMMIT: &str = "commit";
     pub const ALL: [&str; 5] = [DECODE, VALIDATE, KPI, COPY, COMMIT];
+}
+
+/// The `kind` label values of [`KAFKA_ERRORS`].
+pub mod kafka_error {
+    /// No broker can be reached.
+    pub const ALL_BROKERS_DOWN: &str = "all_brokers_down";
+    /// A connection to a broker failed.
+    pub const TRANSPORT: &str = "transport";
+    /// A fetch failed: a partition is held at its offset until it reads.
+    pub const CONSUME: &str = "consume";
+    /// Any other client error.
+    pub const OTHER: &str = "other";
+    /// Leaving the group at the end went unanswered.
+    pub const CLOSE_TIMEOUT: &str = "close_timeout";
+    /// Messages the client delivered twice and the intake dropped.
+    pub const REDELIVERED: &str = "redelivered";
+    pub const ALL: [&str; 6] = [
+        ALL_BROKERS_DOWN,
+        TRANSPORT,
+        CONSUME,
+        OTHER,
+        CLOSE_TIMEOUT,
+        REDELIVERED,
+    ];
 }
 
 /// The pipeline's metrics, registered in their own registry so that several
@@ -241,13 +267,7 @@ impl Metrics {
         for c in ["rebalance", "fenced"] {
             self.batches_discarded.with_label_values(&[c]);
         }
-        for k in [
-            "all_brokers_down",
-            "transport",
-            "consume",
-            "other",
-            "close_timeout",
-        ] {
+        for k in kafka_error::ALL {
             self.kafka_errors.with_label_values(&[k]);
         }
     }
@@ -409,6 +429,17 @@ mod tests {
         }
         for name in [EVENTS_CONSUMED, EVENTS_WRITTEN, DB_ERRORS, RETRIES] {
             assert!(name.ends_with("_total"));
+        }
+    }
+
+    #[test]
+    fn every_kafka_error_kind_starts_at_zero() {
+        // Regression: kind="redelivered" appeared only once it first
+        // happened, so rate() over it had no series to start from.
+        let text = Metrics::new().render();
+        for k in kafka_error::ALL {
+            let line = format!("{KAFKA_ERRORS}{{kind=\"{k}\"}} 0");
+            assert!(text.contains(&line), "{line} missing");
         }
     }
 }
