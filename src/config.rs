@@ -1,11 +1,14 @@
 //! Config: the command line, its environment fallbacks, and the typed settings
 //! handed to the stages.
 //!
-//! This is the only module that reads the environment or argv. Every flag has
-//! an env fallback (shown in `--help`); secrets are accepted only from the
-//! environment or from a `*_FILE` path, never from argv, and `--help` hides
-//! env values. Stages receive plain typed structs ([`PipelineConfig`] and its
-//! parts) and never see clap.
+//! This module defines every setting; the edge (`cli`) reads the environment
+//! and argv once and hands them here, and `RUST_LOG` goes to the log set-up.
+//! The settings of a running service (`run`, `migrate`, the database and
+//! Kafka options) have env fallbacks, shown in `--help`; one-off tools
+//! (`generate`, most of `produce` and `bench`) take flags only. Secrets are
+//! accepted only from the environment or from a `*_FILE` path, never from
+//! argv, and `--help` hides env values. Stages receive plain typed structs
+//! ([`PipelineConfig`] and its parts) and never see clap.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

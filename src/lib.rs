@@ -24,7 +24,7 @@
 //! [`cli`] is the edge: it turns the command line into typed configs.
 //!
 //! The one data path: Kafka consumer group → micro-batch (max rows / max
-//! linger) → decode → validate → KPI partials → one Postgres transaction
+//! linger / max bytes) → decode → validate → KPI partials → one Postgres transaction
 //! holding the COPY of the valid rows, the rejects, the KPI merges and the next
 //! offsets → COMMIT → Kafka group commit.
 
