@@ -929,6 +929,58 @@ async fn postgres_lost_during_start_up_is_retried() {
     );
 }
 
+/// Regression: a read-only Postgres at start (a standby the URL points at
+/// during a failover, or a database set read-only) ended `run` with
+/// "postgres unavailable (query)", where a batch would have retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_postgres_at_start_is_waited_for() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..200, 10));
+    let db = fresh_db("read_only").await;
+    let name = db.get_dbname().unwrap().to_string();
+    let c = client(&db).await;
+    let set = |on: bool| {
+        format!(
+            "ALTER DATABASE \"{name}\" {}",
+            if on {
+                "SET default_transaction_read_only = on"
+            } else {
+                "RESET default_transaction_read_only"
+            }
+        )
+    };
+    c.batch_execute(&set(true)).await.unwrap();
+
+    let metrics = Metrics::new();
+    let run = tokio::spawn(run_within(
+        pipeline_config(&brokers, &topic, db.clone()),
+        metrics.clone(),
+        Duration::from_secs(120),
+        "pipeline caught up within 120 s",
+    ));
+    let refused = || metrics.db_errors.with_label_values(&["read_only"]).get();
+    for _ in 0..300 {
+        if refused() >= 1 || run.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !run.is_finished(),
+        "run ended while Postgres was read-only: {:?}",
+        run.await
+    );
+    assert!(refused() >= 1, "the refusals are counted as read_only");
+    c.batch_execute(&set(false)).await.unwrap();
+
+    let summary = run.await.unwrap().expect("start-up retried, not fatal");
+    assert_eq!(summary.events_written, 200);
+    assert_eq!(event_rows(&c).await, 200);
+}
+
 /// Regression: a batch whose COPY waited behind a lock was given up after the
 /// database timeout, but its backend went on waiting, since the connection
 /// stayed open while a reply was owed. Each retry left one more, until

@@ -105,13 +105,14 @@ impl SinkError {
 
     /// A low-cardinality label for `energy_stream_db_errors_total{kind}`.
     /// Every value [`SinkError::kind`] returns, for metric labels.
-    pub const KINDS: [&'static str; 9] = [
+    pub const KINDS: [&'static str; 10] = [
         "connection",
         "timeout",
         "shutdown",
         "conflict",
         "resources",
         "lock",
+        "read_only",
         "query",
         "fenced",
         "fatal",
@@ -178,6 +179,17 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
     }
     if *code == SqlState::INVALID_CATALOG_NAME {
         return SinkError::Fatal(format!("{message} — create the database first"));
+    }
+    // A standby (the URL points at a replica, or a failover has not moved it
+    // yet) or a database set read-only for maintenance or a full disk: an
+    // operator or the failover ends it, and the same work then succeeds.
+    if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+        return SinkError::Unavailable {
+            kind: "read_only",
+            message: format!(
+                "{message} — Postgres is read-only here (a standby, a failover in progress, or                  default_transaction_read_only); `target_session_attrs=read-write` in the URL                  skips standbys"
+            ),
+        };
     }
     let kind = match &c[..2] {
         "08" => "connection",
