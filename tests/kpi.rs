@@ -746,3 +746,80 @@ async fn more_than_31_distinct_counts_over_one_expression_take_two_sets() {
     stream(&mut c, &engine, &events, &[70, 13]).await;
     assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
 }
+
+/// `verify` finds every row that differs, on either side, and only those:
+/// a float sum taken batch by batch differs from one taken at once in its
+/// last digits, which is rounding, not a difference. Regression: a KPI
+/// summing doubles failed `verify` whenever its events were split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_each_changed_row_and_tolerates_float_rounding() {
+    let engine = KpiEngine::load_dir(&kpi_dir(&[(
+        "float_sums.sql",
+        "SELECT channel, tariff_type, count(*) AS n, count(DISTINCT customer_id) AS customers, \
+         sum(CAST(energy_consumed AS DOUBLE)) AS kwh, avg(payment_amount * 1.1) AS gross \
+         FROM events GROUP BY channel, tariff_type",
+    )]))
+    .await
+    .unwrap();
+    let channels = ["web_portal", "mobile_app", "call_center"];
+    let lines: Vec<String> = (0..3000)
+        .map(|i| {
+            let (kind, extra) = match i % 3 {
+                0 => ("energy_consumed", format!(r#","energy_consumed":{}.{:03}"#, i % 89, i * 37 % 1000)),
+                1 => ("bill_payment", format!(r#","payment_amount":{}.{:02}"#, i % 71, i * 13 % 100)),
+                _ => ("tariff_switch", format!(r#","tariff_type":"green","payment_amount":{}.{:02}"#, i % 53, i * 7 % 100)),
+            };
+            format!(
+                r#"{{"event_type":"{kind}","event_time":"2025-06-01T10:00:00Z","payload":{{"customer_id":"C{}","session_id":{i},"channel":"{}"{extra}}}}}"#,
+                i % 40,
+                channels[i / 3 % 3],
+            )
+        })
+        .collect();
+    let events = valid_events(&lines);
+    assert_eq!(events.num_rows(), 3000);
+    let mut c = setup("verify_diff", &engine).await;
+    stream(
+        &mut c,
+        &engine,
+        &events,
+        &[37, 1, 200, 64, 999, 3, 700, 996],
+    )
+    .await;
+    assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
+
+    // One row of each kind of difference, each on its own key.
+    c.batch_execute(
+        // State columns: keys k0 (channel), k1 (tariff_type); m0 = n,
+        // m1 = customers, m2 = kwh, m3_sum and m3_n = gross.
+        "UPDATE kpi_state_float_sums SET m0 = m0 + 1 WHERE k0 = 'web_portal' AND k1 IS NULL;
+         DELETE FROM kpi_state_float_sums WHERE k0 = 'mobile_app' AND k1 IS NULL;
+         INSERT INTO kpi_state_float_sums (k0, k1, m0, m1, m2, m3_sum, m3_n)
+             SELECT 'fax', k1, m0, m1, m2, m3_sum, m3_n FROM kpi_state_float_sums
+             WHERE k0 = 'web_portal' AND k1 = 'green';
+         UPDATE kpi_state_float_sums SET m2 = m2 * (1 + 1e-6)
+             WHERE k0 = 'call_center' AND k1 IS NULL;",
+    )
+    .await
+    .unwrap();
+    let found = kpi::verify(&mut c, &engine, None).await.unwrap();
+    let sides = |side: &str| {
+        let mut rows: Vec<String> = found
+            .iter()
+            .filter(|m| m.side == side)
+            .map(|m| m.row.split(',').take(2).collect::<Vec<_>>().join(","))
+            .collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(
+        sides("recomputed"),
+        ["(call_center,", "(mobile_app,", "(web_portal,"],
+        "{found:#?}"
+    );
+    assert_eq!(
+        sides("streamed"),
+        ["(call_center,", "(fax,green", "(web_portal,"],
+        "{found:#?}"
+    );
+}
