@@ -360,6 +360,40 @@ async fn unsupported_files_are_refused_with_what_to_write_instead() {
     }
 }
 
+/// Regression: `check` accepted a KPI named after a shipped view (which
+/// `run` then replaced without a word, or failed on) or after another KPI's
+/// state table, and `pg_` names that Postgres' catalogs shadow.
+#[tokio::test]
+async fn kpi_names_of_the_pipelines_own_objects_are_refused() {
+    let sql = "SELECT channel, count(DISTINCT customer_id) AS n FROM events GROUP BY channel";
+    for name in [
+        "events",
+        "consumer_offsets",
+        "customer_view",
+        "daily_energy_summary",
+        "daily_event_summary",
+        "rolling_24h_metrics",
+        "kpi_state_a",
+        "kpi_members_a_s0",
+        "pg_class",
+    ] {
+        let path = std::path::PathBuf::from(format!("queries/{name}.sql"));
+        let msg = match KpiEngine::from_sources(vec![(path, sql.to_string())], 64 << 20).await {
+            Ok(_) => panic!("accepted a KPI named {name}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg.contains(&format!("queries/{name}.sql")), "{msg}");
+        assert!(msg.contains("rename the file"), "{msg}");
+    }
+    // Names that merely resemble them stay free.
+    for name in ["kpi_daily", "customer_views", "a"] {
+        let path = std::path::PathBuf::from(format!("queries/{name}.sql"));
+        KpiEngine::from_sources(vec![(path, sql.to_string())], 64 << 20)
+            .await
+            .unwrap_or_else(|e| panic!("{name} refused: {e}"));
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Ev {
     kind: usize,

@@ -157,14 +157,11 @@ impl KpiDef {
     }
 }
 
-/// Names a KPI cannot take: the pipeline's own tables.
-const RESERVED: &[&str] = &[
-    "events",
-    "rejected_events",
-    "consumer_offsets",
-    "schema_migrations",
-    "kpi_registry",
-];
+/// Prefixes a KPI name cannot take: the tables of other KPIs (a KPI `a`
+/// keeps `kpi_state_a` and `kpi_members_a_s0`, so a KPI named
+/// `kpi_state_a` would collide with it), and Postgres' own `pg_`, whose
+/// catalogs an unqualified name would find first.
+const RESERVED_PREFIXES: &[&str] = &["kpi_state_", "kpi_members_", "pg_"];
 
 /// FNV-1a of the text: stable across builds, used to notice a changed file.
 pub fn hash(sql: &str) -> String {
@@ -259,10 +256,18 @@ pub async fn analyse(
             "name KPI files with lowercase letters, digits and _ (at most 40), starting with a letter: the name becomes a table and a view",
         ));
     }
-    if RESERVED.contains(&name) {
+    // Installing the KPI would replace a shipped view without a word, or
+    // fail on a table, in `run` after `check` said OK.
+    if crate::sink::migrate::CORE_RELATIONS.contains(&name) {
         return Err(c.err(
             format!("the name {name}"),
-            "it is one of the pipeline's own tables; rename the file",
+            "it is one of the pipeline's own tables or views; rename the file",
+        ));
+    }
+    if let Some(p) = RESERVED_PREFIXES.iter().find(|p| name.starts_with(*p)) {
+        return Err(c.err(
+            format!("the name {name}"),
+            format!("names starting with {p} are the pipeline's or Postgres' own; rename the file"),
         ));
     }
     let options = SQLOptions::new()

@@ -153,7 +153,7 @@ pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
 
 /// The relations of the migrations in `sql/`; the KPI tables and views are
 /// found by name (`kpi_state_*`, `kpi_members_*`, and `kpi_registry`).
-const CORE_RELATIONS: &[&str] = &[
+pub const CORE_RELATIONS: &[&str] = &[
     "events",
     "rejected_events",
     "consumer_offsets",
