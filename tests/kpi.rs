@@ -857,3 +857,46 @@ async fn verify_finds_each_changed_row_and_tolerates_float_rounding() {
         "{found:#?}"
     );
 }
+
+/// Regression: a KPI dividing by an aggregate that is 0 for some key (here
+/// the payments of an event type without any) was accepted, and then every
+/// read of its view failed with "division by zero". That row reads NULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_divisor_of_zero_in_one_row_leaves_the_view_readable() {
+    let engine = KpiEngine::load_dir(&kpi_dir(&[(
+        "per_payment.sql",
+        "SELECT event_type, count(*) / count(payment_amount) AS events_per_payment, \
+         sum(payment_amount) % count(energy_consumed) AS odd, \
+         count(*) / 2 AS halves FROM events GROUP BY event_type",
+    )]))
+    .await
+    .unwrap();
+    let lines: Vec<String> = (0..70)
+        .map(|i| event(TYPES[i % 7], "C1", i as i64, i as u32))
+        .collect();
+    let mut c = setup("div_zero", &engine).await;
+    stream(&mut c, &engine, &valid_events(&lines), &[30, 40]).await;
+    let rows = c
+        .query(
+            "SELECT event_type, events_per_payment, odd::text, halves FROM per_payment ORDER BY event_type",
+            &[],
+        )
+        .await
+        .expect("the view reads");
+    let got: Vec<(String, Option<i64>, Option<String>, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(got.len(), 7);
+    for (t, per_payment, odd, halves) in &got {
+        let paid = matches!(t.as_str(), "bill_payment" | "tariff_switch");
+        assert_eq!(per_payment.is_some(), paid, "{got:?}");
+        if paid {
+            assert_eq!(*per_payment, Some(1));
+        }
+        // No event type has both a payment and a reading.
+        assert_eq!(*odd, None, "{got:?}");
+        assert_eq!(*halves, 5);
+    }
+    assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
+}

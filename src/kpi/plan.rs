@@ -770,6 +770,25 @@ impl Analysed {
                     {
                         return Ok(Transformed::yes(read(idx)));
                     }
+                    // A divisor that is 0 in one row (`count(*) /
+                    // count(payment_amount)` for a type without payments)
+                    // would make every read of the whole view fail in
+                    // Postgres; that row reads NULL instead.
+                    if let Expr::BinaryExpr(b) = &x
+                        && matches!(b.op, Operator::Divide | Operator::Modulo)
+                        && !matches!(b.right.as_ref(), Expr::Literal(..))
+                        && !matches!(b.right.as_ref(), Expr::ScalarFunction(f) if f.name() == "nullif")
+                    {
+                        let right = datafusion::functions::expr_fn::nullif(
+                            b.right.as_ref().clone(),
+                            datafusion::prelude::lit(0i64),
+                        );
+                        return Ok(Transformed::yes(Expr::BinaryExpr(BinaryExpr::new(
+                            b.left.clone(),
+                            b.op,
+                            Box::new(right),
+                        ))));
+                    }
                     Ok(Transformed::no(x))
                 })
                 .map_err(|e| Self::planning_error(c, e))?
