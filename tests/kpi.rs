@@ -351,13 +351,48 @@ async fn unsupported_files_are_refused_with_what_to_write_instead() {
             "SELECT channel, count(*) FROM other GROUP BY 1",
             "other than events",
         ),
+        // Regressions: DataFusion's own errors named something else here.
+        (
+            "SELECT channel, count(*) AS n FROM events JOIN events USING (session_id) GROUP BY channel",
+            "JOIN",
+        ),
+        (
+            "SELECT channel, count(*) AS n FROM events, unnest([1, 2]) GROUP BY channel",
+            "JOIN",
+        ),
+        ("SET TIME ZONE 'UTC'", "a statement such as SET"),
+        ("INSERT INTO foo VALUES (1)", "DML"),
+        (
+            "SELECT channel, count(*) AS n FROM events WHERE random() < 0.5 GROUP BY 1",
+            "cannot draw random values",
+        ),
+        (
+            "SELECT channel, count(*) AS AS n FROM events GROUP BY 1",
+            "SQL error: syntax: Expected",
+        ),
     ];
     for (sql, want) in cases {
         let msg = refusal(sql).await;
         assert!(msg.contains("queries/bad_kpi.sql"), "names the file: {msg}");
         assert!(msg.contains(want), "{sql}\n→ {msg}\n(wanted {want:?})");
         assert!(msg.contains(" — "), "says what to write instead: {msg}");
+        assert!(!msg.contains("SQL error: SQL error"), "{msg}");
+        assert!(!msg.contains("ValueWithSpan"), "no parser internals: {msg}");
     }
+}
+
+/// Regression: a KPI file that is not UTF-8 was reported as the directory,
+/// without the file's name.
+#[tokio::test]
+async fn an_unreadable_kpi_file_is_named() {
+    let cfg = kpi_dir(&[(
+        "good.sql",
+        "SELECT channel, count(*) AS n FROM events GROUP BY 1",
+    )]);
+    std::fs::write(cfg.dir.join("latin1.sql"), b"-- caf\xe9\nSELECT 1").unwrap();
+    let msg = KpiEngine::load_dir(&cfg).await.err().unwrap().to_string();
+    assert!(msg.contains("latin1.sql"), "{msg}");
+    assert!(msg.contains("UTF-8"), "{msg}");
 }
 
 /// Regression: `check` accepted a KPI named after a shipped view (which

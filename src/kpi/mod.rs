@@ -110,6 +110,11 @@ pub enum KpiLoadError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot read the KPI file {path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(#[from] KpiError),
     #[error("{count} KPI file(s) are invalid:\n{list}")]
@@ -153,7 +158,10 @@ impl KpiEngine {
         files.sort();
         let mut sources = Vec::new();
         for f in files {
-            let sql = std::fs::read_to_string(&f).map_err(dir_err)?;
+            let sql = std::fs::read_to_string(&f).map_err(|source| KpiLoadError::File {
+                path: f.display().to_string(),
+                source,
+            })?;
             sources.push((f, sql));
         }
         Self::from_sources(sources, cfg.memory_limit).await

@@ -277,7 +277,7 @@ pub async fn analyse(
     let df = ctx
         .sql_with_options(sql, options)
         .await
-        .map_err(|e| classify_sql_error(&c, &e.to_string()))?;
+        .map_err(|e| classify_sql_error(&c, sql, &e.to_string()))?;
     let plan = df.logical_plan().clone();
 
     let (projection, agg) = match &plan {
@@ -414,7 +414,10 @@ fn member_col(c: &Ctx<'_>, plan: &LogicalPlan) -> Result<StateCol, KpiError> {
     })
 }
 
-fn classify_sql_error(c: &Ctx<'_>, msg: &str) -> KpiError {
+fn classify_sql_error(c: &Ctx<'_>, sql: &str, msg: &str) -> KpiError {
+    if let Some(e) = classify_statement(c, sql) {
+        return e;
+    }
     let lower = msg.to_lowercase();
     if lower.contains("ddl not supported") {
         c.err(
@@ -426,7 +429,7 @@ fn classify_sql_error(c: &Ctx<'_>, msg: &str) -> KpiError {
             "DML (INSERT, UPDATE, DELETE, COPY)",
             format!("{SHAPE}; the pipeline writes the results"),
         )
-    } else if lower.contains("statement not supported") {
+    } else if lower.contains("statement not supported") || lower.contains("set variant") {
         c.err("a statement such as SET", SHAPE)
     } else if lower.contains("table") && lower.contains("not found") {
         c.err(
@@ -436,8 +439,57 @@ fn classify_sql_error(c: &Ctx<'_>, msg: &str) -> KpiError {
     } else if lower.contains("single sql statement") {
         c.err("more than one statement", "one SELECT per file")
     } else {
-        c.err(format!("SQL error: {}", first_line(msg)), SHAPE)
+        // DataFusion's own text starts "SQL error: ParserError(\"...\")".
+        let text = first_line(msg).trim_start_matches("SQL error: ");
+        match text
+            .strip_prefix("ParserError(\"")
+            .and_then(|t| t.strip_suffix("\")"))
+        {
+            Some(syntax) => c.err(format!("SQL error: syntax: {syntax}"), SHAPE),
+            None => c.err(format!("SQL error: {text}"), SHAPE),
+        }
     }
+}
+
+/// The construct of a statement DataFusion could not plan, read from its
+/// syntax tree, where DataFusion's own error would name something else: a
+/// self-join `USING` a column fails on duplicate field names, `INSERT INTO x`
+/// on the missing table, `SET TIME ZONE` on an unimplemented variant.
+fn classify_statement(c: &Ctx<'_>, sql: &str) -> Option<KpiError> {
+    use datafusion::sql::parser::{DFParser, Statement as DfStatement};
+    use datafusion::sql::sqlparser::ast::{SetExpr, Statement};
+    let statements = DFParser::parse_sql(sql).ok()?;
+    let [statement] = Vec::from(statements).try_into().ok()?;
+    match statement {
+        DfStatement::Statement(s) => match *s {
+            Statement::Insert(_)
+            | Statement::Update(_)
+            | Statement::Delete(_)
+            | Statement::Copy { .. }
+            | Statement::Merge(_) => Some(c.err(
+                "DML (INSERT, UPDATE, DELETE, COPY)",
+                format!("{SHAPE}; the pipeline writes the results"),
+            )),
+            Statement::Set(_) => Some(c.err("a statement such as SET", SHAPE)),
+            Statement::Query(q) => match q.body.as_ref() {
+                SetExpr::Select(s)
+                    if s.from.len() > 1 || s.from.iter().any(|t| !t.joins.is_empty()) =>
+                {
+                    Some(construct_join(c))
+                }
+                _ => None,
+            },
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn construct_join(c: &Ctx<'_>) -> KpiError {
+    c.err(
+        "JOIN",
+        "KPIs read only the events micro-batch; join the KPI's view with other tables when you query it",
+    )
 }
 
 fn first_line(s: &str) -> &str {
@@ -446,10 +498,7 @@ fn first_line(s: &str) -> &str {
 
 fn construct_error(c: &Ctx<'_>, plan: &LogicalPlan) -> KpiError {
     match plan {
-        LogicalPlan::Join(_) => c.err(
-            "JOIN",
-            "KPIs read only the events micro-batch; join the KPI's view with other tables when you query it",
-        ),
+        LogicalPlan::Join(_) => construct_join(c),
         LogicalPlan::Sort(_) => c.err("ORDER BY", "order when you query the KPI's view"),
         LogicalPlan::Limit(_) => c.err("LIMIT", "limit when you query the KPI's view"),
         LogicalPlan::Window(_) => c.err(
@@ -462,9 +511,7 @@ fn construct_error(c: &Ctx<'_>, plan: &LogicalPlan) -> KpiError {
         ),
         LogicalPlan::Union(_) => c.err("UNION", "write one KPI file per query"),
         LogicalPlan::Filter(_) => c.err("HAVING", "filter when you query the KPI's view"),
-        LogicalPlan::Subquery(_) | LogicalPlan::SubqueryAlias(_) => {
-            c.err("a subquery", SHAPE)
-        }
+        LogicalPlan::Subquery(_) | LogicalPlan::SubqueryAlias(_) => c.err("a subquery", SHAPE),
         LogicalPlan::TableScan(_) | LogicalPlan::Projection(_) => c.err(
             "a query without aggregates",
             format!("{SHAPE}; a KPI aggregates, e.g. count(*) or sum(payment_amount)"),
@@ -524,9 +571,14 @@ fn check_expr(c: &Ctx<'_>, e: &Expr) -> Result<(), KpiError> {
                 "they cannot be merged batch by batch; compute them when you query the view",
             )),
             Expr::ScalarFunction(f) if f.func.signature().volatility != Volatility::Immutable => {
+                let name = f.func.name();
                 Some(c.err(
-                    format!("the non-deterministic function {}()", f.func.name()),
-                    "a KPI must give the same result whenever it is recomputed: use event_time, not the clock",
+                    format!("the non-deterministic function {name}()"),
+                    if matches!(name, "random" | "uuid") {
+                        "a KPI must give the same result whenever it is recomputed, so it cannot draw random values"
+                    } else {
+                        "a KPI must give the same result whenever it is recomputed: use event_time, not the clock"
+                    },
                 ))
             }
             Expr::AggregateFunction(f)
