@@ -223,8 +223,10 @@ pub struct RunArgs {
     /// Events before this instant are rejected (event_time_too_old).
     #[arg(long, env = "MIN_EVENT_TIME", default_value = "2000-01-01T00:00:00Z")]
     pub min_event_time: DateTime<Utc>,
-    /// Events more than this many seconds ahead of the clock are rejected (event_time_in_future).
-    #[arg(long, env = "MAX_FUTURE_SECS", default_value_t = 86_400)]
+    /// Events more than this many seconds ahead of the clock are rejected
+    /// (event_time_in_future). At most 100 years.
+    #[arg(long, env = "MAX_FUTURE_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(i64).range(0..=MAX_FUTURE_SECS_LIMIT))]
     pub max_future_secs: i64,
     /// customer_id, channel and tariff_type longer than this many bytes are
     /// rejected (field_too_long). At most 800: KPIs group by these fields, and
@@ -558,6 +560,10 @@ impl KafkaArgs {
     }
 }
 
+/// The largest `--max-future-secs`: 100 years, far below where a time plus
+/// it leaves chrono's range.
+const MAX_FUTURE_SECS_LIMIT: i64 = 100 * 366 * 86_400;
+
 /// Where `run` and `produce` serve metrics unless told otherwise: loopback,
 /// so a laptop does not expose them; the container image sets 0.0.0.0:9898.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
@@ -805,6 +811,31 @@ mod tests {
             .expect_err("0 is refused")
             .to_string();
         assert!(err.contains("--batch-max-bytes"), "{err}");
+    }
+
+    /// Regression: a `--max-future-secs` past chrono's range panicked, at
+    /// start (exit 101) or in every batch.
+    #[test]
+    fn max_future_secs_is_bounded() {
+        let run = |v: &str| {
+            Cli::try_parse_from([
+                "energy-stream",
+                "run",
+                "--database-url",
+                "postgres://u@h/db",
+                &format!("--max-future-secs={v}"),
+            ])
+            .map(|c| c.command)
+        };
+        for bad in ["10000000000000", "9223372036854775807", "-1"] {
+            let err = run(bad).expect_err(bad).to_string();
+            assert!(err.contains("--max-future-secs"), "{err}");
+        }
+        let Ok(Command::Run(args)) = run("3153600000") else {
+            panic!("100 years is accepted")
+        };
+        let cfg = args.to_config(true, Vec::new()).unwrap();
+        assert_eq!(cfg.rules.max_future, TimeDelta::seconds(3_153_600_000));
     }
 
     /// A bench of no events has no rate to report and no offsets to wait

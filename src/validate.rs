@@ -83,7 +83,11 @@ pub fn validate(
     let payment = column(col::PAYMENT_AMOUNT)?.as_primitive::<Decimal128Type>();
 
     let min_us = rules.min_event_time.timestamp_micros();
-    let max_us = (now + rules.max_future).timestamp_micros();
+    // Checked: `max_future` comes from configuration, and a time beyond
+    // chrono's range would panic on every batch.
+    let max_us = now
+        .checked_add_signed(rules.max_future)
+        .map_or(i64::MAX, |t| t.timestamp_micros());
     let text = [
         (customer, col::CUSTOMER_ID),
         (channel, col::CHANNEL),
@@ -466,6 +470,18 @@ mod tests {
         };
         let v = validate(&decoded, &late, now).unwrap();
         assert_eq!(reasons(&v), vec!["event_time_too_old".to_string()]);
+        // Regression: a bound past chrono's range panicked on every batch.
+        let unbounded = ValidationRules {
+            max_future: TimeDelta::MAX,
+            ..ValidationRules::default()
+        };
+        assert_eq!(
+            validate(&decoded, &unbounded, now)
+                .unwrap()
+                .valid
+                .num_rows(),
+            1
+        );
     }
 
     fn login(customer: &str, channel: &str, tariff: Option<&str>) -> String {
