@@ -504,8 +504,14 @@ impl DbArgs {
 
 /// Option keys that hold secrets and are refused on argv.
 fn is_secret_key(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.ends_with(".key.pem") || k.contains("token")
+    let k = key.trim().to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("passphrase")
+        || k.contains("secret")
+        || k.ends_with(".key.pem")
+        || k.contains("token")
+        // Holds client secrets as key=value pairs.
+        || k == "sasl.oauthbearer.config"
 }
 
 impl KafkaArgs {
@@ -525,7 +531,7 @@ impl KafkaArgs {
                 return Err(ConfigError::BadKafkaOption(kv.clone()));
             }
             if is_secret_key(k) {
-                return Err(ConfigError::SecretKafkaOption(k.to_string()));
+                return Err(ConfigError::SecretKafkaOption(k.trim().to_string()));
             }
             out.push((k.trim().to_string(), v.to_string()));
         }
@@ -847,6 +853,24 @@ mod tests {
             .to_string();
         assert!(err.contains("--events"), "{err}");
         assert!(Cli::try_parse_from(["energy-stream", "bench", "--events", "1"]).is_ok());
+    }
+
+    #[test]
+    fn secret_option_names() {
+        for k in [
+            "sasl.password",
+            " sasl.password",
+            "ssl.key.password",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "sasl.oauthbearer.config",
+            "ssl.keystore.password",
+        ] {
+            assert!(is_secret_key(k), "{k}");
+        }
+        for k in ["sasl.mechanism", "security.protocol", "ssl.ca.location"] {
+            assert!(!is_secret_key(k), "{k}");
+        }
     }
 
     #[test]

@@ -94,13 +94,19 @@ pub enum ProduceError {
     CreateTopic { topic: String, message: String },
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// Built by [`crate::source::config_error`], without the option's value.
+    #[error("invalid Kafka configuration: {0}")]
+    Config(String),
     #[error("broker unreachable at {0}: no metadata within 10s")]
     Unreachable(String),
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists.
 pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, ProduceError> {
-    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .client_config()
+        .create()
+        .map_err(|e| ProduceError::Config(crate::source::config_error(&e)))?;
     // Ask for all topics: a request naming the topic would auto-create it, with
     // the broker's default partition count, on brokers that allow that.
     let md = admin
@@ -239,7 +245,9 @@ pub fn produce(
     for (k, v) in &cfg.kafka.options {
         c.set(k, v);
     }
-    let producer: ThreadedProducer<DeliveryCounter> = c.create_with_context(ctx)?;
+    let producer: ThreadedProducer<DeliveryCounter> = c
+        .create_with_context(ctx)
+        .map_err(|e| ProduceError::Config(crate::source::config_error(&e)))?;
     let bad_path = cfg.bad_lines.display().to_string();
     let mut bad_out: Option<BufWriter<File>> = None;
     let mut summary = ProduceSummary::default();

@@ -53,6 +53,26 @@ impl std::fmt::Debug for KafkaConfig {
     }
 }
 
+/// The text of an error creating a Kafka client, without the option's value.
+///
+/// librdkafka refuses an option it does not know (a typo such as
+/// `sasl.passwrod`) or does not support in this build with an error that
+/// carries the value, and the rdkafka crate prints it: the secret a
+/// `KAFKA_OPT_*_FILE` held would end up on stderr and in the logs.
+pub fn config_error(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, desc, key, value) => {
+            let desc = if value.is_empty() {
+                desc.clone()
+            } else {
+                desc.replace(value.as_str(), "…")
+            };
+            format!("{desc} (option {key}; its value is not shown)")
+        }
+        other => other.to_string(),
+    }
+}
+
 impl KafkaConfig {
     /// The base librdkafka configuration with the user's options applied last.
     pub fn client_config(&self) -> ClientConfig {
@@ -528,8 +548,9 @@ pub struct KafkaSource {
 /// Errors creating the consumer.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// Built by [`config_error`], which leaves out the option's value.
     #[error("invalid Kafka configuration: {0}")]
-    Config(KafkaError),
+    Config(String),
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error(
@@ -593,8 +614,9 @@ impl KafkaSource {
             return Err(SourceError::Cooperative);
         }
         c.set_log_level(RDKafkaLogLevel::Warning);
-        let consumer: BaseConsumer<SourceContext> =
-            c.create_with_context(ctx).map_err(SourceError::Config)?;
+        let consumer: BaseConsumer<SourceContext> = c
+            .create_with_context(ctx)
+            .map_err(|e| SourceError::Config(config_error(&e)))?;
         Ok(KafkaSource {
             consumer,
             dropped: std::sync::atomic::AtomicU64::new(0),

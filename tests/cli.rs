@@ -122,6 +122,32 @@ fn passwords_never_appear_in_help_or_logs() {
         "Kafka password in the logs:\n{log}"
     );
 
+    // Regression: librdkafka's refusal of an option it does not know (a
+    // typo of a secret's name) carried the value, and it was printed.
+    for (var, value) in [
+        ("KAFKA_OPT_SASL_PASSWROD", KAFKA_SECRET.to_string()),
+        (
+            "KAFKA_OPT_SASL_PASSWROD_FILE",
+            pw_file.display().to_string(),
+        ),
+    ] {
+        // `run` builds its consumer from the same options, through the
+        // same redaction, once Postgres is up.
+        for cmd in [vec!["produce", "--input", "/dev/null"]] {
+            let out = Command::new(bin)
+                .args(&cmd)
+                .env(var, &value)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout);
+            assert!(!out.status.success(), "{cmd:?} {var}: {text}");
+            assert!(text.contains("sasl.passwrod"), "{cmd:?} {var}: {text}");
+            assert!(!text.contains(KAFKA_SECRET), "{cmd:?} {var}: {text}");
+        }
+    }
+
     let out = Command::new(bin)
         .args(["run", "--database-url", &url])
         .env_remove("DATABASE_URL")
