@@ -109,7 +109,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub latency_secs: u64,
     /// Partitions of the bench topic.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..))]
     pub partitions: i32,
     /// KPI files `run` computes.
     #[arg(long, default_value = "queries")]
@@ -182,7 +182,7 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
     pub brokers: String,
     /// Topic to read (run) or write (produce).
-    #[arg(long, env = "TOPIC", default_value = "energy_events")]
+    #[arg(long, env = "TOPIC", default_value = "energy_events", value_parser = parse_topic)]
     pub topic: String,
     /// Any librdkafka option, as key=value (repeatable): SASL, TLS, fetch tuning.
     /// Options holding secrets (sasl.password, ssl.key.password, ...) must come
@@ -302,10 +302,10 @@ pub struct ProduceArgs {
     #[arg(long, short, default_value = "data/events.jsonl")]
     pub input: PathBuf,
     /// Partitions for the topic when it has to be created.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..))]
     pub partitions: i32,
     /// Events per second; as fast as possible when absent.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_rate)]
     pub rate: Option<f64>,
     /// Send the lines in a random (seeded) order.
     #[arg(long)]
@@ -573,6 +573,35 @@ const MAX_FUTURE_SECS_LIMIT: i64 = 100 * 366 * 86_400;
 /// Where `run` and `produce` serve metrics unless told otherwise: loopback,
 /// so a laptop does not expose them; the container image sets 0.0.0.0:9898.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
+
+/// A Kafka topic name as Kafka accepts it: 1 to 249 of `[A-Za-z0-9._-]`,
+/// not `.` or `..`. Some brokers (tansu) take any name, which the next
+/// Kafka, or a tool that checks, then cannot use.
+fn parse_topic(s: &str) -> Result<String, String> {
+    let legal = !s.is_empty()
+        && s.len() <= 249
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if legal {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a Kafka topic name: use 1 to 249 letters, digits, '.', '_' or '-'"
+        ))
+    }
+}
+
+/// Events per second: a positive, finite number.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate: give events per second, above 0"
+        )),
+    }
+}
 
 /// "off" or an address.
 pub fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>, String> {
@@ -853,6 +882,38 @@ mod tests {
             .to_string();
         assert!(err.contains("--events"), "{err}");
         assert!(Cli::try_parse_from(["energy-stream", "bench", "--events", "1"]).is_ok());
+    }
+
+    /// Regressions: `produce --rate 0` (or negative, or NaN) slept about
+    /// 1 000 s per message; `--partitions 0` made a topic nothing could be
+    /// sent to; topic names Kafka refuses were created on brokers that do
+    /// not check (tansu).
+    #[test]
+    fn rates_partitions_and_topic_names_are_checked() {
+        let produce = |extra: &[&str]| {
+            let mut argv = vec!["energy-stream", "produce"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        for bad in [
+            &["--rate=0"][..],
+            &["--rate=-5"],
+            &["--rate=NaN"],
+            &["--rate=inf"],
+            &["--partitions=0"],
+            &["--topic="],
+            &["--topic=bad topic!"],
+            &["--topic=.."],
+        ] {
+            let err = produce(bad).expect_err(&format!("{bad:?} is refused"));
+            let flag = bad[0].split('=').next().unwrap();
+            assert!(err.contains(flag), "{bad:?}: {err}");
+        }
+        produce(&["--rate=0.5", "--partitions=1", "--topic=energy.events_v-2"]).unwrap();
+        assert!(parse_topic(&"t".repeat(249)).is_ok());
+        assert!(parse_topic(&"t".repeat(250)).is_err());
     }
 
     #[test]

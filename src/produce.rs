@@ -230,6 +230,21 @@ pub fn produce(
             "is a directory; give a JSONL file",
         )));
     }
+    // And check where refused lines go before sending anything: the file is
+    // created at the first one, which may come after most of the input.
+    let bad_dir = match cfg.bad_lines.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !bad_dir.is_dir() {
+        return Err(ProduceError::BadLines {
+            path: cfg.bad_lines.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "its directory does not exist",
+            ),
+        });
+    }
     ensure_topic(&cfg.kafka, cfg.partitions)?;
 
     let ctx = DeliveryCounter {
@@ -333,7 +348,19 @@ pub fn produce(
                 if let Some(wait) = due.checked_sub(started.elapsed())
                     && wait >= Duration::from_millis(1)
                 {
-                    std::thread::sleep(wait);
+                    // In slices, so that a shutdown does not wait for a slow
+                    // rate's next message.
+                    let until = Instant::now() + wait;
+                    while !stop.load(Ordering::Relaxed) {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        std::thread::sleep(left.min(Duration::from_millis(50)));
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        break 'outer;
+                    }
                 }
             }
             let mut record = BaseRecord::to(&cfg.kafka.topic).payload(line.as_bytes());
@@ -578,6 +605,35 @@ mod tests {
         cfg.kafka.brokers = "127.0.0.1:1".into();
         let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
         assert!(err.to_string().contains("is a directory"), "{err}");
+
+        // Regression: a bad-lines path in a missing directory failed only at
+        // the first bad line, after the lines before it were sent.
+        cfg.input = input.clone();
+        cfg.bad_lines = dir.join("missing").join("bad.jsonl");
+        let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("directory does not exist"),
+            "{err}"
+        );
+
+        // Regression: at a slow rate the producer slept until the next
+        // message was due, whatever the stop flag said.
+        cfg.bad_lines = dir.join("bad.jsonl");
+        cfg.kafka.brokers = cluster.bootstrap_servers();
+        cfg.rate = Some(0.01);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                stop.store(true, Ordering::Relaxed);
+            })
+        };
+        // The first line goes at once, the second is due 100 s later: only
+        // the stop can end this call before then.
+        let summary = produce(&cfg, &stop, Metrics::new()).unwrap();
+        stopper.join().unwrap();
+        assert_eq!(summary.sent, 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
