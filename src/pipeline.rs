@@ -630,7 +630,7 @@ async fn run_once(
     .await
     .map_err(|e| PipelineError::Intake(e.to_string()))
     .and_then(|joined| {
-        joined.map_err(|_| PipelineError::Intake("the intake thread panicked".into()))
+        joined.map_err(|_| PipelineError::Intake("the intake thread panicked".into()))?
     });
     // A compute failure stopped the run; the writer committed what came before.
     match intake_result.and(result).and(computed) {
@@ -837,13 +837,18 @@ const PROGRESS_CHECK_EVERY: Duration = Duration::from_millis(500);
 const BURST_MAX: usize = 512;
 
 /// The intake thread: poll, decode, cut batches, hand them over.
-fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mpsc::Sender<Batch>) {
+fn intake(
+    source: &KafkaSource,
+    cfg: &PipelineConfig,
+    metrics: &Metrics,
+    tx: mpsc::Sender<Batch>,
+) -> Result<(), PipelineError> {
     let ownership = source.ownership();
     let mut waited = Instant::now();
     let mut warned_missing = false;
     while !source.topic_exists() {
         if ownership.stop_requested() {
-            return;
+            return Ok(());
         }
         if !warned_missing || waited.elapsed() > Duration::from_secs(30) {
             tracing::warn!(topic = %source.topic(), "topic does not exist yet (or the broker is unreachable); waiting for it");
@@ -853,8 +858,8 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
         std::thread::sleep(Duration::from_secs(1));
     }
     if let Err(e) = source.subscribe() {
-        tracing::error!(error = %e, "cannot subscribe");
-        return;
+        ownership.request_stop();
+        return Err(e.into());
     }
     tracing::info!(topic = %source.topic(), group = %cfg.kafka.group_id, "subscribed");
 
@@ -876,7 +881,7 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
             }
             // Leaving the group waits for the writer (see `run`): revoking now
             // would discard the batches it is still committing.
-            return;
+            return Ok(());
         }
 
         let timeout = match cut.first_at {
@@ -934,10 +939,16 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
         // keep the poll busy.
         if progress_checked.elapsed() >= PROGRESS_CHECK_EVERY {
             progress_checked = Instant::now();
-            if source.check_progress(PROGRESS_CHECK_EVERY)
-                && cfg.stop_when_caught_up
-                && dec.is_empty()
-            {
+            let caught_up = match source.check_progress(PROGRESS_CHECK_EVERY) {
+                Ok(c) => c,
+                Err(e) => {
+                    // What the intake holds is not committed; the writer
+                    // drains what it has, and the run ends with the error.
+                    ownership.request_stop();
+                    return Err(e.into());
+                }
+            };
+            if caught_up && cfg.stop_when_caught_up && dec.is_empty() {
                 tracing::info!("caught up with every assigned partition");
                 ownership.request_stop();
             }
@@ -971,7 +982,7 @@ fn intake(source: &KafkaSource, cfg: &PipelineConfig, metrics: &Metrics, tx: mps
             // instead would restart fetches mid-batch on every resume.
             // Rebalances wait meanwhile, bounded by max.poll.interval.ms.
             if tx.blocking_send(b).is_err() {
-                return;
+                return Ok(());
             }
             // Silence only counts while we poll: what arrived meanwhile
             // waits in librdkafka's queue, and must not look like a stall.

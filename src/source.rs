@@ -545,9 +545,26 @@ pub struct KafkaSource {
     health: Arc<Health>,
 }
 
-/// Errors creating the consumer.
+/// Errors creating or running the consumer.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// The offset stored in Postgres lies past the end of the partition's
+    /// log: the topic was deleted and created again, truncated, or is another
+    /// cluster's. Reading on would drop every message below the stored
+    /// offset as already written, silently, and reading from the start would
+    /// collide with the rows of the old log.
+    #[error(
+        "partition {partition} of {topic}: the offset stored in Postgres is {stored}, but the partition ends at {end}. \
+         The topic was deleted and created again, truncated, or is another cluster's; nothing of it is skipped or written. \
+         To load it from its start, remove this group's rows for the topic from consumer_offsets, \
+         and the topic's old rows from events and rejected_events (README: Starting a topic over)"
+    )]
+    PastEnd {
+        topic: String,
+        partition: i32,
+        stored: i64,
+        end: i64,
+    },
     /// Built by [`config_error`], which leaves out the option's value.
     #[error("invalid Kafka configuration: {0}")]
     Config(String),
@@ -777,7 +794,13 @@ impl KafkaSource {
     /// record batch it cannot read (corrupt, or compressed with a codec it
     /// lacks), and taking the silence for the end would let `run` report
     /// "caught up" with messages left behind. It waits, and says why.
-    pub fn check_progress(&self, quiet: Duration) -> bool {
+    ///
+    /// A quiet partition whose position is past its high watermark, as the
+    /// broker gives it, can only have come from the offset stored in
+    /// Postgres (a consumer stores no offset beyond what it read, and a
+    /// partition's end only grows), so its log is not the one those offsets
+    /// count: [`SourceError::PastEnd`].
+    pub fn check_progress(&self, quiet: Duration) -> Result<bool, SourceError> {
         let (quiet_ones, mut caught_up) = {
             let cursors = self.ownership.cursors.lock().expect("cursors lock");
             let quiet_ones: Vec<(i32, Option<i64>)> = cursors
@@ -795,6 +818,30 @@ impl KafkaSource {
                 caught_up = false;
                 continue;
             };
+            if let Some(stored) = next
+                && stored > high
+            {
+                // The cache may predate the partition's return to this
+                // consumer (another one has consumed it since): only the
+                // broker's answer counts. This is rare, so it may block.
+                match self
+                    .consumer
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(5))
+                {
+                    Ok((_, end)) if stored > end => {
+                        return Err(SourceError::PastEnd {
+                            topic: self.topic.clone(),
+                            partition: p,
+                            stored,
+                            end,
+                        });
+                    }
+                    _ => {
+                        caught_up = false;
+                        continue;
+                    }
+                }
+            }
             if next.unwrap_or(low) >= high {
                 continue;
             }
@@ -842,7 +889,7 @@ impl KafkaSource {
                 "partitions behind their high watermark while the consumer reports errors; waiting, nothing is skipped"
             );
         }
-        caught_up
+        Ok(caught_up)
     }
 
     /// Starts every partition's silence over, after the intake was away from

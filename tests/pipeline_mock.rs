@@ -981,6 +981,49 @@ async fn a_read_only_postgres_at_start_is_waited_for() {
     assert_eq!(event_rows(&c).await, 200);
 }
 
+/// Regression: an offset stored in Postgres past the end of its partition
+/// (the topic deleted and created again) counted as caught up, and every
+/// message of the new log below it was dropped as already written, without
+/// a word. Now the run stops with an error that says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_offset_past_the_end_of_the_topic_stops_the_run() {
+    let Named {
+        _cluster,
+        db,
+        name: _,
+        cfg,
+    } = Named::new("past_end", &sample_messages(0..100, 10)).await;
+    let c = client(&db).await;
+    c.execute(
+        "INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) VALUES ($1, $2, 0, 5000)",
+        &[&cfg.kafka.group_id, &cfg.kafka.topic],
+    )
+    .await
+    .unwrap();
+
+    let err = run_within(
+        cfg,
+        Metrics::new(),
+        Duration::from_secs(120),
+        "the run ends within 120 s",
+    )
+    .await
+    .expect_err("an offset past the end is not taken as caught up");
+    let msg = err.to_string();
+    assert!(msg.contains("partition 0"), "{msg}");
+    assert!(msg.contains("stored in Postgres is 5000"), "{msg}");
+    assert!(msg.contains("deleted and created again"), "{msg}");
+    let stored: i64 = c
+        .query_one(
+            "SELECT next_offset FROM consumer_offsets WHERE kafka_partition = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 5000, "the stored offset is left as it was");
+}
+
 /// Regression: a batch whose COPY waited behind a lock was given up after the
 /// database timeout, but its backend went on waiting, since the connection
 /// stayed open while a reply was owed. Each retry left one more, until
