@@ -935,3 +935,52 @@ async fn a_divisor_of_zero_in_one_row_leaves_the_view_readable() {
     }
     assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
 }
+
+/// Regression: a KPI named like another application's view replaced that
+/// view without a word, and one named like its table failed with a
+/// Postgres error ("is not a view").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_never_takes_over_another_applications_view_or_table() {
+    let sql = "SELECT channel, count(*) AS n FROM events GROUP BY channel";
+    for (name, other) in [
+        ("other_view", "CREATE VIEW other_view AS SELECT 1 AS theirs"),
+        ("other_table", "CREATE TABLE other_table (theirs int)"),
+    ] {
+        let engine = KpiEngine::load_dir(&kpi_dir(&[(&format!("{name}.sql"), sql)]))
+            .await
+            .unwrap();
+        let db = fresh_db("foreign").await;
+        let mut c = client(&db).await;
+        sink::migrate::migrate(&mut c).await.unwrap();
+        c.batch_execute(other).await.unwrap();
+        let err = kpi::install(&mut c, &engine).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("named {name} already exists")),
+            "{err}"
+        );
+        assert!(err.contains("rename the KPI file"), "{err}");
+        let theirs: Vec<String> = c
+            .query(
+                "SELECT column_name::text FROM information_schema.columns WHERE table_name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(theirs, ["theirs"], "{name} is left as it was");
+    }
+    // A KPI's own view is replaced as before when its file changes.
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("mine.sql", sql)]))
+        .await
+        .unwrap();
+    let mut c = setup("mine", &engine).await;
+    let changed = KpiEngine::load_dir(&kpi_dir(&[(
+        "mine.sql",
+        "SELECT channel, count(*) AS events FROM events GROUP BY channel",
+    )]))
+    .await
+    .unwrap();
+    kpi::install(&mut c, &changed).await.unwrap();
+}

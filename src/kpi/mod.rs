@@ -926,6 +926,26 @@ pub async fn backfill(
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL client_min_messages = warning; LOCK TABLE events IN SHARE MODE")
         .await?;
+    // The view and the registry row are created in one transaction (below),
+    // so a relation of the KPI's name without a row is someone else's: a
+    // view of another application, which DROP VIEW would replace without a
+    // word, or a table, on which it would fail.
+    let foreign: bool = tx
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM kpi_registry WHERE name = $1) \
+             AND EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE n.nspname = current_schema() AND c.relname = $1)",
+            &[&def.name],
+        )
+        .await?
+        .get(0);
+    if foreign {
+        return Err(SinkError::Fatal(format!(
+            "KPI {name}: a table or view named {name} already exists and is not an energy-stream KPI; \
+             rename the KPI file (its name becomes the view), or drop that relation if nothing needs it",
+            name = def.name
+        )));
+    }
     tx.batch_execute(&drop_tables_sql(&tx, def, new).await?)
         .await?;
     tx.batch_execute(&create_tables_sql(def, new)).await?;
