@@ -850,8 +850,13 @@ fn intake(
         if ownership.stop_requested() {
             return Ok(());
         }
+        source.serve_events();
         if !warned_missing || waited.elapsed() > Duration::from_secs(30) {
-            tracing::warn!(topic = %source.topic(), "topic does not exist yet (or the broker is unreachable); waiting for it");
+            tracing::warn!(
+                topic = %source.topic(),
+                last_client_error = source.last_client_error().as_deref().unwrap_or("none"),
+                "topic does not exist yet (or the broker is unreachable); waiting for it"
+            );
             warned_missing = true;
             waited = Instant::now();
         }

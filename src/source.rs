@@ -281,6 +281,17 @@ pub struct SourceContext {
     loader: Box<dyn OffsetLoader>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    client_errors: Mutex<ClientErrorLog>,
+}
+
+/// The Kafka client's errors, for the logs: a broker that refuses
+/// connections reports one every few hundred milliseconds, so the log
+/// gets one line per [`CONSUME_ERROR_LOG_EVERY`] with a count of the rest.
+#[derive(Default)]
+struct ClientErrorLog {
+    last: Option<String>,
+    logged_at: Option<Instant>,
+    unlogged: u64,
 }
 
 impl SourceContext {
@@ -352,7 +363,14 @@ impl ClientContext for SourceContext {
         }
         let kind = error_kind(error.rdkafka_error_code());
         self.metrics.kafka_errors.with_label_values(&[kind]).inc();
-        tracing::warn!(error = %error, reason, "kafka client error");
+        let mut log = self.client_errors.lock().expect("client error log");
+        log.last = Some(format!("{error} ({reason})"));
+        if log_due(&mut log.logged_at) {
+            let unlogged = std::mem::take(&mut log.unlogged);
+            tracing::warn!(error = %error, reason, unlogged, "kafka client error");
+        } else {
+            log.unlogged += 1;
+        }
     }
 }
 
@@ -590,6 +608,7 @@ impl KafkaSource {
             loader,
             metrics,
             health: health.clone(),
+            client_errors: Mutex::new(ClientErrorLog::default()),
         };
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers)
@@ -653,6 +672,23 @@ impl KafkaSource {
     }
 
     /// True when the broker knows the topic. Errors (broker away) count as "not yet".
+    /// The Kafka client's last error, for a line that says why it waits.
+    pub fn last_client_error(&self) -> Option<String> {
+        self.consumer
+            .context()
+            .client_errors
+            .lock()
+            .expect("client error log")
+            .last
+            .clone()
+    }
+
+    /// Serves the client's events (its errors) without consuming: before the
+    /// subscription, nothing else would, and its errors would wait unseen.
+    pub fn serve_events(&self) {
+        let _ = self.consumer.poll(Duration::from_millis(100));
+    }
+
     pub fn topic_exists(&self) -> bool {
         match self
             .consumer

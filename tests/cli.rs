@@ -348,3 +348,71 @@ async fn a_role_that_may_not_checkpoint_still_gets_its_bench() {
         .await
         .unwrap();
 }
+
+/// Regression: while `run` waited for its topic, nothing served the Kafka
+/// client's events, so the log said only "does not exist yet (or the broker
+/// is unreachable)", and why (here: connection refused) came out after
+/// the shutdown, hundreds of lines at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn why_the_broker_cannot_be_reached_is_logged_while_run_waits() {
+    let db = common::fresh_db("no_broker").await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args([
+            "run",
+            "--brokers",
+            "127.0.0.1:1",
+            "--metrics-addr",
+            "off",
+            "--no-kpis",
+        ])
+        .env(
+            "DATABASE_URL",
+            match db.get_password() {
+                Some(_) => common::db_url_with_password(&db),
+                None => common::db_url(&db),
+            },
+        )
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the log as it comes: the cause must be there before the shutdown.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let named = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let found =
+                    line.contains("kafka client error") && line.contains("Connection refused");
+                log.push(line);
+                if found {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(
+        named,
+        "the refused connection is logged while run waits:\n{}",
+        log.join("\n")
+    );
+    assert!(status.success());
+}
