@@ -71,12 +71,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrate(args) => {
             let database = crate::sink::Database {
-                ca_file: args.db.database_ca_file.clone(),
+                ca_file: args.db.ca_file()?,
                 ..crate::sink::Database::new(args.db.require(db_in_argv)?)
             };
             let rt = runtime()?;
             rt.block_on(async {
                 let mut client = database.connect().await?;
+                crate::sink::migrate::check_roles(
+                    &client,
+                    &[args.grant_app.as_deref(), args.grant_read.as_deref()],
+                )
+                .await?;
                 let report = crate::sink::migrate::migrate(&mut client).await?;
                 println!(
                     "migrations: {} applied ({}), {} already in place",
@@ -252,7 +257,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Backfill(args) | Command::Verify(args) => {
             let database = crate::sink::Database {
-                ca_file: args.db.database_ca_file.clone(),
+                ca_file: args.db.ca_file()?,
                 ..crate::sink::Database::new(args.db.require(db_in_argv)?)
             };
             let rt = runtime()?;

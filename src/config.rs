@@ -480,10 +480,21 @@ impl DbArgs {
             (None, Some(f)) => Some(read_secret_file("DATABASE_URL_FILE", f)?),
             (None, None) => None,
         };
-        let Some(url) = url else { return Ok(None) };
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| ConfigError::BadDatabaseUrl(e.to_string()))?;
+        // An empty DATABASE_URL (a variable set to nothing) is no database,
+        // not libpq's "connect to the defaults".
+        let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| {
+                // tokio-postgres says "invalid connection string" and keeps
+                // which option and why in the source; it names options, never
+                // their values.
+                ConfigError::BadDatabaseUrl(match std::error::Error::source(&e) {
+                    Some(why) => format!("{e}: {why}"),
+                    None => e.to_string(),
+                })
+            })?;
         if from_argv && self.database_url.is_some() && config.get_password().is_some() {
             return Err(ConfigError::PasswordInArgv);
         }
@@ -495,6 +506,22 @@ impl DbArgs {
         }
         notice_dead_peers(&mut config);
         Ok(Some(config))
+    }
+
+    /// `--database-ca-file`, checked to be readable now rather than at the
+    /// first connection, where OpenSSL reports it as an error stack.
+    pub fn ca_file(&self) -> Result<Option<PathBuf>, ConfigError> {
+        match &self.database_ca_file {
+            Some(f) => {
+                std::fs::File::open(f).map_err(|source| ConfigError::SecretFile {
+                    var: "DATABASE_CA_FILE".into(),
+                    path: f.display().to_string(),
+                    source,
+                })?;
+                Ok(Some(f.clone()))
+            }
+            None => Ok(None),
+        }
     }
 
     pub fn require(&self, from_argv: bool) -> Result<tokio_postgres::Config, ConfigError> {
@@ -608,9 +635,17 @@ pub fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>, String> {
     if s.eq_ignore_ascii_case("off") || s.is_empty() {
         return Ok(None);
     }
-    s.parse()
-        .map(Some)
-        .map_err(|e| format!("invalid metrics address {s:?}: {e} (expected host:port or off)"))
+    use std::net::ToSocketAddrs;
+    // A host name (localhost:9898) too, not only an IP; its first address.
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .map(Some)
+            .ok_or_else(|| format!("invalid metrics address {s:?}: it resolves to no address")),
+        Err(e) => Err(format!(
+            "invalid metrics address {s:?}: {e} (expected host:port or off)"
+        )),
+    }
 }
 
 impl RunArgs {
@@ -633,7 +668,7 @@ impl RunArgs {
         let kafka = self.kafka.to_config(&self.group_id, env)?;
         let mut cfg = PipelineConfig::new(kafka, database);
         cfg.fault = fault;
-        cfg.database.ca_file = self.db.database_ca_file.clone();
+        cfg.database.ca_file = self.db.ca_file()?;
         cfg.database.timeout = Duration::from_secs(self.db_timeout_secs);
         cfg.decode = DecodeConfig {
             max_message_bytes: self.max_message_bytes,
@@ -914,6 +949,45 @@ mod tests {
         produce(&["--rate=0.5", "--partitions=1", "--topic=energy.events_v-2"]).unwrap();
         assert!(parse_topic(&"t".repeat(249)).is_ok());
         assert!(parse_topic(&"t".repeat(250)).is_err());
+    }
+
+    /// Regressions: every bad URL said only "invalid connection string"; an
+    /// empty DATABASE_URL was libpq's defaults; a missing CA file surfaced as
+    /// an OpenSSL error stack at the first connection; `localhost:9898` was
+    /// "invalid socket address syntax".
+    #[test]
+    fn database_settings_and_metrics_addresses_explain_themselves() {
+        let db = |url: &str, ca: Option<&str>| DbArgs {
+            database_url: Some(url.into()),
+            database_url_file: None,
+            database_password_file: None,
+            database_ca_file: ca.map(PathBuf::from),
+        };
+        let err = db("postgres://u@h:99999/db", None)
+            .require(false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port"), "{err}");
+        let err = db("postgres://u@h/db?sslmode=bogus", None)
+            .require(false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslmode"), "{err}");
+        assert!(matches!(
+            db("  ", None).require(false),
+            Err(ConfigError::NoDatabase)
+        ));
+        let err = db("postgres://u@h/db", Some("/nonexistent/ca.pem"))
+            .ca_file()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DATABASE_CA_FILE"), "{err}");
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+
+        let addr = parse_metrics_addr("localhost:9898").unwrap().unwrap();
+        assert!(addr.ip().is_loopback() && addr.port() == 9898, "{addr}");
+        assert_eq!(parse_metrics_addr("off").unwrap(), None);
+        assert!(parse_metrics_addr("localhost").is_err());
     }
 
     #[test]

@@ -376,9 +376,13 @@ pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")
     });
+    use std::io::IsTerminal;
+    // Colour codes only for a person at a terminal, not in files, pipes or
+    // a container's log collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     if json {
         builder.json().init();

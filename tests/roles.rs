@@ -122,6 +122,30 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         ))
         .await
         .unwrap();
+    // Regression: a role that does not exist was found only after every
+    // migration and KPI backfill had run.
+    let o = energy_stream(
+        &owner_url,
+        &[
+            "migrate",
+            "--queries-dir",
+            q,
+            "--grant-app",
+            "no_such_role_x1",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("role \"no_such_role_x1\" does not exist"),
+        "{}",
+        text(&o)
+    );
+    let migrated: bool = other
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!migrated, "nothing was migrated before the refusal");
     drop(other);
 
     let o = energy_stream(

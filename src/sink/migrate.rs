@@ -172,6 +172,31 @@ pub const CORE_RELATIONS: &[&str] = &[
 /// does once migrated: no TRUNCATE, no DELETE, no DDL, and only SELECT on the
 /// migration history. `read` may only SELECT (dashboards). The roles must
 /// exist; creating them, with their passwords, is the operator's job.
+/// Refuses a role to grant to that does not exist (or has no name), before
+/// anything is migrated or backfilled, rather than after.
+pub async fn check_roles(client: &Client, roles: &[Option<&str>]) -> Result<(), SinkError> {
+    for role in roles.iter().flatten() {
+        if role.trim().is_empty() {
+            return Err(SinkError::Fatal(
+                "an empty role name to grant to: give --grant-app / --grant-read (APP_ROLE / READ_ROLE) a role".into(),
+            ));
+        }
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+                &[role],
+            )
+            .await?
+            .get(0);
+        if !exists {
+            return Err(SinkError::Fatal(format!(
+                "role {role:?} does not exist: create it first (CREATE ROLE {role} LOGIN; README: Roles); nothing was changed"
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub async fn grant(
     client: &Client,
     app: Option<&str>,

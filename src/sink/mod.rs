@@ -154,6 +154,16 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
         },
     };
     let Some(code) = e.code() else {
+        // A setting the server asks for and the URL lacks: retrying cannot
+        // supply it.
+        if message.contains("invalid configuration") {
+            let hint = if message.contains("password missing") {
+                "the server asks for a password: put it in DATABASE_URL, or in a file named by DATABASE_PASSWORD_FILE"
+            } else {
+                "check DATABASE_URL"
+            };
+            return SinkError::Fatal(format!("{message} — {hint}"));
+        }
         // No SQLSTATE: the socket closed, the server vanished, or connecting failed.
         return SinkError::Unavailable {
             kind: "connection",
@@ -172,9 +182,14 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
     if *code == SqlState::UNIQUE_VIOLATION {
         return SinkError::Duplicate(message);
     }
-    if *code == SqlState::INSUFFICIENT_PRIVILEGE || c.starts_with("28") {
+    if *code == SqlState::INSUFFICIENT_PRIVILEGE {
         return SinkError::Fatal(format!(
             "{message} — check the database role and its grants"
+        ));
+    }
+    if c.starts_with("28") {
+        return SinkError::Fatal(format!(
+            "{message} — check the user and password (DATABASE_URL, DATABASE_PASSWORD_FILE) and the server's pg_hba.conf"
         ));
     }
     if *code == SqlState::INVALID_CATALOG_NAME {
