@@ -335,9 +335,10 @@ pub struct DemoArgs {
     /// Keep the pipeline and the metrics endpoint running after the summary, until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
-    /// The events to replay.
-    #[arg(long, default_value = "data/events.jsonl")]
-    pub input: PathBuf,
+    /// The events to replay. Default: data/events.jsonl, or freshly generated
+    /// sample events when it is not there (outside the repository).
+    #[arg(long)]
+    pub input: Option<PathBuf>,
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
     pub metrics_addr: String,
 }

@@ -22,10 +22,13 @@ use crate::telemetry::Metrics;
 
 pub const DEMO_SCHEMA: &str = "energy_stream_demo";
 const TOPIC: &str = "energy_events";
+/// The committed sample events, relative to the repository.
+const SAMPLE: &str = "data/events.jsonl";
 
 pub struct DemoConfig {
     pub database: Option<tokio_postgres::Config>,
-    pub input: PathBuf,
+    /// None: the sample file, or generated events when it is not there.
+    pub input: Option<PathBuf>,
     pub keep_running: bool,
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -78,6 +81,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<DemoReport> {
     let started = Instant::now();
+    // Before starting anything: a wrong --input is the user's to fix first.
+    let input = resolve_input(cfg.input.as_deref())?;
     let mut local = None;
     let mut database = match cfg.database {
         Some(db) => {
@@ -125,7 +130,6 @@ pub async fn run(
         options: vec![],
     };
 
-    let input = resolve_input(&cfg.input)?;
     let produce_cfg = ProduceConfig {
         kafka: kafka.clone(),
         input: input.clone(),
@@ -134,7 +138,10 @@ pub async fn run(
         shuffle: false,
         repeat: false,
         live: false,
-        bad_lines: std::env::temp_dir().join("energy-stream-demo-bad-lines.jsonl"),
+        bad_lines: std::env::temp_dir().join(format!(
+            "energy-stream-demo-bad-lines-{}.jsonl",
+            std::process::id()
+        )),
     };
     let metrics = Metrics::new();
     let m = metrics.clone();
@@ -142,6 +149,9 @@ pub async fn run(
         tokio::task::spawn_blocking(move || produce(&produce_cfg, &AtomicBool::new(false), m))
             .await??;
     println!("Produced {} from {}", produced, input.display());
+    if cfg.input.is_none() && input != Path::new(SAMPLE) {
+        let _ = std::fs::remove_file(&input);
+    }
 
     let mut pcfg = PipelineConfig::new(kafka, database.clone());
     // Runs until caught up; with --keep-running it then goes on, see below.
@@ -215,19 +225,37 @@ pub async fn run(
     Ok(report)
 }
 
-/// The sample file, or a freshly generated one when it is not there (running
-/// outside the repository, or from the container image).
-fn resolve_input(path: &Path) -> anyhow::Result<PathBuf> {
+/// The file given, which must exist; without one, the sample file, or a
+/// freshly generated one when it is not there (running outside the
+/// repository, or from the container image).
+fn resolve_input(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        anyhow::ensure!(
+            path.is_file(),
+            "cannot read the --input file {}: no such file",
+            path.display()
+        );
+        return Ok(path.to_path_buf());
+    }
+    let path = Path::new(SAMPLE);
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let generated = std::env::temp_dir().join("energy-stream-demo-events.jsonl");
+    // A name of this process's own, created new: a shared temporary
+    // directory may hold another user's file, or a link, by a fixed name.
+    let generated = std::env::temp_dir().join(format!(
+        "energy-stream-demo-events-{}.jsonl",
+        std::process::id()
+    ));
     println!(
-        "{} not found; generating sample events into {}",
+        "{} not found; generating sample events into {} (removed once sent)",
         path.display(),
         generated.display()
     );
-    let file = std::fs::File::create(&generated)
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&generated)
         .with_context(|| format!("cannot write {}", generated.display()))?;
     crate::generate::generate(
         &crate::generate::GenerateConfig {

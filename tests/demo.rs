@@ -38,6 +38,26 @@ fn demo_runs_end_to_end_with_nothing_but_postgres_installed() {
     }
 }
 
+/// Regression: an --input that does not exist was replaced by generated
+/// events (exit 0), after a Postgres cluster had been started for it.
+#[test]
+fn demo_refuses_a_missing_input_before_starting_anything() {
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["demo", "--input", "/nonexistent/events.jsonl"])
+        .env_remove("DATABASE_URL")
+        .env_remove("DATABASE_URL_FILE")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("cannot read the --input file /nonexistent/events.jsonl"),
+        "{text}"
+    );
+    assert!(!text.contains("started a throwaway cluster"), "{text}");
+}
+
 #[test]
 fn demo_keep_running_serves_metrics_after_the_summary_until_sigterm() {
     use std::io::{BufRead, BufReader};
