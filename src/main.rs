@@ -7,7 +7,8 @@ use energy_stream::config::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    energy_stream::telemetry::init_logging(cli.log_json);
+    let json = cli.log_json;
+    energy_stream::telemetry::init_logging(json);
     match energy_stream::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -21,7 +22,7 @@ fn main() -> ExitCode {
                     line.push_str(&cause);
                 }
             }
-            eprintln!("error: {line}");
+            energy_stream::telemetry::report_exit_error(json, &line);
             ExitCode::FAILURE
         }
     }

@@ -372,6 +372,23 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
 
 /// Installs the tracing subscriber: human-readable lines, `RUST_LOG` filter,
 /// `info` by default. Called once, by `main`.
+/// Writes the error a command ends on to stderr: `error: ...` for a person,
+/// or, with `--log-json`, one JSON line shaped like the log's, so that a
+/// collector reading JSON lines gets the reason too. Written directly, not
+/// through the log filter: `RUST_LOG=off` must not hide why it stopped.
+pub fn report_exit_error(json: bool, line: &str) {
+    if json {
+        let record = serde_json::json!({
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "level": "ERROR",
+            "fields": {"message": "exiting on an error", "error": line},
+        });
+        eprintln!("{record}");
+    } else {
+        eprintln!("error: {line}");
+    }
+}
+
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,rdkafka=warn,tokio_postgres=warn")

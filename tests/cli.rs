@@ -416,3 +416,28 @@ async fn why_the_broker_cannot_be_reached_is_logged_while_run_waits() {
     );
     assert!(status.success());
 }
+
+/// Regression: with --log-json the error a command ended on was the one
+/// line that was not JSON.
+#[test]
+fn with_log_json_the_final_error_is_json_too() {
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["--log-json", "migrate"])
+        .env_remove("DATABASE_URL")
+        .env_remove("DATABASE_URL_FILE")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    let record: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(record["level"], "ERROR");
+    assert!(
+        record["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no database configured")),
+        "{record}"
+    );
+}
