@@ -97,8 +97,13 @@ pub enum ProduceError {
     /// Built by [`crate::source::config_error`], without the option's value.
     #[error("invalid Kafka configuration: {0}")]
     Config(String),
-    #[error("broker unreachable at {0}: no metadata within 10s")]
-    Unreachable(String),
+    /// The broker gave no metadata: unreachable, or it refused this client
+    /// (a failed SASL or TLS handshake looks the same from here).
+    #[error(
+        "no answer from the broker at {brokers} within 10s ({cause}): check the address, and the \
+         security settings (KAFKA_OPT_SECURITY_PROTOCOL, KAFKA_OPT_SASL_*, KAFKA_OPT_SSL_*) if it needs them"
+    )]
+    Unreachable { brokers: String, cause: String },
 }
 
 /// Creates `topic` with `partitions` partitions unless it exists.
@@ -112,7 +117,10 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, Produc
     let md = admin
         .inner()
         .fetch_metadata(None, Duration::from_secs(10))
-        .map_err(|_| ProduceError::Unreachable(kafka.brokers.clone()))?;
+        .map_err(|e| ProduceError::Unreachable {
+            brokers: kafka.brokers.clone(),
+            cause: e.to_string(),
+        })?;
     if md
         .topics()
         .iter()
