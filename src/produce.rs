@@ -100,8 +100,9 @@ pub enum ProduceError {
     /// The broker gave no metadata: unreachable, or it refused this client
     /// (a failed SASL or TLS handshake looks the same from here).
     #[error(
-        "no answer from the broker at {brokers} within 10s ({cause}): check the address, and the \
-         security settings (KAFKA_OPT_SECURITY_PROTOCOL, KAFKA_OPT_SASL_*, KAFKA_OPT_SSL_*) if it needs them"
+        "the broker at {brokers} is unreachable, or refused this client: no metadata within 10s ({cause}); \
+         check the address, and the security settings (KAFKA_OPT_SECURITY_PROTOCOL, KAFKA_OPT_SASL_*, \
+         KAFKA_OPT_SSL_*) if it needs them"
     )]
     Unreachable { brokers: String, cause: String },
 }

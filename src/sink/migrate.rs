@@ -165,13 +165,6 @@ pub const CORE_RELATIONS: &[&str] = &[
     "daily_event_summary",
 ];
 
-/// Grants for the two non-owner roles on energy-stream's own tables and
-/// views, and (default privileges) on the tables the owner creates later: new
-/// KPIs, and the fresh tables a backfill swaps in. Other relations in the
-/// schema are left alone. `app` may read and write rows, which is all `run`
-/// does once migrated: no TRUNCATE, no DELETE, no DDL, and only SELECT on the
-/// migration history. `read` may only SELECT (dashboards). The roles must
-/// exist; creating them, with their passwords, is the operator's job.
 /// Refuses a role to grant to that does not exist (or has no name), before
 /// anything is migrated or backfilled, rather than after.
 pub async fn check_roles(client: &Client, roles: &[Option<&str>]) -> Result<(), SinkError> {
@@ -197,6 +190,13 @@ pub async fn check_roles(client: &Client, roles: &[Option<&str>]) -> Result<(), 
     Ok(())
 }
 
+/// Grants for the two non-owner roles on energy-stream's own tables and
+/// views, and (default privileges) on the tables the owner creates later: new
+/// KPIs, and the fresh tables a backfill swaps in. Other relations in the
+/// schema are left alone. `app` may read and write rows, which is all `run`
+/// does once migrated: no TRUNCATE, no DELETE, no DDL, and only SELECT on the
+/// migration history. `read` may only SELECT (dashboards). The roles must
+/// exist; creating them, with their passwords, is the operator's job.
 pub async fn grant(
     client: &Client,
     app: Option<&str>,

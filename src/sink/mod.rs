@@ -202,7 +202,9 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
         return SinkError::Unavailable {
             kind: "read_only",
             message: format!(
-                "{message} — Postgres is read-only here (a standby, a failover in progress, or                  default_transaction_read_only); `target_session_attrs=read-write` in the URL                  skips standbys"
+                "{message} — Postgres is read-only here (a standby, a failover in progress, or \
+                 default_transaction_read_only); `target_session_attrs=read-write` in the URL \
+                 skips standbys"
             ),
         };
     }
