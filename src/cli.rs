@@ -273,7 +273,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     anyhow::bail!("no KPI named {k} in {}", args.queries.queries_dir.display());
                 }
                 let mut client = database.connect().await?;
-                crate::sink::migrate::migrate(&mut client).await?;
+                // `verify` only reads: pointed at the wrong database, it must
+                // not leave energy-stream's schema there. `backfill` writes
+                // KPI tables, which need the schema.
+                if !verify {
+                    crate::sink::migrate::migrate(&mut client).await?;
+                }
                 if verify {
                     let mismatches =
                         crate::kpi::verify(&mut client, &engine, args.kpi.as_deref()).await?;

@@ -441,3 +441,38 @@ fn with_log_json_the_final_error_is_json_too() {
         "{record}"
     );
 }
+
+/// Regression: `verify`, which only reads, applied the migrations to the
+/// database it was pointed at before it found nothing to compare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_leaves_a_database_without_the_schema_as_it_was() {
+    let db = common::fresh_db("verify_ro").await;
+    let url = match db.get_password() {
+        Some(_) => common::db_url_with_password(&db),
+        None => common::db_url(&db),
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["verify"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("energy-stream migrate"),
+        "says what to run: {text}"
+    );
+    let c = common::client(&db).await;
+    let tables: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "verify created tables: {text}");
+}
