@@ -130,6 +130,12 @@ pub async fn run(
         options: vec![],
     };
 
+    // Per process, so that demos never share one; the summary counts the
+    // lines, and the file goes once they are counted.
+    let bad_lines = std::env::temp_dir().join(format!(
+        "energy-stream-demo-bad-lines-{}.jsonl",
+        std::process::id()
+    ));
     let produce_cfg = ProduceConfig {
         kafka: kafka.clone(),
         input: input.clone(),
@@ -138,10 +144,7 @@ pub async fn run(
         shuffle: false,
         repeat: false,
         live: false,
-        bad_lines: std::env::temp_dir().join(format!(
-            "energy-stream-demo-bad-lines-{}.jsonl",
-            std::process::id()
-        )),
+        bad_lines: bad_lines.clone(),
     };
     let metrics = Metrics::new();
     let m = metrics.clone();
@@ -149,6 +152,7 @@ pub async fn run(
         tokio::task::spawn_blocking(move || produce(&produce_cfg, &AtomicBool::new(false), m))
             .await??;
     println!("Produced {} from {}", produced, input.display());
+    let _ = std::fs::remove_file(&bad_lines);
     if cfg.input.is_none() && input != Path::new(SAMPLE) {
         let _ = std::fs::remove_file(&input);
     }

@@ -6,14 +6,22 @@ use std::process::Command;
 
 #[test]
 fn demo_runs_end_to_end_with_nothing_but_postgres_installed() {
-    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+    let child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
         .arg("demo")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("DATABASE_URL")
         .env_remove("DATABASE_URL_FILE")
         .env("RUST_LOG", "warn")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    // The refused lines are counted in the summary; their file is not left
+    // in the shared temporary directory.
+    let bad_lines = std::env::temp_dir().join(format!("energy-stream-demo-bad-lines-{pid}.jsonl"));
+    assert!(!bad_lines.exists(), "{} left behind", bad_lines.display());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
