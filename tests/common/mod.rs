@@ -379,7 +379,13 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
         if let Some(file) = &self.file {
-            let _ = std::fs::remove_file(file);
+            // SQLite keeps its write-ahead log and shared memory beside the
+            // database file.
+            for suffix in ["", "-wal", "-shm"] {
+                let mut path = file.clone().into_os_string();
+                path.push(suffix);
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }
