@@ -82,8 +82,7 @@ fn passwords_never_appear_in_help_or_logs() {
             .env("KAFKA_OPT_SASL_PASSWORD", KAFKA_SECRET)
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
+        let text = common::output_text(&out);
         assert!(
             !text.contains(DB_SECRET) && !text.contains(KAFKA_SECRET),
             "{cmd:?}:\n{text}"
@@ -103,8 +102,7 @@ fn passwords_never_appear_in_help_or_logs() {
     std::thread::sleep(Duration::from_millis(2500));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    let log =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let log = common::output_text(&out);
     assert!(
         log.contains("cannot reach Postgres"),
         "it did try to connect: {log}"
@@ -139,8 +137,7 @@ fn passwords_never_appear_in_help_or_logs() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).to_string()
-            + &String::from_utf8_lossy(&out.stdout);
+        let text = common::output_text(&out);
         assert!(!out.status.success(), "{var}: {text}");
         assert!(text.contains("sasl.passwrod"), "{var}: {text}");
         assert!(!text.contains(KAFKA_SECRET), "{var}: {text}");
@@ -365,13 +362,7 @@ async fn why_the_broker_cannot_be_reached_is_logged_while_run_waits() {
             "off",
             "--no-kpis",
         ])
-        .env(
-            "DATABASE_URL",
-            match db.get_password() {
-                Some(_) => common::db_url_with_password(&db),
-                None => common::db_url(&db),
-            },
-        )
+        .env("DATABASE_URL", common::db_url_with_password(&db))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -447,10 +438,7 @@ fn with_log_json_the_final_error_is_json_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_leaves_a_database_without_the_schema_as_it_was() {
     let db = common::fresh_db("verify_ro").await;
-    let url = match db.get_password() {
-        Some(_) => common::db_url_with_password(&db),
-        None => common::db_url(&db),
-    };
+    let url = common::db_url_with_password(&db);
     let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
         .args(["verify"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -458,8 +446,7 @@ async fn verify_leaves_a_database_without_the_schema_as_it_was() {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = common::output_text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(
         text.contains("energy-stream migrate"),

@@ -56,8 +56,7 @@ fn demo_refuses_a_missing_input_before_starting_anything() {
         .env_remove("DATABASE_URL_FILE")
         .output()
         .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = common::output_text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(
         text.contains("cannot read the --input file /nonexistent/events.jsonl"),

@@ -24,14 +24,6 @@ fn energy_stream(url: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn run_args<'a>(brokers: &'a str, topic: &'a str, queries: &'a str) -> Vec<&'a str> {
     vec![
         "run",
@@ -104,9 +96,9 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
     let o = energy_stream(&app_url, &run_args(&broker.brokers, &topic, q));
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("run `energy-stream migrate` as the owner role"),
+        output_text(&o).contains("run `energy-stream migrate` as the owner role"),
         "{}",
-        text(&o)
+        output_text(&o)
     );
     let o = energy_stream(&app_url, &["migrate", "--queries-dir", q]);
     assert!(!o.status.success(), "the app role cannot migrate");
@@ -136,9 +128,9 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
     );
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("role \"no_such_role_x1\" does not exist"),
+        output_text(&o).contains("role \"no_such_role_x1\" does not exist"),
         "{}",
-        text(&o)
+        output_text(&o)
     );
     let migrated: bool = other
         .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
@@ -160,12 +152,15 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
             &reader,
         ],
     );
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(!text(&o).contains("secret"), "no password in the output");
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert!(
+        !output_text(&o).contains("secret"),
+        "no password in the output"
+    );
 
     // The app role runs the whole pipeline: COPY, KPI merges, offsets.
     let o = energy_stream(&app_url, &run_args(&broker.brokers, &topic, q));
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let c = client(&app_cfg).await;
     let n: i64 = c
         .query_one("SELECT count(*) FROM events", &[])
@@ -230,19 +225,24 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
     let o = energy_stream(&app_url, &run_args(&broker.brokers, &topic, q));
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("KPI channel_events is new") && text(&o).contains("migrate"),
+        output_text(&o).contains("KPI channel_events is new")
+            && output_text(&o).contains("migrate"),
         "{}",
-        text(&o)
+        output_text(&o)
     );
     let o = energy_stream(&owner_url, &["migrate", "--queries-dir", q]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("channel_events"), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("channel_events"),
+        "{}",
+        output_text(&o)
+    );
     let more: Vec<Option<Vec<u8>>> = (0..50)
         .map(|i| Some(event("user_logout", "late", i, 5).into_bytes()))
         .collect();
     send_raw(&broker.brokers, &topic, &more);
     let o = energy_stream(&app_url, &run_args(&broker.brokers, &topic, q));
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let total: i64 = c
         .query_one("SELECT sum(events)::bigint FROM channel_events", &[])
         .await

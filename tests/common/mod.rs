@@ -475,12 +475,21 @@ pub fn db_url(cfg: &tokio_postgres::Config) -> String {
     )
 }
 
-/// [`db_url`] with the config's password in it, for a role that logs in with
-/// one on a server that checks passwords (`TEST_DATABASE_URL`).
+/// [`db_url`] with the config's password in it, when it has one: for a role
+/// that logs in with one on a server that checks passwords
+/// (`TEST_DATABASE_URL`).
 pub fn db_url_with_password(cfg: &tokio_postgres::Config) -> String {
+    let Some(pw) = cfg.get_password() else {
+        return db_url(cfg);
+    };
     let user = cfg.get_user().unwrap();
-    let pw = String::from_utf8_lossy(cfg.get_password().unwrap());
+    let pw = String::from_utf8_lossy(pw);
     db_url(cfg).replacen(&format!("://{user}@"), &format!("://{user}:{pw}@"), 1)
+}
+
+/// A finished command's stdout and stderr together, for `contains` checks.
+pub fn output_text(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 
 /// Every row of `relation`, as text, sorted: comparable across databases.
