@@ -281,17 +281,32 @@ pub struct SourceContext {
     loader: Box<dyn OffsetLoader>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    client_errors: Mutex<ClientErrorLog>,
+    /// The Kafka client's errors: a broker that refuses connections reports
+    /// one every few hundred milliseconds.
+    client_errors: Mutex<ErrorLog>,
 }
 
-/// The Kafka client's errors, for the logs: a broker that refuses
-/// connections reports one every few hundred milliseconds, so the log
-/// gets one line per [`CONSUME_ERROR_LOG_EVERY`] with a count of the rest.
+/// The last of a stream of errors, and which of them to log: one line per
+/// [`CONSUME_ERROR_LOG_EVERY`], with a count of those in between.
 #[derive(Default)]
-struct ClientErrorLog {
+struct ErrorLog {
     last: Option<String>,
     logged_at: Option<Instant>,
     unlogged: u64,
+}
+
+impl ErrorLog {
+    /// Records `text`; Some(how many went unlogged before it) when it is to
+    /// be logged.
+    fn note(&mut self, text: String) -> Option<u64> {
+        self.last = Some(text);
+        if log_due(&mut self.logged_at) {
+            Some(std::mem::take(&mut self.unlogged))
+        } else {
+            self.unlogged += 1;
+            None
+        }
+    }
 }
 
 impl SourceContext {
@@ -363,13 +378,13 @@ impl ClientContext for SourceContext {
         }
         let kind = error_kind(error.rdkafka_error_code());
         self.metrics.kafka_errors.with_label_values(&[kind]).inc();
-        let mut log = self.client_errors.lock().expect("client error log");
-        log.last = Some(format!("{error} ({reason})"));
-        if log_due(&mut log.logged_at) {
-            let unlogged = std::mem::take(&mut log.unlogged);
+        let logged = self
+            .client_errors
+            .lock()
+            .expect("client error log")
+            .note(format!("{error} ({reason})"));
+        if let Some(unlogged) = logged {
             tracing::warn!(error = %error, reason, unlogged, "kafka client error");
-        } else {
-            log.unlogged += 1;
         }
     }
 }
@@ -485,9 +500,7 @@ struct ConsumeErrors {
 
 #[derive(Default)]
 struct ConsumeErrorLog {
-    last: String,
-    logged_at: Option<Instant>,
-    unlogged: u64,
+    errors: ErrorLog,
     behind_warned_at: Option<Instant>,
 }
 
@@ -510,14 +523,15 @@ impl ConsumeErrors {
             let ms = self.started.elapsed().as_millis() as u64 + 1;
             self.last_ms.store(ms, Ordering::Relaxed);
         }
-        let mut log = self.log.lock().expect("consume error log");
-        log.last = e.to_string();
-        if !log_due(&mut log.logged_at) {
-            log.unlogged += 1;
-            return;
+        let logged = self
+            .log
+            .lock()
+            .expect("consume error log")
+            .errors
+            .note(e.to_string());
+        if let Some(earlier_unlogged) = logged {
+            tracing::warn!(error = %e, earlier_unlogged, "consumer error");
         }
-        tracing::warn!(error = %e, earlier_unlogged = log.unlogged, "consumer error");
-        log.unlogged = 0;
     }
 
     /// True while the last error is younger than [`CONSUME_ERROR_HOLD`].
@@ -532,7 +546,13 @@ impl ConsumeErrors {
     }
 
     fn last_text(&self) -> String {
-        self.log.lock().expect("consume error log").last.clone()
+        self.log
+            .lock()
+            .expect("consume error log")
+            .errors
+            .last
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Rate-limits the "behind while erroring" warning of check_progress.
@@ -608,7 +628,7 @@ impl KafkaSource {
             loader,
             metrics,
             health: health.clone(),
-            client_errors: Mutex::new(ClientErrorLog::default()),
+            client_errors: Mutex::new(ErrorLog::default()),
         };
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &cfg.brokers)
@@ -671,7 +691,6 @@ impl KafkaSource {
         &self.topic
     }
 
-    /// True when the broker knows the topic. Errors (broker away) count as "not yet".
     /// The Kafka client's last error, for a line that says why it waits.
     pub fn last_client_error(&self) -> Option<String> {
         self.consumer
@@ -689,6 +708,7 @@ impl KafkaSource {
         let _ = self.consumer.poll(Duration::from_millis(100));
     }
 
+    /// True when the broker knows the topic. Errors (broker away) count as "not yet".
     pub fn topic_exists(&self) -> bool {
         match self
             .consumer
