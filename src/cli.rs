@@ -251,8 +251,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 let outputs: Vec<&str> = def.outputs.iter().map(|o| o.name.as_str()).collect();
                 println!("  columns: {}, updated_at", outputs.join(", "));
+                // DataFusion names an unaliased expression after its text,
+                // which makes a view column that must be quoted to be read.
+                for o in outputs.iter().filter(|o| !plain_identifier(o)) {
+                    println!(
+                        "  note: column \"{o}\" has no alias; `... AS some_name` gives it a name that needs no quotes"
+                    );
+                }
             }
-            println!("{} KPI file(s) OK", engine.len());
+            if engine.is_empty() {
+                println!(
+                    "no KPI files (*.sql) in {}: nothing to check",
+                    args.queries_dir.display()
+                );
+            } else {
+                println!("{} KPI file(s) OK", engine.len());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Backfill(args) | Command::Verify(args) => {
@@ -353,4 +367,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Whether Postgres reads `name` as a column name without quotes.
+fn plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }

@@ -463,3 +463,52 @@ async fn verify_leaves_a_database_without_the_schema_as_it_was() {
         .get(0);
     assert_eq!(tables, 0, "verify created tables: {text}");
 }
+
+/// Regression: `check` said "0 KPI file(s) OK" for a directory without KPI
+/// files, passed over `Revenue.SQL` without a word (it is never read), and
+/// listed unaliased measures as view columns such as `count(*)` that every
+/// reader must quote, without saying so.
+#[test]
+fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
+    let dir = std::env::temp_dir().join(format!("es-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["check", "--queries-dir", dir.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+
+    let out = check();
+    let text = common::output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("no KPI files (*.sql) in"), "{text}");
+    assert!(!text.contains("OK"), "{text}");
+
+    std::fs::write(
+        dir.join("Revenue.SQL"),
+        "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("by_channel.sql"),
+        "SELECT channel, count(*), sum(energy_consumed) AS kwh FROM events GROUP BY channel",
+    )
+    .unwrap();
+    let out = check();
+    let text = common::output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Revenue.SQL"),
+        "the ignored file is named: {text}"
+    );
+    assert!(text.contains("lowercase .sql"), "{text}");
+    assert!(text.contains("1 KPI file(s) OK"), "{text}");
+    assert!(
+        text.contains("column \"count(*)\" has no alias"),
+        "the unnamed column is pointed out: {text}"
+    );
+    assert!(!text.contains("\"kwh\""), "named columns are fine: {text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

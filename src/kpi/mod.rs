@@ -149,13 +149,15 @@ impl KpiEngine {
             path: cfg.dir.display().to_string(),
             source,
         };
-        let mut files: Vec<_> = std::fs::read_dir(&cfg.dir)
-            .map_err(dir_err)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-            .collect();
-        files.sort();
+        let (files, ignored) = kpi_files(&cfg.dir).map_err(dir_err)?;
+        for f in ignored {
+            // `Revenue.SQL` looks like a KPI to its author; saying nothing
+            // would leave them wondering why its view never appears.
+            tracing::warn!(
+                file = %f.display(),
+                "ignored: KPI files must end in lowercase .sql"
+            );
+        }
         let mut sources = Vec::new();
         for f in files {
             let sql = std::fs::read_to_string(&f).map_err(|source| KpiLoadError::File {
@@ -731,16 +733,31 @@ fn kpi_err(e: impl std::fmt::Display) -> SinkError {
     SinkError::Fatal(format!("KPI computation failed: {e}"))
 }
 
+/// The KPI files in `dir` (`*.sql`, in name order), and the files that only
+/// differ by the case of that extension, which are not read.
+fn kpi_files(
+    dir: &std::path::Path,
+) -> std::io::Result<(Vec<std::path::PathBuf>, Vec<std::path::PathBuf>)> {
+    let mut files = Vec::new();
+    let mut ignored = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        match path.extension() {
+            Some(x) if x == "sql" => files.push(path),
+            Some(x) if x.eq_ignore_ascii_case("sql") => ignored.push(path),
+            _ => {}
+        }
+    }
+    files.sort();
+    ignored.sort();
+    Ok((files, ignored))
+}
+
 /// A hash of the names and contents of the `*.sql` files in `dir`, which is
 /// all [`KpiEngine::load_dir`] reads: the KPI watch reloads when it changes.
 pub fn dir_fingerprint(dir: &std::path::Path) -> std::io::Result<u64> {
     use std::hash::{Hash, Hasher};
-    let mut files: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-        .collect();
-    files.sort();
+    let (files, _) = kpi_files(dir)?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for f in files {
         f.hash(&mut h);
