@@ -5,14 +5,15 @@
 //! happy path allocates no `serde_json::Value` and copies strings once, into Arrow.
 //! It never fails on a message: whatever is wrong with the bytes becomes the row's
 //! `reason`, and the raw bytes travel along so that the reject can keep them.
-//! Semantic checks (required fields, time bounds, signs) belong to `validate`.
+//! Numbers are read exactly from their text, and a value below zero is refused
+//! here, before rounding to the column's scale could make it zero. Semantic
+//! checks (required fields, time bounds) belong to `validate`.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use chrono::{DateTime, NaiveDateTime};
 use datafusion::arrow::array::{
     ArrayRef, BinaryBuilder, Decimal128Builder, Int32Builder, Int64Builder, StringBuilder,
     TimestampMicrosecondBuilder,
@@ -20,6 +21,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
 use crate::event::{
     ENERGY_PRECISION, ENERGY_SCALE, MONEY_PRECISION, MONEY_SCALE, RejectReason, decoded_schema,
@@ -255,18 +257,18 @@ fn decode_one(payload: Option<&[u8]>, max_bytes: usize) -> Result<Row<'_>, Failu
     }
     if let Some(p) = payload {
         row.customer_id = string_field("customer_id", p.customer_id)?;
-        row.session_id = session_id(p.session_id)?;
+        row.session_id = session_id(number(p.session_id)?)?;
         row.channel = string_field("channel", p.channel)?;
         row.tariff_type = string_field("tariff_type", p.tariff_type)?;
         row.energy = decimal_field(
             "energy_consumed",
-            p.energy_consumed,
+            number(p.energy_consumed)?,
             ENERGY_PRECISION,
             ENERGY_SCALE,
         )?;
         row.payment = decimal_field(
             "payment_amount",
-            p.payment_amount,
+            number(p.payment_amount)?,
             MONEY_PRECISION,
             MONEY_SCALE,
         )?;
@@ -332,13 +334,12 @@ fn string_field<'a>(name: &str, v: Option<Scalar<'a>>) -> Result<Option<Cow<'a, 
     }
 }
 
-/// The largest integer a JSON float holds exactly (2^53).
-const EXACT_FLOAT_INT: f64 = 9_007_199_254_740_992.0;
-
 /// An integer, or a string of digits (surrounding spaces allowed, as for the
-/// numeric fields). A float with no fraction, such as `12.0` from a producer
-/// that writes every number as a float, is the integer it names.
-fn session_id(v: Option<Scalar<'_>>) -> Result<Option<i64>, Failure> {
+/// numeric fields). A JSON number with a fraction or exponent that names an
+/// integer exactly, such as `12.0` from a producer that writes every number
+/// as a float, or `1e3`, is that integer; it is read from its text, so no
+/// float rounding turns `1.9999999999999998` into 2.
+fn session_id(v: Option<Number<'_>>) -> Result<Option<i64>, Failure> {
     let bad = |what: &str| {
         (
             RejectReason::InvalidType,
@@ -358,238 +359,262 @@ fn session_id(v: Option<Scalar<'_>>) -> Result<Option<i64>, Failure> {
         )
     };
     match v {
-        None | Some(Scalar::Null) => Ok(None),
-        Some(Scalar::Str(s)) if s.trim().is_empty() => Ok(None),
-        Some(Scalar::I64(i)) if i < 0 => Err(negative()),
-        Some(Scalar::I64(i)) => Ok(Some(i)),
-        Some(Scalar::U64(u)) => i64::try_from(u).map(Some).map_err(|_| too_big()),
-        Some(Scalar::F64(f)) if f.fract() != 0.0 => Err(bad("a number with a fraction")),
-        Some(Scalar::F64(f)) if f < 0.0 => Err(negative()),
-        // serde reads an integer literal beyond u64 as a float.
-        Some(Scalar::F64(f)) if f >= i64::MAX as f64 => Err(too_big()),
-        // Above 2^53 a float no longer names one integer, so the id it meant is lost.
-        Some(Scalar::F64(f)) if f > EXACT_FLOAT_INT => Err((
-            RejectReason::NumberOutOfRange,
-            "session_id is a float too large to be an exact integer; send it as an integer".into(),
-        )),
-        Some(Scalar::F64(f)) => Ok(Some(f as i64)),
-        Some(Scalar::Str(s)) => {
+        None | Some(Number::Other(Scalar::Null)) => Ok(None),
+        Some(Number::Other(Scalar::Str(s))) if s.trim().is_empty() => Ok(None),
+        Some(Number::Text(t)) => match parse_decimal(t.as_bytes(), 19, 0) {
+            Ok((_, Inexact::Yes)) => Err(bad("a number with a fraction")),
+            Ok((v, Inexact::No)) => i64::try_from(v).map(Some).map_err(|_| too_big()),
+            Err(NumberError::Negative) => Err(negative()),
+            Err(NumberError::OutOfRange) => Err(too_big()),
+            Err(NumberError::Syntax) => Err(bad("a malformed number")),
+        },
+        Some(Number::Other(Scalar::Str(s))) => {
             let s = s.trim();
             if !s.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad("a non-digit string"));
             }
             s.parse::<i64>().map(Some).map_err(|_| too_big())
         }
-        Some(other) => Err(bad(other.kind())),
+        Some(Number::Other(other)) => Err(bad(other.kind())),
     }
 }
 
-/// Numbers become exact decimals at the column's scale (rounded half away from
-/// zero, as Postgres numeric does), so that sums downstream are exact.
+/// Numbers become exact decimals at the column's scale, rounded half away
+/// from zero as Postgres numeric rounds, so that sums downstream are exact.
+/// A JSON number is read from its text, as a numeric string is, so `1.005`
+/// and `"1.005"` both store 1.01 (through a float, 1.005 is 1.00499…).
+/// Any value below zero is refused, even one that rounds to zero.
 fn decimal_field(
     name: &str,
-    v: Option<Scalar<'_>>,
+    v: Option<Number<'_>>,
     precision: u8,
     scale: i8,
 ) -> Result<Option<i128>, Failure> {
-    let value = match v {
-        None | Some(Scalar::Null) => return Ok(None),
-        Some(Scalar::Str(s)) if s.trim().is_empty() => return Ok(None),
-        Some(Scalar::I64(i)) => Decimalish::Int(i128::from(i)),
-        Some(Scalar::U64(u)) => Decimalish::Int(i128::from(u)),
-        Some(Scalar::F64(f)) => Decimalish::Float(f),
-        Some(Scalar::Str(s)) => match parse_decimal_str(s.trim(), scale) {
-            Some(unscaled) => Decimalish::Unscaled(unscaled),
-            None => match s.trim().parse::<f64>() {
-                Ok(f) => Decimalish::Float(f),
-                Err(_) => {
-                    return Err((
-                        RejectReason::InvalidNumber,
-                        format!("{name} is a string that is not a number"),
-                    ));
-                }
-            },
-        },
-        Some(other) => {
+    let text = match &v {
+        None | Some(Number::Other(Scalar::Null)) => return Ok(None),
+        Some(Number::Other(Scalar::Str(s))) if s.trim().is_empty() => return Ok(None),
+        Some(Number::Text(t)) => *t,
+        Some(Number::Other(Scalar::Str(s))) => s.trim(),
+        Some(Number::Other(other)) => {
             return Err((
                 RejectReason::InvalidNumber,
                 format!("{name} must be a number, got {}", other.kind()),
             ));
         }
     };
-    let factor = 10i128.pow(scale as u32);
-    let unscaled = match value {
-        Decimalish::Int(i) => i.checked_mul(factor),
-        Decimalish::Unscaled(u) => Some(u),
-        Decimalish::Float(f) if !f.is_finite() => {
-            return Err((
-                RejectReason::NonFiniteNumber,
-                format!("{name} is NaN or infinite"),
-            ));
+    match parse_decimal(text.as_bytes(), u32::from(precision), scale as u32) {
+        Ok((unscaled, _)) => Ok(Some(unscaled)),
+        Err(NumberError::Negative) => {
+            Err((RejectReason::NegativeNumber, format!("{name} is negative")))
         }
-        Decimalish::Float(f) => {
-            let scaled = (f * factor as f64).round();
-            (scaled.abs() < 1e30).then_some(scaled as i128)
-        }
-    };
-    let max = 10i128.pow(precision as u32);
-    match unscaled {
-        Some(u) if u.abs() < max => Ok(Some(u)),
-        _ => Err((
+        Err(NumberError::OutOfRange) => Err((
             RejectReason::NumberOutOfRange,
             format!(
                 "{name} does not fit numeric({precision},{scale}) (at most {} digits before the point)",
                 precision as i8 - scale
             ),
         )),
+        // Only a string gets here: a JSON number always has the syntax.
+        Err(NumberError::Syntax) => match text.parse::<f64>() {
+            Ok(f) if !f.is_finite() => Err((
+                RejectReason::NonFiniteNumber,
+                format!("{name} is NaN or infinite"),
+            )),
+            _ => Err((
+                RejectReason::InvalidNumber,
+                format!("{name} is a string that is not a number"),
+            )),
+        },
     }
 }
 
-enum Decimalish {
-    Int(i128),
-    Unscaled(i128),
-    Float(f64),
+/// Why [`parse_decimal`] refused a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NumberError {
+    /// Not a decimal number: words, hex, `NaN`, a lone sign or point.
+    Syntax,
+    /// Below zero, however little (`-0` is zero, and fine).
+    Negative,
+    /// More digits before the point than the column holds, after rounding.
+    OutOfRange,
 }
 
-/// Exact parse of a plain decimal string (`-12.345`), rounded half away from
-/// zero to `scale` digits. Returns `None` for anything else (exponents, NaN, words)
-/// so the caller can fall back to a float parse.
-fn parse_decimal_str(s: &str, scale: i8) -> Option<i128> {
-    let (neg, digits) = match s.as_bytes().first()? {
-        b'-' => (true, &s[1..]),
-        b'+' => (false, &s[1..]),
-        _ => (false, s),
+/// Whether [`parse_decimal`] dropped a nonzero digit when it rounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inexact {
+    No,
+    Yes,
+}
+
+/// A decimal number in JSON's syntax or a little wider (`-12.5`, `1e3`,
+/// `+5`, `.5`, `5.`, `2E-3`) → its value times 10^`scale`, rounded half away
+/// from zero, exactly, from the digits themselves. The result has at most
+/// `precision` digits.
+fn parse_decimal(s: &[u8], precision: u32, scale: u32) -> Result<(i128, Inexact), NumberError> {
+    let digits_from = |mut i: usize| {
+        while s.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        i
     };
-    let (int_part, frac_part) = digits.split_once('.').unwrap_or((digits, ""));
-    if int_part.is_empty() && frac_part.is_empty() {
-        return None;
+    let (negative, int_start) = match s.first() {
+        Some(b'-') => (true, 1),
+        Some(b'+') => (false, 1),
+        _ => (false, 0),
+    };
+    let int_end = digits_from(int_start);
+    let (frac_start, frac_end) = if s.get(int_end) == Some(&b'.') {
+        (int_end + 1, digits_from(int_end + 1))
+    } else {
+        (int_end, int_end)
+    };
+    if int_end == int_start && frac_end == frac_start {
+        return Err(NumberError::Syntax);
     }
-    if !int_part.bytes().all(|b| b.is_ascii_digit())
-        || !frac_part.bytes().all(|b| b.is_ascii_digit())
-        || int_part.len() > 30
-    {
-        return None;
+    let mut exponent: i64 = 0;
+    let mut end = frac_end;
+    if matches!(s.get(end), Some(b'e' | b'E')) {
+        let (exp_negative, exp_start) = match s.get(end + 1) {
+            Some(b'-') => (true, end + 2),
+            Some(b'+') => (false, end + 2),
+            _ => (false, end + 1),
+        };
+        end = digits_from(exp_start);
+        if end == exp_start {
+            return Err(NumberError::Syntax);
+        }
+        for &d in &s[exp_start..end] {
+            // Saturates far beyond any digit count a message can hold.
+            exponent = (exponent * 10 + i64::from(d - b'0')).min(1 << 40);
+        }
+        if exp_negative {
+            exponent = -exponent;
+        }
     }
-    let scale = scale as usize;
+    if end != s.len() {
+        return Err(NumberError::Syntax);
+    }
+    // The mantissa's digits, integer part then fraction, as one sequence;
+    // position `units` holds the digit worth 1 once scaled.
+    let (int, frac) = (&s[int_start..int_end], &s[frac_start..frac_end]);
+    let len = (int.len() + frac.len()) as i64;
+    let digit = |p: i64| -> i128 {
+        if p < 0 || p >= len {
+            0
+        } else if (p as usize) < int.len() {
+            i128::from(int[p as usize] - b'0')
+        } else {
+            i128::from(frac[p as usize - int.len()] - b'0')
+        }
+    };
+    let Some(first) = (0..len).find(|&p| digit(p) != 0) else {
+        return Ok((0, Inexact::No));
+    };
+    if negative {
+        return Err(NumberError::Negative);
+    }
+    let units = int.len() as i64 - 1 + exponent + i64::from(scale);
+    if units - first + 1 > i64::from(precision) {
+        return Err(NumberError::OutOfRange);
+    }
     let mut value: i128 = 0;
-    for b in int_part.bytes() {
-        value = value * 10 + i128::from(b - b'0');
+    for p in first.min(units + 1)..=units {
+        value = value * 10 + digit(p);
     }
-    let frac = frac_part.as_bytes();
-    for i in 0..scale {
-        let d = frac.get(i).map_or(0, |b| b - b'0');
-        value = value * 10 + i128::from(d);
-    }
-    if frac.get(scale).is_some_and(|&b| b >= b'5') {
+    let inexact = if ((units + 1).max(first)..len).any(|p| digit(p) != 0) {
+        Inexact::Yes
+    } else {
+        Inexact::No
+    };
+    if digit(units + 1) >= 5 {
         value += 1;
     }
-    Some(if neg { -value } else { value })
+    if value >= 10i128.pow(precision) {
+        return Err(NumberError::OutOfRange);
+    }
+    Ok((value, inexact))
 }
 
-/// ISO-8601 date-time → microseconds since the Unix epoch, in UTC. A value
-/// without an offset is UTC; a value with one is converted.
+/// ISO-8601 date-time → microseconds since the Unix epoch, in UTC.
+///
+/// The extended format, every field at its full width: `YYYY-MM-DD`, then
+/// `T` (or `t`, or a space), `HH:MM`, optionally `:SS` and a fraction after
+/// `.` or `,` (any number of digits, rounded to the microsecond as Postgres
+/// rounds), then nothing (UTC), `Z`, or an offset `±HH:MM`, `±HHMM` or `±HH`,
+/// which is converted. Second 60 (a leap second) is the next minute's first,
+/// as Postgres reads it. Surrounding whitespace is ignored; anything else
+/// (unpadded fields, a two-digit year, a space before the zone) is refused,
+/// since guessing could store the wrong instant.
 pub fn parse_event_time(s: &str) -> Option<i64> {
-    let s = s.trim();
-    // A date-time needs at least "YYYY-MM-DDTHH:MM"; this also rejects bare dates and times.
-    if s.len() < 16 {
-        return None;
-    }
-    // chrono's format parsers walk a format string for every value (a tenth
-    // of decoding); the shape producers actually send is read directly.
-    if let Some(micros) = parse_common_time(s.as_bytes()) {
-        return Some(micros);
-    }
-    parse_event_time_general(s)
-}
-
-/// [`parse_event_time`] through chrono's parsers only; `s` is trimmed.
-fn parse_event_time_general(s: &str) -> Option<i64> {
-    if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
-        return Some(dt.timestamp_micros());
-    }
-    // `%#z` also takes `Z` and an offset of hours only (`+05`), and a time may
-    // stop at the minute: ISO-8601 allows both.
-    for fmt in [
-        "%Y-%m-%dT%H:%M:%S%.f%#z",
-        "%Y-%m-%d %H:%M:%S%.f%#z",
-        "%Y-%m-%dT%H:%M%#z",
-        "%Y-%m-%d %H:%M%#z",
-    ] {
-        if let Ok(dt) = DateTime::parse_from_str(s, fmt) {
-            return Some(dt.timestamp_micros());
-        }
-    }
-    for fmt in [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M",
-        "%Y-%m-%d %H:%M",
-    ] {
-        if let Ok(dt) = NaiveDateTime::parse_from_str(s, fmt) {
-            return Some(dt.and_utc().timestamp_micros());
-        }
-    }
-    None
-}
-
-/// `YYYY-MM-DD[T ]HH:MM:SS[.fraction]` followed by nothing (UTC), `Z`, or
-/// `±HH:MM`. None when `s` has any other shape, or a field out of range: the
-/// general parser decides those, so both always agree (a property test checks).
-fn parse_common_time(s: &[u8]) -> Option<i64> {
-    fn digit(s: &[u8], i: usize) -> Option<u32> {
+    let s = s.trim().as_bytes();
+    let digit = |i: usize| -> Option<i64> {
         let c = *s.get(i)?;
-        c.is_ascii_digit().then(|| u32::from(c - b'0'))
-    }
-    fn two(s: &[u8], i: usize) -> Option<u32> {
-        Some(digit(s, i)? * 10 + digit(s, i + 1)?)
-    }
-    if s.len() < 19
+        c.is_ascii_digit().then(|| i64::from(c - b'0'))
+    };
+    let two = |i: usize| Some(digit(i)? * 10 + digit(i + 1)?);
+    if s.len() < 16
         || s[4] != b'-'
         || s[7] != b'-'
-        || !matches!(s[10], b'T' | b' ')
+        || !matches!(s[10], b'T' | b't' | b' ')
         || s[13] != b':'
-        || s[16] != b':'
     {
         return None;
     }
-    let year = two(s, 0)? * 100 + two(s, 2)?;
-    let (month, day) = (two(s, 5)?, two(s, 8)?);
-    let (hour, minute, second) = (two(s, 11)?, two(s, 14)?, two(s, 17)?);
-    let mut i = 19;
-    let mut nanos = 0u32;
-    if s.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while s.get(i).is_some_and(u8::is_ascii_digit) {
-            nanos = nanos * 10 + u32::from(s[i] - b'0');
+    let year = two(0)? * 100 + two(2)?;
+    let (month, day, hour, minute) = (two(5)?, two(8)?, two(11)?, two(14)?);
+    let (mut i, mut second, mut micros) = (16, 0, 0);
+    if s.get(i) == Some(&b':') {
+        second = two(i + 1)?;
+        i += 3;
+        if matches!(s.get(i), Some(b'.' | b',')) {
             i += 1;
-            if i - start > 9 {
+            let start = i;
+            let mut round_up = false;
+            while let Some(d) = digit(i) {
+                match i - start {
+                    0..6 => micros = micros * 10 + d,
+                    6 => round_up = d >= 5,
+                    _ => {}
+                }
+                i += 1;
+            }
+            let n = i - start;
+            if n == 0 {
                 return None;
             }
+            if n < 6 {
+                micros *= 10i64.pow(6 - n as u32);
+            }
+            micros += i64::from(round_up);
         }
-        let digits = i - start;
-        if digits == 0 {
-            return None;
-        }
-        nanos *= 10u32.pow(9 - digits as u32);
     }
     let offset_secs = match &s[i..] {
-        [] | [b'Z'] => 0,
-        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
-            let (h, m) = (two(s, i + 1)?, two(s, i + 4)?);
+        [] | [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), zone @ ..] => {
+            let (h, m) = match zone {
+                [_, _] => (two(i + 1)?, 0),
+                [_, _, _, _] => (two(i + 1)?, two(i + 3)?),
+                [_, _, b':', _, _] => (two(i + 1)?, two(i + 4)?),
+                _ => return None,
+            };
             if h > 23 || m > 59 {
                 return None;
             }
-            let secs = i64::from(h * 3600 + m * 60);
-            if *sign == b'-' { -secs } else { secs }
+            if *sign == b'-' {
+                -(h * 3600 + m * 60)
+            } else {
+                h * 3600 + m * 60
+            }
         }
         _ => return None,
     };
-    let date = chrono::NaiveDate::from_ymd_opt(year as i32, month, day)?;
-    // Refuses second 60: leap seconds are left to chrono.
-    let time = chrono::NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)?;
-    let local = NaiveDateTime::new(date, time).and_utc().timestamp_micros();
-    local.checked_sub(offset_secs * 1_000_000)
+    if hour > 23 || minute > 59 || second > 60 || (second == 60 && micros != 0) {
+        return None;
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(year as i32, month as u32, day as u32)?;
+    let midnight = date.and_hms_opt(0, 0, 0)?.and_utc().timestamp();
+    let secs = midnight + hour * 3600 + minute * 60 + second - offset_secs;
+    secs.checked_mul(1_000_000)?.checked_add(micros)
 }
 
 // ---- wire format ---------------------------------------------------------------
@@ -611,15 +636,35 @@ struct WirePayload<'a> {
     #[serde(borrow, default)]
     customer_id: Option<Scalar<'a>>,
     #[serde(borrow, default)]
-    session_id: Option<Scalar<'a>>,
+    session_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     channel: Option<Scalar<'a>>,
     #[serde(borrow, default)]
     tariff_type: Option<Scalar<'a>>,
     #[serde(borrow, default)]
-    energy_consumed: Option<Scalar<'a>>,
+    energy_consumed: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    payment_amount: Option<Scalar<'a>>,
+    payment_amount: Option<&'a RawValue>,
+}
+
+/// A numeric field: a JSON number as its text, which the field parses
+/// exactly (serde would hand over a float), or any other value.
+enum Number<'a> {
+    Text(&'a str),
+    Other(Scalar<'a>),
+}
+
+/// Reads a numeric field kept raw by [`WirePayload`]. Absent and `null` are
+/// both `None` here, as for the other fields.
+fn number(raw: Option<&RawValue>) -> Result<Option<Number<'_>>, Failure> {
+    let Some(raw) = raw else { return Ok(None) };
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'-' | b'0'..=b'9') => Ok(Some(Number::Text(text))),
+        _ => serde_json::from_str::<Scalar<'_>>(text)
+            .map(|v| Some(Number::Other(v)))
+            .map_err(|e| (RejectReason::InvalidJson, format!("invalid JSON: {e}"))),
+    }
 }
 
 /// Any JSON value, kept only as far as the type checks need. Strings borrow from
@@ -627,9 +672,7 @@ struct WirePayload<'a> {
 enum Scalar<'a> {
     Null,
     Bool,
-    I64(i64),
-    U64(u64),
-    F64(f64),
+    Number,
     Str(Cow<'a, str>),
     Array,
     Object,
@@ -640,7 +683,7 @@ impl Scalar<'_> {
         match self {
             Scalar::Null => "null",
             Scalar::Bool => "a boolean",
-            Scalar::I64(_) | Scalar::U64(_) | Scalar::F64(_) => "a number",
+            Scalar::Number => "a number",
             Scalar::Str(_) => "a string",
             Scalar::Array => "an array",
             Scalar::Object => "an object",
@@ -665,14 +708,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
             fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
                 Ok(Scalar::Bool)
             }
-            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(Scalar::I64(v))
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Scalar::Number)
             }
-            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(Scalar::U64(v))
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Scalar::Number)
             }
-            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-                Ok(Scalar::F64(v))
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Scalar::Number)
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
                 Ok(Scalar::Str(Cow::Borrowed(v)))
@@ -752,56 +795,140 @@ mod tests {
     use datafusion::arrow::datatypes::{Decimal128Type, Int64Type, TimestampMicrosecondType};
     use proptest::prelude::*;
 
+    /// The instant chrono computes for the same fields: the reference.
+    fn chrono_micros(
+        (y, mo, d): (u32, u32, u32),
+        (h, mi, sec): (u32, u32, u32),
+        micros: i64,
+        offset_secs: i32,
+    ) -> Option<i64> {
+        let local = chrono::NaiveDate::from_ymd_opt(y as i32, mo, d)?.and_hms_opt(h, mi, sec)?;
+        let zone = chrono::FixedOffset::east_opt(offset_secs)?;
+        let t = local.and_local_timezone(zone).single()?;
+        Some(t.timestamp_micros() + micros)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
-        /// The direct reading of the common shape agrees with chrono's
-        /// parsers, and takes every well-formed value of that shape.
+        /// Every well-formed value is read as chrono reads the same fields,
+        /// whatever separator, fraction and zone it is written with.
         #[test]
-        fn common_time_shape_agrees_with_chrono(
+        fn event_time_agrees_with_chrono(
             year in 1900u32..2200, month in 1u32..=12, day in 1u32..=31,
             hour in 0u32..=23, minute in 0u32..=59, second in 0u32..=59,
             frac in proptest::option::of("[0-9]{1,9}"),
-            sep in prop_oneof![Just('T'), Just(' ')],
+            sep in prop_oneof![Just('T'), Just('t'), Just(' ')],
             zone in prop_oneof![
-                Just(String::new()),
-                Just("Z".to_string()),
-                (prop_oneof![Just('+'), Just('-')], 0u32..=23, 0u32..=59)
-                    .prop_map(|(s, h, m)| format!("{s}{h:02}:{m:02}")),
+                Just((String::new(), 0)),
+                Just(("Z".to_string(), 0)),
+                Just(("z".to_string(), 0)),
+                (prop_oneof![Just(1), Just(-1)], 0i32..=23, 0i32..=59, 0..3).prop_map(
+                    |(sign, h, m, form)| {
+                        let c = if sign > 0 { '+' } else { '-' };
+                        let text = match form {
+                            0 => format!("{c}{h:02}:{m:02}"),
+                            1 => format!("{c}{h:02}{m:02}"),
+                            _ => format!("{c}{h:02}"),
+                        };
+                        let m = if form == 2 { 0 } else { m };
+                        (text, sign * (h * 3600 + m * 60))
+                    }
+                ),
             ],
         ) {
-            let frac = frac.map(|f| format!(".{f}")).unwrap_or_default();
-            let s = format!("{year:04}-{month:02}-{day:02}{sep}{hour:02}:{minute:02}:{second:02}{frac}{zone}");
-            let general = parse_event_time_general(&s);
-            prop_assert_eq!(parse_common_time(s.as_bytes()), general, "{}", s);
-            prop_assert_eq!(parse_event_time(&s), general, "{}", s);
-            // A real calendar date is always taken by the direct reading.
-            if chrono::NaiveDate::from_ymd_opt(year as i32, month, day).is_some() {
-                prop_assert!(general.is_some(), "{}", s);
+            let frac_text = frac.as_ref().map(|f| format!(".{f}")).unwrap_or_default();
+            let s = format!(
+                "{year:04}-{month:02}-{day:02}{sep}{hour:02}:{minute:02}:{second:02}{frac_text}{}",
+                zone.0
+            );
+            // Rounded to the microsecond, half up.
+            let micros = frac.map_or(0, |f| {
+                let padded = format!("{f:0<7}");
+                padded[..6].parse::<i64>().unwrap() + i64::from(padded.as_bytes()[6] >= b'5')
+            });
+            let expected = chrono_micros((year, month, day), (hour, minute, second), micros, zone.1);
+            prop_assert_eq!(parse_event_time(&s), expected, "{}", s);
+        }
+
+        /// Whatever the text, the parser answers without panicking, and
+        /// anything it takes has the extended format's fixed layout.
+        #[test]
+        fn event_time_never_panics(s in "[0-9Tt:Zz+,. \u{2212}-]{0,40}") {
+            if parse_event_time(&s).is_some() {
+                let b = s.trim().as_bytes();
+                prop_assert!(b[4] == b'-' && b[7] == b'-' && b[13] == b':', "{}", s);
             }
         }
 
-        /// Whatever the bytes, the direct reading never disagrees with
-        /// chrono: it answers only what chrono answers the same way.
+        /// Any decimal text: the exact reading agrees with Postgres' rule
+        /// (half away from zero) computed on the digits as a string.
         #[test]
-        fn common_time_never_contradicts_chrono(s in "[0-9T:Z+. -]{16,40}") {
-            if let Some(v) = parse_common_time(s.as_bytes()) {
-                prop_assert_eq!(parse_event_time_general(&s), Some(v), "{}", s);
-            }
+        fn decimals_round_like_postgres(int in "[0-9]{1,6}", frac in "[0-9]{0,8}") {
+            let text = if frac.is_empty() { int.clone() } else { format!("{int}.{frac}") };
+            let padded = format!("{frac:0<3}");
+            let mut want: i128 = format!("{int}{}", &padded[..2]).parse().unwrap();
+            want += i128::from(padded.as_bytes()[2] >= b'5');
+            prop_assert_eq!(parse_decimal(text.as_bytes(), 10, 2).map(|v| v.0), Ok(want), "{}", text);
+            // The same value in exponent form reads the same.
+            let e = format!("{int}{frac}e-{}", frac.len());
+            prop_assert_eq!(parse_decimal(e.as_bytes(), 10, 2).map(|v| v.0), Ok(want), "{}", e);
         }
     }
 
     /// Found by the property test while checking it against a flipped offset
     /// sign: a positive offset moves the instant back, here across a year.
     #[test]
-    fn common_time_offset_moves_the_instant_across_a_year() {
-        let s = "1900-01-01T00:00:00+00:01";
-        let expected = NaiveDateTime::parse_from_str("1899-12-31 23:59:00", "%Y-%m-%d %H:%M:%S")
-            .unwrap()
-            .and_utc()
-            .timestamp_micros();
-        assert_eq!(parse_common_time(s.as_bytes()), Some(expected));
-        assert_eq!(parse_event_time_general(s), Some(expected));
+    fn event_time_offset_moves_the_instant_across_a_year() {
+        let expected = chrono_micros((1899, 12, 31), (23, 59, 0), 0, 0);
+        assert_eq!(parse_event_time("1900-01-01T00:00:00+00:01"), expected);
+    }
+
+    /// Regression: the parser took shapes that are not ISO-8601, two of
+    /// them as another instant than the one written (`25-06-01` as the year
+    /// 25), and refused a lowercase `t` unless an offset followed.
+    #[test]
+    fn event_time_takes_the_extended_format_only() {
+        let utc = parse_event_time("2025-06-01T10:00:00Z").unwrap();
+        for same in [
+            "2025-06-01t10:00:00",
+            "2025-06-01t10:00:00z",
+            "2025-06-01 10:00:00.000000",
+            "2025-06-01T10:00:00,0Z",
+            "  2025-06-01T10:00:00Z  ",
+            "2025-06-01T12:00:00+02",
+        ] {
+            assert_eq!(parse_event_time(same), Some(utc), "{same}");
+        }
+        for refused in [
+            "2025-6-1T10:00:00",
+            "2025-06-01T10:0:0",
+            "2025-06-01T1:00:00",
+            "25-06-01T10:00:00",
+            "2025-06-01\t10:00:00",
+            "2025-06-01  10:00:00",
+            "2025-06-01T 10:00:00",
+            "2025-06-01T10:00:00 Z",
+            "2025-06-01T10:00:00.5 Z",
+            "2025-06-01T10:00:00 +02:00",
+            "2025-06-01T10:00:00\u{2212}05:00",
+            "2025-06-01T10:00:00.",
+            "2025-06-01T10:00:60.5Z",
+            "2025-06-01T24:00:00",
+            "20250601T100000Z",
+            "2025-W22-7T10:00:00",
+            "2025-06-01",
+        ] {
+            assert_eq!(parse_event_time(refused), None, "{refused}");
+        }
+        // A leap second is the next minute's first, as Postgres reads it.
+        assert_eq!(
+            parse_event_time("2025-06-01T10:00:60Z"),
+            parse_event_time("2025-06-01T10:01:00Z")
+        );
+        // Fractions round to the microsecond, as Postgres rounds them.
+        assert_eq!(parse_event_time("2025-06-01T09:59:59.9999995Z"), Some(utc));
+        assert_eq!(parse_event_time("2025-06-01T10:00:00.0000004Z"), Some(utc));
     }
 
     fn meta(offset: i64) -> MessageMeta {
@@ -891,7 +1018,19 @@ mod tests {
             "number_out_of_range"
         );
         assert_eq!(session_of("1e19").unwrap_err(), "number_out_of_range");
-        assert_eq!(session_of("1e17").unwrap_err(), "number_out_of_range");
+        // Read from its text, a float names exactly the integer it spells,
+        // or is refused: no float rounding in between.
+        assert_eq!(session_of("1e17"), Ok(100_000_000_000_000_000));
+        assert_eq!(session_of("9007199254740993.0"), Ok(9_007_199_254_740_993));
+        assert_eq!(
+            session_of("1.9999999999999998").unwrap_err(),
+            "invalid_type"
+        );
+        assert_eq!(
+            session_of("12.000000000000001").unwrap_err(),
+            "invalid_type"
+        );
+        assert_eq!(session_of("1e400").unwrap_err(), "number_out_of_range");
         assert_eq!(session_of(r#""4 2""#).unwrap_err(), "invalid_type");
         // Blank reads as absent; validate then rejects it as missing_field.
         let b = one(Some(
@@ -961,13 +1100,96 @@ mod tests {
 
     #[test]
     fn decimal_strings_are_exact() {
-        assert_eq!(parse_decimal_str("20.5", 2), Some(2050));
-        assert_eq!(parse_decimal_str("-1.2345", 3), Some(-1235));
-        assert_eq!(parse_decimal_str("7", 3), Some(7000));
-        assert_eq!(parse_decimal_str(".5", 2), Some(50));
-        assert_eq!(parse_decimal_str("1e3", 2), None);
-        assert_eq!(parse_decimal_str("abc", 2), None);
-        assert_eq!(parse_decimal_str("-", 2), None);
+        let p = |s: &str, scale| parse_decimal(s.as_bytes(), 10, scale);
+        assert_eq!(p("20.5", 2), Ok((2050, Inexact::No)));
+        assert_eq!(p("1.2345", 3), Ok((1235, Inexact::Yes)));
+        assert_eq!(p("7", 3), Ok((7000, Inexact::No)));
+        assert_eq!(p(".5", 2), Ok((50, Inexact::No)));
+        assert_eq!(p("5.", 2), Ok((500, Inexact::No)));
+        assert_eq!(p("+5", 2), Ok((500, Inexact::No)));
+        assert_eq!(p("1e3", 2), Ok((100_000, Inexact::No)));
+        assert_eq!(p("25E-1", 2), Ok((250, Inexact::No)));
+        assert_eq!(p("0.0049", 2), Ok((0, Inexact::Yes)));
+        assert_eq!(p("000.00", 2), Ok((0, Inexact::No)));
+        assert_eq!(p("-0.0", 2), Ok((0, Inexact::No)));
+        assert_eq!(p("-1", 2), Err(NumberError::Negative));
+        assert_eq!(p("99999999.99", 2), Ok((9_999_999_999, Inexact::No)));
+        assert_eq!(p("99999999.995", 2), Err(NumberError::OutOfRange));
+        assert_eq!(p("1e8", 2), Err(NumberError::OutOfRange));
+        assert_eq!(p("1e-400", 2), Ok((0, Inexact::Yes)));
+        assert_eq!(p("1e99999999999999999999", 2), Err(NumberError::OutOfRange));
+        for bad in [
+            "abc", "-", "+", ".", "1e", "1e+", "0x10", "1_000", "1,5", "1.2.3", "--1", " 1", "NaN",
+            "inf",
+        ] {
+            assert_eq!(p(bad, 2), Err(NumberError::Syntax), "{bad}");
+        }
+    }
+
+    fn amount_of(value: &str) -> Result<i128, String> {
+        let msg = format!(
+            r#"{{"event_type":"bill_payment","event_time":"2025-06-01T00:00:00Z","payload":{{"customer_id":"C","session_id":1,"channel":"web_portal","payment_amount":{value}}}}}"#
+        );
+        let b = one(Some(msg.as_bytes()));
+        match reason(&b) {
+            Some(r) => Err(r),
+            None => Ok(b
+                .column_by_name("payment_amount")
+                .unwrap()
+                .as_primitive::<Decimal128Type>()
+                .value(0)),
+        }
+    }
+
+    /// Regression: an amount below zero that rounds to zero at the column's
+    /// scale (`-0.004` EUR) was stored as 0.00 instead of being refused.
+    #[test]
+    fn a_negative_amount_is_refused_however_small() {
+        for v in ["-0.004", r#""-0.004""#, "-1e-300", "-0.001", "-5"] {
+            assert_eq!(amount_of(v).unwrap_err(), "negative_number", "{v}");
+        }
+        for zero in ["-0", "-0.0", r#""-0""#, "0"] {
+            assert_eq!(amount_of(zero), Ok(0), "{zero}");
+        }
+        let energy = one(Some(
+            br#"{"event_type":"energy_consumed","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web_portal","energy_consumed":-0.0001}}"#,
+        ));
+        assert_eq!(reason(&energy).as_deref(), Some("negative_number"));
+    }
+
+    /// Regression: a JSON number went through a float, so `1.005` stored
+    /// 1.00 while the string `"1.005"` stored 1.01 (Postgres: 1.01); and the
+    /// reason for a number too large depended on how it was written.
+    #[test]
+    fn amounts_round_the_same_from_a_number_and_from_a_string() {
+        for (text, cents) in [
+            ("1.005", 101),
+            ("1.015", 102),
+            ("0.285", 29),
+            ("1.255", 126),
+            ("2.675", 268),
+            ("0.125", 13),
+            ("1.0049999999999999", 100),
+        ] {
+            assert_eq!(amount_of(text), Ok(cents), "{text}");
+            assert_eq!(amount_of(&format!("\"{text}\"")), Ok(cents), "\"{text}\"");
+        }
+        let huge = format!("1{}", "0".repeat(400));
+        for v in ["1e400", "\"1e400\"", "\"1e300\"", huge.as_str(), "1e8"] {
+            assert_eq!(amount_of(v).unwrap_err(), "number_out_of_range", "{v}");
+        }
+        for v in [r#""NaN""#, r#""-Infinity""#, r#""inf""#] {
+            assert_eq!(amount_of(v).unwrap_err(), "non_finite_number", "{v}");
+        }
+        for v in [r#""0x10""#, r#""12 EUR""#, "true", "[1]", r#"{"a":1}"#] {
+            assert_eq!(amount_of(v).unwrap_err(), "invalid_number", "{v}");
+        }
+        // null is an absent amount; validate decides whether that is missing.
+        let b = one(Some(
+            br#"{"event_type":"bill_payment","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"C","session_id":1,"channel":"web_portal","payment_amount":null}}"#,
+        ));
+        assert_eq!(reason(&b), None);
+        assert!(b.column_by_name("payment_amount").unwrap().is_null(0));
     }
 
     #[test]
