@@ -90,6 +90,10 @@ pub enum ProduceError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "--loop: {path} has no line to send (empty, or every line refused), so looping would only spin"
+    )]
+    NothingToLoop { path: String },
     #[error("cannot create topic {topic}: {message}")]
     CreateTopic { topic: String, message: String },
     #[error("kafka: {0}")]
@@ -273,6 +277,17 @@ pub fn produce(
         .create_with_context(ctx)
         .map_err(|e| ProduceError::Config(crate::source::config_error(&e)))?;
     let bad_path = cfg.bad_lines.display().to_string();
+    // A previous run's file would otherwise stay when this run refuses
+    // nothing, and be read as this run's refusals.
+    match std::fs::remove_file(&cfg.bad_lines) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ProduceError::BadLines {
+                path: bad_path,
+                source: e,
+            });
+        }
+        _ => {}
+    }
     let mut bad_out: Option<BufWriter<File>> = None;
     let mut summary = ProduceSummary::default();
     let started = Instant::now();
@@ -284,7 +299,13 @@ pub fn produce(
     let mut last_report = Instant::now();
 
     let mut read_failed = None;
+    let mut passes = 0u64;
     'outer: loop {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        passes += 1;
+        let offered_before = offered;
         let lines: Box<dyn Iterator<Item = std::io::Result<Line>>> = if cfg.shuffle {
             let mut all: Vec<Line> = read_lines(&cfg.input)
                 .map_err(input_err)?
@@ -393,6 +414,21 @@ pub fn produce(
             offered += 1;
         }
         if !cfg.repeat {
+            break;
+        }
+        // A pass that sent nothing would be repeated as fast as the input
+        // reads, forever: a file of bad lines only, an empty one, or a pipe
+        // that a first pass drained.
+        if offered == offered_before {
+            if offered == 0 {
+                return Err(ProduceError::NothingToLoop {
+                    path: cfg.input.display().to_string(),
+                });
+            }
+            tracing::warn!(
+                pass = passes,
+                "--loop: this pass of the input sent nothing (a pipe reads only once); stopping"
+            );
             break;
         }
     }
@@ -643,6 +679,81 @@ mod tests {
         let summary = produce(&cfg, &stop, Metrics::new()).unwrap();
         stopper.join().unwrap();
         assert_eq!(summary.sent, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Regression: `--loop` over an empty file, a file of refused lines
+    /// only, or a pipe that the first pass drained re-read the input as fast
+    /// as it could, forever: a spinning CPU, an ever-growing bad-lines file.
+    /// And a bad-lines file of an earlier run stayed when this run refused
+    /// nothing.
+    #[test]
+    fn loop_stops_when_a_pass_sends_nothing() {
+        let dir = std::env::temp_dir().join(format!("es-produce-loop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("looped", 1, 1).unwrap();
+        let mut cfg = ProduceConfig {
+            kafka: KafkaConfig {
+                brokers: cluster.bootstrap_servers(),
+                topic: "looped".into(),
+                group_id: "unused".into(),
+                options: vec![],
+            },
+            input: dir.join("empty.jsonl"),
+            partitions: 1,
+            rate: None,
+            shuffle: false,
+            repeat: true,
+            bad_lines: dir.join("bad.jsonl"),
+            live: false,
+        };
+        // An earlier run's refusals, which this run must not leave behind.
+        std::fs::write(&cfg.bad_lines, "stale\n").unwrap();
+        std::fs::write(&cfg.input, "").unwrap();
+        let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        assert!(err.to_string().contains("no line to send"), "{err}");
+        assert!(!cfg.bad_lines.exists(), "the stale bad-lines file is gone");
+
+        cfg.input = dir.join("bad-only.jsonl");
+        std::fs::write(&cfg.input, "not json\n[1]\n").unwrap();
+        let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        assert!(err.to_string().contains("every line refused"), "{err}");
+        let bad = std::fs::read_to_string(&cfg.bad_lines).unwrap();
+        assert_eq!(
+            bad.lines().count(),
+            2,
+            "one pass, not a growing file: {bad}"
+        );
+
+        // A FIFO stands for a pipe: the second pass reads nothing, and the
+        // loop ends with what the first pass sent.
+        cfg.input = dir.join("fifo");
+        let c = std::ffi::CString::new(cfg.input.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (path, done) = (cfg.input.clone(), done.clone());
+            std::thread::spawn(move || {
+                use std::os::unix::fs::OpenOptionsExt;
+                let line = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
+                // The first pass reads the lines; a later open by the reader
+                // meets a writer that closes at once, as a drained pipe does.
+                std::fs::write(&path, format!("{line}\n{line}\n")).unwrap();
+                while !done.load(Ordering::Relaxed) {
+                    let _ = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&path);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let summary = produce(&cfg, &AtomicBool::new(false), Metrics::new());
+        done.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let summary = summary.unwrap();
+        assert_eq!((summary.sent, summary.bad_lines), (2, 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
