@@ -348,6 +348,16 @@ impl SourceContext {
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
+        // Losing every broker is reported (AllBrokersDown); getting one back
+        // is not, and an idle consumer receives nothing else that would say
+        // so: /readyz stayed false after a short outage until data came.
+        if stats
+            .brokers
+            .values()
+            .any(|b| matches!(b.source.as_str(), "learned" | "configured") && b.state == "UP")
+        {
+            self.health.kafka_ok.store(true, Ordering::Relaxed);
+        }
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
                 if *p < 0 || !s.desired {

@@ -1171,3 +1171,65 @@ async fn a_shutdown_while_the_stored_offsets_wait_ends_at_once() {
     assert_eq!(summary.events_written, 0);
     drop(lock);
 }
+
+/// Regression: after a short broker outage, an idle consumer stayed not
+/// ready (`/readyz` 503) until new data arrived: losing every broker was
+/// noted, getting one back was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_again_once_the_broker_is_back_without_new_data() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("brokerback");
+    mock_topic(&cluster, &topic, 1);
+    send_raw(&brokers, &topic, &sample_messages(0..50, 10));
+    let db = fresh_db("brokerback").await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.stop_when_caught_up = false;
+    let addr = format!("127.0.0.1:{}", free_port());
+    cfg.metrics_addr = Some(addr.parse().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
+        let _ = stop_rx.await;
+    }));
+    // Not listening yet counts as not ready.
+    let ready = |addr: &str| {
+        std::net::TcpStream::connect(addr).is_ok()
+            && http_get(addr, "/readyz").starts_with("HTTP/1.0 200")
+    };
+    let wait_for = |want: bool, what: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while ready(&addr) != want {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let c = client(&db).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // The table appears once the run has migrated the database.
+    while c
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .map_or(0, |r| r.get::<_, i64>(0))
+        < 50
+    {
+        assert!(std::time::Instant::now() < deadline, "the events land");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for(true, "ready once committing").await;
+
+    cluster.broker_down(1).unwrap();
+    wait_for(false, "not ready while the broker is away").await;
+    cluster.broker_up(1).unwrap();
+    wait_for(
+        true,
+        "ready again once the broker is back, with nothing new to read",
+    )
+    .await;
+
+    stop_tx.send(()).unwrap();
+    let summary = run.await.unwrap().expect("a clean stop");
+    assert_eq!(summary.events_written, 50);
+}
