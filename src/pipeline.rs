@@ -1387,6 +1387,9 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                         Ok(c) => c,
                         Err(e) => {
                             on_db_error(&e, metrics, health)?;
+                            // A batch waiting for Postgres to take connections
+                            // again is retried like one whose COPY failed.
+                            metrics.retries.inc();
                             ctx.back_off(&mut backoff).await;
                             continue;
                         }

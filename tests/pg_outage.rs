@@ -226,6 +226,15 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
         "the outage was counted as db errors:\n{}",
         metrics.render()
     );
+    // Regression: a batch waiting for Postgres to take connections again
+    // was retried without being counted, so the retries panel stayed near 0
+    // through an outage.
+    assert_eq!(
+        metrics.retries.get() as f64,
+        db_errors(&metrics),
+        "every failed attempt at the batch is a retry:\n{}",
+        metrics.render()
+    );
     // The intake waited on the writer for the whole outage; that wait must
     // not look like a stalled partition (see `Cursor::stalled`), or it would
     // seek back and fetch messages twice.
