@@ -134,6 +134,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seed: args.seed,
                 bad_ratio: args.bad_ratio,
             };
+            crate::generate::check(&cfg)?;
             let summary = match &args.output {
                 Some(path) => {
                     let f = std::fs::File::create(path)

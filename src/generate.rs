@@ -7,7 +7,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::io::{BufWriter, Write};
 
-use chrono::{DateTime, FixedOffset, Months, TimeDelta, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Datelike, FixedOffset, Months, TimeDelta, TimeZone, Timelike, Utc};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -66,6 +66,13 @@ pub enum GenerateError {
 /// entry per customer who switched tariff, not by `cfg.events`.
 pub fn generate<W: Write>(cfg: &GenerateConfig, out: W) -> Result<GenerateSummary, GenerateError> {
     run(cfg, out).map(|report| report.summary)
+}
+
+/// Checks `cfg` the way [`generate`] does, without writing anything: so
+/// that a bad option is refused before the output file is created (which
+/// would empty the file already there).
+pub fn check(cfg: &GenerateConfig) -> Result<(), GenerateError> {
+    validate(cfg).map(|_| ())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -945,6 +952,9 @@ fn choose<T: Copy>(rng: &mut StdRng, options: &[T]) -> T {
     options[rng.random_range(0..options.len())]
 }
 
+/// The year of the far-future bad lines.
+const FAR_FUTURE_YEAR: i32 = 9996;
+
 fn bad_line(
     kind: BadKind,
     event: &Event,
@@ -993,9 +1003,11 @@ fn bad_line(
         }
         BadKind::EventTimeFarFuture => {
             let at = start + TimeDelta::microseconds(event.at_us);
-            // `validate` keeps this representable; the fallback is just as far out.
-            let text = at.checked_add_months(Months::new(120)).map_or_else(
-                || "9999-12-31T23:59:59Z".to_string(),
+            // A far year, not a span after the period: ten years after an
+            // old `--start` is in the past, and such a line was valid. 9996
+            // is a leap year, so every date moves there.
+            let text = at.with_year(FAR_FUTURE_YEAR).map_or_else(
+                || format!("{FAR_FUTURE_YEAR}-12-31T23:59:59Z"),
                 |t| format_time(t, TimeStyle::Utc),
             );
             (same(), Some((Field::EventTime, Some(text.into()))))
@@ -1261,6 +1273,43 @@ mod tests {
         assert_eq!(report.bad_by_kind.iter().sum::<u64>(), 600);
         let rejected = text.lines().filter(|l| accept(l, &c).is_err()).count();
         assert_eq!(rejected, 600, "every bad line, and only those, is rejected");
+    }
+
+    /// Regression: far-future bad lines were dated ten years after the
+    /// period, so with an old `--start` they lay in the past and the
+    /// pipeline stored them, while `generate` counted them invalid.
+    #[test]
+    fn every_bad_line_is_rejected_by_the_pipeline_whatever_the_start() {
+        for start in [
+            Utc.with_ymd_and_hms(2005, 1, 1, 0, 0, 0).unwrap(),
+            Utc::now() - TimeDelta::days(3),
+        ] {
+            let c = GenerateConfig {
+                events: 500,
+                bad_ratio: 1.0,
+                start,
+                ..GenerateConfig::default()
+            };
+            let (_, text) = output(&c);
+            let lines: Vec<&[u8]> = text.lines().map(str::as_bytes).collect();
+            let meta = crate::decode::MessageMeta {
+                partition: 0,
+                offset: 0,
+                timestamp_ms: None,
+            };
+            let batch = crate::decode::decode_batch(
+                crate::decode::DecodeConfig::default(),
+                lines.iter().map(|l| (Some(*l), meta)),
+            );
+            let out = crate::validate::validate(
+                &batch,
+                &crate::validate::ValidationRules::default(),
+                Utc::now(),
+            )
+            .unwrap();
+            assert_eq!(out.valid.num_rows(), 0, "start {start}");
+            assert_eq!(out.rejects.num_rows(), 500, "start {start}");
+        }
     }
 
     #[test]

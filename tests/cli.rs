@@ -512,3 +512,25 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
     assert!(!text.contains("\"kwh\""), "named columns are fine: {text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Regression: `generate -o FILE` with a bad option created (emptied) the
+/// file before refusing the option, so a typo destroyed the data there.
+#[test]
+fn generate_refuses_bad_options_before_touching_the_output() {
+    let path = std::env::temp_dir().join(format!("es-gen-keep-{}.jsonl", std::process::id()));
+    std::fs::write(&path, "precious\n").unwrap();
+    for bad in [["--customers", "0"], ["--days", "0"], ["--bad-ratio", "2"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["generate", "-o", path.to_str().unwrap()])
+            .args(bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "precious\n",
+            "{bad:?} left the file as it was"
+        );
+    }
+    std::fs::remove_file(&path).unwrap();
+}
