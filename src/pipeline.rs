@@ -545,6 +545,9 @@ async fn run_once(
     else {
         return Ok(RunSummary::default());
     };
+    if let Some(kpis) = &kpis {
+        metrics.initialise_kpi_labels(kpis.defs().map(|d| d.name.as_str()));
+    }
 
     let loader = PgOffsetLoader {
         handle: tokio::runtime::Handle::current(),
@@ -577,9 +580,10 @@ async fn run_once(
         let source = source.clone();
         let cfg = cfg.clone();
         let metrics = metrics.clone();
+        let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("intake".into())
-            .spawn(move || intake(&source, &cfg, &metrics, tx))
+            .spawn(move || intake(&source, &cfg, &metrics, tx, &rt))
             .map_err(|e| PipelineError::Intake(e.to_string()))?
     };
 
@@ -842,6 +846,7 @@ fn intake(
     cfg: &PipelineConfig,
     metrics: &Metrics,
     tx: mpsc::Sender<Batch>,
+    rt: &tokio::runtime::Handle,
 ) -> Result<(), PipelineError> {
     let ownership = source.ownership();
     let mut waited = Instant::now();
@@ -986,12 +991,38 @@ fn intake(
             // fetching once its bounded queue is full. Pausing partitions
             // instead would restart fetches mid-batch on every resume.
             // Rebalances wait meanwhile, bounded by max.poll.interval.ms.
-            if tx.blocking_send(b).is_err() {
+            if !hand_on(&tx, b, source, rt) {
                 return Ok(());
             }
             // Silence only counts while we poll: what arrived meanwhile
             // waits in librdkafka's queue, and must not look like a stall.
             source.restart_silence_clocks();
+        }
+    }
+}
+
+/// How often the consumer lag is asked of the broker while the intake waits
+/// on the writer: as often as the statistics carry it otherwise.
+const LAG_REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+/// Hands `b` to the compute stage, waiting while the writer is behind; false
+/// once the stage is gone. While it waits, nothing polls the consumer, so the
+/// lag is refreshed from the broker instead ([`KafkaSource::refresh_lag`]).
+fn hand_on(
+    tx: &mpsc::Sender<Batch>,
+    b: Batch,
+    source: &KafkaSource,
+    rt: &tokio::runtime::Handle,
+) -> bool {
+    loop {
+        // The timer is made inside block_on: outside, there is no runtime.
+        match rt.block_on(async { tokio::time::timeout(LAG_REFRESH_EVERY, tx.reserve()).await }) {
+            Ok(Ok(permit)) => {
+                permit.send(b);
+                return true;
+            }
+            Ok(Err(_)) => return false,
+            Err(_) => source.refresh_lag(),
         }
     }
 }

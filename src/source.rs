@@ -363,17 +363,28 @@ impl ClientContext for SourceContext {
                 if *p < 0 || !s.desired {
                     continue;
                 }
-                let lag = if s.committed_offset >= 0 {
-                    s.hi_offset - s.committed_offset
+                let position = if s.committed_offset >= 0 {
+                    s.committed_offset
                 } else if s.app_offset >= 0 {
-                    s.hi_offset - s.app_offset
+                    s.app_offset
                 } else {
+                    // Nothing committed to the group or read yet: the
+                    // partition was just assigned, at the offset Postgres
+                    // holds, which librdkafka does not count as a position.
+                    // Its backlog counts from there.
+                    let cursors = self.ownership.cursors.lock().expect("cursors lock");
+                    match cursors.get(p) {
+                        Some(c) => c.next.unwrap_or(s.lo_offset),
+                        None => continue,
+                    }
+                };
+                let Some(lag) = partition_lag(s.hi_offset, position) else {
                     continue;
                 };
                 self.metrics
                     .consumer_lag
                     .with_label_values(&[topic.as_str(), &p.to_string()])
-                    .set(lag.max(0));
+                    .set(lag);
             }
         }
     }
@@ -451,6 +462,12 @@ impl ConsumerContext for SourceContext {
             }
         }
     }
+}
+
+/// A partition's lag: its high watermark less the position, or None while
+/// either is unknown (librdkafka reports -1 and -1001 for those).
+fn partition_lag(high: i64, position: i64) -> Option<i64> {
+    (high >= 0 && position >= 0).then(|| (high - position).max(0))
 }
 
 /// How long a consumption error keeps partitions that are behind from
@@ -973,6 +990,39 @@ impl KafkaSource {
         }
     }
 
+    /// Sets each owned partition's lag from the broker's high watermark and
+    /// the offset the intake wants next. For while the intake waits on the
+    /// writer: the statistics that carry the lag come only with polls, and a
+    /// frozen lag would hide a backlog that grows through a database outage.
+    pub fn refresh_lag(&self) {
+        let wanted: Vec<(i32, Option<i64>)> = self
+            .ownership
+            .cursors
+            .lock()
+            .expect("cursors lock")
+            .iter()
+            .map(|(&p, c)| (p, c.next))
+            .collect();
+        let metrics = &self.consumer.context().metrics;
+        for (p, next) in wanted {
+            // A broker request each; bounded, since the caller only waits.
+            match self
+                .consumer
+                .fetch_watermarks(&self.topic, p, Duration::from_secs(1))
+            {
+                Ok((low, high)) => {
+                    if let Some(lag) = partition_lag(high, next.unwrap_or(low)) {
+                        metrics
+                            .consumer_lag
+                            .with_label_values(&[self.topic.as_str(), &p.to_string()])
+                            .set(lag);
+                    }
+                }
+                Err(e) => tracing::debug!(partition = p, error = %e, "cannot refresh the lag"),
+            }
+        }
+    }
+
     /// The partition's (low, high) watermarks as of the last fetch response,
     /// or None when no fetch has answered yet.
     fn cached_watermarks(&self, partition: i32) -> Option<(i64, i64)> {
@@ -1033,6 +1083,15 @@ impl KafkaSource {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lag_is_unknown_until_both_ends_are_known() {
+        assert_eq!(partition_lag(100, 40), Some(60));
+        assert_eq!(partition_lag(100, 120), Some(0), "never negative");
+        assert_eq!(partition_lag(-1, 40), None, "no fetch has answered yet");
+        assert_eq!(partition_lag(100, -1001), None, "no position");
+        assert_eq!(partition_lag(0, 0), Some(0));
+    }
+
     use super::*;
 
     #[test]

@@ -272,6 +272,16 @@ impl Metrics {
         }
     }
 
+    /// Each KPI's series, at 0, once the KPIs are known: a KPI that never
+    /// failed then reads `rate(energy_stream_kpi_failures_total[5m])` as 0,
+    /// not as an empty result.
+    pub fn initialise_kpi_labels<'a>(&self, kpis: impl IntoIterator<Item = &'a str>) {
+        for k in kpis {
+            self.kpi_rows_merged.with_label_values(&[k]);
+            self.kpi_failures.with_label_values(&[k]);
+        }
+    }
+
     /// The producer's series, created only in the producer so a consumer's
     /// scrape does not carry empty producer metrics.
     pub fn initialise_producer_labels(&self) {

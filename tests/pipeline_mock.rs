@@ -254,6 +254,12 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
         text.contains("energy_stream_kpi_failures_total{kpi=\"bomb\"} 1"),
         "{text}"
     );
+    // Regression: a KPI that never failed had no failures series at all,
+    // so `rate(...)` over it was empty rather than 0.
+    assert!(
+        text.contains("energy_stream_kpi_failures_total{kpi=\"by_type\"} 0"),
+        "{text}"
+    );
 }
 
 /// A LATIN1 database refuses characters outside Latin-1 (SQLSTATE 22P05) on
