@@ -239,10 +239,13 @@ pub(crate) enum BadKind {
     NonFiniteString,
     EmptyCustomerId,
     NonIntegerSessionId,
+    /// An event whose `customer_id` holds a byte that is not UTF-8.
+    NotUtf8,
+    EmptyLine,
 }
 
 impl BadKind {
-    pub(crate) const ALL: [BadKind; 20] = [
+    pub(crate) const ALL: [BadKind; 22] = [
         Self::MalformedJson,
         Self::JsonArray,
         Self::JsonScalar,
@@ -263,6 +266,8 @@ impl BadKind {
         Self::NonFiniteString,
         Self::EmptyCustomerId,
         Self::NonIntegerSessionId,
+        Self::NotUtf8,
+        Self::EmptyLine,
     ];
 }
 
@@ -850,6 +855,7 @@ enum Line {
     Array(Wire),
     Scalar(Value),
     Raw(String),
+    Bytes(Vec<u8>),
 }
 
 struct Emitter<W: Write> {
@@ -907,6 +913,10 @@ impl<W: Write> Emitter<W> {
             Line::Scalar(value) => serde_json::to_writer(&mut self.out, &value),
             Line::Raw(text) => {
                 self.out.write_all(text.as_bytes())?;
+                Ok(())
+            }
+            Line::Bytes(bytes) => {
+                self.out.write_all(&bytes)?;
                 Ok(())
             }
         };
@@ -977,6 +987,18 @@ fn bad_line(
             return Line::Raw(text[..cut].to_string());
         }
         BadKind::JsonArray => return Line::Array(render(event, style, start)),
+        BadKind::NotUtf8 => {
+            let mut bytes = serde_json::to_vec(&render(event, style, start)).unwrap_or_default();
+            let key = b"\"customer_id\":\"";
+            let at = bytes
+                .windows(key.len())
+                .position(|w| w == key)
+                .map_or(bytes.len() / 2, |i| i + key.len());
+            // 0xFF never occurs in UTF-8.
+            bytes.insert(at, 0xFF);
+            return Line::Bytes(bytes);
+        }
+        BadKind::EmptyLine => return Line::Raw(String::new()),
         BadKind::JsonScalar => {
             return Line::Scalar(if rng.random_bool(0.5) {
                 Value::from(rng.random_range(0..10_000u32))
@@ -1102,10 +1124,28 @@ mod tests {
         }
     }
 
-    fn output(cfg: &GenerateConfig) -> (Report, String) {
+    fn output_bytes(cfg: &GenerateConfig) -> (Report, Vec<u8>) {
         let mut buf = Vec::new();
         let report = run(cfg, &mut buf).expect("generation succeeds");
-        (report, String::from_utf8(buf).expect("output is UTF-8"))
+        (report, buf)
+    }
+
+    /// The output as text; a line that is not UTF-8 (one bad kind) becomes
+    /// a line no JSON reader takes.
+    fn output(cfg: &GenerateConfig) -> (Report, String) {
+        let (report, buf) = output_bytes(cfg);
+        if buf.is_empty() {
+            return (report, String::new());
+        }
+        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let lines: Vec<String> = body
+            .split(|&b| b == b'\n')
+            .map(|l| match std::str::from_utf8(l) {
+                Ok(text) => text.to_string(),
+                Err(_) => "<not UTF-8>".to_string(),
+            })
+            .collect();
+        (report, lines.join("\n") + "\n")
     }
 
     /// A good line, as an independent consumer would accept it.
@@ -1290,8 +1330,12 @@ mod tests {
                 start,
                 ..GenerateConfig::default()
             };
-            let (_, text) = output(&c);
-            let lines: Vec<&[u8]> = text.lines().map(str::as_bytes).collect();
+            let (_, bytes) = output_bytes(&c);
+            let lines: Vec<&[u8]> = bytes
+                .strip_suffix(b"\n")
+                .unwrap()
+                .split(|&b| b == b'\n')
+                .collect();
             let meta = crate::decode::MessageMeta {
                 partition: 0,
                 offset: 0,
