@@ -81,8 +81,20 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<DemoReport> {
     let started = Instant::now();
+    // Ctrl-C is honoured from here on, not only with --keep-running.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     // Before starting anything: a wrong --input is the user's to fix first.
     let input = resolve_input(cfg.input.as_deref())?;
+    // A sample generated here goes with the run, also when it fails.
+    let _generated =
+        (cfg.input.is_none() && input != Path::new(SAMPLE)).then(|| RemoveOnDrop(input.clone()));
     let mut local = None;
     let mut database = match cfg.database {
         Some(db) => {
@@ -109,13 +121,38 @@ pub async fn run(
     database.options(format!("-c search_path={DEMO_SCHEMA}"));
     let mut admin = database.clone();
     admin.options("");
-    let client = crate::sink::connect(&admin).await?;
-    client
+    // Held until the demo ends: two demos on one database would drop each
+    // other's schema mid-run and mix their rows.
+    let lock_holder = crate::sink::connect(&admin).await?;
+    let locked: bool = lock_holder
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('energy-stream demo'))",
+            &[],
+        )
+        .await
+        .context("cannot take the demo's lock")?
+        .get(0);
+    anyhow::ensure!(
+        locked,
+        "another energy-stream demo is running against this database; wait for it to end, \
+         or point DATABASE_URL at another database"
+    );
+    let existed = lock_holder
+        .query_opt(
+            "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+            &[&DEMO_SCHEMA],
+        )
+        .await?
+        .is_some();
+    lock_holder
         .batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {DEMO_SCHEMA} CASCADE; CREATE SCHEMA {DEMO_SCHEMA}"
         ))
         .await
         .context("cannot create the demo schema")?;
+    if existed {
+        println!("Dropped the schema {DEMO_SCHEMA} an earlier demo left, with everything in it");
+    }
 
     let cluster = MockCluster::new(1).context("cannot start the in-process Kafka")?;
     cluster
@@ -136,6 +173,7 @@ pub async fn run(
         "energy-stream-demo-bad-lines-{}.jsonl",
         std::process::id()
     ));
+    let _bad_lines = RemoveOnDrop(bad_lines.clone());
     let produce_cfg = ProduceConfig {
         kafka: kafka.clone(),
         input: input.clone(),
@@ -152,10 +190,6 @@ pub async fn run(
         tokio::task::spawn_blocking(move || produce(&produce_cfg, &AtomicBool::new(false), m))
             .await??;
     println!("Produced {} from {}", produced, input.display());
-    let _ = std::fs::remove_file(&bad_lines);
-    if cfg.input.is_none() && input != Path::new(SAMPLE) {
-        let _ = std::fs::remove_file(&input);
-    }
 
     let mut pcfg = PipelineConfig::new(kafka, database.clone());
     // Runs until caught up; with --keep-running it then goes on, see below.
@@ -170,13 +204,27 @@ pub async fn run(
     } else {
         println!("no queries/ directory here: writing raw events only, no KPIs");
     }
-    crate::pipeline::run(pcfg.clone(), metrics.clone(), std::future::pending()).await?;
+    crate::pipeline::run(pcfg.clone(), metrics.clone(), stopped(stop_rx.clone())).await?;
+    let interrupted = *stop_rx.borrow();
 
     let mut report = DemoReport {
         bad_lines: produced.bad_lines,
         ..DemoReport::default()
     };
     let client = crate::sink::connect(&database).await?;
+    let set_up: bool = client
+        .query_one("SELECT to_regclass('events') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !set_up {
+        // Stopped during the pipeline's start-up: there is nothing to count.
+        println!("Interrupted before the pipeline had created its tables: nothing was written.");
+        drop(cluster);
+        if let Some(pg) = local {
+            tokio::task::spawn_blocking(move || drop(pg)).await?;
+        }
+        return Ok(report);
+    }
     for r in client
         .query(
             "SELECT event_type, count(*) FROM events GROUP BY 1 ORDER BY 1",
@@ -210,8 +258,11 @@ pub async fn run(
     report.rejected = report.by_reason.values().sum();
     report.elapsed = started.elapsed();
     println!("\n{report}");
+    if interrupted {
+        println!("Interrupted: the summary counts what was committed before Ctrl-C.");
+    }
 
-    if cfg.keep_running {
+    if cfg.keep_running && !interrupted {
         // The same pipeline resumes from the offsets it stored, now serving
         // its endpoints, until Ctrl-C.
         match cfg.metrics_addr {
@@ -220,13 +271,22 @@ pub async fn run(
         }
         pcfg.stop_when_caught_up = false;
         pcfg.metrics_addr = cfg.metrics_addr;
-        crate::pipeline::run(pcfg, metrics, shutdown).await?;
+        crate::pipeline::run(pcfg, metrics, stopped(stop_rx)).await?;
     }
     drop(cluster);
     if let Some(pg) = local {
         tokio::task::spawn_blocking(move || drop(pg)).await?;
     }
     Ok(report)
+}
+
+/// Removes a temporary file when dropped, however the demo ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The file given, which must exist; without one, the sample file, or a

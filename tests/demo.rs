@@ -107,3 +107,101 @@ fn demo_keep_running_serves_metrics_after_the_summary_until_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit 0 on SIGTERM: {status}");
 }
+
+/// The demo against `db`, from the repository, with its output.
+fn demo_on(db: &tokio_postgres::Config) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .arg("demo")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", common::db_url_with_password(db))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Regression: two demos on one database dropped each other's schema
+/// mid-run and mixed their rows (one reported more rows than its input
+/// held); and a second demo dropped the first one's schema without a word.
+#[tokio::test]
+async fn one_demo_at_a_time_per_database_and_says_what_it_replaced() {
+    let db = common::fresh_db("demolock").await;
+    let holder = common::client(&db).await;
+    // What a running demo holds.
+    holder
+        .query_one(
+            "SELECT pg_advisory_lock(hashtext('energy-stream demo'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking({
+        let db = db.clone();
+        move || demo_on(&db)
+    })
+    .await
+    .unwrap();
+    let text = common::output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("another energy-stream demo is running"),
+        "{text}"
+    );
+    drop(holder);
+
+    let first = tokio::task::spawn_blocking({
+        let db = db.clone();
+        move || demo_on(&db)
+    })
+    .await
+    .unwrap();
+    assert!(first.status.success(), "{}", common::output_text(&first));
+    assert!(!common::output_text(&first).contains("Dropped the schema"));
+    let second = tokio::task::spawn_blocking(move || demo_on(&db))
+        .await
+        .unwrap();
+    let text = common::output_text(&second);
+    assert!(second.status.success(), "{text}");
+    assert!(
+        text.contains("Dropped the schema energy_stream_demo"),
+        "{text}"
+    );
+}
+
+/// Regression: Ctrl-C during a demo without `--keep-running` was ignored
+/// until the run was over.
+#[test]
+fn ctrl_c_during_the_demo_ends_it_with_a_marked_summary() {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .arg("demo")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("DATABASE_URL")
+        .env_remove("DATABASE_URL_FILE")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    // Once Kafka is up, before anything is produced: the run that follows
+    // starts already told to stop.
+    loop {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+        if line.starts_with("Kafka:") {
+            break;
+        }
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{seen}{rest}");
+    assert!(
+        rest.contains("Interrupted: the summary counts what was committed")
+            || rest.contains("Interrupted before the pipeline had created its tables"),
+        "{seen}{rest}"
+    );
+}
