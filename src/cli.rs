@@ -141,7 +141,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("cannot create {}", path.display()))?;
                     crate::generate::generate(&cfg, f)?
                 }
-                None => crate::generate::generate(&cfg, std::io::stdout().lock())?,
+                None => match crate::generate::generate(&cfg, std::io::stdout().lock()) {
+                    // `generate | head`: the reader has what it wanted.
+                    Err(crate::generate::GenerateError::Io(e))
+                        if e.kind() == std::io::ErrorKind::BrokenPipe =>
+                    {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    r => r?,
+                },
             };
             eprintln!(
                 "generated {} events ({} valid, {} invalid)",

@@ -298,7 +298,7 @@ pub struct GenerateArgs {
 pub struct ProduceArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// The JSONL file to replay.
+    /// The JSONL file to replay (`-` reads standard input).
     #[arg(long, short, default_value = "data/events.jsonl")]
     pub input: PathBuf,
     /// Partitions for the topic when it has to be created.

@@ -126,11 +126,20 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, Produc
             brokers: kafka.brokers.clone(),
             cause: e.to_string(),
         })?;
-    if md
+    if let Some(t) = md
         .topics()
         .iter()
-        .any(|t| t.name() == kafka.topic && t.error().is_none() && !t.partitions().is_empty())
+        .find(|t| t.name() == kafka.topic && t.error().is_none() && !t.partitions().is_empty())
     {
+        if t.partitions().len() != partitions as usize {
+            // Not an error: the topic is what it is, and keys still route.
+            tracing::warn!(
+                topic = %kafka.topic,
+                partitions = t.partitions().len(),
+                requested = partitions,
+                "the topic exists with another partition count; --partitions applies only when it is created"
+            );
+        }
         return Ok(false);
     }
     let topic = NewTopic::new(&kafka.topic, partitions, TopicReplication::Fixed(1));
@@ -236,8 +245,14 @@ pub fn produce(
         source,
     };
     // Open the input before touching the broker, so a typo fails fast.
-    let input = File::open(&cfg.input).map_err(input_err)?;
-    if input.metadata().map_err(input_err)?.is_dir() {
+    let stdin = cfg.input == Path::new("-");
+    if !stdin
+        && File::open(&cfg.input)
+            .map_err(input_err)?
+            .metadata()
+            .map_err(input_err)?
+            .is_dir()
+    {
         return Err(input_err(std::io::Error::new(
             std::io::ErrorKind::IsADirectory,
             "is a directory; give a JSONL file",
@@ -552,19 +567,25 @@ type Line = Result<String, String>;
 /// A line that is not UTF-8 is one bad line, not the end of the file.
 fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<Line>>> {
     let mut first = true;
-    Ok(BufReader::new(File::open(path)?)
-        .split(b'\n')
-        .map(move |bytes| {
-            let mut bytes = bytes?;
-            if bytes.last() == Some(&b'\r') {
-                bytes.pop();
-            }
-            if std::mem::take(&mut first) && bytes.starts_with(b"\xef\xbb\xbf") {
-                bytes.drain(..3);
-            }
-            Ok(String::from_utf8(bytes)
-                .map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
-        }))
+    // `-` is standard input, as for most tools that read files.
+    let input: Box<dyn std::io::Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(File::open(path)?)
+    };
+    Ok(BufReader::new(input).split(b'\n').map(move |bytes| {
+        let mut bytes = bytes?;
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+        if std::mem::take(&mut first) && bytes.starts_with(b"\xef\xbb\xbf") {
+            bytes.drain(..3);
+        }
+        Ok(
+            String::from_utf8(bytes)
+                .map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        )
+    }))
 }
 
 #[cfg(test)]

@@ -534,3 +534,55 @@ fn generate_refuses_bad_options_before_touching_the_output() {
     }
     std::fs::remove_file(&path).unwrap();
 }
+
+/// Regression: `produce --input -` looked for a file named `-`.
+#[test]
+fn produce_reads_standard_input_given_as_a_dash() {
+    use std::io::Write;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("from_stdin", 1, 1).unwrap();
+    let bad = std::env::temp_dir().join(format!("es-stdin-bad-{}.jsonl", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["produce", "--input", "-", "--topic", "from_stdin"])
+        .args(["--brokers", &cluster.bootstrap_servers()])
+        .args([
+            "--metrics-addr",
+            "off",
+            "--bad-lines",
+            bad.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{line}\n{line}\nnot json").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = common::output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("sent 2"), "{text}");
+    assert!(text.contains("bad lines 1"), "{text}");
+    let _ = std::fs::remove_file(&bad);
+}
+
+/// Regression: `generate | head` ended with "cannot write events: Broken
+/// pipe" and exit 1, where Unix tools stop quietly.
+#[test]
+fn generate_into_a_closed_pipe_stops_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["generate", "--events", "1000000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let text = common::output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("Broken pipe"), "{text}");
+}
