@@ -281,13 +281,14 @@ pub struct GenerateArgs {
     pub customers: u32,
     #[arg(long, default_value_t = 7)]
     pub days: u32,
-    /// First instant of the generated period (RFC 3339).
-    #[arg(long, default_value = "2025-06-01T00:00:00Z")]
+    /// First instant of the generated period (RFC 3339, or a date for its
+    /// midnight UTC).
+    #[arg(long, default_value = "2025-06-01T00:00:00Z", value_parser = parse_start)]
     pub start: DateTime<Utc>,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Fraction of lines replaced by invalid ones of every kind.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub bad_ratio: f64,
     /// Output file; standard output when absent.
     #[arg(long, short)]
@@ -720,8 +721,32 @@ pub fn flag_in_argv(args: &[String], flag: &str) -> bool {
         .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
 }
 
+/// `generate --start`: an RFC 3339 instant, or a date (`2025-06-01`) for
+/// its midnight UTC.
+fn parse_start(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| {
+            format!("{s:?} is not a date (2025-06-01) or an RFC 3339 time (2025-06-01T00:00:00Z)")
+        })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn generate_start_takes_a_date_or_an_instant() {
+        let midnight = "2025-06-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(parse_start("2025-06-01"), Ok(midnight));
+        assert_eq!(parse_start("2025-06-01T02:00:00+02:00"), Ok(midnight));
+        let err = parse_start("June").unwrap_err();
+        assert!(err.contains("RFC 3339"), "{err}");
+    }
+
     use super::*;
     use clap::CommandFactory;
 
