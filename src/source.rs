@@ -1083,6 +1083,8 @@ impl KafkaSource {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn lag_is_unknown_until_both_ends_are_known() {
         assert_eq!(partition_lag(100, 40), Some(60));
@@ -1091,8 +1093,6 @@ mod tests {
         assert_eq!(partition_lag(100, -1001), None, "no position");
         assert_eq!(partition_lag(0, 0), Some(0));
     }
-
-    use super::*;
 
     #[test]
     fn cursor_accepts_in_order_and_drops_redeliveries() {
