@@ -132,8 +132,9 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, Produc
         .find(|t| t.name() == kafka.topic && t.error().is_none() && !t.partitions().is_empty())
     {
         if t.partitions().len() != partitions as usize {
-            // Not an error: the topic is what it is, and keys still route.
-            tracing::warn!(
+            // Not an error: the topic is what it is, and keys still route;
+            // and --partitions has a default, so this may be no one's wish.
+            tracing::info!(
                 topic = %kafka.topic,
                 partitions = t.partitions().len(),
                 requested = partitions,
@@ -219,8 +220,12 @@ pub fn check_line(line: &str) -> Result<Option<String>, &'static str> {
     if line.trim().is_empty() {
         return Err("empty_line");
     }
-    let v: serde_json::Value = serde_json::from_str(line).map_err(|_| "invalid_json")?;
-    let obj = v.as_object().ok_or("not_object")?;
+    // Values stay raw text: read into a `Value`, a number beyond a float's
+    // range (`1e400`, valid JSON) failed, and the line was refused as not
+    // JSON although the pipeline rejects it with its own reason.
+    type Raw = std::collections::HashMap<String, Box<serde_json::value::RawValue>>;
+    serde_json::from_str::<serde::de::IgnoredAny>(line).map_err(|_| "invalid_json")?;
+    let obj: Raw = serde_json::from_str(line).map_err(|_| "not_object")?;
     for k in ["event_type", "event_time", "payload"] {
         if !obj.contains_key(k) {
             return Err("missing_top_level_key");
@@ -228,9 +233,8 @@ pub fn check_line(line: &str) -> Result<Option<String>, &'static str> {
     }
     let key = obj
         .get("payload")
-        .and_then(|p| p.get("customer_id"))
-        .and_then(|c| c.as_str())
-        .map(str::to_string);
+        .and_then(|p| serde_json::from_str::<Raw>(p.get()).ok())
+        .and_then(|p| serde_json::from_str::<String>(p.get("customer_id")?.get()).ok());
     Ok(key)
 }
 
@@ -293,15 +297,26 @@ pub fn produce(
         .map_err(|e| ProduceError::Config(crate::source::config_error(&e)))?;
     let bad_path = cfg.bad_lines.display().to_string();
     // A previous run's file would otherwise stay when this run refuses
-    // nothing, and be read as this run's refusals.
-    match std::fs::remove_file(&cfg.bad_lines) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+    // nothing, and be read as this run's refusals. Only a regular file is
+    // removed: never a device (`/dev/null`), a link, or the input itself.
+    if let Ok(meta) = std::fs::symlink_metadata(&cfg.bad_lines)
+        && meta.file_type().is_file()
+    {
+        if same_file(&cfg.input, &meta) {
+            return Err(ProduceError::BadLines {
+                path: bad_path,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "it is the input file; give another path",
+                ),
+            });
+        }
+        if let Err(e) = std::fs::remove_file(&cfg.bad_lines) {
             return Err(ProduceError::BadLines {
                 path: bad_path,
                 source: e,
             });
         }
-        _ => {}
     }
     let mut bad_out: Option<BufWriter<File>> = None;
     let mut summary = ProduceSummary::default();
@@ -565,6 +580,12 @@ type Line = Result<String, String>;
 /// The file's lines without their `\n` or `\r\n`, and without a UTF-8 byte
 /// order mark on the first, which Windows tools write and JSON does not allow.
 /// A line that is not UTF-8 is one bad line, not the end of the file.
+/// Whether `path` is the file that `other` describes (the same inode).
+fn same_file(path: &Path, other: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).is_ok_and(|m| m.dev() == other.dev() && m.ino() == other.ino())
+}
+
 fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<Line>>> {
     let mut first = true;
     // `-` is standard input, as for most tools that read files.
@@ -703,9 +724,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Regression: `--loop` over an empty file, a file of refused lines
-    /// only, or a pipe that the first pass drained re-read the input as fast
-    /// as it could, forever: a spinning CPU, an ever-growing bad-lines file.
+    /// Regression: `--loop` over an empty file, or a file of refused lines
+    /// only, re-read the input as fast as it could, forever: a spinning CPU,
+    /// an ever-growing bad-lines file.
     /// And a bad-lines file of an earlier run stayed when this run refused
     /// nothing.
     #[test]
@@ -732,6 +753,30 @@ mod tests {
         // An earlier run's refusals, which this run must not leave behind.
         std::fs::write(&cfg.bad_lines, "stale\n").unwrap();
         std::fs::write(&cfg.input, "").unwrap();
+        // Regression: the clean-up removed whatever the path named, the
+        // input file itself when both were given the same path.
+        let same = ProduceConfig {
+            bad_lines: cfg.input.clone(),
+            ..cfg.clone()
+        };
+        let err = produce(&same, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        assert!(err.to_string().contains("it is the input file"), "{err}");
+        assert!(cfg.input.exists(), "the input is still there");
+        let link = dir.join("link.jsonl");
+        std::os::unix::fs::symlink(&cfg.bad_lines, &link).unwrap();
+        let linked = ProduceConfig {
+            bad_lines: link.clone(),
+            input: dir.join("one.jsonl"),
+            repeat: false,
+            ..cfg.clone()
+        };
+        std::fs::write(
+            &linked.input,
+            "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{}}\n",
+        )
+        .unwrap();
+        produce(&linked, &AtomicBool::new(false), Metrics::new()).unwrap();
+        assert!(link.exists(), "a link is never removed");
         let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
         assert!(err.to_string().contains("no line to send"), "{err}");
         assert!(!cfg.bad_lines.exists(), "the stale bad-lines file is gone");
@@ -747,34 +792,8 @@ mod tests {
             "one pass, not a growing file: {bad}"
         );
 
-        // A FIFO stands for a pipe: the second pass reads nothing, and the
-        // loop ends with what the first pass sent.
-        cfg.input = dir.join("fifo");
-        let c = std::ffi::CString::new(cfg.input.to_str().unwrap()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let done = std::sync::Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (path, done) = (cfg.input.clone(), done.clone());
-            std::thread::spawn(move || {
-                use std::os::unix::fs::OpenOptionsExt;
-                let line = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
-                // The first pass reads the lines; a later open by the reader
-                // meets a writer that closes at once, as a drained pipe does.
-                std::fs::write(&path, format!("{line}\n{line}\n")).unwrap();
-                while !done.load(Ordering::Relaxed) {
-                    let _ = std::fs::OpenOptions::new()
-                        .write(true)
-                        .custom_flags(libc::O_NONBLOCK)
-                        .open(&path);
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        };
-        let summary = produce(&cfg, &AtomicBool::new(false), Metrics::new());
-        done.store(true, Ordering::Relaxed);
-        writer.join().unwrap();
-        let summary = summary.unwrap();
-        assert_eq!((summary.sent, summary.bad_lines), (2, 0));
+        // A pipe that the first pass drained: `tests/cli.rs`
+        // (`produce_loops_over_standard_input_once`).
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -791,6 +810,20 @@ mod tests {
         );
         assert_eq!(check_line(""), Err("empty_line"));
         assert_eq!(check_line("{nope"), Err("invalid_json"));
+        // Regression: numbers beyond a float's range are valid JSON; the
+        // pipeline rejects them as number_out_of_range, so they are sent.
+        assert_eq!(
+            check_line(
+                r#"{"event_type":"x","event_time":"y","payload":{"customer_id":"C\u0031","payment_amount":1e400,"session_id":-1e999}}"#
+            ),
+            Ok(Some("C1".to_string()))
+        );
+        assert_eq!(
+            check_line(r#"{"event_type":"x","event_time":"y","payload":{"customer_id":7}}"#),
+            Ok(None)
+        );
+        assert_eq!(check_line("null"), Err("not_object"));
+        assert_eq!(check_line(r#""text""#), Err("not_object"));
         assert_eq!(check_line("[1]"), Err("not_object"));
         assert_eq!(
             check_line(r#"{"event_type":"x","payload":{}}"#),

@@ -586,3 +586,52 @@ fn generate_into_a_closed_pipe_stops_quietly() {
     assert!(out.status.success(), "{text}");
     assert!(!text.contains("Broken pipe"), "{text}");
 }
+
+/// Regression: `produce --loop` over a pipe sent it once, then re-read the
+/// drained pipe as fast as it could, forever, deaf to SIGTERM.
+#[test]
+fn produce_loops_over_standard_input_once() {
+    use std::io::Write;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("looped_stdin", 1, 1).unwrap();
+    let bad = std::env::temp_dir().join(format!("es-loop-bad-{}.jsonl", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args([
+            "produce",
+            "--input",
+            "-",
+            "--loop",
+            "--topic",
+            "looped_stdin",
+        ])
+        .args(["--brokers", &cluster.bootstrap_servers()])
+        .args([
+            "--metrics-addr",
+            "off",
+            "--bad-lines",
+            bad.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{line}\n{line}").unwrap();
+    drop(stdin);
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("produce --loop over a drained pipe did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = common::output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("sent 2"), "{text}");
+    assert!(text.contains("sent nothing"), "{text}");
+    let _ = std::fs::remove_file(&bad);
+}
