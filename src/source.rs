@@ -101,6 +101,10 @@ pub struct Ownership {
     /// Per assigned partition: the next offset stored in Postgres as far as this
     /// consumer knows (None: nothing stored yet). Batches are fenced on it.
     positions: Mutex<HashMap<i32, Option<i64>>>,
+    /// Per assigned partition: the next offset committed to Postgres (None:
+    /// nothing yet). Unlike `positions`, which moves when a batch is cut,
+    /// this moves at COMMIT: the lag counts from it.
+    committed: Mutex<HashMap<i32, Option<i64>>>,
     /// Per assigned partition: the offset the next delivered message must have.
     cursors: Mutex<HashMap<i32, Cursor>>,
     resync: AtomicBool,
@@ -222,6 +226,7 @@ impl Ownership {
             generation: AtomicU64::new(0),
             gate: tokio::sync::Mutex::new(()),
             positions: Mutex::new(HashMap::new()),
+            committed: Mutex::new(HashMap::new()),
             cursors: Mutex::new(HashMap::new()),
             resync: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -251,6 +256,22 @@ impl Ownership {
         p.insert(partition, Some(next)).flatten()
     }
 
+    /// Each assigned partition's next offset committed to Postgres (None:
+    /// nothing stored yet).
+    fn stored_positions(&self) -> HashMap<i32, Option<i64>> {
+        self.committed.lock().expect("committed lock").clone()
+    }
+
+    /// Records offsets that a COMMIT stored, for the partitions still owned.
+    fn note_committed(&self, offsets: &[(i32, i64)]) {
+        let mut committed = self.committed.lock().expect("committed lock");
+        for &(p, next) in offsets {
+            if let Some(at) = committed.get_mut(&p) {
+                *at = Some(at.map_or(next, |a| a.max(next)));
+            }
+        }
+    }
+
     pub fn assigned(&self) -> Vec<i32> {
         let mut v: Vec<i32> = self
             .positions
@@ -271,6 +292,7 @@ impl Ownership {
             .iter()
             .map(|(&p, &next)| (p, Cursor::at(next)))
             .collect();
+        *self.committed.lock().expect("committed lock") = positions.clone();
         *self.positions.lock().expect("positions lock") = positions;
     }
 }
@@ -358,27 +380,20 @@ impl ClientContext for SourceContext {
         {
             self.health.kafka_ok.store(true, Ordering::Relaxed);
         }
+        // The lag is what is not in Postgres yet: counted from the offsets
+        // stored there, which librdkafka does not know (it counted from the
+        // group's copy or what it handed on, and skipped a partition just
+        // assigned, before either existed).
+        let stored = self.ownership.stored_positions();
         for (topic, t) in &stats.topics {
             for (p, s) in &t.partitions {
                 if *p < 0 || !s.desired {
                     continue;
                 }
-                let position = if s.committed_offset >= 0 {
-                    s.committed_offset
-                } else if s.app_offset >= 0 {
-                    s.app_offset
-                } else {
-                    // Nothing committed to the group or read yet: the
-                    // partition was just assigned, at the offset Postgres
-                    // holds, which librdkafka does not count as a position.
-                    // Its backlog counts from there.
-                    let cursors = self.ownership.cursors.lock().expect("cursors lock");
-                    match cursors.get(p) {
-                        Some(c) => c.next.unwrap_or(s.lo_offset),
-                        None => continue,
-                    }
+                let Some(position) = stored.get(p) else {
+                    continue;
                 };
-                let Some(lag) = partition_lag(s.hi_offset, position) else {
+                let Some(lag) = partition_lag(s.hi_offset, position.unwrap_or(s.lo_offset)) else {
                     continue;
                 };
                 self.metrics
@@ -991,34 +1006,31 @@ impl KafkaSource {
     }
 
     /// Sets each owned partition's lag from the broker's high watermark and
-    /// the offset the intake wants next. For while the intake waits on the
+    /// the offset stored in Postgres. For while the intake waits on the
     /// writer: the statistics that carry the lag come only with polls, and a
     /// frozen lag would hide a backlog that grows through a database outage.
     pub fn refresh_lag(&self) {
-        let wanted: Vec<(i32, Option<i64>)> = self
-            .ownership
-            .cursors
-            .lock()
-            .expect("cursors lock")
-            .iter()
-            .map(|(&p, c)| (p, c.next))
-            .collect();
         let metrics = &self.consumer.context().metrics;
-        for (p, next) in wanted {
+        for (p, stored) in self.ownership.stored_positions() {
             // A broker request each; bounded, since the caller only waits.
-            match self
+            // The larger of its answer and the last fetch's: some brokers
+            // (tansu) answer ListOffsets with less than they hold.
+            let asked = self
                 .consumer
-                .fetch_watermarks(&self.topic, p, Duration::from_secs(1))
-            {
-                Ok((low, high)) => {
-                    if let Some(lag) = partition_lag(high, next.unwrap_or(low)) {
-                        metrics
-                            .consumer_lag
-                            .with_label_values(&[self.topic.as_str(), &p.to_string()])
-                            .set(lag);
-                    }
-                }
-                Err(e) => tracing::debug!(partition = p, error = %e, "cannot refresh the lag"),
+                .fetch_watermarks(&self.topic, p, Duration::from_secs(1));
+            if let Err(e) = &asked {
+                tracing::debug!(partition = p, error = %e, "cannot refresh the lag");
+            }
+            let ends = [asked.ok(), self.cached_watermarks(p)];
+            let Some(low) = ends.iter().flatten().map(|e| e.0).min() else {
+                continue;
+            };
+            let high = ends.iter().flatten().map(|e| e.1).max().unwrap_or(-1);
+            if let Some(lag) = partition_lag(high, stored.unwrap_or(low)) {
+                metrics
+                    .consumer_lag
+                    .with_label_values(&[self.topic.as_str(), &p.to_string()])
+                    .set(lag);
             }
         }
     }
@@ -1053,6 +1065,7 @@ impl KafkaSource {
     /// Copies committed offsets to the Kafka group, for lag tools. Postgres stays
     /// the source of truth, so a failure here is only logged.
     pub fn commit_to_group(&self, offsets: &[(i32, i64)]) {
+        self.ownership.note_committed(offsets);
         let mut tpl = TopicPartitionList::new();
         for &(p, next) in offsets {
             if tpl
