@@ -424,10 +424,9 @@ fn realistic_lines() -> Vec<String> {
     };
     let mut buf = Vec::new();
     energy_stream::generate::generate(&cfg, &mut buf).unwrap();
-    String::from_utf8(buf)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
+    utf8_lines(&buf)
+        .into_iter()
+        .filter(|l| !l.is_empty())
         .collect()
 }
 

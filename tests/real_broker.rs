@@ -59,9 +59,10 @@ fn produce_with(brokers: &str, topic: &str, input: &Path, extra: &[&str]) -> Str
 
 /// What the pipeline must make of the lines `produce` sends: (valid, rejected by reason).
 fn expected(input: &Path) -> (i64, BTreeMap<String, i64>) {
-    let text = std::fs::read_to_string(input).unwrap();
-    let sent: Vec<&str> = text
-        .lines()
+    let lines = utf8_lines(&std::fs::read(input).unwrap());
+    let sent: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
         .filter(|l| energy_stream::produce::check_line(l).is_ok())
         .collect();
     let v = validated(&sent);
@@ -232,8 +233,8 @@ async fn every_producer_compression_codec_is_consumed() {
     let broker = Broker::get();
     let topic = unique("codecs");
     let input = generate(2_500, 0.02, 11);
-    let text = std::fs::read_to_string(&input).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
+    let text = utf8_lines(&std::fs::read(&input).unwrap());
+    let lines: Vec<&str> = text.iter().map(String::as_str).collect();
     let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
     let mut sent = 0;
     for (codec, chunk) in codecs

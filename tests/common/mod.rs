@@ -526,6 +526,16 @@ pub async fn relation_rows(
     .collect()
 }
 
+/// The lines of a JSONL file that are UTF-8: the generator writes some that
+/// are not (a bad kind), and `produce` refuses those before Kafka.
+pub fn utf8_lines(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|b| *b == b'\n')
+        .filter_map(|l| std::str::from_utf8(l).ok())
+        .map(str::to_string)
+        .collect()
+}
+
 /// The project's generator as broker messages, one per JSONL line.
 pub fn generated_messages(cfg: &energy_stream::generate::GenerateConfig) -> Vec<Option<Vec<u8>>> {
     let mut buf = Vec::new();
