@@ -536,12 +536,15 @@ pub fn utf8_lines(bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// The project's generator as broker messages, one per JSONL line.
+/// The project's generator as broker messages, one per JSONL line; an
+/// empty line (one of its bad kinds) is an empty message.
 pub fn generated_messages(cfg: &energy_stream::generate::GenerateConfig) -> Vec<Option<Vec<u8>>> {
     let mut buf = Vec::new();
     energy_stream::generate::generate(cfg, &mut buf).unwrap();
-    buf.split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
+    let Some(body) = buf.strip_suffix(b"\n") else {
+        return Vec::new();
+    };
+    body.split(|b| *b == b'\n')
         .map(|l| Some(l.to_vec()))
         .collect()
 }
