@@ -535,15 +535,25 @@ fn generate_refuses_bad_options_before_touching_the_output() {
     std::fs::remove_file(&path).unwrap();
 }
 
-/// Regression: `produce --input -` looked for a file named `-`.
-#[test]
-fn produce_reads_standard_input_given_as_a_dash() {
+/// `produce --input -` (plus `extra`) into a fresh mock topic, with `input`
+/// written to its standard input and closed. Returns the child, the cluster
+/// it sends to (which must outlive it) and its bad-lines path.
+fn produce_from_stdin(
+    topic: &str,
+    extra: &[&str],
+    input: &str,
+) -> (
+    std::process::Child,
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    std::path::PathBuf,
+) {
     use std::io::Write;
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    cluster.create_topic("from_stdin", 1, 1).unwrap();
-    let bad = std::env::temp_dir().join(format!("es-stdin-bad-{}.jsonl", std::process::id()));
+    cluster.create_topic(topic, 1, 1).unwrap();
+    let bad = std::env::temp_dir().join(format!("es-{topic}-bad-{}.jsonl", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-        .args(["produce", "--input", "-", "--topic", "from_stdin"])
+        .args(["produce", "--input", "-", "--topic", topic])
+        .args(extra)
         .args(["--brokers", &cluster.bootstrap_servers()])
         .args([
             "--metrics-addr",
@@ -556,10 +566,23 @@ fn produce_reads_standard_input_given_as_a_dash() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let line = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
     let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin, "{line}\n{line}\nnot json").unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
     drop(stdin);
+    (child, cluster, bad)
+}
+
+/// One valid event line, for the standard-input tests.
+const STDIN_EVENT: &str = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
+
+/// Regression: `produce --input -` looked for a file named `-`.
+#[test]
+fn produce_reads_standard_input_given_as_a_dash() {
+    let (child, _cluster, bad) = produce_from_stdin(
+        "from_stdin",
+        &[],
+        &format!("{STDIN_EVENT}\n{STDIN_EVENT}\nnot json\n"),
+    );
     let out = child.wait_with_output().unwrap();
     let text = common::output_text(&out);
     assert!(out.status.success(), "{text}");
@@ -591,35 +614,11 @@ fn generate_into_a_closed_pipe_stops_quietly() {
 /// drained pipe as fast as it could, forever, deaf to SIGTERM.
 #[test]
 fn produce_loops_over_standard_input_once() {
-    use std::io::Write;
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    cluster.create_topic("looped_stdin", 1, 1).unwrap();
-    let bad = std::env::temp_dir().join(format!("es-loop-bad-{}.jsonl", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-        .args([
-            "produce",
-            "--input",
-            "-",
-            "--loop",
-            "--topic",
-            "looped_stdin",
-        ])
-        .args(["--brokers", &cluster.bootstrap_servers()])
-        .args([
-            "--metrics-addr",
-            "off",
-            "--bad-lines",
-            bad.to_str().unwrap(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
-    let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin, "{line}\n{line}").unwrap();
-    drop(stdin);
+    let (mut child, _cluster, bad) = produce_from_stdin(
+        "looped_stdin",
+        &["--loop"],
+        &format!("{STDIN_EVENT}\n{STDIN_EVENT}\n"),
+    );
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if started.elapsed() > Duration::from_secs(30) {

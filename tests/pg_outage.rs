@@ -139,14 +139,20 @@ fn ready(addr: &str) -> bool {
     http_get(addr, "/readyz").starts_with("HTTP/1.0 200")
 }
 
-/// All database errors counted, whatever their kind.
-fn db_errors(metrics: &Metrics) -> f64 {
+/// The sum of every series of the metric `name`, whatever its labels.
+fn metric_sum(metrics: &Metrics, name: &str) -> f64 {
+    let prefix = format!("{name}{{");
     metrics
         .render()
         .lines()
-        .filter(|l| l.starts_with("energy_stream_db_errors_total{"))
+        .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// All database errors counted, whatever their kind.
+fn db_errors(metrics: &Metrics) -> f64 {
+    metric_sum(metrics, "energy_stream_db_errors_total")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,12 +595,7 @@ async fn a_shutdown_while_postgres_is_frozen_ends_at_the_drain_timeout() {
 
 /// Sum of every partition's `energy_stream_consumer_lag`.
 fn lag(metrics: &Metrics) -> f64 {
-    metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("energy_stream_consumer_lag{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(metrics, "energy_stream_consumer_lag")
 }
 
 /// Regression: while Postgres was away the intake waited on the writer and
