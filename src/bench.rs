@@ -583,9 +583,10 @@ async fn race(
         bad_lines: dir.join("bad-lines.jsonl"),
     };
     let pc = produce_cfg.clone();
-    let produced =
-        tokio::task::spawn_blocking(move || produce(&pc, &AtomicBool::new(false), Metrics::new()))
-            .await??;
+    let produced = tokio::task::spawn_blocking(move || {
+        produce(&pc, &AtomicBool::new(false), Metrics::new(), Arc::default())
+    })
+    .await??;
     eprintln!("bench: loaded {produced}");
     if produced.sent != cfg.events {
         bail!(
@@ -713,7 +714,8 @@ async fn race(
             ..produce_cfg.clone()
         };
         let s = stop.clone();
-        let producer = tokio::task::spawn_blocking(move || produce(&pc, &s, Metrics::new()));
+        let producer =
+            tokio::task::spawn_blocking(move || produce(&pc, &s, Metrics::new(), Arc::default()));
         // A fresh producer's first messages wait for its connection and
         // producer id, and the consumer's first fetches for the group: the
         // steady state is measured after that, from `run`'s own histogram.

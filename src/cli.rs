@@ -181,8 +181,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or(crate::config::DEFAULT_METRICS_ADDR),
             )
             .map_err(anyhow::Error::msg)?;
+            // Ready means the broker can be reached: the producer has no
+            // Postgres, and `produce` sets and clears the Kafka condition.
             let health = Arc::new(crate::telemetry::Health::default());
-            health.kafka_ok.store(true, Ordering::Relaxed);
             health.postgres_ok.store(true, Ordering::Relaxed);
             {
                 let stop = stop.clone();
@@ -223,9 +224,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             .context(format!("cannot bind the metrics endpoint on {addr}")));
                     }
                 };
-                tracing::info!(addr = %bound, "serving /metrics and /healthz");
+                tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
             }
-            let summary = crate::produce::produce(&cfg, &stop, metrics)?;
+            let summary = crate::produce::produce(&cfg, &stop, metrics, health)?;
             println!("{summary}");
             if summary.bad_lines > 0 {
                 println!("bad lines written to {}", cfg.bad_lines.display());

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -186,9 +187,12 @@ pub async fn run(
     };
     let metrics = Metrics::new();
     let m = metrics.clone();
-    let produced =
-        tokio::task::spawn_blocking(move || produce(&produce_cfg, &AtomicBool::new(false), m))
-            .await??;
+    // The demo serves the pipeline's readiness, not the producer's.
+    let produce_health = Arc::new(crate::telemetry::Health::default());
+    let produced = tokio::task::spawn_blocking(move || {
+        produce(&produce_cfg, &AtomicBool::new(false), m, produce_health)
+    })
+    .await??;
     println!("Produced {} from {}", produced, input.display());
 
     let mut pcfg = PipelineConfig::new(kafka, database.clone());

@@ -666,28 +666,49 @@ async fn start_up(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<(Client, Option<Arc<KpiEngine>>)>, PipelineError> {
     let mut backoff = Backoff::new();
+    let started = std::time::Instant::now();
+    let step = std::sync::Mutex::new("connecting");
     loop {
         // The error says whether it came from connecting, which retries on
         // any retryable error, as it always did.
         let attempt = async {
+            *step.lock().unwrap_or_else(|e| e.into_inner()) = "connecting";
             let client = cfg
                 .database
                 .connect()
                 .await
                 .map_err(|e| (true, PipelineError::Sink(e)))?;
             health.postgres_ok.store(true, Ordering::Relaxed);
-            prepare(cfg, engine.clone(), retire, client)
+            prepare(cfg, engine.clone(), retire, client, &step)
                 .await
                 .map_err(|e| (false, e))
         };
-        let (connecting, e) = tokio::select! {
-            r = attempt => match r {
-                Ok(ready) => return Ok(Some(ready)),
-                Err(failed) => failed,
-            },
-            _ = stop.wait_for(|s| *s) => {
-                tracing::info!("stopped during start-up (a shutdown, or changed KPI files): nothing was consumed yet");
-                return Ok(None);
+        tokio::pin!(attempt);
+        // Start-up work has no time limit (a backfill may take long), so a
+        // frozen server or a lock held elsewhere would keep `run` here in
+        // silence: say, now and then, what it waits on.
+        let mut notices = tokio::time::interval_at(
+            tokio::time::Instant::now() + START_UP_NOTICE_EVERY,
+            START_UP_NOTICE_EVERY,
+        );
+        let (connecting, e) = loop {
+            tokio::select! {
+                r = &mut attempt => match r {
+                    Ok(ready) => return Ok(Some(ready)),
+                    Err(failed) => break failed,
+                },
+                _ = notices.tick() => {
+                    let step = *step.lock().unwrap_or_else(|e| e.into_inner());
+                    tracing::info!(
+                        step,
+                        waited_secs = started.elapsed().as_secs(),
+                        "start-up still waiting on Postgres (a long backfill, a lock held elsewhere, or a server that does not answer); a shutdown ends it at once"
+                    );
+                }
+                _ = stop.wait_for(|s| *s) => {
+                    tracing::info!("stopped during start-up (a shutdown, or changed KPI files): nothing was consumed yet");
+                    return Ok(None);
+                }
             }
         };
         let e = match e {
@@ -715,24 +736,34 @@ async fn start_up(
     }
 }
 
-/// The start-up work of [`start_up`] on one connection.
+/// How often [`start_up`] says that it is still waiting.
+const START_UP_NOTICE_EVERY: Duration = Duration::from_secs(30);
+
+/// The start-up work of [`start_up`] on one connection; `step` names the
+/// part under way, for the notices of a long wait.
 async fn prepare(
     cfg: &PipelineConfig,
     engine: Option<Arc<KpiEngine>>,
     retire: &[(String, String)],
     mut client: Client,
+    step: &std::sync::Mutex<&'static str>,
 ) -> Result<(Client, Option<Arc<KpiEngine>>), PipelineError> {
+    let at = |name: &'static str| *step.lock().unwrap_or_else(|e| e.into_inner()) = name;
+    at("checking the database encoding");
     sink::check_encoding(&client).await?;
     if cfg.migrate {
+        at("applying migrations");
         let report = sink::migrate::migrate(&mut client).await?;
         if !report.applied.is_empty() {
             tracing::info!(applied = ?report.applied, "schema migrations applied");
         }
     }
 
+    at("checking the consumer group");
     sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
     let kpis = match engine {
         Some(engine) => {
+            at("installing KPIs (with any backfills)");
             let report = crate::kpi::install(&mut client, &engine)
                 .await
                 .map_err(PipelineError::KpiInstall)?;
@@ -746,6 +777,7 @@ async fn prepare(
         None => None,
     };
     if !retire.is_empty() {
+        at("retiring deleted KPIs");
         let retired = crate::kpi::retire(&client, retire).await?;
         if !retired.is_empty() {
             tracing::info!(
@@ -760,6 +792,7 @@ async fn prepare(
         .flat_map(|e| e.defs())
         .map(|d| (d.name.as_str(), d.hash.as_str()))
         .collect();
+    at("checking that every KPI table is maintained");
     let short = crate::kpi::unmaintained(&client, &known, &[]).await?;
     if !short.is_empty() {
         return Err(SinkError::KpisDiffer(short).into());

@@ -11,8 +11,8 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
@@ -23,9 +23,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
 
-use crate::source::KafkaConfig;
-use crate::telemetry::Metrics;
+use crate::source::{ErrorLog, KafkaConfig, a_broker_is_up, error_kind};
+use crate::telemetry::{Health, Metrics};
 
 /// Settings of one replay.
 #[derive(Debug, Clone)]
@@ -196,9 +197,55 @@ struct DeliveryCounter {
     ok: AtomicU64,
     failed: AtomicU64,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Failed sends and deliveries: a broker away for longer than
+    /// `message.timeout.ms` fails every queued message at once, which was a
+    /// warning per message.
+    failures: Mutex<ErrorLog>,
+    /// The Kafka client's own errors: a refused broker reports several a second.
+    client_errors: Mutex<ErrorLog>,
 }
 
-impl ClientContext for DeliveryCounter {}
+impl DeliveryCounter {
+    fn note_failure(&self, what: &str, e: &KafkaError) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let logged = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(e.to_string());
+        if let Some(unlogged) = logged {
+            tracing::warn!(error = %e, unlogged, "{what} failed");
+        }
+    }
+}
+
+impl ClientContext for DeliveryCounter {
+    fn stats(&self, stats: Statistics) {
+        // Losing every broker is reported (AllBrokersDown), getting one back
+        // is not; and a producer pacing at a slow rate may deliver nothing
+        // for a while that would say so.
+        if a_broker_is_up(&stats) {
+            self.health.kafka_ok.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.health.kafka_ok.store(false, Ordering::Relaxed);
+        }
+        let kind = error_kind(error.rdkafka_error_code());
+        self.metrics.kafka_errors.with_label_values(&[kind]).inc();
+        let logged = self
+            .client_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(format!("{error} ({reason})"));
+        if let Some(unlogged) = logged {
+            tracing::warn!(error = %error, reason, unlogged, "kafka client error");
+        }
+    }
+}
 
 impl ProducerContext for DeliveryCounter {
     type DeliveryOpaque = ();
@@ -206,11 +253,11 @@ impl ProducerContext for DeliveryCounter {
         match result {
             Ok(_) => {
                 self.ok.fetch_add(1, Ordering::Relaxed);
+                if !self.health.kafka_ok.load(Ordering::Relaxed) {
+                    self.health.kafka_ok.store(true, Ordering::Relaxed);
+                }
             }
-            Err((e, _)) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "delivery failed");
-            }
+            Err((e, _)) => self.note_failure("delivery", e),
         }
     }
 }
@@ -239,10 +286,15 @@ pub fn check_line(line: &str) -> Result<Option<String>, &'static str> {
 }
 
 /// Replays the file; returns when done (or, with `repeat`, when `stop` is set).
+///
+/// `health.kafka_ok` follows the broker: set once the topic is there, unset
+/// while no broker can be reached. The producer has no Postgres, so the
+/// caller leaves the other conditions of readiness true.
 pub fn produce(
     cfg: &ProduceConfig,
     stop: &AtomicBool,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
 ) -> Result<ProduceSummary, ProduceError> {
     let input_err = |source| ProduceError::Input {
         path: cfg.input.display().to_string(),
@@ -278,14 +330,19 @@ pub fn produce(
         });
     }
     ensure_topic(&cfg.kafka, cfg.partitions)?;
+    health.kafka_ok.store(true, Ordering::Relaxed);
 
     let ctx = DeliveryCounter {
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
         metrics: metrics.clone(),
+        health,
+        failures: Mutex::new(ErrorLog::default()),
+        client_errors: Mutex::new(ErrorLog::default()),
     };
     let mut c = cfg.kafka.client_config();
     c.set("enable.idempotence", "true")
+        .set("statistics.interval.ms", "5000")
         .set("linger.ms", "10")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000");
@@ -435,8 +492,7 @@ pub fn produce(
                         std::thread::sleep(Duration::from_millis(5));
                     }
                     Err((e, _)) => {
-                        tracing::warn!(error = %e, "send failed");
-                        producer.context().failed.fetch_add(1, Ordering::Relaxed);
+                        producer.context().note_failure("send", &e);
                         break;
                     }
                 }
@@ -678,7 +734,13 @@ mod tests {
             bad_lines: dir.join("bad.jsonl"),
             live: false,
         };
-        let summary = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap();
+        let summary = produce(
+            &cfg,
+            &AtomicBool::new(false),
+            Metrics::new(),
+            Arc::new(Health::default()),
+        )
+        .unwrap();
         assert_eq!((summary.sent, summary.failed, summary.bad_lines), (4, 0, 1));
         let bad = std::fs::read_to_string(dir.join("bad.jsonl")).unwrap();
         let bad: serde_json::Value = serde_json::from_str(bad.trim()).unwrap();
@@ -690,14 +752,26 @@ mod tests {
         let mut cfg = cfg;
         cfg.input = dir.clone();
         cfg.kafka.brokers = "127.0.0.1:1".into();
-        let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        let err = produce(
+            &cfg,
+            &AtomicBool::new(false),
+            Metrics::new(),
+            Arc::new(Health::default()),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("is a directory"), "{err}");
 
         // Regression: a bad-lines path in a missing directory failed only at
         // the first bad line, after the lines before it were sent.
         cfg.input = input.clone();
         cfg.bad_lines = dir.join("missing").join("bad.jsonl");
-        let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        let err = produce(
+            &cfg,
+            &AtomicBool::new(false),
+            Metrics::new(),
+            Arc::new(Health::default()),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("directory does not exist"),
             "{err}"
@@ -718,7 +792,7 @@ mod tests {
         };
         // The first line goes at once, the second is due 100 s later: only
         // the stop can end this call before then.
-        let summary = produce(&cfg, &stop, Metrics::new()).unwrap();
+        let summary = produce(&cfg, &stop, Metrics::new(), Arc::default()).unwrap();
         stopper.join().unwrap();
         assert_eq!(summary.sent, 1);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -759,7 +833,13 @@ mod tests {
             bad_lines: cfg.input.clone(),
             ..cfg.clone()
         };
-        let err = produce(&same, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        let err = produce(
+            &same,
+            &AtomicBool::new(false),
+            Metrics::new(),
+            Arc::new(Health::default()),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("it is the input file"), "{err}");
         assert!(cfg.input.exists(), "the input is still there");
         let link = dir.join("link.jsonl");
@@ -775,15 +855,33 @@ mod tests {
             "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{}}\n",
         )
         .unwrap();
-        produce(&linked, &AtomicBool::new(false), Metrics::new()).unwrap();
+        produce(
+            &linked,
+            &AtomicBool::new(false),
+            Metrics::new(),
+            Arc::new(Health::default()),
+        )
+        .unwrap();
         assert!(link.exists(), "a link is never removed");
-        let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        let err = produce(
+            &cfg,
+            &AtomicBool::new(false),
+            Metrics::new(),
+            Arc::new(Health::default()),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("no line to send"), "{err}");
         assert!(!cfg.bad_lines.exists(), "the stale bad-lines file is gone");
 
         cfg.input = dir.join("bad-only.jsonl");
         std::fs::write(&cfg.input, "not json\n[1]\n").unwrap();
-        let err = produce(&cfg, &AtomicBool::new(false), Metrics::new()).unwrap_err();
+        let err = produce(
+            &cfg,
+            &AtomicBool::new(false),
+            Metrics::new(),
+            Arc::new(Health::default()),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("every line refused"), "{err}");
         let bad = std::fs::read_to_string(&cfg.bad_lines).unwrap();
         assert_eq!(

@@ -311,7 +311,7 @@ pub struct SourceContext {
 /// The last of a stream of errors, and which of them to log: one line per
 /// [`CONSUME_ERROR_LOG_EVERY`], with a count of those in between.
 #[derive(Default)]
-struct ErrorLog {
+pub(crate) struct ErrorLog {
     last: Option<String>,
     logged_at: Option<Instant>,
     unlogged: u64,
@@ -320,7 +320,7 @@ struct ErrorLog {
 impl ErrorLog {
     /// Records `text`; Some(how many went unlogged before it) when it is to
     /// be logged.
-    fn note(&mut self, text: String) -> Option<u64> {
+    pub(crate) fn note(&mut self, text: String) -> Option<u64> {
         self.last = Some(text);
         if log_due(&mut self.logged_at) {
             Some(std::mem::take(&mut self.unlogged))
@@ -373,11 +373,7 @@ impl ClientContext for SourceContext {
         // Losing every broker is reported (AllBrokersDown); getting one back
         // is not, and an idle consumer receives nothing else that would say
         // so: /readyz stayed false after a short outage until data came.
-        if stats
-            .brokers
-            .values()
-            .any(|b| matches!(b.source.as_str(), "learned" | "configured") && b.state == "UP")
-        {
+        if a_broker_is_up(&stats) {
             self.health.kafka_ok.store(true, Ordering::Relaxed);
         }
         // The lag is what is not in Postgres yet: counted from the offsets
@@ -508,8 +504,17 @@ fn is_read_failure(code: rdkafka::types::RDKafkaErrorCode) -> bool {
     code as i32 > 0 || matches!(code, Code::BadMessage | Code::BadCompression)
 }
 
+/// Whether the client holds a working connection to a real broker (not
+/// the internal or bootstrap-only entries librdkafka also lists).
+pub(crate) fn a_broker_is_up(stats: &Statistics) -> bool {
+    stats
+        .brokers
+        .values()
+        .any(|b| matches!(b.source.as_str(), "learned" | "configured") && b.state == "UP")
+}
+
 /// The `kind` label of `energy_stream_kafka_errors_total` for a client error.
-fn error_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> &'static str {
+pub(crate) fn error_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> &'static str {
     use rdkafka::types::RDKafkaErrorCode as Code;
     match code {
         Some(Code::AllBrokersDown) => kafka_error::ALL_BROKERS_DOWN,

@@ -634,3 +634,110 @@ fn produce_loops_over_standard_input_once() {
     assert!(text.contains("sent nothing"), "{text}");
     let _ = std::fs::remove_file(&bad);
 }
+
+/// Regression: `produce`'s `/readyz` answered 200 whatever the broker did.
+/// It now follows the broker: ready once the topic is found, not ready while
+/// no broker can be reached, ready again when one is back.
+#[test]
+fn produce_is_ready_only_while_the_broker_answers() {
+    use std::io::Write;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("ready_producer", 1, 1).unwrap();
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let bad = std::env::temp_dir().join(format!("es-ready-bad-{}.jsonl", std::process::id()));
+    let mut child = common::Reaped::new(
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["produce", "--input", "-", "--topic", "ready_producer"])
+            .args(["--brokers", &cluster.bootstrap_servers()])
+            .args(["--live", "--rate", "2", "--metrics-addr", &addr])
+            .args(["--bad-lines", bad.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{STDIN_EVENT}\n").as_bytes())
+        .unwrap();
+    drop(stdin);
+    let ready = || {
+        std::net::TcpStream::connect(&addr).is_ok()
+            && common::http_get(&addr, "/readyz").starts_with("HTTP/1.0 200")
+    };
+    let wait_for = |child: &mut common::Reaped, want: bool, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ready() != want {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "produce exited while waiting: {what}"
+            );
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for(&mut child, true, "ready once the topic is found");
+    cluster.broker_down(1).unwrap();
+    wait_for(&mut child, false, "not ready while the broker is away");
+    assert!(common::http_get(&addr, "/healthz").starts_with("HTTP/1.0 200"));
+    cluster.broker_up(1).unwrap();
+    wait_for(&mut child, true, "ready again once the broker is back");
+    drop(child);
+    let _ = std::fs::remove_file(&bad);
+}
+
+/// Regression: start-up work has no time limit (a KPI backfill may take
+/// long), and `run` waited on a migration lock held elsewhere, or on a
+/// server that stopped answering after the connect, without a word. It now
+/// says every 30 s what it waits on, and a shutdown still ends it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_up_that_waits_on_postgres_says_what_it_waits_on() {
+    use std::io::BufRead;
+    let db = common::fresh_db("startwait").await;
+    let holder = common::client(&db).await;
+    // As another starter's migrations would hold it.
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            energy_stream::sink::migrate::LOCK_KEY
+        ))
+        .await
+        .unwrap();
+    let mut child = common::Reaped::new(
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["run", "--metrics-addr", "off", "--no-kpis"])
+            .args(["--brokers", "127.0.0.1:1"])
+            .env("DATABASE_URL", common::db_url_with_password(&db))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let notice = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("start-up still waiting on Postgres") => break line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no notice of the wait within 90 s:\n{}", seen.join("\n")),
+        }
+    };
+    assert!(notice.contains("applying migrations"), "{notice}");
+    assert!(notice.contains("waited_secs=3"), "{notice}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    common::wait_exit_success(child.into_inner(), Duration::from_secs(10), "run");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+}

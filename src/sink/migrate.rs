@@ -26,8 +26,9 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
-/// Arbitrary constant shared by every energy-stream process.
-const LOCK_KEY: i64 = 0x656e_6572_6779;
+/// The advisory lock migrations take: an arbitrary constant shared by every
+/// energy-stream process, so that starters on one database take turns.
+pub const LOCK_KEY: i64 = 0x656e_6572_6779;
 
 /// What `migrate` did.
 #[derive(Debug, Default, PartialEq, Eq)]
