@@ -207,7 +207,8 @@ struct DeliveryCounter {
 }
 
 impl DeliveryCounter {
-    fn note_failure(&self, what: &str, e: &KafkaError) {
+    /// Counts a failed message; true when it was logged.
+    fn note_failure(&self, what: &str, e: &KafkaError) -> bool {
         self.failed.fetch_add(1, Ordering::Relaxed);
         let logged = self
             .failures
@@ -217,6 +218,7 @@ impl DeliveryCounter {
         if let Some(unlogged) = logged {
             tracing::warn!(error = %e, unlogged, "{what} failed");
         }
+        logged.is_some()
     }
 }
 
@@ -257,7 +259,9 @@ impl ProducerContext for DeliveryCounter {
                     self.health.kafka_ok.store(true, Ordering::Relaxed);
                 }
             }
-            Err((e, _)) => self.note_failure("delivery", e),
+            Err((e, _)) => {
+                self.note_failure("delivery", e);
+            }
         }
     }
 }
@@ -668,6 +672,27 @@ fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: every failed message was a warning of its own, so a
+    /// broker away past `message.timeout.ms` wrote one line per queued
+    /// message (up to 200 000).
+    #[test]
+    fn failed_messages_are_counted_each_and_logged_once_in_a_while() {
+        let ctx = DeliveryCounter {
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            metrics: Metrics::new(),
+            health: Arc::default(),
+            failures: Mutex::new(ErrorLog::default()),
+            client_errors: Mutex::new(ErrorLog::default()),
+        };
+        let e = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        let logged = (0..1000)
+            .filter(|_| ctx.note_failure("delivery", &e))
+            .count();
+        assert_eq!(ctx.failed.load(Ordering::Relaxed), 1000);
+        assert_eq!(logged, 1);
+    }
 
     #[test]
     fn live_events_are_valid_and_stamped_now() {
