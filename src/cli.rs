@@ -362,10 +362,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 database: args.db.resolve(db_in_argv)?,
                 input: args.input.clone(),
                 keep_running: args.keep_running,
-                metrics_addr: if args.keep_running {
-                    parse_metrics_addr(&args.metrics_addr).map_err(anyhow::Error::msg)?
-                } else {
-                    None
+                // Checked before the demo, not after it: the endpoint is
+                // bound only once the summary is out.
+                metrics_addr: match args.keep_running {
+                    true => parse_metrics_addr(
+                        args.metrics_addr
+                            .as_deref()
+                            .unwrap_or(crate::config::DEFAULT_METRICS_ADDR),
+                    )
+                    .map_err(anyhow::Error::msg)?
+                    .map(|a| crate::config::metrics_addr_or_free(a, args.metrics_addr.is_some()))
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                    false => None,
                 },
             };
             let rt = runtime()?;

@@ -340,8 +340,11 @@ pub struct DemoArgs {
     /// sample events when it is not there (outside the repository).
     #[arg(long)]
     pub input: Option<PathBuf>,
-    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
-    pub metrics_addr: String,
+    /// With --keep-running, serve /metrics, /healthz and /readyz here ("off"
+    /// to disable). Default 127.0.0.1:9898; when that port is taken (say,
+    /// by `run` on the same host) a free loopback port is used and printed.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 /// Everything the pipeline needs, typed.
@@ -632,6 +635,28 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Checks, before any work, that the metrics endpoint can be bound at
+/// `addr`. When it cannot because the port is taken and the address was not
+/// given (`explicit` false), a free port on the same interface is chosen
+/// instead, as `produce` does.
+pub fn metrics_addr_or_free(addr: SocketAddr, explicit: bool) -> Result<SocketAddr, String> {
+    let cannot = |a: SocketAddr, e: std::io::Error| {
+        format!(
+            "cannot bind the metrics endpoint on {a}: {e}; give another with --metrics-addr (or off)"
+        )
+    };
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Ok(addr),
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::AddrInUse => {
+            let free = SocketAddr::new(addr.ip(), 0);
+            std::net::TcpListener::bind(free)
+                .and_then(|l| l.local_addr())
+                .map_err(|e| cannot(free, e))
+        }
+        Err(e) => Err(cannot(addr, e)),
+    }
+}
+
 /// "off" or an address.
 pub fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>, String> {
     if s.eq_ignore_ascii_case("off") || s.is_empty() {
@@ -738,6 +763,24 @@ fn parse_start(s: &str) -> Result<DateTime<Utc>, String> {
 
 #[cfg(test)]
 mod tests {
+    /// Regression: `demo --keep-running` with the default port taken (by a
+    /// `run` on the same host) ran the whole demo, then ended on "cannot
+    /// bind the metrics endpoint" instead of serving.
+    #[test]
+    fn a_taken_default_metrics_port_falls_back_and_a_given_one_fails_first() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let free = metrics_addr_or_free(addr, false).unwrap();
+        assert_eq!(free.ip(), addr.ip());
+        assert_ne!(free.port(), addr.port());
+        assert_ne!(free.port(), 0);
+        let err = metrics_addr_or_free(addr, true).unwrap_err();
+        assert!(err.contains(&addr.to_string()), "{err}");
+        assert!(err.contains("--metrics-addr"), "{err}");
+        drop(taken);
+        assert_eq!(metrics_addr_or_free(addr, true), Ok(addr));
+    }
+
     #[test]
     fn generate_start_takes_a_date_or_an_instant() {
         let midnight = "2025-06-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap();
