@@ -49,6 +49,8 @@ pub enum ConfigError {
     SecretKafkaOption(String),
     #[error("--batch-max-rows must be at least 1")]
     BatchRows,
+    #[error("both {0} and {0}_FILE are set: set only one of them")]
+    KafkaOptionTwice(String),
 }
 
 #[derive(Debug, Parser)]
@@ -179,7 +181,7 @@ pub struct DbArgs {
 #[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092", value_parser = non_empty("a broker list, host:port[,host:port...]"))]
     pub brokers: String,
     /// Topic to read (run) or write (produce).
     #[arg(long, env = "TOPIC", default_value = "energy_events", value_parser = parse_topic)]
@@ -199,7 +201,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Consumer group; consumers with the same group share the partitions.
-    #[arg(long, env = "GROUP_ID", default_value = "energy-stream")]
+    #[arg(long, env = "GROUP_ID", default_value = "energy-stream", value_parser = non_empty("a consumer group name"))]
     pub group_id: String,
     /// A micro-batch closes at this many messages...
     #[arg(long, env = "BATCH_MAX_ROWS", default_value_t = 20_000)]
@@ -259,9 +261,10 @@ pub struct RunArgs {
     /// Write raw events and rejects only; compute no KPIs.
     #[arg(long, env = "NO_KPIS")]
     pub no_kpis: bool,
-    /// Memory for DataFusion's KPI work on one batch, in MiB.
-    #[arg(long, env = "KPI_MEMORY_MB", default_value_t = 256)]
-    pub kpi_memory_mb: usize,
+    /// Memory for DataFusion's KPI work on one batch, in MiB (1 to 1048576).
+    #[arg(long, env = "KPI_MEMORY_MB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub kpi_memory_mb: u64,
     /// Seconds between looks at the KPI directory for added, changed or
     /// deleted files, which restart the pipeline in-process with them; 0 turns
     /// the watch off (files are then read at start only).
@@ -321,7 +324,7 @@ pub struct ProduceArgs {
     /// Where refused lines go, with their reason.
     #[arg(long, default_value = "bad-lines.jsonl")]
     pub bad_lines: PathBuf,
-    /// Serve /metrics and /healthz here while producing ("off" to disable).
+    /// Serve /metrics, /healthz and /readyz here while producing ("off" to disable).
     /// Default 127.0.0.1:9898; when that port is taken (say, by `run` on the
     /// same host) a free loopback port is used and logged instead. The
     /// container image sets 0.0.0.0:9898.
@@ -516,16 +519,24 @@ impl DbArgs {
     /// `--database-ca-file`, checked to be readable now rather than at the
     /// first connection, where OpenSSL reports it as an error stack.
     pub fn ca_file(&self) -> Result<Option<PathBuf>, ConfigError> {
-        match &self.database_ca_file {
-            Some(f) => {
-                std::fs::File::open(f).map_err(|source| ConfigError::SecretFile {
-                    var: "DATABASE_CA_FILE".into(),
-                    path: f.display().to_string(),
-                    source,
-                })?;
-                Ok(Some(f.clone()))
-            }
-            None => Ok(None),
+        let Some(f) = &self.database_ca_file else {
+            return Ok(None);
+        };
+        let bad = |source| ConfigError::SecretFile {
+            var: "--database-ca-file (DATABASE_CA_FILE)".into(),
+            path: f.display().to_string(),
+            source,
+        };
+        let pem = std::fs::read(f).map_err(bad)?;
+        // A directory opens; an empty or non-PEM file reads. Both only
+        // failed at the first connection, as an OpenSSL error stack.
+        if openssl::x509::X509::stack_from_pem(&pem).is_ok_and(|certs| !certs.is_empty()) {
+            Ok(Some(f.clone()))
+        } else {
+            Err(bad(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "it holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            )))
         }
     }
 
@@ -547,14 +558,16 @@ fn is_secret_key(key: &str) -> bool {
 }
 
 impl KafkaArgs {
-    /// `--kafka-option` values, then `KAFKA_OPT_*` variables from `env`
-    /// (`KAFKA_OPT_SASL_MECHANISM=PLAIN` → `sasl.mechanism=PLAIN`; a `_FILE`
-    /// suffix reads the value from that file).
+    /// `KAFKA_OPT_*` variables from `env` (`KAFKA_OPT_SASL_MECHANISM=PLAIN`
+    /// → `sasl.mechanism=PLAIN`; a `_FILE` suffix reads the value from that
+    /// file), then `--kafka-option` values. The client applies them in
+    /// order, so a flag wins over the environment, as for every other
+    /// setting; a key given by both appears once, with the flag's value.
     pub fn options(
         &self,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Vec<(String, String)>, ConfigError> {
-        let mut out = Vec::new();
+        let mut flags = Vec::new();
         for kv in &self.kafka_options {
             let (k, v) = kv
                 .split_once('=')
@@ -565,23 +578,28 @@ impl KafkaArgs {
             if is_secret_key(k) {
                 return Err(ConfigError::SecretKafkaOption(k.trim().to_string()));
             }
-            out.push((k.trim().to_string(), v.to_string()));
+            flags.push((k.trim().to_string(), v.to_string()));
         }
         let mut from_env: Vec<(String, String)> = Vec::new();
+        let mut seen = std::collections::HashMap::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("KAFKA_OPT_") else {
                 continue;
             };
-            if let Some(base) = rest.strip_suffix("_FILE") {
-                let v = read_secret_file(&name, &PathBuf::from(&value))?;
-                from_env.push((base.to_lowercase().replace('_', "."), v));
-            } else {
-                from_env.push((rest.to_lowercase().replace('_', "."), value));
+            let (base, value) = match rest.strip_suffix("_FILE") {
+                Some(base) => (base, read_secret_file(&name, &PathBuf::from(&value))?),
+                None => (rest, value),
+            };
+            // Both forms of one option: which one won depended on sorting.
+            if seen.insert(base.to_string(), ()).is_some() {
+                return Err(ConfigError::KafkaOptionTwice(format!("KAFKA_OPT_{base}")));
             }
+            from_env.push((base.to_lowercase().replace('_', "."), value));
         }
         from_env.sort();
-        out.extend(from_env);
-        Ok(out)
+        from_env.retain(|(k, _)| !flags.iter().any(|(f, _)| f.eq_ignore_ascii_case(k)));
+        from_env.extend(flags);
+        Ok(from_env)
     }
 
     pub fn to_config(
@@ -654,6 +672,18 @@ pub fn metrics_addr_or_free(addr: SocketAddr, explicit: bool) -> Result<SocketAd
                 .map_err(|e| cannot(free, e))
         }
         Err(e) => Err(cannot(addr, e)),
+    }
+}
+
+/// A string option that must not be empty: an empty broker list waited
+/// forever for a topic, and an empty group id failed deep in the Kafka client.
+fn non_empty(what: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone {
+    move |s: &str| {
+        if s.trim().is_empty() {
+            Err(format!("must not be empty: give {what}"))
+        } else {
+            Ok(s.to_string())
+        }
     }
 }
 
@@ -733,7 +763,8 @@ impl RunArgs {
             .filter(|_| !self.no_kpis)
             .map(|dir| crate::kpi::KpiConfig {
                 dir,
-                memory_limit: self.kpi_memory_mb << 20,
+                // At most 2^20 MiB (clap checks), so the shift cannot wrap.
+                memory_limit: usize::try_from(self.kpi_memory_mb << 20).unwrap_or(usize::MAX),
             });
         cfg.kpi_watch = (self.kpi_watch_secs > 0).then(|| Duration::from_secs(self.kpi_watch_secs));
         Ok(cfg)
@@ -779,6 +810,108 @@ mod tests {
         assert!(err.contains("--metrics-addr"), "{err}");
         drop(taken);
         assert_eq!(metrics_addr_or_free(addr, true), Ok(addr));
+    }
+
+    /// Regression: `KAFKA_OPT_SECURITY_PROTOCOL` beat `--kafka-option
+    /// security.protocol=...` (the flags went first, and the client applies
+    /// options in order); with both `KAFKA_OPT_X` and `KAFKA_OPT_X_FILE` set,
+    /// sorting chose.
+    #[test]
+    fn a_kafka_option_flag_wins_over_the_environment() {
+        let cli = Cli::parse_from([
+            "energy-stream",
+            "run",
+            "--kafka-option",
+            "security.protocol=plaintext",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let opts = args
+            .kafka
+            .options(env(&[
+                ("KAFKA_OPT_SECURITY_PROTOCOL", "BOGUS"),
+                ("KAFKA_OPT_SASL_MECHANISM", "PLAIN"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            opts,
+            vec![
+                ("sasl.mechanism".to_string(), "PLAIN".to_string()),
+                ("security.protocol".to_string(), "plaintext".to_string()),
+            ]
+        );
+        let file = std::env::temp_dir().join(format!("es-opt-{}", std::process::id()));
+        std::fs::write(&file, "SCRAM-SHA-256\n").unwrap();
+        let err = args
+            .kafka
+            .options(env(&[
+                ("KAFKA_OPT_SASL_MECHANISM", "PLAIN"),
+                ("KAFKA_OPT_SASL_MECHANISM_FILE", file.to_str().unwrap()),
+            ]))
+            .unwrap_err()
+            .to_string();
+        std::fs::remove_file(&file).unwrap();
+        assert!(err.contains("KAFKA_OPT_SASL_MECHANISM_FILE"), "{err}");
+    }
+
+    /// Regression: `--kpi-memory-mb 0` (or 2^44, which wrapped to 0 bytes)
+    /// was taken, and every KPI failed on its first batch; an empty broker
+    /// list waited forever, and an empty group id failed in the Kafka client
+    /// without naming the option.
+    #[test]
+    fn empty_or_unusable_values_are_refused_by_name() {
+        for (args, flag) in [
+            (vec!["--kpi-memory-mb", "0"], "--kpi-memory-mb"),
+            (vec!["--kpi-memory-mb", "17592186044416"], "--kpi-memory-mb"),
+            (vec!["--brokers", ""], "--brokers"),
+            (vec!["--brokers", " "], "--brokers"),
+            (vec!["--group-id", ""], "--group-id"),
+        ] {
+            let err = Cli::try_parse_from(["energy-stream", "run"].into_iter().chain(args.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+        let cli = Cli::parse_from(["energy-stream", "run", "--kpi-memory-mb", "1048576"]);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.kpi_memory_mb, 1 << 20);
+    }
+
+    /// Regression: a directory, or an empty or non-PEM file, given as the CA
+    /// bundle passed the start-up check and failed at the first connection as
+    /// an OpenSSL error stack that named neither the option nor the path.
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_at_start() {
+        let dir = std::env::temp_dir().join(format!("es-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        for path in [&dir, &empty, &junk] {
+            let cli = Cli::parse_from([
+                "energy-stream",
+                "run",
+                "--database-ca-file",
+                path.to_str().unwrap(),
+            ]);
+            let Command::Run(args) = cli.command else {
+                panic!()
+            };
+            let err = args.db.ca_file().unwrap_err().to_string();
+            assert!(err.contains("--database-ca-file"), "{err}");
+            assert!(err.contains(path.to_str().unwrap()), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -872,8 +1005,8 @@ mod tests {
         assert_eq!(
             cfg.kafka.options,
             vec![
-                ("security.protocol".to_string(), "SASL_SSL".to_string()),
-                ("sasl.mechanism".to_string(), "PLAIN".to_string())
+                ("sasl.mechanism".to_string(), "PLAIN".to_string()),
+                ("security.protocol".to_string(), "SASL_SSL".to_string())
             ]
         );
         assert_eq!(cfg.decode.max_message_bytes, 1 << 20);
