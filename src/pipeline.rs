@@ -1327,7 +1327,7 @@ async fn writer(
         done: tokio::sync::watch::channel(0).0,
         state: std::sync::Mutex::new(WriterState {
             summary: RunSummary::default(),
-            progress: Progress::new(cfg.progress_interval),
+            progress: Progress::new(),
             stop_seen_at: None,
             unmarked_stale: Vec::new(),
         }),
@@ -1336,9 +1336,27 @@ async fn writer(
     let lanes: Vec<_> = (0..WRITER_LANES)
         .map(|_| lane(&ctx, first.take()))
         .collect();
+    // Progress lines come on a clock, not after commits: an idle pipeline,
+    // or one retrying through an outage, said nothing at all.
+    let every = cfg.progress_interval.max(Duration::from_millis(100));
+    let ticker = async {
+        let mut clock = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            clock.tick().await;
+            let mut state = ctx.state.lock().unwrap_or_else(|e| e.into_inner());
+            let WriterState {
+                summary, progress, ..
+            } = &mut *state;
+            progress.report(summary, metrics);
+        }
+    };
     // The first lane error ends the writer; the other lane's open transaction
     // is dropped with it and rolls back.
-    let joined = futures_util::future::try_join_all(lanes).await;
+    let joined = tokio::select! {
+        joined = futures_util::future::try_join_all(lanes) => joined,
+        () = ticker => unreachable!("the progress clock never stops"),
+    };
     let state = ctx.state.into_inner().unwrap_or_else(|e| e.into_inner());
     if joined.is_ok() {
         state.progress.finish(&state.summary);
@@ -1748,10 +1766,6 @@ fn record_commit(
         .map(|o| (o.partition, o.next))
         .collect();
     ctx.source.commit_to_group(&next);
-    let WriterState {
-        summary, progress, ..
-    } = &mut *state;
-    progress.tick(summary, metrics);
 }
 
 fn on_db_error(e: &SinkError, metrics: &Metrics, health: &Health) -> Result<(), PipelineError> {
@@ -1783,29 +1797,25 @@ fn count_by(batch: &RecordBatch, column: &str) -> BTreeMap<String, u64> {
     out
 }
 
-/// Periodic progress lines.
+/// Periodic progress lines, on the writer's clock.
 struct Progress {
-    every: Duration,
     started: Instant,
     last: Instant,
     last_written: u64,
 }
 
 impl Progress {
-    fn new(every: Duration) -> Self {
+    fn new() -> Self {
         let now = Instant::now();
         Progress {
-            every,
             started: now,
             last: now,
             last_written: 0,
         }
     }
 
-    fn tick(&mut self, s: &RunSummary, metrics: &Metrics) {
-        if self.last.elapsed() < self.every {
-            return;
-        }
+    /// One progress line: the rate since the last one.
+    fn report(&mut self, s: &RunSummary, metrics: &Metrics) {
         let dt = self.last.elapsed().as_secs_f64();
         let rate = (s.events_written + s.rejected - self.last_written) as f64 / dt;
         let lag: i64 = Collector::collect(&metrics.consumer_lag)

@@ -741,3 +741,56 @@ async fn a_start_up_that_waits_on_postgres_says_what_it_waits_on() {
     common::wait_exit_success(child.into_inner(), Duration::from_secs(10), "run");
     holder.batch_execute("ROLLBACK").await.unwrap();
 }
+
+/// Regression: progress lines came only after a commit, so an idle pipeline
+/// (or one retrying through an outage) logged none, whatever
+/// `--progress-interval-secs` said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_run_still_logs_progress_on_its_interval() {
+    use std::io::BufRead;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("idle_progress", 1, 1).unwrap();
+    let db = common::fresh_db("idleprogress").await;
+    let mut child = common::Reaped::new(
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["run", "--metrics-addr", "off", "--no-kpis"])
+            .args(["--brokers", &cluster.bootstrap_servers()])
+            .args(["--topic", "idle_progress", "--progress-interval-secs", "1"])
+            .env("DATABASE_URL", common::db_url_with_password(&db))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut progress = 0;
+    while progress < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                if line.contains("progress") && line.contains("written=0") {
+                    progress += 1;
+                }
+                seen.push(line);
+            }
+            Err(_) => panic!(
+                "{progress} progress lines from an idle run within 60 s:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
+}
