@@ -984,3 +984,81 @@ async fn a_kpi_never_takes_over_another_applications_view_or_table() {
     .unwrap();
     kpi::install(&mut c, &changed).await.unwrap();
 }
+
+/// Regression: the view computed some expressions over aggregates with
+/// Postgres' meaning instead of DataFusion's. A sum of integers (stored as
+/// numeric) divided as a decimal where DataFusion divides integers, and a
+/// cast of a decimal to an integer rounded where DataFusion truncates. The
+/// view must read what the same SQL gives when DataFusion runs it once over
+/// all the events; `^` (XOR in DataFusion, a power in Postgres) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_reads_what_datafusion_computes_once() {
+    let sql = "SELECT event_type, sum(session_id) / count(*) AS per_event, \
+               sum(session_id) / 7 AS sevenths, \
+               CAST(avg(payment_amount) AS BIGINT) AS avg_pay, \
+               CAST(avg(session_id) AS INT) AS avg_session, \
+               CAST(sum(energy_consumed) * 10 AS BIGINT) AS tenths \
+               FROM events GROUP BY event_type";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("meaning.sql", sql)]))
+        .await
+        .unwrap();
+    let lines: Vec<String> = (0..70)
+        .map(|i| {
+            event(
+                TYPES[i % 7],
+                &format!("C{}", i % 5),
+                i as i64 * 3 + 1,
+                i as u32,
+            )
+        })
+        .collect();
+    let events = valid_events(&lines);
+    let mut c = setup("meaning", &engine).await;
+    stream(&mut c, &engine, &events, &[9, 13]).await;
+
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_batch("events", events).unwrap();
+    let once = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    let mut want = std::collections::BTreeMap::new();
+    for b in &once {
+        for row in 0..b.num_rows() {
+            let cells: Vec<String> = (0..b.num_columns())
+                .map(|col| {
+                    datafusion::arrow::util::display::array_value_to_string(b.column(col), row)
+                        .unwrap()
+                })
+                .collect();
+            want.insert(cells[0].clone(), cells);
+        }
+    }
+    let rows = c
+        .query(
+            "SELECT event_type, per_event::text, sevenths::text, avg_pay::text, \
+             avg_session::text, tenths::text FROM meaning",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: std::collections::BTreeMap<String, Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let cells: Vec<String> = (0..6)
+                .map(|i| r.get::<_, Option<String>>(i).unwrap_or_default())
+                .collect();
+            (cells[0].clone(), cells)
+        })
+        .collect();
+    assert_eq!(got, want);
+    // The case the old view rounded: 20.5 EUR is 20 as an integer.
+    assert_eq!(got["bill_payment"][3], "20");
+
+    let err = KpiEngine::load_dir(&kpi_dir(&[(
+        "xor.sql",
+        "SELECT channel, count(*) ^ 3 AS x FROM events GROUP BY channel",
+    )]))
+    .await
+    .err()
+    .expect("a XOR over aggregates is refused")
+    .to_string();
+    assert!(err.contains("xor.sql") && err.contains("XOR"), "{err}");
+}

@@ -9,6 +9,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::functions_aggregate::count::count_udaf;
 use datafusion::functions_aggregate::expr_fn::bit_or;
 use datafusion::functions_aggregate::sum::sum_udaf;
+use datafusion::logical_expr::ExprSchemable;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, LogicalPlan, LogicalPlanBuilder, Operator, Volatility, bitwise_or,
@@ -761,6 +762,54 @@ impl Analysed {
         Ok(out)
     }
 
+    /// `e` rewritten so that Postgres computes what DataFusion means, where
+    /// the two read the same SQL differently; or refused where no rewrite
+    /// exists:
+    /// - a cast of a decimal or float to an integer truncates in DataFusion
+    ///   and rounds in Postgres, so the value is truncated first;
+    /// - `^` is bitwise XOR in DataFusion and a power in Postgres.
+    fn postgres_meaning(
+        c: &Ctx<'_>,
+        schema: &datafusion::common::DFSchemaRef,
+        e: Expr,
+        name: &str,
+    ) -> Result<Expr, KpiError> {
+        let mut refused = None;
+        let out = e
+            .transform_up(|x| {
+                match &x {
+                    Expr::BinaryExpr(b) if b.op == Operator::BitwiseXor => {
+                        refused = Some(c.err(
+                            format!("the operator ^ (bitwise XOR) in {name}"),
+                            "Postgres reads ^ as a power; compute the XOR when reading the view (Postgres spells it #)",
+                        ));
+                    }
+                    Expr::Cast(cast) if cast.field.data_type().is_integer() => {
+                        let from = cast.expr.get_type(schema.as_ref());
+                        if from.is_ok_and(|t| t.is_floating() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))) {
+                            let truncated = datafusion::functions::math::expr_fn::trunc(vec![
+                                cast.expr.as_ref().clone(),
+                            ]);
+                            return Ok(Transformed::yes(Expr::Cast(
+                                datafusion::logical_expr::Cast {
+                                    expr: Box::new(truncated),
+                                    field: cast.field.clone(),
+                                },
+                            )));
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(Transformed::no(x))
+            })
+            .map_err(|e| Self::planning_error(c, e))?
+            .data;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
     /// The view's columns: the projection with aggregate results replaced by
     /// reads of the stored parts, unparsed as Postgres SQL.
     fn outputs(
@@ -797,6 +846,20 @@ impl Analysed {
                         datafusion::prelude::lit(0i64),
                     )),
                 )),
+                // A sum of integers is stored as numeric so that it never
+                // overflows; read back as DataFusion's type, or `sum(x) /
+                // count(*)` would divide as decimals where DataFusion
+                // divides integers.
+                Func::Sum => {
+                    let stored = Expr::Column(Column::from_name(format!("m{i}")));
+                    match agg.schema.field(idx).data_type() {
+                        t if t.is_integer() => Expr::Cast(datafusion::logical_expr::Cast::new(
+                            Box::new(stored),
+                            t.clone(),
+                        )),
+                        _ => stored,
+                    }
+                }
                 _ => Expr::Column(Column::from_name(format!("m{i}"))),
             }
         };
@@ -808,7 +871,7 @@ impl Analysed {
                 Expr::Column(c) => c.name.clone(),
                 _ => e.schema_name().to_string(),
             };
-            let inner = e.clone().unalias();
+            let inner = Self::postgres_meaning(c, &agg.schema, e.clone().unalias(), &name)?;
             if let Expr::Column(col) = &inner
                 && let Some(idx) = out_names.iter().position(|n| *n == col.name)
                 && idx < n_keys
