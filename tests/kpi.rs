@@ -1062,3 +1062,34 @@ async fn the_view_reads_what_datafusion_computes_once() {
     .to_string();
     assert!(err.contains("xor.sql") && err.contains("XOR"), "{err}");
 }
+
+/// Regression: a KPI whose expression over aggregates uses a function that
+/// DataFusion has and Postgres lacks passed `check`, backfilled, and then
+/// failed at start with Postgres' bare "function signum(numeric) does not
+/// exist" and a hint to run `migrate`, naming no KPI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_postgres_cannot_compute_is_refused_by_kpi_name_before_the_backfill() {
+    let engine = KpiEngine::load_dir(&kpi_dir(&[(
+        "signs.sql",
+        "SELECT event_type, signum(sum(payment_amount)) AS sign FROM events GROUP BY event_type",
+    )]))
+    .await
+    .unwrap();
+    let db = fresh_db("viewcheck").await;
+    let mut c = client(&db).await;
+    sink::migrate::migrate(&mut c).await.unwrap();
+    let err = kpi::install(&mut c, &engine).await.unwrap_err().to_string();
+    assert!(err.contains("KPI signs"), "{err}");
+    assert!(err.contains("Postgres cannot compute its view"), "{err}");
+    assert!(err.contains("signum"), "{err}");
+    assert!(!err.contains("migrate"), "{err}");
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE '%signs%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "nothing of the KPI is left behind");
+}

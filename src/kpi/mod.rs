@@ -583,6 +583,41 @@ pub fn create_view_sql(def: &KpiDef) -> String {
     sql
 }
 
+/// Plans the view's expressions in Postgres against the state table named
+/// with `suffix`, reading no row. The view is DataFusion SQL unparsed for
+/// Postgres, and `check` cannot know every function Postgres lacks
+/// (`signum`, `nvl`, `to_unixtime`, ...): without this, such a KPI failed at
+/// start with Postgres' bare error, without its name.
+async fn check_view(tx: &Transaction<'_>, def: &KpiDef, suffix: &str) -> Result<(), SinkError> {
+    let cols: Vec<String> = def
+        .outputs
+        .iter()
+        .map(|o| format!("{} AS {}", o.pg_expr, quote(&o.name)))
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM {} LIMIT 0",
+        cols.join(", "),
+        state_table(def, suffix)
+    );
+    // In a savepoint, so that the caller's transaction stays usable (its
+    // owner rolls it back on our error, but should not have to).
+    tx.batch_execute("SAVEPOINT kpi_view_check").await?;
+    match tx.batch_execute(&sql).await {
+        Ok(()) => Ok(tx.batch_execute("RELEASE SAVEPOINT kpi_view_check").await?),
+        Err(e) if e.as_db_error().is_some() => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT kpi_view_check")
+                .await?;
+            let db = e.as_db_error().expect("checked");
+            Err(SinkError::Fatal(format!(
+                "KPI {name}: Postgres cannot compute its view: {msg}. Its expressions over aggregates                  are computed in Postgres when the view is read; write them with functions and                  types Postgres has (README: KPIs as SQL files), or compute them when reading the view",
+                name = def.name,
+                msg = db.message()
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn stage_name(def: &KpiDef, what: &str) -> String {
     format!("stage_{}_{}_{}", def.name, what, &def.hash[..8])
 }
@@ -905,6 +940,7 @@ async fn install_locked(
             // Re-create only what went missing.
             let tx = client.transaction().await?;
             tx.batch_execute(&create_tables_sql(def, "")).await?;
+            check_view(&tx, def, "").await?;
             tx.batch_execute(&create_view_sql(def)).await?;
             tx.commit().await?;
         } else {
@@ -966,6 +1002,8 @@ pub async fn backfill(
     tx.batch_execute(&drop_tables_sql(&tx, def, new).await?)
         .await?;
     tx.batch_execute(&create_tables_sql(def, new)).await?;
+    // Before the backfill's work, not at the swap after it.
+    check_view(&tx, def, new).await?;
     let portal = tx.bind(EVENTS_SELECT, &[]).await?;
     let mut events = 0u64;
     // The new tables' only writer: each chunk is one generation of its logs.
