@@ -61,7 +61,7 @@ pub enum ConfigError {
 )]
 pub struct Cli {
     /// Log as JSON lines instead of text.
-    #[arg(long, env = "LOG_JSON", global = true)]
+    #[arg(long, env = "LOG_JSON", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
     #[command(subcommand)]
     pub command: Command,
@@ -223,7 +223,7 @@ pub struct RunArgs {
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_message_bytes: usize,
     /// Events before this instant are rejected (event_time_too_old).
-    #[arg(long, env = "MIN_EVENT_TIME", default_value = "2000-01-01T00:00:00Z")]
+    #[arg(long, env = "MIN_EVENT_TIME", default_value = "2000-01-01T00:00:00Z", value_parser = parse_start)]
     pub min_event_time: DateTime<Utc>,
     /// Events more than this many seconds ahead of the clock are rejected
     /// (event_time_in_future). At most 100 years.
@@ -237,7 +237,7 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..=crate::validate::MAX_FIELD_BYTES_LIMIT as i64))]
     pub max_field_bytes: u16,
     /// Do not apply migrations at start.
-    #[arg(long, env = "NO_MIGRATE")]
+    #[arg(long, env = "NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_migrate: bool,
     /// Exit once every assigned partition is consumed to its end and committed.
     #[arg(long)]
@@ -259,7 +259,7 @@ pub struct RunArgs {
     #[arg(long, env = "QUERIES_DIR")]
     pub queries_dir: Option<PathBuf>,
     /// Write raw events and rejects only; compute no KPIs.
-    #[arg(long, env = "NO_KPIS")]
+    #[arg(long, env = "NO_KPIS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_kpis: bool,
     /// Memory for DataFusion's KPI work on one batch, in MiB (1 to 1048576).
     #[arg(long, env = "KPI_MEMORY_MB", default_value_t = 256,
@@ -912,6 +912,55 @@ mod tests {
             assert!(err.contains(path.to_str().unwrap()), "{err}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Regression: `LOG_JSON=1` (or `NO_KPIS=yes`) was refused, since only
+    /// true/false were read; `--min-event-time 2020-01-01` said "premature
+    /// end of input".
+    #[test]
+    fn switches_from_the_environment_take_1_and_yes_and_times_take_a_date() {
+        let cli = Cli::try_parse_from([
+            "energy-stream",
+            "run",
+            "--no-kpis",
+            "--min-event-time",
+            "2020-01-01",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        assert!(args.no_kpis);
+        assert!(!args.no_migrate);
+        assert_eq!(
+            args.min_event_time,
+            "2020-01-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        let err = Cli::try_parse_from(["energy-stream", "run", "--min-event-time", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--min-event-time") && err.contains("RFC 3339"),
+            "{err}"
+        );
+        let parser = clap::builder::BoolishValueParser::new();
+        let cmd = Cli::command();
+        for (v, want) in [
+            ("1", true),
+            ("yes", true),
+            ("true", true),
+            ("0", false),
+            ("off", false),
+        ] {
+            let got = clap::builder::TypedValueParser::parse_ref(
+                &parser,
+                &cmd,
+                None,
+                std::ffi::OsStr::new(v),
+            )
+            .unwrap();
+            assert_eq!(got, want, "{v}");
+        }
     }
 
     #[test]

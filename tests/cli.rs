@@ -794,3 +794,23 @@ async fn an_idle_run_still_logs_progress_on_its_interval() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
 }
+
+/// Regression: `LOG_JSON=1` ended every command with "invalid value '1' for
+/// '--log-json'": switches from the environment took only true or false.
+#[test]
+fn switches_in_the_environment_take_1_and_0() {
+    for (v, json) in [("1", true), ("yes", true), ("0", false)] {
+        // A command that ends on an error: with LOG_JSON its last line is JSON.
+        let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["check", "--queries-dir", "/nonexistent-energy-stream-kpis"])
+            .env("LOG_JSON", v)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("invalid value"), "LOG_JSON={v}: {stderr}");
+        assert_eq!(out.status.code(), Some(1), "LOG_JSON={v}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert_eq!(last.starts_with('{'), json, "LOG_JSON={v}: {stderr}");
+        assert!(last.contains("nonexistent-energy-stream-kpis"), "{stderr}");
+    }
+}
