@@ -262,10 +262,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let outputs: Vec<&str> = def.outputs.iter().map(|o| o.name.as_str()).collect();
                 println!("  columns: {}, updated_at", outputs.join(", "));
                 // DataFusion names an unaliased expression after its text,
-                // which makes a view column that must be quoted to be read.
+                // which makes a view column that must be quoted to be read;
+                // so does a quoted alias such as "Revenue".
                 for o in outputs.iter().filter(|o| !plain_identifier(o)) {
                     println!(
-                        "  note: column \"{o}\" has no alias; `... AS some_name` gives it a name that needs no quotes"
+                        "  note: column \"{o}\" must be quoted to be read (no alias, or not a lowercase name); `... AS some_name` gives it a name that needs no quotes"
+                    );
+                }
+                // Postgres cuts identifiers to 63 bytes without a word.
+                for o in outputs.iter().filter(|o| o.len() > 63) {
+                    let mut cut = 63;
+                    while !o.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    println!(
+                        "  note: column \"{o}\" is longer than Postgres' 63-byte names; the view calls it \"{}\"",
+                        &o[..cut]
                     );
                 }
             }

@@ -493,7 +493,9 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
     .unwrap();
     std::fs::write(
         dir.join("by_channel.sql"),
-        "SELECT channel, count(*), sum(energy_consumed) AS kwh FROM events GROUP BY channel",
+        "SELECT channel, count(*), sum(energy_consumed) AS kwh, count(*) AS \"Events\", \
+         sum(payment_amount) FILTER (WHERE event_type = 'bill_payment') \
+         FROM events GROUP BY channel",
     )
     .unwrap();
     let out = check();
@@ -506,10 +508,22 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
     assert!(text.contains("lowercase .sql"), "{text}");
     assert!(text.contains("1 KPI file(s) OK"), "{text}");
     assert!(
-        text.contains("column \"count(*)\" has no alias"),
+        text.contains("column \"count(*)\" must be quoted to be read"),
         "the unnamed column is pointed out: {text}"
     );
     assert!(!text.contains("\"kwh\""), "named columns are fine: {text}");
+    // Regression: a quoted alias was said to have no alias, and a name that
+    // Postgres cuts to 63 bytes was cut without a word.
+    assert!(
+        text.contains(
+            "column \"Events\" must be quoted to be read (no alias, or not a lowercase name)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("longer than Postgres' 63-byte names"),
+        "{text}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
