@@ -728,7 +728,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(unique(name));
+    let d = scratch_dir().join(unique(name));
     std::fs::create_dir_all(&d).unwrap();
     d
 }

@@ -108,7 +108,7 @@ async fn poison_pills_are_rejected_once_with_their_reason_among_good_events() {
     let db_cfg = fresh_db("poison").await;
     let db = client(&db_cfg).await;
     let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let log_path = std::env::temp_dir().join(unique("poison-log"));
+    let log_path = scratch_dir().join(unique("poison-log"));
     let mut child = Command::new(BIN)
         .args(["run", "--brokers", &broker.brokers, "--topic", &topic])
         .args(["--group-id", &unique("g"), "--metrics-addr", &metrics_addr])

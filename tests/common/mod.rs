@@ -103,6 +103,29 @@ pub async fn db_with_roles<const N: usize>(
     (db, roles)
 }
 
+/// This test binary's scratch directory, removed when the binary exits
+/// (passed or failed): test files used to pile up in the temporary
+/// directory, hundreds of KPI directories a run.
+pub fn scratch_dir() -> std::path::PathBuf {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = scratch_path();
+        std::fs::create_dir_all(&d).unwrap();
+        // SAFETY: registers a plain `extern "C" fn` with no captured state.
+        unsafe { libc::atexit(remove_scratch_dir) };
+        d
+    })
+    .clone()
+}
+
+fn scratch_path() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("es-scratch-{}", std::process::id()))
+}
+
+extern "C" fn remove_scratch_dir() {
+    let _ = std::fs::remove_dir_all(scratch_path());
+}
+
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
@@ -703,7 +726,7 @@ pub fn sample_messages(offsets: std::ops::Range<usize>, customers: usize) -> Vec
 
 /// A fresh directory holding the KPI files `files` (name, SQL).
 pub fn kpi_dir(files: &[(&str, &str)]) -> energy_stream::kpi::KpiConfig {
-    let dir = std::env::temp_dir().join(unique("kpis"));
+    let dir = scratch_dir().join(unique("kpis"));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, sql) in files {
         std::fs::write(dir.join(name), sql).unwrap();
