@@ -25,7 +25,7 @@ use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 
-use crate::source::{ErrorLog, KafkaConfig, a_broker_is_up, error_kind};
+use crate::source::{ErrorLog, KafkaConfig, a_broker_is_up, note_client_error};
 use crate::telemetry::{Health, Metrics};
 
 /// Settings of one replay.
@@ -233,19 +233,13 @@ impl ClientContext for DeliveryCounter {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.health.kafka_ok.store(false, Ordering::Relaxed);
-        }
-        let kind = error_kind(error.rdkafka_error_code());
-        self.metrics.kafka_errors.with_label_values(&[kind]).inc();
-        let logged = self
-            .client_errors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .note(format!("{error} ({reason})"));
-        if let Some(unlogged) = logged {
-            tracing::warn!(error = %error, reason, unlogged, "kafka client error");
-        }
+        note_client_error(
+            &error,
+            reason,
+            &self.health,
+            &self.metrics,
+            &self.client_errors,
+        );
     }
 }
 
@@ -673,6 +667,11 @@ fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Resu
 mod tests {
     use super::*;
 
+    /// One replay with fresh metrics and health, never stopped.
+    fn produce_once(cfg: &ProduceConfig) -> Result<ProduceSummary, ProduceError> {
+        produce(cfg, &AtomicBool::new(false), Metrics::new(), Arc::default())
+    }
+
     /// Regression: every failed message was a warning of its own, so a
     /// broker away past `message.timeout.ms` wrote one line per queued
     /// message (up to 200 000).
@@ -759,13 +758,7 @@ mod tests {
             bad_lines: dir.join("bad.jsonl"),
             live: false,
         };
-        let summary = produce(
-            &cfg,
-            &AtomicBool::new(false),
-            Metrics::new(),
-            Arc::new(Health::default()),
-        )
-        .unwrap();
+        let summary = produce_once(&cfg).unwrap();
         assert_eq!((summary.sent, summary.failed, summary.bad_lines), (4, 0, 1));
         let bad = std::fs::read_to_string(dir.join("bad.jsonl")).unwrap();
         let bad: serde_json::Value = serde_json::from_str(bad.trim()).unwrap();
@@ -777,26 +770,14 @@ mod tests {
         let mut cfg = cfg;
         cfg.input = dir.clone();
         cfg.kafka.brokers = "127.0.0.1:1".into();
-        let err = produce(
-            &cfg,
-            &AtomicBool::new(false),
-            Metrics::new(),
-            Arc::new(Health::default()),
-        )
-        .unwrap_err();
+        let err = produce_once(&cfg).unwrap_err();
         assert!(err.to_string().contains("is a directory"), "{err}");
 
         // Regression: a bad-lines path in a missing directory failed only at
         // the first bad line, after the lines before it were sent.
         cfg.input = input.clone();
         cfg.bad_lines = dir.join("missing").join("bad.jsonl");
-        let err = produce(
-            &cfg,
-            &AtomicBool::new(false),
-            Metrics::new(),
-            Arc::new(Health::default()),
-        )
-        .unwrap_err();
+        let err = produce_once(&cfg).unwrap_err();
         assert!(
             err.to_string().contains("directory does not exist"),
             "{err}"
@@ -858,13 +839,7 @@ mod tests {
             bad_lines: cfg.input.clone(),
             ..cfg.clone()
         };
-        let err = produce(
-            &same,
-            &AtomicBool::new(false),
-            Metrics::new(),
-            Arc::new(Health::default()),
-        )
-        .unwrap_err();
+        let err = produce_once(&same).unwrap_err();
         assert!(err.to_string().contains("it is the input file"), "{err}");
         assert!(cfg.input.exists(), "the input is still there");
         let link = dir.join("link.jsonl");
@@ -880,33 +855,15 @@ mod tests {
             "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{}}\n",
         )
         .unwrap();
-        produce(
-            &linked,
-            &AtomicBool::new(false),
-            Metrics::new(),
-            Arc::new(Health::default()),
-        )
-        .unwrap();
+        produce_once(&linked).unwrap();
         assert!(link.exists(), "a link is never removed");
-        let err = produce(
-            &cfg,
-            &AtomicBool::new(false),
-            Metrics::new(),
-            Arc::new(Health::default()),
-        )
-        .unwrap_err();
+        let err = produce_once(&cfg).unwrap_err();
         assert!(err.to_string().contains("no line to send"), "{err}");
         assert!(!cfg.bad_lines.exists(), "the stale bad-lines file is gone");
 
         cfg.input = dir.join("bad-only.jsonl");
         std::fs::write(&cfg.input, "not json\n[1]\n").unwrap();
-        let err = produce(
-            &cfg,
-            &AtomicBool::new(false),
-            Metrics::new(),
-            Arc::new(Health::default()),
-        )
-        .unwrap_err();
+        let err = produce_once(&cfg).unwrap_err();
         assert!(err.to_string().contains("every line refused"), "{err}");
         let bad = std::fs::read_to_string(&cfg.bad_lines).unwrap();
         assert_eq!(

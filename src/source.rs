@@ -405,19 +405,13 @@ impl ClientContext for SourceContext {
         if let Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) = error.rdkafka_error_code() {
             return;
         }
-        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
-            self.health.kafka_ok.store(false, Ordering::Relaxed);
-        }
-        let kind = error_kind(error.rdkafka_error_code());
-        self.metrics.kafka_errors.with_label_values(&[kind]).inc();
-        let logged = self
-            .client_errors
-            .lock()
-            .expect("client error log")
-            .note(format!("{error} ({reason})"));
-        if let Some(unlogged) = logged {
-            tracing::warn!(error = %error, reason, unlogged, "kafka client error");
-        }
+        note_client_error(
+            &error,
+            reason,
+            &self.health,
+            &self.metrics,
+            &self.client_errors,
+        );
     }
 }
 
@@ -504,6 +498,31 @@ fn is_read_failure(code: rdkafka::types::RDKafkaErrorCode) -> bool {
     code as i32 > 0 || matches!(code, Code::BadMessage | Code::BadCompression)
 }
 
+/// A Kafka client's error, for the consumer and the producer alike: losing
+/// every broker makes the process not ready; each error is counted, and
+/// logged at most once per [`CONSUME_ERROR_LOG_EVERY`] (a refused broker
+/// reports several a second).
+pub(crate) fn note_client_error(
+    error: &KafkaError,
+    reason: &str,
+    health: &Health,
+    metrics: &Metrics,
+    log: &Mutex<ErrorLog>,
+) {
+    if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+        health.kafka_ok.store(false, Ordering::Relaxed);
+    }
+    let kind = error_kind(error.rdkafka_error_code());
+    metrics.kafka_errors.with_label_values(&[kind]).inc();
+    let logged = log
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .note(format!("{error} ({reason})"));
+    if let Some(unlogged) = logged {
+        tracing::warn!(error = %error, reason, unlogged, "kafka client error");
+    }
+}
+
 /// Whether the client holds a working connection to a real broker (not
 /// the internal or bootstrap-only entries librdkafka also lists).
 pub(crate) fn a_broker_is_up(stats: &Statistics) -> bool {
@@ -514,7 +533,7 @@ pub(crate) fn a_broker_is_up(stats: &Statistics) -> bool {
 }
 
 /// The `kind` label of `energy_stream_kafka_errors_total` for a client error.
-pub(crate) fn error_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> &'static str {
+fn error_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> &'static str {
     use rdkafka::types::RDKafkaErrorCode as Code;
     match code {
         Some(Code::AllBrokersDown) => kafka_error::ALL_BROKERS_DOWN,
