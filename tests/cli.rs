@@ -701,13 +701,48 @@ fn produce_is_ready_only_while_the_broker_answers() {
     let _ = std::fs::remove_file(&bad);
 }
 
+/// The lines a child writes to its standard error, as they come.
+fn stderr_lines(child: &mut common::Reaped) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    lines
+}
+
+/// The first line for which `done` is true, waiting at most `limit`; panics
+/// with every line read when none comes.
+fn line_where(
+    lines: &std::sync::mpsc::Receiver<String>,
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if done(&line) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("{what}: none within {limit:?}:\n{}", seen.join("\n")),
+        }
+    }
+}
+
 /// Regression: start-up work has no time limit (a KPI backfill may take
 /// long), and `run` waited on a migration lock held elsewhere, or on a
 /// server that stopped answering after the connect, without a word. It now
 /// says every 30 s what it waits on, and a shutdown still ends it at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_up_that_waits_on_postgres_says_what_it_waits_on() {
-    use std::io::BufRead;
     let db = common::fresh_db("startwait").await;
     let holder = common::client(&db).await;
     // As another starter's migrations would hold it.
@@ -729,26 +764,13 @@ async fn a_start_up_that_waits_on_postgres_says_what_it_waits_on() {
             .spawn()
             .unwrap(),
     );
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let notice = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains("start-up still waiting on Postgres") => break line,
-            Ok(line) => seen.push(line),
-            Err(_) => panic!("no notice of the wait within 90 s:\n{}", seen.join("\n")),
-        }
-    };
+    let lines = stderr_lines(&mut child);
+    let notice = line_where(
+        &lines,
+        Duration::from_secs(90),
+        "a notice of the wait",
+        |l| l.contains("start-up still waiting on Postgres"),
+    );
     assert!(notice.contains("applying migrations"), "{notice}");
     assert!(notice.contains("waited_secs=3"), "{notice}");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -761,7 +783,6 @@ async fn a_start_up_that_waits_on_postgres_says_what_it_waits_on() {
 /// `--progress-interval-secs` said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_run_still_logs_progress_on_its_interval() {
-    use std::io::BufRead;
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     cluster.create_topic("idle_progress", 1, 1).unwrap();
     let db = common::fresh_db("idleprogress").await;
@@ -777,34 +798,19 @@ async fn an_idle_run_still_logs_progress_on_its_interval() {
             .spawn()
             .unwrap(),
     );
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let lines = stderr_lines(&mut child);
     let mut progress = 0;
-    while progress < 3 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) => {
-                if line.contains("progress") && line.contains("written=0") {
-                    progress += 1;
-                }
-                seen.push(line);
+    line_where(
+        &lines,
+        Duration::from_secs(60),
+        "3 progress lines from an idle run",
+        |l| {
+            if l.contains("progress") && l.contains("written=0") {
+                progress += 1;
             }
-            Err(_) => panic!(
-                "{progress} progress lines from an idle run within 60 s:\n{}",
-                seen.join("\n")
-            ),
-        }
-    }
+            progress == 3
+        },
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
 }
