@@ -560,16 +560,21 @@ pub fn create_tables_sql(def: &KpiDef, suffix: &str) -> String {
     sql
 }
 
-/// The view users query: keys, outputs, updated_at.
-pub fn create_view_sql(def: &KpiDef) -> String {
-    let cols: Vec<String> = def
-        .outputs
+/// The view's columns (keys and outputs), as Postgres expressions over the
+/// state table.
+fn view_columns(def: &KpiDef) -> String {
+    def.outputs
         .iter()
         .map(|o| format!("{} AS {}", o.pg_expr, quote(&o.name)))
-        .collect();
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The view users query: keys, outputs, updated_at.
+pub fn create_view_sql(def: &KpiDef) -> String {
     let mut sql = format!(
         "DROP VIEW IF EXISTS {name};\nCREATE VIEW {name} AS SELECT {}, updated_at FROM {};\n",
-        cols.join(", "),
+        view_columns(def),
         state_table(def, ""),
         name = quote(&def.name)
     );
@@ -589,14 +594,9 @@ pub fn create_view_sql(def: &KpiDef) -> String {
 /// (`signum`, `nvl`, `to_unixtime`, ...): without this, such a KPI failed at
 /// start with Postgres' bare error, without its name.
 async fn check_view(tx: &Transaction<'_>, def: &KpiDef, suffix: &str) -> Result<(), SinkError> {
-    let cols: Vec<String> = def
-        .outputs
-        .iter()
-        .map(|o| format!("{} AS {}", o.pg_expr, quote(&o.name)))
-        .collect();
     let sql = format!(
         "SELECT {} FROM {} LIMIT 0",
-        cols.join(", "),
+        view_columns(def),
         state_table(def, suffix)
     );
     // In a savepoint, so that the caller's transaction stays usable (its
@@ -609,7 +609,9 @@ async fn check_view(tx: &Transaction<'_>, def: &KpiDef, suffix: &str) -> Result<
                 .await?;
             let db = e.as_db_error().expect("checked");
             Err(SinkError::Fatal(format!(
-                "KPI {name}: Postgres cannot compute its view: {msg}. Its expressions over aggregates                  are computed in Postgres when the view is read; write them with functions and                  types Postgres has (README: KPIs as SQL files), or compute them when reading the view",
+                "KPI {name}: Postgres cannot compute its view: {msg}. Its expressions over aggregates \
+                 are computed in Postgres when the view is read; write them with functions and \
+                 types Postgres has (README: KPIs as SQL files), or compute them when reading the view",
                 name = def.name,
                 msg = db.message()
             )))
