@@ -271,13 +271,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 // Postgres cuts identifiers to 63 bytes without a word.
                 for o in outputs.iter().filter(|o| o.len() > 63) {
-                    let mut cut = 63;
-                    while !o.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
                     println!(
                         "  note: column \"{o}\" is longer than Postgres' 63-byte names; the view calls it \"{}\"",
-                        &o[..cut]
+                        &o[..o.floor_char_boundary(63)]
                     );
                 }
             }
@@ -376,8 +372,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 keep_running: args.keep_running,
                 // Checked before the demo, not after it: the endpoint is
                 // bound only once the summary is out.
-                metrics_addr: match args.keep_running {
-                    true => parse_metrics_addr(
+                metrics_addr: if args.keep_running {
+                    parse_metrics_addr(
                         args.metrics_addr
                             .as_deref()
                             .unwrap_or(crate::config::DEFAULT_METRICS_ADDR),
@@ -385,8 +381,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(anyhow::Error::msg)?
                     .map(|a| crate::config::metrics_addr_or_free(a, args.metrics_addr.is_some()))
                     .transpose()
-                    .map_err(anyhow::Error::msg)?,
-                    false => None,
+                    .map_err(anyhow::Error::msg)?
+                } else {
+                    None
                 },
             };
             let rt = runtime()?;
