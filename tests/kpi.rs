@@ -1083,6 +1083,8 @@ async fn a_view_postgres_cannot_compute_is_refused_by_kpi_name_before_the_backfi
     assert!(err.contains("Postgres cannot compute its view"), "{err}");
     assert!(err.contains("signum"), "{err}");
     assert!(!err.contains("migrate"), "{err}");
+    // Regression: the message carried a run of spaces from a broken line.
+    assert!(!err.contains("  "), "{err}");
     let left: i64 = c
         .query_one(
             "SELECT count(*) FROM pg_class WHERE relname LIKE '%signs%'",
