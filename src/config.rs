@@ -581,7 +581,7 @@ impl KafkaArgs {
             flags.push((k.trim().to_string(), v.to_string()));
         }
         let mut from_env: Vec<(String, String)> = Vec::new();
-        let mut seen = std::collections::HashMap::new();
+        let mut seen = std::collections::HashSet::new();
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("KAFKA_OPT_") else {
                 continue;
@@ -591,7 +591,7 @@ impl KafkaArgs {
                 None => (rest, value),
             };
             // Both forms of one option: which one won depended on sorting.
-            if seen.insert(base.to_string(), ()).is_some() {
+            if !seen.insert(base.to_string()) {
                 return Err(ConfigError::KafkaOptionTwice(format!("KAFKA_OPT_{base}")));
             }
             from_env.push((base.to_lowercase().replace('_', "."), value));
