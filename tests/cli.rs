@@ -68,7 +68,7 @@ fn passwords_never_appear_in_help_or_logs() {
         .unwrap()
         .port();
     let url = format!("postgres://energy:{DB_SECRET}@127.0.0.1:{port}/energy");
-    let pw_file = std::env::temp_dir().join(format!("es-pw-{}", std::process::id()));
+    let pw_file = common::scratch_dir().join("kafka-password");
     std::fs::write(&pw_file, format!("{KAFKA_SECRET}\n")).unwrap();
 
     for cmd in [
@@ -470,7 +470,7 @@ async fn verify_leaves_a_database_without_the_schema_as_it_was() {
 /// reader must quote, without saying so.
 #[test]
 fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
-    let dir = std::env::temp_dir().join(format!("es-check-{}", std::process::id()));
+    let dir = common::scratch_dir().join("check");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let check = || {
@@ -531,7 +531,7 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
 /// file before refusing the option, so a typo destroyed the data there.
 #[test]
 fn generate_refuses_bad_options_before_touching_the_output() {
-    let path = std::env::temp_dir().join(format!("es-gen-keep-{}.jsonl", std::process::id()));
+    let path = common::scratch_dir().join("gen-keep.jsonl");
     std::fs::write(&path, "precious\n").unwrap();
     for bad in [["--customers", "0"], ["--days", "0"], ["--bad-ratio", "2"]] {
         let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
@@ -564,7 +564,7 @@ fn produce_from_stdin(
     use std::io::Write;
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     cluster.create_topic(topic, 1, 1).unwrap();
-    let bad = std::env::temp_dir().join(format!("es-{topic}-bad-{}.jsonl", std::process::id()));
+    let bad = common::scratch_dir().join(format!("{topic}-bad.jsonl"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
         .args(["produce", "--input", "-", "--topic", topic])
         .args(extra)
@@ -658,7 +658,7 @@ fn produce_is_ready_only_while_the_broker_answers() {
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     cluster.create_topic("ready_producer", 1, 1).unwrap();
     let addr = format!("127.0.0.1:{}", common::free_port());
-    let bad = std::env::temp_dir().join(format!("es-ready-bad-{}.jsonl", std::process::id()));
+    let bad = common::scratch_dir().join("ready-bad.jsonl");
     let mut child = common::Reaped::new(
         Command::new(env!("CARGO_BIN_EXE_energy-stream"))
             .args(["produce", "--input", "-", "--topic", "ready_producer"])

@@ -246,7 +246,7 @@ async fn funnel_stages_never_exceed_the_previous_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kpi_added_after_data_exists_is_backfilled_then_kept_up_to_date() {
-    let dir = std::env::temp_dir().join(unique("kpi-added"));
+    let dir = scratch_dir().join(unique("kpi-added"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(
         queries_dir().join("hourly_channel_metrics.sql"),
@@ -591,7 +591,7 @@ async fn prototype_views_are_exact_and_time_based() {
 
 /// An engine of one shipped file, from a directory of its own.
 async fn engine_of(file: &str) -> (KpiEngine, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(unique("kpi-one"));
+    let dir = scratch_dir().join(unique("kpi-one"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(queries_dir().join(file), dir.join(file)).unwrap();
     let engine = KpiEngine::load_dir(&KpiConfig {

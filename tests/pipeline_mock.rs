@@ -186,7 +186,7 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
     let n = 600;
     send_raw(&brokers, &topic, &sample_messages(0..n, 40));
 
-    let dir = std::env::temp_dir().join(unique("kpis"));
+    let dir = scratch_dir().join(unique("kpis"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("by_type.sql"),

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 const BIN: &str = env!("CARGO_BIN_EXE_energy-stream");
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique("es-test"));
+    let dir = scratch_dir().join(unique("es-test"));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }

@@ -88,7 +88,7 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         })
         .collect();
     send_raw(&broker.brokers, &topic, &lines);
-    let queries = std::env::temp_dir().join(format!("queries-{db}"));
+    let queries = scratch_dir().join(format!("queries-{db}"));
     copy_queries(&queries);
     let q = queries.to_str().unwrap();
 

@@ -40,36 +40,24 @@ fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str) -> Child {
         .unwrap()
 }
 
-/// Where a consumer's log goes; shown when the test fails.
+/// Where a consumer's log goes: the scratch dir, kept when a test fails;
+/// the failing test also shows the logs.
 fn log_path(group: &str, db: &str) -> std::path::PathBuf {
     let n = LOGS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let p = std::env::temp_dir().join(format!("{group}-{}-{n}.log", db.len()));
-    LOG_FILES.lock().unwrap().push((db.to_string(), p.clone()));
+    let p = scratch_dir().join(format!("{group}-{}-{n}.log", db.len()));
+    LOG_FILES.lock().unwrap().push(p.clone());
     p
 }
 
-/// Removes the logs of the consumers of `db` once its test has passed (a
-/// failing test keeps them, and shows them). The other test of this binary
-/// may still be writing its own.
-fn remove_logs_of(db: &str) {
-    LOG_FILES.lock().unwrap().retain(|(of, p)| {
-        if of == db {
-            let _ = std::fs::remove_file(p);
-        }
-        of != db
-    });
-}
-
 static LOGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-static LOG_FILES: std::sync::Mutex<Vec<(String, std::path::PathBuf)>> =
-    std::sync::Mutex::new(Vec::new());
+static LOG_FILES: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
 
 fn dump_logs() -> String {
     LOG_FILES
         .lock()
         .unwrap()
         .iter()
-        .map(|(_, p)| {
+        .map(|p| {
             format!(
                 "== {}\n{}",
                 p.display(),
@@ -158,8 +146,6 @@ async fn three_consumers_give_the_same_kpis_as_one() {
         assert!(x == y, "{k}: three consumers and one consumer differ");
     }
     verify_ok(&db_url(&three), &[]);
-    remove_logs_of(&db_url(&three));
-    remove_logs_of(&db_url(&one));
 }
 
 /// One consumer process of the storm, with its own application_name (seen by
@@ -408,5 +394,4 @@ async fn rebalance_storm_loses_nothing_and_revoked_offsets_never_advance() {
     }
 
     verify_ok(&url, &[]);
-    remove_logs_of(&url);
 }

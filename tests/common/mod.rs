@@ -103,14 +103,20 @@ pub async fn db_with_roles<const N: usize>(
     (db, roles)
 }
 
-/// This test binary's scratch directory, removed when the binary exits
-/// (passed or failed): test files used to pile up in the temporary
-/// directory, hundreds of KPI directories a run.
+/// This test binary's scratch directory (test files, KPI directories,
+/// broker logs), removed when the binary exits if no test panicked: such
+/// files used to pile up in the temporary directory, hundreds a run. After
+/// a failure it is kept, and its path printed, for the broker logs in it.
 pub fn scratch_dir() -> std::path::PathBuf {
     static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let d = scratch_path();
         std::fs::create_dir_all(&d).unwrap();
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            A_TEST_PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+            report(info)
+        }));
         // SAFETY: registers a plain `extern "C" fn` with no captured state.
         unsafe { libc::atexit(remove_scratch_dir) };
         d
@@ -118,12 +124,18 @@ pub fn scratch_dir() -> std::path::PathBuf {
     .clone()
 }
 
+static A_TEST_PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn scratch_path() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("es-scratch-{}", std::process::id()))
 }
 
 extern "C" fn remove_scratch_dir() {
-    let _ = std::fs::remove_dir_all(scratch_path());
+    if A_TEST_PANICKED.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!("kept {} for the failed test", scratch_path().display());
+    } else {
+        let _ = std::fs::remove_dir_all(scratch_path());
+    }
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -310,14 +322,14 @@ impl Broker {
         Broker::own_with_storage("memory://tansu/")
     }
 
-    /// A private tansu that keeps its log in a SQLite file in the temp dir,
+    /// A private tansu that keeps its log in a SQLite file in the scratch dir,
     /// so that it survives a restart of the broker, unlike the memory
     /// engine; the file is removed when the broker is dropped. SQLite needs
     /// tansu's `libsql` feature, which .ci/run installs.
     pub fn own_restartable() -> Broker {
         let file = format!("{}.db", unique("tansu"));
         let mut b = Broker::own_with_storage(&format!("sqlite://{file}"));
-        b.file = Some(std::env::temp_dir().join(file));
+        b.file = Some(scratch_dir().join(file));
         b
     }
 
@@ -343,7 +355,9 @@ impl Broker {
 
     pub fn start(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::env::temp_dir().join(format!("tansu-{}.log", self.port));
+        // In the scratch dir, so that a passing run leaves nothing behind;
+        // a broker that dies at start has its log printed below.
+        let log = scratch_dir().join(format!("tansu-{}.log", self.port));
         let child = std::process::Command::new("tansu")
             .args([
                 "broker",
@@ -355,7 +369,7 @@ impl Broker {
                 &url,
             ])
             // Where a sqlite:// storage file goes.
-            .current_dir(std::env::temp_dir())
+            .current_dir(scratch_dir())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
