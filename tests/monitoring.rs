@@ -558,6 +558,276 @@ async fn rate_panels_stay_within_0_and_100_percent() {
     assert!(bad.is_empty(), "rates outside [0, 100]: {bad:#?}");
 }
 
+/// The rows of one business-dashboard panel's query, column name → value.
+async fn panel_rows(
+    c: &tokio_postgres::Client,
+    id: u64,
+    range: &Range,
+    vars: &BTreeMap<&str, Vec<String>>,
+) -> Vec<BTreeMap<String, Option<String>>> {
+    let d = dashboard("energy-business-metrics");
+    let panel = panels(&d)
+        .into_iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("no panel {id}"));
+    let sql = expand(panel["targets"][0]["rawSql"].as_str().unwrap(), range, vars);
+    let msgs = c
+        .simple_query(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("panel {id}: {e}\n{sql}"));
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, col)| (col.name().to_string(), r.get(i).map(str::to_string)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Hand-counted numbers that a probe found wrong: a range ending at midnight
+/// counted the next hour, "growth" compared 25 hours with 24 (or with 23 when
+/// `to` ends in .999), the tariff filter dropped payments and meter readings
+/// that carry a tariff, and an empty segment showed a 100% interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panel_numbers_match_hand_counted_events() {
+    let web = "web_portal";
+    let basic = r#","tariff_type":"basic""#;
+    let mut lines = Vec::new();
+    // The previous day: 3 switches in its first hour, 2 at noon, and a
+    // payment of 20 in its first hour.
+    for m in 0..3 {
+        lines.push(line(
+            "tariff_switch",
+            "A",
+            web,
+            &format!("2025-06-29T00:1{m}:00Z"),
+            basic,
+        ));
+    }
+    for m in 0..2 {
+        lines.push(line(
+            "tariff_switch",
+            "B",
+            web,
+            &format!("2025-06-29T12:0{m}:00Z"),
+            basic,
+        ));
+    }
+    lines.push(line(
+        "bill_payment",
+        "A",
+        web,
+        "2025-06-29T00:30:00Z",
+        r#","payment_amount":20"#,
+    ));
+    // The day: 4 switches, a payment of 10, one of 50 that names a tariff, and
+    // a meter reading that names one too.
+    for m in 0..4 {
+        lines.push(line(
+            "tariff_switch",
+            "C",
+            web,
+            &format!("2025-06-30T10:0{m}:00Z"),
+            basic,
+        ));
+    }
+    lines.push(line(
+        "bill_payment",
+        "C",
+        web,
+        "2025-06-30T11:00:00Z",
+        r#","payment_amount":10"#,
+    ));
+    lines.push(line(
+        "bill_payment",
+        "D",
+        web,
+        "2025-06-30T12:00:00Z",
+        r#","tariff_type":"green","payment_amount":50"#,
+    ));
+    lines.push(line(
+        "energy_consumed",
+        "D",
+        web,
+        "2025-06-30T13:00:00Z",
+        r#","tariff_type":"premium","energy_consumed":3.25"#,
+    ));
+    // A reading in the day's last hour (the hour a session time zone of
+    // +05:45 would count twice).
+    lines.push(line(
+        "energy_consumed",
+        "D",
+        web,
+        "2025-06-30T23:30:00Z",
+        r#","energy_consumed":2"#,
+    ));
+    // The next day, exactly at midnight: outside a range that ends there.
+    lines.push(line(
+        "tariff_switch",
+        "E",
+        web,
+        "2025-07-01T00:00:00Z",
+        basic,
+    ));
+    lines.push(line(
+        "bill_payment",
+        "E",
+        web,
+        "2025-07-01T00:00:00Z",
+        r#","payment_amount":7"#,
+    ));
+    // A second channel, so that the A/B panel has two segments.
+    lines.push(line(
+        "user_login",
+        "F",
+        "mobile_app",
+        "2025-06-30T09:00:00Z",
+        "",
+    ));
+    let db = load(lines, "numbers").await;
+    let c = client(&db).await;
+
+    let vars = |tariffs: &[&str]| -> BTreeMap<&str, Vec<String>> {
+        BTreeMap::from([
+            ("channel", vec![web.to_string(), "mobile_app".to_string()]),
+            ("tariff", tariffs.iter().map(|t| t.to_string()).collect()),
+        ])
+    };
+    let all = vars(&["basic", "green", "premium"]);
+    let value = |rows: &[BTreeMap<String, Option<String>>], col: &str| -> Option<String> {
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        rows[0][col].clone()
+    };
+    let to_midnight = Range {
+        from: "2025-06-30T00:00:00Z",
+        to: "2025-07-01T00:00:00Z",
+    };
+    let to_999 = Range {
+        from: "2025-06-30T00:00:00.000Z",
+        to: "2025-06-30T23:59:59.999Z",
+    };
+    for range in [&to_midnight, &to_999] {
+        let what = format!("{} to {}", range.from, range.to);
+        let rows = panel_rows(&c, 2, range, &all).await;
+        assert_eq!(
+            value(&rows, "tariff_switches").as_deref(),
+            Some("4"),
+            "{what}"
+        );
+        let rows = panel_rows(&c, 4, range, &all).await;
+        assert_eq!(value(&rows, "revenue").as_deref(), Some("60.00"), "{what}");
+        // Growth: 4 switches against the previous day's 5, 60 against 20.
+        let rows = panel_rows(&c, 7, range, &all).await;
+        assert_eq!(
+            value(&rows, "previous_switches").as_deref(),
+            Some("5"),
+            "{what}"
+        );
+        assert_eq!(
+            value(&rows, "switches_change_pct").as_deref(),
+            Some("-20.0"),
+            "{what}"
+        );
+        assert_eq!(
+            value(&rows, "previous_revenue").as_deref(),
+            Some("20.00"),
+            "{what}"
+        );
+        assert_eq!(
+            value(&rows, "revenue_change_pct").as_deref(),
+            Some("200.0"),
+            "{what}"
+        );
+    }
+    // One hour against the hour before it: 10:00 on the day (4 switches)
+    // against 09:00 (none), and 01:00 the day before against its 00:00 (3).
+    let one_hour = Range {
+        from: "2025-06-30T10:00:00.000Z",
+        to: "2025-06-30T10:59:59.999Z",
+    };
+    let rows = panel_rows(&c, 7, &one_hour, &all).await;
+    assert_eq!(value(&rows, "previous_switches").as_deref(), Some("0"));
+    let next_hour = Range {
+        from: "2025-06-29T01:00:00.000Z",
+        to: "2025-06-29T01:59:59.999Z",
+    };
+    let rows = panel_rows(&c, 7, &next_hour, &all).await;
+    assert_eq!(value(&rows, "previous_switches").as_deref(), Some("3"));
+
+    // Only the basic tariff: the tariff-bearing payment and meter reading
+    // still count as events of the day (4 switches, 2 payments, 2 readings).
+    let basic_only = vars(&["basic"]);
+    let rows = panel_rows(&c, 32, &to_midnight, &basic_only).await;
+    let web_events: Vec<_> = rows
+        .iter()
+        .filter(|r| r["metric"].as_deref() == Some(web))
+        .map(|r| r["events"].clone().unwrap())
+        .collect();
+    assert_eq!(web_events, ["8"], "{rows:?}");
+    let rows = panel_rows(&c, 31, &to_midnight, &basic_only).await;
+    let web_row = rows
+        .iter()
+        .find(|r| r["channel"].as_deref() == Some(web))
+        .unwrap();
+    assert_eq!(web_row["events"].as_deref(), Some("8"), "{rows:?}");
+
+    // The session's time zone changes nothing: every panel works in UTC
+    // (Kathmandu is +05:45, so a local hour is not a UTC hour).
+    let ids: Vec<u64> = panels(&dashboard("energy-business-metrics"))
+        .into_iter()
+        .filter(|p| p["targets"][0]["rawSql"].is_string())
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    let mut in_utc = Vec::new();
+    for &id in &ids {
+        in_utc.push(panel_rows(&c, id, &to_999, &all).await);
+    }
+    c.batch_execute("SET TimeZone = 'Asia/Kathmandu'")
+        .await
+        .unwrap();
+    // The same instant prints with the session's offset.
+    let instants = |rows: Vec<BTreeMap<String, Option<String>>>| {
+        rows.into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|(k, v)| {
+                        let v = v.map(|v| {
+                            chrono::DateTime::parse_from_str(&v, "%Y-%m-%d %H:%M:%S%#z")
+                                .map_or(v, |t| t.to_utc().to_rfc3339())
+                        });
+                        (k, v)
+                    })
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    for (&id, utc) in ids.iter().zip(in_utc) {
+        let local = instants(panel_rows(&c, id, &to_999, &all).await);
+        let utc = instants(utc);
+        assert!(
+            local == utc,
+            "panel {id} depends on the session time zone:\n{utc:?}\n{local:?}"
+        );
+    }
+    c.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+
+    // No data in the range: no confidence interval, not 100%.
+    let empty = Range {
+        from: "2025-05-01T00:00:00.000Z",
+        to: "2025-05-01T23:59:59.999Z",
+    };
+    for row in panel_rows(&c, 81, &empty, &all).await {
+        assert_eq!(row["active_customer_days"].as_deref(), Some("0"), "{row:?}");
+        assert_eq!(row["ci95_low_rate_pct"], None, "{row:?}");
+        assert_eq!(row["ci95_high_rate_pct"], None, "{row:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Static checks
 // ---------------------------------------------------------------------------
