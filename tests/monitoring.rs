@@ -689,6 +689,16 @@ async fn panel_numbers_match_hand_counted_events() {
         "2025-06-30T09:00:00Z",
         "",
     ));
+    // Today, in its first minute: a running day's average hour counts the
+    // hours so far, not 24.
+    let today = chrono::Utc::now().date_naive();
+    lines.push(line(
+        "energy_consumed",
+        "D",
+        web,
+        &format!("{today}T00:00:30Z"),
+        r#","energy_consumed":6"#,
+    ));
     let db = load(lines, "numbers").await;
     let c = client(&db).await;
 
@@ -815,6 +825,30 @@ async fn panel_numbers_match_hand_counted_events() {
         );
     }
     c.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+
+    // Daily peak: 3.25 kWh at 13:00, of 5.25 kWh over 24 hours.
+    let rows = panel_rows(&c, 72, &to_999, &all).await;
+    assert_eq!(value(&rows, "peak_hour_utc").as_deref(), Some("13:00"));
+    assert_eq!(value(&rows, "avg_hourly_kwh").as_deref(), Some("0.219"));
+    let hours_so_far = || {
+        (chrono::Utc::now().timestamp() - today.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp())
+            / 3600
+            + 1
+    };
+    let before = hours_so_far();
+    let today_from = format!("{today}T00:00:00.000Z");
+    let today_to = format!("{today}T23:59:59.999Z");
+    let running = Range {
+        from: today_from.leak(),
+        to: today_to.leak(),
+    };
+    let rows = panel_rows(&c, 72, &running, &all).await;
+    let avg: f64 = value(&rows, "avg_hourly_kwh").unwrap().parse().unwrap();
+    let expected = |hours: i64| (6.0 / hours as f64 * 1000.0).round() / 1000.0;
+    assert!(
+        avg == expected(before) || avg == expected(hours_so_far()),
+        "today's average hour is {avg}, not 6 kWh over the {before} hours so far"
+    );
 
     // No data in the range: no confidence interval, not 100%.
     let empty = Range {
