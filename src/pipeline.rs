@@ -52,7 +52,7 @@ use crate::decode::{BatchDecoder, MessageMeta};
 use crate::event::col;
 use crate::kpi::KpiEngine;
 use crate::sink::{self, BatchWrite, PartitionOffsets, SinkError};
-use crate::source::{KafkaSource, OffsetLoader, Ownership, Polled};
+use crate::source::{KafkaSource, OffsetLoader, Ownership, Polled, StoredOffset};
 use crate::telemetry::{Health, Metrics, kafka_error, stage};
 use crate::validate::validate;
 
@@ -248,7 +248,7 @@ struct PgOffsetLoader {
 }
 
 impl OffsetLoader for PgOffsetLoader {
-    fn load(&self) -> Result<HashMap<i32, i64>, String> {
+    fn load(&self) -> Result<HashMap<i32, StoredOffset>, String> {
         const STOPPED: &str = "stopped while reading the stored offsets";
         self.handle.block_on(async {
             let mut stop = self.stop.clone();

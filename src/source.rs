@@ -89,7 +89,24 @@ impl KafkaConfig {
 /// Reads the stored next offsets of the topic's partitions. Blocking: it is
 /// called from the rebalance callback on the intake thread.
 pub trait OffsetLoader: Send + Sync {
-    fn load(&self) -> Result<HashMap<i32, i64>, String>;
+    fn load(&self) -> Result<HashMap<i32, StoredOffset>, String>;
+}
+
+/// A partition's offset as Postgres stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredOffset {
+    /// The next offset to consume: the last one written + 1.
+    pub next: i64,
+    /// What Postgres holds of the message at `next - 1`; None when no row
+    /// does (deleted since), so the log cannot be compared with it.
+    pub last_written: Option<LastWritten>,
+}
+
+/// The message just before a stored offset, as written to Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastWritten {
+    /// Its Kafka timestamp in milliseconds (None: it had none).
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Shared between the intake thread (rebalance callbacks) and the writer.
@@ -130,6 +147,11 @@ struct Cursor {
     /// A stall was looked into and nothing deliverable is missing: the offsets
     /// up to the high watermark are not messages (transaction markers).
     settled: bool,
+    /// The message at `next - 1` as written to Postgres, until the broker
+    /// has sent it again and it matched: see [`Cursor::judge_message`].
+    verify: Option<LastWritten>,
+    /// The log did not match: nothing of this partition is handed on.
+    refused: bool,
 }
 
 /// What to do with one delivered message.
@@ -141,6 +163,12 @@ enum Verdict {
     /// The broker skipped past the wanted offset: seek to this offset and drop
     /// what comes before the wanted one.
     SeekBack(i64),
+    /// The message at `offset` is not the one written to Postgres from it.
+    OtherLog {
+        offset: i64,
+        written: Option<i64>,
+        found: Option<i64>,
+    },
 }
 
 impl Cursor {
@@ -152,7 +180,60 @@ impl Cursor {
             heard_at: Instant::now(),
             last_seen: None,
             settled: false,
+            verify: None,
+            refused: false,
         }
+    }
+
+    /// [`Cursor::judge`], after comparing the log with Postgres. A stored
+    /// offset alone cannot tell that the partition's log is another one
+    /// (the topic deleted and created again, or a broker that lost its log)
+    /// once that log has grown past the offset: reading on would skip its
+    /// first messages as written, silently. So the partition is assigned one
+    /// message early, and that message's Kafka timestamp must be the one
+    /// written from it. Another one gives [`Verdict::OtherLog`], and nothing
+    /// of the partition is handed on after it. A message that is gone
+    /// (retention, compaction) leaves nothing to compare: reading goes on.
+    fn judge_message(
+        &mut self,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+        now: Instant,
+        erroring: bool,
+    ) -> Verdict {
+        if self.refused {
+            self.heard_at = now;
+            return Verdict::Redelivered;
+        }
+        if let (Some(written), Some(next)) = (self.verify, self.next) {
+            let before = next - 1;
+            if offset == before {
+                self.heard_at = now;
+                self.last_seen = Some(offset);
+                self.prev_below = true;
+                self.verify = None;
+                if timestamp_ms != written.timestamp_ms {
+                    self.refused = true;
+                    return Verdict::OtherLog {
+                        offset,
+                        written: written.timestamp_ms,
+                        found: timestamp_ms,
+                    };
+                }
+                return Verdict::Redelivered;
+            }
+            if offset > before && !self.prev_below && before - self.back > 0 {
+                // The broker started past it: look back, as for a skipped one.
+                self.heard_at = now;
+                self.last_seen = Some(offset);
+                self.back = (self.back * 4).max(16);
+                return Verdict::SeekBack((before - self.back).max(0));
+            }
+            if offset > before {
+                self.verify = None;
+            }
+        }
+        self.judge(offset, now, erroring)
     }
 
     /// The broker has been silent although the partition holds offsets at or
@@ -284,18 +365,28 @@ impl Ownership {
         v
     }
 
-    /// Sets a new assignment under the gate, so no batch of the previous one can commit.
-    fn reassign(&self, positions: HashMap<i32, Option<i64>>) {
+    /// Sets a new assignment under the gate, so no batch of the previous one
+    /// can commit. `verify`: the partitions whose log is compared with
+    /// Postgres first ([`Cursor::judge_message`]).
+    fn reassign(&self, positions: HashMap<i32, Option<i64>>, verify: &HashMap<i32, LastWritten>) {
         let _gate = self.gate.blocking_lock();
         self.generation.fetch_add(1, Ordering::SeqCst);
         *self.cursors.lock().expect("cursors lock") = positions
             .iter()
-            .map(|(&p, &next)| (p, Cursor::at(next)))
+            .map(|(&p, &next)| {
+                let mut c = Cursor::at(next);
+                c.verify = verify.get(&p).copied();
+                (p, c)
+            })
             .collect();
         *self.committed.lock().expect("committed lock") = positions.clone();
         *self.positions.lock().expect("positions lock") = positions;
     }
 }
+
+/// Each assigned partition's stored offset (None: nothing stored), and the
+/// partitions whose log is compared with Postgres first.
+type Assignment = (HashMap<i32, Option<i64>>, HashMap<i32, LastWritten>);
 
 pub struct SourceContext {
     topic: String,
@@ -333,7 +424,7 @@ impl ErrorLog {
 
 impl SourceContext {
     /// Loads stored offsets, retrying while Postgres is away (unless stopping).
-    fn stored_offsets(&self) -> Option<HashMap<i32, i64>> {
+    fn stored_offsets(&self) -> Option<HashMap<i32, StoredOffset>> {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.loader.load() {
@@ -351,20 +442,37 @@ impl SourceContext {
         }
     }
 
-    /// Points every partition of `tpl` at its stored offset.
-    fn position(&self, tpl: &mut TopicPartitionList) -> Option<HashMap<i32, Option<i64>>> {
+    /// Points every partition of `tpl` at its stored offset, or one message
+    /// before it when Postgres holds that message to compare the log with.
+    /// Returns each partition's stored offset, and the messages to compare.
+    fn position(&self, tpl: &mut TopicPartitionList) -> Option<Assignment> {
         let stored = self.stored_offsets()?;
         let mut positions = HashMap::new();
+        let mut verify = HashMap::new();
         for el in tpl.elements() {
-            positions.insert(el.partition(), stored.get(&el.partition()).copied());
+            let p = el.partition();
+            let s = stored.get(&p);
+            positions.insert(p, s.map(|s| s.next));
+            if let Some(&StoredOffset {
+                next,
+                last_written: Some(last),
+            }) = s
+                && next > 0
+            {
+                verify.insert(p, last);
+            }
         }
         for (&p, &s) in &positions {
-            let offset = s.map_or(Offset::Beginning, Offset::Offset);
+            let offset = match s {
+                None => Offset::Beginning,
+                Some(next) if verify.contains_key(&p) => Offset::Offset(next - 1),
+                Some(next) => Offset::Offset(next),
+            };
             if let Err(e) = tpl.set_partition_offset(&self.topic, p, offset) {
                 tracing::warn!(partition = p, error = %e, "cannot set start offset");
             }
         }
-        Some(positions)
+        Some((positions, verify))
     }
 }
 
@@ -424,9 +532,9 @@ impl ConsumerContext for SourceContext {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let Some(positions) = self.position(tpl) else {
+                let Some((positions, verify)) = self.position(tpl) else {
                     // Stopping while Postgres is away: own nothing, read nothing.
-                    self.ownership.reassign(HashMap::new());
+                    self.ownership.reassign(HashMap::new(), &HashMap::new());
                     let _ = consumer.assign(&TopicPartitionList::new());
                     return;
                 };
@@ -435,7 +543,7 @@ impl ConsumerContext for SourceContext {
                 let numbers: Vec<i32> = parts.iter().map(|(p, _)| **p).collect();
                 let from: Vec<_> = parts.iter().map(|(_, o)| **o).collect();
                 tracing::info!(partitions = ?numbers, stored_offsets = ?from, "partitions assigned; resuming from offsets stored in Postgres");
-                self.ownership.reassign(positions);
+                self.ownership.reassign(positions, &verify);
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }
@@ -443,7 +551,7 @@ impl ConsumerContext for SourceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // Logged once the gate is taken: no commit of these partitions
                 // lands after this line (the rebalance storm test relies on it).
-                self.ownership.reassign(HashMap::new());
+                self.ownership.reassign(HashMap::new(), &HashMap::new());
                 let mut numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 numbers.sort_unstable();
                 tracing::info!(
@@ -462,7 +570,7 @@ impl ConsumerContext for SourceContext {
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; dropping the assignment");
-                self.ownership.reassign(HashMap::new());
+                self.ownership.reassign(HashMap::new(), &HashMap::new());
                 let _ = consumer.unassign();
             }
         }
@@ -647,6 +755,15 @@ pub struct KafkaSource {
     ownership: Arc<Ownership>,
     topic: String,
     health: Arc<Health>,
+    /// A partition whose log is not the one Postgres counts, found by the
+    /// poll; [`KafkaSource::check_progress`] reports it.
+    refusal: Mutex<Option<SourceError>>,
+}
+
+/// A Kafka timestamp as the error messages show it.
+fn kafka_time(ms: Option<i64>) -> String {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(|| "none".to_string(), |t| t.to_rfc3339())
 }
 
 /// Errors creating or running the consumer.
@@ -668,6 +785,22 @@ pub enum SourceError {
         partition: i32,
         stored: i64,
         end: i64,
+    },
+    /// The log has grown past the stored offset, but the message just
+    /// before it is not the one written from it: see [`Cursor::judge_message`].
+    #[error(
+        "partition {partition} of {topic}: the message at offset {offset} is not the one written to Postgres from that offset \
+         (Kafka timestamp {found}, against {written} when it was written). The topic was deleted and created again, \
+         or the broker lost its log, and the new log has grown past the offset stored in Postgres; nothing of it is skipped or written. \
+         To load it from its start, remove this group's rows for the topic from consumer_offsets, \
+         and the topic's old rows from events and rejected_events (README: Starting a topic over)"
+    )]
+    OtherLog {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        written: String,
+        found: String,
     },
     /// Built by [`config_error`], which leaves out the option's value.
     #[error("invalid Kafka configuration: {0}")]
@@ -746,6 +879,7 @@ impl KafkaSource {
             ownership,
             topic: cfg.topic.clone(),
             health,
+            refusal: Mutex::new(None),
         })
     }
 
@@ -836,7 +970,12 @@ impl KafkaSource {
                 let verdict = {
                     let mut cursors = self.ownership.cursors.lock().expect("cursors lock");
                     match cursors.get_mut(&p) {
-                        Some(c) => c.judge(offset, now, self.consume_errors.recent()),
+                        Some(c) => c.judge_message(
+                            offset,
+                            m.timestamp().to_millis(),
+                            now,
+                            self.consume_errors.recent(),
+                        ),
                         // Not (or no longer) ours: never hand it on.
                         None => Verdict::Redelivered,
                     }
@@ -863,6 +1002,22 @@ impl KafkaSource {
                         ) {
                             tracing::warn!(partition = p, error = %e, "seek failed");
                         }
+                        return None;
+                    }
+                    Verdict::OtherLog {
+                        offset,
+                        written,
+                        found,
+                    } => {
+                        let e = SourceError::OtherLog {
+                            topic: self.topic.clone(),
+                            partition: p,
+                            offset,
+                            written: kafka_time(written),
+                            found: kafka_time(found),
+                        };
+                        tracing::error!(partition = p, "{e}");
+                        self.refusal.lock().expect("refusal lock").get_or_insert(e);
                         return None;
                     }
                 }
@@ -892,11 +1047,11 @@ impl KafkaSource {
         for el in assignment.elements() {
             tpl.add_partition(el.topic(), el.partition());
         }
-        let Some(positions) = self.consumer.context().position(&mut tpl) else {
+        let Some((positions, verify)) = self.consumer.context().position(&mut tpl) else {
             return;
         };
         tracing::info!("re-reading offsets from Postgres after a fenced write");
-        self.ownership.reassign(positions);
+        self.ownership.reassign(positions, &verify);
         if let Err(e) = self.consumer.assign(&tpl) {
             tracing::error!(error = %e, "re-assign failed");
         }
@@ -921,8 +1076,12 @@ impl KafkaSource {
     /// broker gives it, can only have come from the offset stored in
     /// Postgres (a consumer stores no offset beyond what it read, and a
     /// partition's end only grows), so its log is not the one those offsets
-    /// count: [`SourceError::PastEnd`].
+    /// count: [`SourceError::PastEnd`]. A log that has grown past it is
+    /// caught by the poll instead, and reported here: [`SourceError::OtherLog`].
     pub fn check_progress(&self, quiet: Duration) -> Result<bool, SourceError> {
+        if let Some(e) = self.refusal.lock().expect("refusal lock").take() {
+            return Err(e);
+        }
         let (quiet_ones, mut caught_up) = {
             let cursors = self.ownership.cursors.lock().expect("cursors lock");
             let quiet_ones: Vec<(i32, Option<i64>)> = cursors
@@ -1179,7 +1338,7 @@ mod tests {
                     seeks += 1;
                 }
                 Verdict::Accept => break,
-                Verdict::Redelivered => panic!("7 is past 3"),
+                other => panic!("7 is past 3: {other:?}"),
             }
         }
         assert!(seeks <= 1, "bounded: {seeks}");
@@ -1274,6 +1433,120 @@ mod tests {
         ] {
             assert!(!is_read_failure(passed), "{passed:?}");
         }
+    }
+
+    fn verifying(next: i64, timestamp_ms: Option<i64>) -> Cursor {
+        let mut c = Cursor::at(Some(next));
+        c.verify = Some(LastWritten { timestamp_ms });
+        c
+    }
+
+    #[test]
+    fn cursor_compares_the_message_before_the_stored_offset_then_reads_on() {
+        let now = Instant::now();
+        let mut c = verifying(10, Some(5_000));
+        assert_eq!(
+            c.judge_message(9, Some(5_000), now, false),
+            Verdict::Redelivered
+        );
+        assert_eq!(
+            c.judge_message(10, Some(6_000), now, false),
+            Verdict::Accept
+        );
+        // Compared once: a later re-delivery of 9 is only a re-delivery.
+        assert_eq!(
+            c.judge_message(9, Some(1), now, false),
+            Verdict::Redelivered
+        );
+        assert_eq!(
+            c.judge_message(11, Some(7_000), now, false),
+            Verdict::Accept
+        );
+        // No timestamp when written, none now: the same.
+        let mut c = verifying(10, None);
+        assert_eq!(c.judge_message(9, None, now, false), Verdict::Redelivered);
+        assert_eq!(c.judge_message(10, None, now, false), Verdict::Accept);
+    }
+
+    #[test]
+    fn cursor_refuses_a_log_whose_message_before_the_stored_offset_differs() {
+        // Regression: a topic created again with more messages than the
+        // stored offsets had its first ones skipped, silently.
+        let now = Instant::now();
+        let mut c = verifying(10, Some(5_000));
+        assert_eq!(
+            c.judge_message(9, Some(9_999), now, false),
+            Verdict::OtherLog {
+                offset: 9,
+                written: Some(5_000),
+                found: Some(9_999)
+            }
+        );
+        for o in [10, 11, 9, 50] {
+            assert_eq!(
+                c.judge_message(o, Some(9_999), now, false),
+                Verdict::Redelivered,
+                "nothing of it is handed on ({o})"
+            );
+        }
+        // A timestamp where none was written, and the other way round.
+        let mut c = verifying(10, None);
+        assert!(matches!(
+            c.judge_message(9, Some(1), now, false),
+            Verdict::OtherLog { .. }
+        ));
+        let mut c = verifying(10, Some(1));
+        assert!(matches!(
+            c.judge_message(9, None, now, false),
+            Verdict::OtherLog { .. }
+        ));
+    }
+
+    #[test]
+    fn cursor_looks_back_for_the_message_to_compare() {
+        let now = Instant::now();
+        // The broker answers from 10 (tansu skips to the next batch): look
+        // back for 9 before handing 10 on.
+        let mut c = verifying(100, Some(5));
+        assert_eq!(
+            c.judge_message(100, Some(6), now, false),
+            Verdict::SeekBack(83)
+        );
+        assert_eq!(
+            c.judge_message(83, Some(1), now, false),
+            Verdict::Redelivered
+        );
+        assert_eq!(
+            c.judge_message(99, Some(9), now, false),
+            Verdict::OtherLog {
+                offset: 99,
+                written: Some(5),
+                found: Some(9)
+            }
+        );
+        // The message is gone (retention): after looking back to the start,
+        // reading goes on without a comparison.
+        let mut c = verifying(3, Some(5));
+        let mut seeks = 0;
+        loop {
+            match c.judge_message(7, Some(6), now, false) {
+                Verdict::SeekBack(to) => {
+                    assert!(to >= 0);
+                    seeks += 1;
+                    assert!(seeks < 5, "bounded");
+                }
+                Verdict::Accept => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(c.next, Some(8));
+        // A message below it came, then one past it: it does not exist.
+        let mut c = verifying(10, Some(5));
+        assert_eq!(
+            c.judge_message(7, Some(1), now, false),
+            Verdict::Redelivered
+        );
+        assert_eq!(c.judge_message(10, Some(2), now, false), Verdict::Accept);
     }
 
     #[test]

@@ -1030,6 +1030,78 @@ async fn a_stored_offset_past_the_end_of_the_topic_stops_the_run() {
     assert_eq!(stored, 5000, "the stored offset is left as it was");
 }
 
+/// Regression: a topic deleted and created again (or a broker that lost its
+/// log) whose new log had grown past the stored offsets had its first
+/// messages skipped as already written, silently: only a stored offset past
+/// the end was caught. Now the message before each stored offset is compared
+/// with the row written from it. Here the log is the same and the row is
+/// changed, which the comparison cannot tell apart from a new log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_is_not_the_one_written_stops_the_run() {
+    let Named {
+        _cluster,
+        db,
+        name: _,
+        cfg,
+    } = Named::new("other_log", &sample_messages(0..100, 10)).await;
+    // Resuming the same log compares and reads on.
+    assert_eq!(run_to_end(cfg.clone()).await.events_written, 100);
+    send_raw(
+        &cfg.kafka.brokers,
+        &cfg.kafka.topic,
+        &sample_messages(100..150, 10),
+    );
+    assert_eq!(run_to_end(cfg.clone()).await.events_written, 50);
+
+    let c = client(&db).await;
+    let changed = c
+        .execute(
+            "UPDATE events e SET kafka_timestamp = e.kafka_timestamp + interval '1 second' \
+             FROM consumer_offsets o \
+             WHERE e.kafka_partition = o.kafka_partition AND e.kafka_offset = o.next_offset - 1 \
+             AND e.kafka_partition = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+    send_raw(
+        &cfg.kafka.brokers,
+        &cfg.kafka.topic,
+        &sample_messages(150..200, 10),
+    );
+    let before = counts(
+        &c,
+        "SELECT kafka_partition::text, next_offset FROM consumer_offsets",
+    )
+    .await;
+
+    let err = run_within(
+        cfg,
+        Metrics::new(),
+        Duration::from_secs(120),
+        "the run ends within 120 s",
+    )
+    .await
+    .expect_err("another log is not read on");
+    let msg = err.to_string();
+    assert!(msg.contains("partition 1 of"), "{msg}");
+    assert!(msg.contains("is not the one written to Postgres"), "{msg}");
+    assert!(msg.contains("Starting a topic over"), "{msg}");
+    let after = counts(
+        &c,
+        "SELECT kafka_partition::text, next_offset FROM consumer_offsets",
+    )
+    .await;
+    assert_eq!(after["1"], before["1"], "nothing of partition 1 is written");
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM events WHERE kafka_partition = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, before["1"], "partition 1 holds what it held");
+}
+
 /// Regression: a batch whose COPY waited behind a lock was given up after the
 /// database timeout, but its backend went on waiting, since the connection
 /// stayed open while a reply was owed. Each retry left one more, until

@@ -31,6 +31,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::event::event_schema;
+use crate::source::{LastWritten, StoredOffset};
 
 /// Where the batch's offsets stand: the stored value it expects to find (None
 /// when this partition has never been written) and the value to store.
@@ -406,22 +407,84 @@ pub fn describe(c: &tokio_postgres::Config) -> String {
     )
 }
 
-/// Reads the stored next offsets of `partitions`; absent partitions are not in the map.
+/// Reads the group's stored next offsets of `topic`, each with the Kafka
+/// timestamp of the message just before it, from the row written from it
+/// (in `events` or `rejected_events`), for the source to compare the log
+/// with. Absent partitions are not in the map.
+///
+/// The offsets are read as they always were, waiting on a lock if need be.
+/// The rows are read with a short lock timeout: a table held by a
+/// long-running lock (`VACUUM FULL`, an `ALTER`) must not hold the
+/// assignment, and with it the group, for a comparison. Then there is
+/// nothing to compare, as for a row deleted since.
 pub async fn load_offsets(
     client: &Client,
     group_id: &str,
     topic: &str,
-) -> Result<HashMap<i32, i64>, SinkError> {
+) -> Result<HashMap<i32, StoredOffset>, SinkError> {
     let rows = client
         .query(
             "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
             &[&group_id, &topic],
         )
         .await?;
-    Ok(rows
+    let mut stored: HashMap<i32, StoredOffset> = rows
         .iter()
-        .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
-        .collect())
+        .map(|r| {
+            let next = r.get(1);
+            (
+                r.get::<_, i32>(0),
+                StoredOffset {
+                    next,
+                    last_written: None,
+                },
+            )
+        })
+        .collect();
+    let (partitions, next): (Vec<i32>, Vec<i64>) = stored
+        .iter()
+        .filter(|(_, s)| s.next > 0)
+        .map(|(&p, s)| (p, s.next))
+        .unzip();
+    if partitions.is_empty() {
+        return Ok(stored);
+    }
+    client.batch_execute("SET lock_timeout = '500ms'").await?;
+    // An infinite timestamp (none a broker sends) has no milliseconds:
+    // nothing to compare.
+    let written = client
+        .query(
+            "SELECT o.p, coalesce(isfinite(t.ts), true), \
+                    CASE WHEN isfinite(t.ts) THEN (extract(epoch FROM t.ts) * 1000)::int8 END \
+             FROM unnest($1::int4[], $2::int8[]) AS o(p, next) \
+             LEFT JOIN events e ON e.kafka_partition = o.p AND e.kafka_offset = o.next - 1 \
+             LEFT JOIN rejected_events r ON r.kafka_partition = o.p AND r.kafka_offset = o.next - 1 \
+             CROSS JOIN LATERAL (SELECT coalesce(e.kafka_timestamp, r.kafka_timestamp) AS ts) t \
+             WHERE e.kafka_offset IS NOT NULL OR r.kafka_offset IS NOT NULL",
+            &[&partitions, &next],
+        )
+        .await;
+    client.batch_execute("RESET lock_timeout").await?;
+    let written = match written {
+        Ok(rows) => rows,
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            tracing::info!(
+                "events or rejected_events is locked; the partitions' logs are not compared with them on this assignment"
+            );
+            return Ok(stored);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for r in written {
+        if let Some(s) = stored.get_mut(&r.get::<_, i32>(0))
+            && r.get::<_, bool>(1)
+        {
+            s.last_written = Some(LastWritten {
+                timestamp_ms: r.get(2),
+            });
+        }
+    }
+    Ok(stored)
 }
 
 /// Refuses a database whose encoding cannot hold every character an event
