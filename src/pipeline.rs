@@ -759,7 +759,7 @@ async fn prepare(
         }
     }
 
-    at("checking the consumer group");
+    at("checking the consumer group and the topic");
     sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
     let kpis = match engine {
         Some(engine) => {

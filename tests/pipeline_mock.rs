@@ -457,12 +457,13 @@ async fn a_partition_whose_fetches_fail_is_not_reported_caught_up() {
     );
 }
 
-/// Regression: a second topic loaded into a database that already holds
-/// another topic's rows (same partitions, same offsets) hit the events key on
-/// every try. That was taken for a fenced batch, so the run re-read its
-/// offsets and tried again, forever. It is now refused with a message that
-/// says what to do, and nothing is written. (A second group on the same topic
-/// is refused earlier, at start, by `check_single_group`.)
+/// A second topic loaded into a database that already holds another topic's
+/// rows. Regression: where the rows collided (same partitions, same offsets)
+/// that was taken for a fenced batch and retried forever; where they did not
+/// (partitions or offsets the first topic had not reached), the two topics
+/// mixed in `events` for good, with no way to tell them apart. Now a second
+/// topic is refused at start; and rows left without their offsets (a start
+/// over that kept `events`) are refused at the first batch, not retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     let cluster = MockCluster::new(1).unwrap();
@@ -476,12 +477,37 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     }
     let db = fresh_db("two_topics").await;
     let cfg = pipeline_config(&brokers, &first_topic, db.clone());
-    let first_group = cfg.kafka.group_id.clone();
     assert_eq!(run_to_end(cfg).await.events_written, 100);
 
-    let second = pipeline_config(&brokers, &second_topic, db.clone());
+    let c = client(&db).await;
+    let second = || pipeline_config(&brokers, &second_topic, db.clone());
     let err = run_within(
-        second,
+        second(),
+        Metrics::new(),
+        Duration::from_secs(60),
+        "refused within 60 s",
+    )
+    .await
+    .expect_err("a second topic is an error");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("already holds the events of topic {first_topic}"))
+            && msg.contains(&format!("cannot take topic {second_topic}"))
+            && msg.contains("One database holds one topic"),
+        "{msg}"
+    );
+    assert_eq!(
+        event_rows(&c).await,
+        100,
+        "nothing of the second topic written"
+    );
+
+    // The first topic's offsets removed, its rows kept.
+    c.execute("DELETE FROM consumer_offsets", &[])
+        .await
+        .unwrap();
+    let err = run_within(
+        second(),
         Metrics::new(),
         Duration::from_secs(60),
         "refused within 60 s, not retried forever",
@@ -495,21 +521,13 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
             && msg.contains("consumer_offsets"),
         "{msg}"
     );
-
-    let c = client(&db).await;
-    let rows = event_rows(&c).await;
-    assert_eq!(rows, 100, "nothing written twice");
+    assert_eq!(event_rows(&c).await, 100, "nothing written twice");
     let groups = counts(
         &c,
         "SELECT group_id, sum(next_offset)::bigint FROM consumer_offsets GROUP BY 1",
     )
     .await;
-    assert_eq!(
-        groups.len(),
-        1,
-        "only the first topic's group stored offsets: {groups:?}"
-    );
-    assert_eq!(groups[&first_group], 100);
+    assert!(groups.is_empty(), "no offsets stored: {groups:?}");
 }
 
 /// Consumers of one database must compute the same KPIs. A consumer started

@@ -508,12 +508,33 @@ pub async fn check_encoding(client: &Client) -> Result<(), SinkError> {
 
 /// Refuses to start a group on a topic that another group already loads into
 /// this database: `events` is keyed by (partition, offset), so a second copy
-/// of the topic would collide row by row and never make progress.
+/// of the topic would collide row by row and never make progress. Refuses a
+/// second topic too: its rows would collide the same way, or, on partitions
+/// or offsets the first one has not reached, mix with its rows for good
+/// (`events` has no topic column), and the KPIs would count both.
 pub async fn check_single_group(
     client: &Client,
     group_id: &str,
     topic: &str,
 ) -> Result<(), SinkError> {
+    let topics: Vec<String> = client
+        .query(
+            "SELECT DISTINCT topic FROM consumer_offsets WHERE topic <> $1 ORDER BY 1",
+            &[&topic],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !topics.is_empty() {
+        return Err(SinkError::Fatal(format!(
+            "this database already holds the events of topic {} (see consumer_offsets), so it cannot take topic {topic}: \
+             events are keyed by partition and offset alone, and the two would mix. One database holds one topic: \
+             run with --topic {} or point DATABASE_URL at another database; to replace the old topic, see README: Starting a topic over",
+            topics.join(", "),
+            topics[0]
+        )));
+    }
     let others: Vec<String> = client
         .query(
             "SELECT DISTINCT group_id FROM consumer_offsets WHERE topic = $1 AND group_id <> $2 \
