@@ -993,6 +993,20 @@ fn intake(
             };
             if caught_up && cfg.stop_when_caught_up && dec.is_empty() {
                 tracing::info!("caught up with every assigned partition");
+                // Other members of the group own the rest: live ones, or
+                // dead ones the broker has not expired yet, whose partitions
+                // nobody reads meanwhile. Either way this run did not load
+                // the whole topic, and a batch job should hear it.
+                if let Some(unowned) = source.unowned_partitions().filter(|u| !u.is_empty()) {
+                    tracing::warn!(
+                        topic = %source.topic(),
+                        group = %cfg.kafka.group_id,
+                        partitions = ?unowned,
+                        "stopping while other members of the group own these partitions: this run did not read them. \
+                         If no other consumer runs, they belong to members that died and that the broker has not expired yet \
+                         (session.timeout.ms); run again once it has"
+                    );
+                }
                 ownership.request_stop();
             }
         }

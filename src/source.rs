@@ -927,6 +927,25 @@ impl KafkaSource {
         }
     }
 
+    /// The topic's partitions this consumer does not own, as the broker
+    /// lists them now; None when the broker does not answer.
+    pub fn unowned_partitions(&self) -> Option<Vec<i32>> {
+        let md = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(5))
+            .ok()?;
+        let owned = self.ownership.assigned();
+        let t = md.topics().iter().find(|t| t.name() == self.topic)?;
+        let mut unowned: Vec<i32> = t
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .filter(|p| !owned.contains(p))
+            .collect();
+        unowned.sort_unstable();
+        Some(unowned)
+    }
+
     pub fn subscribe(&self) -> Result<(), SourceError> {
         self.consumer.subscribe(&[&self.topic])?;
         Ok(())

@@ -815,6 +815,66 @@ async fn an_idle_run_still_logs_progress_on_its_interval() {
     common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
 }
 
+/// Regression: `--stop-when-caught-up` exited 0 once the partitions it was
+/// given were read, without a word about the others, which other members of
+/// the group held: live ones, or dead ones the broker had not expired yet
+/// (found by a probe that killed consumers and then ran a batch load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_when_caught_up_names_the_partitions_other_members_own() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    cluster.create_topic("shared_group", 2, 1).unwrap();
+    common::send_raw(
+        &brokers,
+        "shared_group",
+        &common::sample_messages(0..100, 10),
+    );
+    let db = common::fresh_db("sharedgroup").await;
+    let spawn = |extra: &[&str]| {
+        common::Reaped::new(
+            Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+                .args(["run", "--metrics-addr", "off", "--no-kpis"])
+                .args(["--brokers", &brokers, "--topic", "shared_group"])
+                .args(["--group-id", "shared_group"])
+                .args(extra)
+                .env("DATABASE_URL", common::db_url_with_password(&db))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut first = spawn(&[]);
+    let first_lines = stderr_lines(&mut first);
+    line_where(
+        &first_lines,
+        Duration::from_secs(60),
+        "the first member owning both partitions",
+        |l| l.contains("partitions assigned") && l.contains("[0, 1]"),
+    );
+
+    let mut second = spawn(&["--stop-when-caught-up"]);
+    let lines = stderr_lines(&mut second);
+    let warning = line_where(
+        &lines,
+        Duration::from_secs(120),
+        "a warning naming the partitions it did not read",
+        |l| l.contains("other members of the group own these partitions"),
+    );
+    assert!(
+        warning.contains("partitions=[0]") || warning.contains("partitions=[1]"),
+        "{warning}"
+    );
+    common::wait_exit_success(
+        second.into_inner(),
+        Duration::from_secs(30),
+        "run (caught up)",
+    );
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    common::wait_exit_success(first.into_inner(), Duration::from_secs(30), "run");
+}
+
 /// Regression: `LOG_JSON=1` ended every command with "invalid value '1' for
 /// '--log-json'": switches from the environment took only true or false.
 #[test]
