@@ -4,8 +4,11 @@
 //! and from which offset". Offsets are never taken from Kafka: when partitions
 //! are assigned, the source asks the [`OffsetLoader`] (Postgres, via the
 //! pipeline) and assigns each partition at its stored offset, or at the
-//! beginning when none is stored. Auto-commit and the auto offset store are off;
-//! the Kafka group commit is only a copy for lag tools.
+//! beginning when none is stored. Before it reads on, the message just before
+//! the stored offset must match the row written from it, so that a log that
+//! is not the one the offsets count (a topic created again) is never skipped
+//! into. Auto-commit and the auto offset store are off; the Kafka group
+//! commit is only a copy for lag tools.
 //!
 //! Ownership is versioned by a generation number that every rebalance bumps.
 //! The revoke callback takes the commit gate first, so it waits for an
