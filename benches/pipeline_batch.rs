@@ -83,6 +83,10 @@ fn benches(c: &mut Criterion) {
                         partition: 0,
                         expected: stored,
                         next,
+                        last: energy_stream::source::LastWritten {
+                            timestamp_ms: None,
+                            fingerprint: energy_stream::source::fingerprint(None),
+                        },
                     }];
                     let write = BatchWrite {
                         group_id: "bench",

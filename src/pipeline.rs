@@ -52,7 +52,9 @@ use crate::decode::{BatchDecoder, MessageMeta};
 use crate::event::col;
 use crate::kpi::KpiEngine;
 use crate::sink::{self, BatchWrite, PartitionOffsets, SinkError};
-use crate::source::{KafkaSource, OffsetLoader, Ownership, Polled, StoredOffset};
+use crate::source::{
+    self, KafkaSource, LastWritten, OffsetLoader, Ownership, Polled, StoredOffset,
+};
 use crate::telemetry::{Health, Metrics, kafka_error, stage};
 use crate::validate::validate;
 
@@ -974,7 +976,7 @@ fn intake(
                         timestamp_ms,
                     },
                 );
-                cut.note(partition, offset, timestamp_ms, burst_at);
+                cut.note(partition, offset, timestamp_ms, dec.len() - 1, burst_at);
             }
             decode_time += t.elapsed();
         }
@@ -1078,7 +1080,9 @@ fn hand_on(
 struct Cutter {
     generation: u64,
     first_at: Option<Instant>,
-    last_offsets: BTreeMap<i32, i64>,
+    /// Per partition, its last message so far: offset, Kafka timestamp, and
+    /// its row in the decoder (for the value's fingerprint at the cut).
+    last: BTreeMap<i32, (i64, Option<i64>, usize)>,
     oldest_ts_ms: Option<i64>,
 }
 
@@ -1087,15 +1091,18 @@ impl Cutter {
         Cutter {
             generation,
             first_at: None,
-            last_offsets: BTreeMap::new(),
+            last: BTreeMap::new(),
             oldest_ts_ms: None,
         }
     }
 
-    fn note(&mut self, partition: i32, offset: i64, ts_ms: Option<i64>, now: Instant) {
+    /// Notes the message just pushed to the decoder, at `row`.
+    fn note(&mut self, partition: i32, offset: i64, ts_ms: Option<i64>, row: usize, now: Instant) {
         self.first_at.get_or_insert(now);
-        let last = self.last_offsets.entry(partition).or_insert(offset);
-        *last = (*last).max(offset);
+        let last = self.last.entry(partition).or_insert((offset, ts_ms, row));
+        if offset >= last.0 {
+            *last = (offset, ts_ms, row);
+        }
         if let Some(ts) = ts_ms {
             self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
         }
@@ -1107,16 +1114,29 @@ impl Cutter {
         ownership: &Ownership,
         decode_time: Duration,
     ) -> Batch {
-        let offsets = self
-            .last_offsets
-            .iter()
-            .map(|(&partition, &last)| PartitionOffsets {
-                partition,
-                expected: ownership.advance(partition, last + 1),
-                next: last + 1,
-            })
-            .collect();
         let decoded = dec.finish();
+        let raw = decoded
+            .column_by_name(crate::event::col::RAW)
+            .and_then(|c| {
+                c.as_any()
+                    .downcast_ref::<datafusion::arrow::array::BinaryArray>()
+            })
+            .expect("the decoded batch has its raw bytes");
+        let offsets = self
+            .last
+            .iter()
+            .map(
+                |(&partition, &(offset, timestamp_ms, row))| PartitionOffsets {
+                    partition,
+                    expected: ownership.advance(partition, offset + 1),
+                    next: offset + 1,
+                    last: LastWritten {
+                        timestamp_ms,
+                        fingerprint: source::fingerprint(raw.is_valid(row).then(|| raw.value(row))),
+                    },
+                },
+            )
+            .collect();
         tracing::debug!(
             rows = decoded.num_rows(),
             fill_ms = self.first_at.map_or(0, |t| t.elapsed().as_millis() as u64),

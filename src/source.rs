@@ -100,16 +100,35 @@ pub trait OffsetLoader: Send + Sync {
 pub struct StoredOffset {
     /// The next offset to consume: the last one written + 1.
     pub next: i64,
-    /// What Postgres holds of the message at `next - 1`; None when no row
-    /// does (deleted since), so the log cannot be compared with it.
+    /// The message at `next - 1`, as it was consumed; None when not recorded
+    /// (stored by an older version), so the log cannot be compared with it.
     pub last_written: Option<LastWritten>,
 }
 
-/// The message just before a stored offset, as written to Postgres.
+/// The last message consumed from a partition, as stored with its offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LastWritten {
     /// Its Kafka timestamp in milliseconds (None: it had none).
     pub timestamp_ms: Option<i64>,
+    /// [`fingerprint`] of its value.
+    pub fingerprint: i64,
+}
+
+/// A stable hash of a message's value (None: a tombstone): the first 8 bytes
+/// of the SHA-256 of a tag byte and the value. Computed once per partition
+/// and batch, and once per assignment: never per message.
+pub fn fingerprint(value: Option<&[u8]>) -> i64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    match value {
+        None => h.update([0u8]),
+        Some(v) => {
+            h.update([1u8]);
+            h.update(v);
+        }
+    }
+    let digest = h.finalize();
+    i64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 has 32 bytes"))
 }
 
 /// Shared between the intake thread (rebalance callbacks) and the writer.
@@ -190,17 +209,19 @@ impl Cursor {
 
     /// [`Cursor::judge`], after comparing the log with Postgres. A stored
     /// offset alone cannot tell that the partition's log is another one
-    /// (the topic deleted and created again, or a broker that lost its log)
-    /// once that log has grown past the offset: reading on would skip its
-    /// first messages as written, silently. So the partition is assigned one
-    /// message early, and that message's Kafka timestamp must be the one
-    /// written from it. Another one gives [`Verdict::OtherLog`], and nothing
-    /// of the partition is handed on after it. A message that is gone
-    /// (retention, compaction) leaves nothing to compare: reading goes on.
+    /// (the topic deleted and created again, a mirror, a broker that lost
+    /// its log) once that log has grown past the offset: reading on would
+    /// skip its first messages as written, silently. So the partition is
+    /// assigned one message early, and that message's Kafka timestamp and
+    /// value must be those of the last one consumed. Others give
+    /// [`Verdict::OtherLog`], and nothing of the partition is handed on
+    /// after it. A message that is gone (retention, compaction) leaves
+    /// nothing to compare: reading goes on.
     fn judge_message(
         &mut self,
         offset: i64,
         timestamp_ms: Option<i64>,
+        value: Option<&[u8]>,
         now: Instant,
         erroring: bool,
     ) -> Verdict {
@@ -215,7 +236,8 @@ impl Cursor {
                 self.last_seen = Some(offset);
                 self.prev_below = true;
                 self.verify = None;
-                if timestamp_ms != written.timestamp_ms {
+                if timestamp_ms != written.timestamp_ms || fingerprint(value) != written.fingerprint
+                {
                     self.refused = true;
                     return Verdict::OtherLog {
                         offset,
@@ -261,6 +283,22 @@ impl Cursor {
         self.back = (self.back * 4).max(16);
         self.heard_at = Instant::now();
         Some((next - self.back).max(low).max(0))
+    }
+
+    /// The message to compare (see [`Cursor::judge_message`]) has not come
+    /// and the partition is silent: tansu answers nothing for a fetch inside
+    /// its last record batch. Returns where to look back for it, as for a
+    /// stall; None once it is known to be gone (below the log's start, or not
+    /// there after looking back to it), and then there is nothing to compare.
+    fn look_for_written(&mut self, low: i64) -> Option<i64> {
+        let before = self.next? - 1;
+        if before < low || (self.back > 0 && before - self.back <= low) {
+            self.verify = None;
+            return None;
+        }
+        self.back = (self.back * 4).max(16);
+        self.heard_at = Instant::now();
+        Some((before - self.back).max(low).max(0))
     }
 
     /// Some brokers (tansu's memory engine among them) answer a fetch from an
@@ -765,8 +803,11 @@ pub struct KafkaSource {
 
 /// A Kafka timestamp as the error messages show it.
 fn kafka_time(ms: Option<i64>) -> String {
-    ms.and_then(chrono::DateTime::from_timestamp_millis)
-        .map_or_else(|| "none".to_string(), |t| t.to_rfc3339())
+    match ms {
+        None => "no timestamp".to_string(),
+        Some(ms) => chrono::DateTime::from_timestamp_millis(ms)
+            .map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339()),
+    }
 }
 
 /// Errors creating or running the consumer.
@@ -793,8 +834,8 @@ pub enum SourceError {
     /// before it is not the one written from it: see [`Cursor::judge_message`].
     #[error(
         "partition {partition} of {topic}: the message at offset {offset} is not the one written to Postgres from that offset \
-         (Kafka timestamp {found}, against {written} when it was written). The topic was deleted and created again, \
-         or the broker lost its log, and the new log has grown past the offset stored in Postgres; nothing of it is skipped or written. \
+         (its value or its Kafka timestamp differs: {found}, against {written} when it was written). The topic was deleted and created again, \
+         or is another cluster's, or the broker lost its log, and the new log has grown past the offset stored in Postgres; nothing of it is skipped or written. \
          To load it from its start, remove this group's rows for the topic from consumer_offsets, \
          and the topic's old rows from events and rejected_events (README: Starting a topic over)"
     )]
@@ -995,6 +1036,7 @@ impl KafkaSource {
                         Some(c) => c.judge_message(
                             offset,
                             m.timestamp().to_millis(),
+                            m.payload(),
                             now,
                             self.consume_errors.recent(),
                         ),
@@ -1144,6 +1186,30 @@ impl KafkaSource {
                         continue;
                     }
                 }
+            }
+            // Not caught up before the log is known to be the one the stored
+            // offset counts: a log created again with as many messages as
+            // before would otherwise pass for caught up.
+            let looking = {
+                let mut cursors = self.ownership.cursors.lock().expect("cursors lock");
+                cursors
+                    .get_mut(&p)
+                    .filter(|c| c.verify.is_some())
+                    .map(|c| c.look_for_written(low))
+            };
+            if let Some(seek) = looking {
+                caught_up = false;
+                if let Some(to) = seek
+                    && let Err(e) = self.consumer.seek(
+                        &self.topic,
+                        p,
+                        Offset::Offset(to),
+                        Duration::from_secs(10),
+                    )
+                {
+                    tracing::warn!(partition = p, error = %e, "seek failed");
+                }
+                continue;
             }
             if next.unwrap_or(low) >= high {
                 continue;
@@ -1457,9 +1523,14 @@ mod tests {
         }
     }
 
+    const V: Option<&[u8]> = Some(b"the value");
+
     fn verifying(next: i64, timestamp_ms: Option<i64>) -> Cursor {
         let mut c = Cursor::at(Some(next));
-        c.verify = Some(LastWritten { timestamp_ms });
+        c.verify = Some(LastWritten {
+            timestamp_ms,
+            fingerprint: fingerprint(V),
+        });
         c
     }
 
@@ -1468,26 +1539,29 @@ mod tests {
         let now = Instant::now();
         let mut c = verifying(10, Some(5_000));
         assert_eq!(
-            c.judge_message(9, Some(5_000), now, false),
+            c.judge_message(9, Some(5_000), V, now, false),
             Verdict::Redelivered
         );
         assert_eq!(
-            c.judge_message(10, Some(6_000), now, false),
+            c.judge_message(10, Some(6_000), V, now, false),
             Verdict::Accept
         );
         // Compared once: a later re-delivery of 9 is only a re-delivery.
         assert_eq!(
-            c.judge_message(9, Some(1), now, false),
+            c.judge_message(9, Some(1), V, now, false),
             Verdict::Redelivered
         );
         assert_eq!(
-            c.judge_message(11, Some(7_000), now, false),
+            c.judge_message(11, Some(7_000), V, now, false),
             Verdict::Accept
         );
         // No timestamp when written, none now: the same.
         let mut c = verifying(10, None);
-        assert_eq!(c.judge_message(9, None, now, false), Verdict::Redelivered);
-        assert_eq!(c.judge_message(10, None, now, false), Verdict::Accept);
+        assert_eq!(
+            c.judge_message(9, None, V, now, false),
+            Verdict::Redelivered
+        );
+        assert_eq!(c.judge_message(10, None, V, now, false), Verdict::Accept);
     }
 
     #[test]
@@ -1497,7 +1571,7 @@ mod tests {
         let now = Instant::now();
         let mut c = verifying(10, Some(5_000));
         assert_eq!(
-            c.judge_message(9, Some(9_999), now, false),
+            c.judge_message(9, Some(9_999), V, now, false),
             Verdict::OtherLog {
                 offset: 9,
                 written: Some(5_000),
@@ -1506,7 +1580,7 @@ mod tests {
         );
         for o in [10, 11, 9, 50] {
             assert_eq!(
-                c.judge_message(o, Some(9_999), now, false),
+                c.judge_message(o, Some(9_999), V, now, false),
                 Verdict::Redelivered,
                 "nothing of it is handed on ({o})"
             );
@@ -1514,14 +1588,69 @@ mod tests {
         // A timestamp where none was written, and the other way round.
         let mut c = verifying(10, None);
         assert!(matches!(
-            c.judge_message(9, Some(1), now, false),
+            c.judge_message(9, Some(1), V, now, false),
             Verdict::OtherLog { .. }
         ));
         let mut c = verifying(10, Some(1));
         assert!(matches!(
-            c.judge_message(9, None, now, false),
+            c.judge_message(9, None, V, now, false),
             Verdict::OtherLog { .. }
         ));
+    }
+
+    #[test]
+    fn cursor_refuses_another_value_under_the_same_timestamp() {
+        // Regression: with the timestamp alone, a topic created again whose
+        // producer set the same timestamps (event time, a mirror), or none,
+        // passed, and its first messages were skipped.
+        let now = Instant::now();
+        for ts in [Some(5_000), None] {
+            let mut c = verifying(10, ts);
+            assert!(
+                matches!(
+                    c.judge_message(9, ts, Some(b"another value"), now, false),
+                    Verdict::OtherLog { .. }
+                ),
+                "{ts:?}"
+            );
+        }
+        // A value as large as a producer may stamp is compared as it is.
+        let mut c = verifying(10, Some(i64::MAX));
+        assert_eq!(
+            c.judge_message(9, Some(i64::MAX), V, now, false),
+            Verdict::Redelivered
+        );
+    }
+
+    #[test]
+    fn a_silent_partition_is_looked_back_into_for_the_message_to_compare() {
+        // Assigned at 9 (stored 10) inside tansu's last batch: nothing comes.
+        let mut c = verifying(10, Some(5));
+        assert_eq!(c.look_for_written(0), Some(0));
+        assert_eq!(
+            c.judge_message(0, Some(1), V, Instant::now(), false),
+            Verdict::Redelivered
+        );
+        assert!(c.verify.is_some(), "still looking");
+        // Looked back to the start and it never came: gone, nothing to compare.
+        assert_eq!(c.look_for_written(0), None);
+        assert!(c.verify.is_none());
+        // Below the log's start (retention): gone at once.
+        let mut c = verifying(10, Some(5));
+        assert_eq!(c.look_for_written(10), None);
+        assert!(c.verify.is_none());
+    }
+
+    #[test]
+    fn fingerprints_are_stable_and_tell_a_tombstone_from_an_empty_value() {
+        assert_ne!(fingerprint(None), fingerprint(Some(b"")));
+        assert_ne!(fingerprint(Some(b"a")), fingerprint(Some(b"b")));
+        // Stored in Postgres: it must not change between versions.
+        assert_eq!(fingerprint(Some(b"energy")), fingerprint(Some(b"energy")));
+        assert_eq!(
+            fingerprint(None),
+            i64::from_be_bytes([0x6e, 0x34, 0x0b, 0x9c, 0xff, 0xb3, 0x7a, 0x98])
+        );
     }
 
     #[test]
@@ -1531,15 +1660,15 @@ mod tests {
         // back for 9 before handing 10 on.
         let mut c = verifying(100, Some(5));
         assert_eq!(
-            c.judge_message(100, Some(6), now, false),
+            c.judge_message(100, Some(6), V, now, false),
             Verdict::SeekBack(83)
         );
         assert_eq!(
-            c.judge_message(83, Some(1), now, false),
+            c.judge_message(83, Some(1), V, now, false),
             Verdict::Redelivered
         );
         assert_eq!(
-            c.judge_message(99, Some(9), now, false),
+            c.judge_message(99, Some(9), V, now, false),
             Verdict::OtherLog {
                 offset: 99,
                 written: Some(5),
@@ -1551,7 +1680,7 @@ mod tests {
         let mut c = verifying(3, Some(5));
         let mut seeks = 0;
         loop {
-            match c.judge_message(7, Some(6), now, false) {
+            match c.judge_message(7, Some(6), V, now, false) {
                 Verdict::SeekBack(to) => {
                     assert!(to >= 0);
                     seeks += 1;
@@ -1565,10 +1694,10 @@ mod tests {
         // A message below it came, then one past it: it does not exist.
         let mut c = verifying(10, Some(5));
         assert_eq!(
-            c.judge_message(7, Some(1), now, false),
+            c.judge_message(7, Some(1), V, now, false),
             Verdict::Redelivered
         );
-        assert_eq!(c.judge_message(10, Some(2), now, false), Verdict::Accept);
+        assert_eq!(c.judge_message(10, Some(2), V, now, false), Verdict::Accept);
     }
 
     #[test]

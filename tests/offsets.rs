@@ -20,6 +20,10 @@ fn offsets(list: &[(i32, Option<i64>, i64)]) -> Vec<PartitionOffsets> {
             partition,
             expected,
             next,
+            last: energy_stream::source::LastWritten {
+                timestamp_ms: None,
+                fingerprint: energy_stream::source::fingerprint(None),
+            },
         })
         .collect()
 }

@@ -757,3 +757,71 @@ async fn a_topic_created_again_and_grown_past_the_stored_offsets_is_refused() {
     );
     assert_eq!(counts(&c, offsets_sql).await, offsets, "no offset moved");
 }
+
+/// Regression: the comparison looked at the Kafka timestamp alone, so a topic
+/// created again whose producer stamped the same timestamps (event time, a
+/// mirror) passed and its first messages were skipped; and a new log exactly
+/// as long as the old one passed for caught up. Now the value is compared
+/// too, and a partition is not caught up before its log is recognised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_again_with_the_same_timestamps_and_length_is_refused() {
+    let broker = Broker::get();
+    let topic = unique("same_stamps");
+    create_topic(&broker.brokers, &topic, 1);
+    let stamp = Some(1_748_736_000_000);
+    send_stamped(&broker.brokers, &topic, &sample_messages(0..50, 10), stamp);
+    let db = fresh_db("same_stamps").await;
+    let url = db_url(&db);
+    let group = unique("g");
+    let limit = Duration::from_secs(120);
+    run_to_end(&broker.brokers, &topic, &group, &url, &[], limit);
+    let c = client(&db).await;
+    let before = stored_messages(&c).await.unwrap();
+    assert_eq!(before, 50);
+
+    delete_topic(&broker.brokers, &topic).await;
+    create_topic(&broker.brokers, &topic, 1);
+    send_stamped(
+        &broker.brokers,
+        &topic,
+        &sample_messages(1000..1050, 7),
+        stamp,
+    );
+
+    let log = scratch_dir().join(format!("{topic}.log"));
+    let mut child = Reaped::new(
+        Command::new(BIN)
+            .args(["run", "--brokers", &broker.brokers, "--topic", &topic])
+            .args(["--group-id", &group, "--metrics-addr", "off"])
+            .arg("--stop-when-caught-up")
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < limit, "run did not stop within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !status.success(),
+        "run took another log for caught up: {text}"
+    );
+    assert!(
+        text.contains("is not the one written to Postgres"),
+        "{text}"
+    );
+    assert_eq!(
+        stored_messages(&c).await.unwrap(),
+        before,
+        "nothing written"
+    );
+}

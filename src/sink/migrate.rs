@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "004_member_log.sql",
         include_str!("../../sql/004_member_log.sql"),
     ),
+    (
+        5,
+        "005_offset_fingerprint.sql",
+        include_str!("../../sql/005_offset_fingerprint.sql"),
+    ),
 ];
 
 /// The advisory lock migrations take: an arbitrary constant shared by every

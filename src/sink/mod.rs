@@ -40,6 +40,9 @@ pub struct PartitionOffsets {
     pub partition: i32,
     pub expected: Option<i64>,
     pub next: i64,
+    /// The message at `next - 1`, stored beside the offset for the source
+    /// to recognise the log on the next assignment.
+    pub last: LastWritten,
 }
 
 /// What one transaction writes.
@@ -407,16 +410,9 @@ pub fn describe(c: &tokio_postgres::Config) -> String {
     )
 }
 
-/// Reads the group's stored next offsets of `topic`, each with the Kafka
-/// timestamp of the message just before it, from the row written from it
-/// (in `events` or `rejected_events`), for the source to compare the log
-/// with. Absent partitions are not in the map.
-///
-/// The offsets are read as they always were, waiting on a lock if need be.
-/// The rows are read with a short lock timeout: a table held by a
-/// long-running lock (`VACUUM FULL`, an `ALTER`) must not hold the
-/// assignment, and with it the group, for a comparison. Then there is
-/// nothing to compare, as for a row deleted since.
+/// Reads the group's stored next offsets of `topic`, each with the last
+/// message consumed before it (when recorded). Absent partitions are not in
+/// the map.
 pub async fn load_offsets(
     client: &Client,
     group_id: &str,
@@ -424,67 +420,24 @@ pub async fn load_offsets(
 ) -> Result<HashMap<i32, StoredOffset>, SinkError> {
     let rows = client
         .query(
-            "SELECT kafka_partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+            "SELECT kafka_partition, next_offset, last_timestamp_ms, last_fingerprint \
+             FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
             &[&group_id, &topic],
         )
         .await?;
-    let mut stored: HashMap<i32, StoredOffset> = rows
+    Ok(rows
         .iter()
         .map(|r| {
-            let next = r.get(1);
-            (
-                r.get::<_, i32>(0),
-                StoredOffset {
-                    next,
-                    last_written: None,
-                },
-            )
+            let stored = StoredOffset {
+                next: r.get(1),
+                last_written: r.get::<_, Option<i64>>(3).map(|fingerprint| LastWritten {
+                    timestamp_ms: r.get(2),
+                    fingerprint,
+                }),
+            };
+            (r.get::<_, i32>(0), stored)
         })
-        .collect();
-    let (partitions, next): (Vec<i32>, Vec<i64>) = stored
-        .iter()
-        .filter(|(_, s)| s.next > 0)
-        .map(|(&p, s)| (p, s.next))
-        .unzip();
-    if partitions.is_empty() {
-        return Ok(stored);
-    }
-    client.batch_execute("SET lock_timeout = '500ms'").await?;
-    // An infinite timestamp (none a broker sends) has no milliseconds:
-    // nothing to compare.
-    let written = client
-        .query(
-            "SELECT o.p, coalesce(isfinite(t.ts), true), \
-                    CASE WHEN isfinite(t.ts) THEN (extract(epoch FROM t.ts) * 1000)::int8 END \
-             FROM unnest($1::int4[], $2::int8[]) AS o(p, next) \
-             LEFT JOIN events e ON e.kafka_partition = o.p AND e.kafka_offset = o.next - 1 \
-             LEFT JOIN rejected_events r ON r.kafka_partition = o.p AND r.kafka_offset = o.next - 1 \
-             CROSS JOIN LATERAL (SELECT coalesce(e.kafka_timestamp, r.kafka_timestamp) AS ts) t \
-             WHERE e.kafka_offset IS NOT NULL OR r.kafka_offset IS NOT NULL",
-            &[&partitions, &next],
-        )
-        .await;
-    client.batch_execute("RESET lock_timeout").await?;
-    let written = match written {
-        Ok(rows) => rows,
-        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-            tracing::info!(
-                "events or rejected_events is locked; the partitions' logs are not compared with them on this assignment"
-            );
-            return Ok(stored);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    for r in written {
-        if let Some(s) = stored.get_mut(&r.get::<_, i32>(0))
-            && r.get::<_, bool>(1)
-        {
-            s.last_written = Some(LastWritten {
-                timestamp_ms: r.get(2),
-            });
-        }
-    }
-    Ok(stored)
+        .collect())
 }
 
 /// Refuses a database whose encoding cannot hold every character an event
@@ -872,8 +825,9 @@ async fn store_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(
     for (rows, sql) in [
         (
             known,
-            "UPDATE consumer_offsets c SET next_offset = v.next, updated_at = now() \
-             FROM unnest($3::int4[], $4::int8[]) AS v(p, next) \
+            "UPDATE consumer_offsets c SET next_offset = v.next, last_timestamp_ms = v.ts, \
+             last_fingerprint = v.fp, updated_at = now() \
+             FROM unnest($3::int4[], $4::int8[], $5::int8[], $6::int8[]) AS v(p, next, ts, fp) \
              WHERE c.group_id = $1 AND c.topic = $2 AND c.kafka_partition = v.p \
              RETURNING c.kafka_partition",
         ),
@@ -882,8 +836,9 @@ async fn store_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(
             // meanwhile, it is skipped here and reported as fenced below
             // instead of being overwritten.
             new,
-            "INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) \
-             SELECT $1, $2, p, next FROM unnest($3::int4[], $4::int8[]) AS v(p, next) \
+            "INSERT INTO consumer_offsets \
+             (group_id, topic, kafka_partition, next_offset, last_timestamp_ms, last_fingerprint) \
+             SELECT $1, $2, p, next, ts, fp FROM unnest($3::int4[], $4::int8[], $5::int8[], $6::int8[]) AS v(p, next, ts, fp) \
              ON CONFLICT DO NOTHING RETURNING kafka_partition",
         ),
     ] {
@@ -892,6 +847,8 @@ async fn store_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(
         }
         let partitions: Vec<i32> = rows.iter().map(|o| o.partition).collect();
         let next: Vec<i64> = rows.iter().map(|o| o.next).collect();
+        let timestamps: Vec<Option<i64>> = rows.iter().map(|o| o.last.timestamp_ms).collect();
+        let fingerprints: Vec<i64> = rows.iter().map(|o| o.last.fingerprint).collect();
         let written: Vec<i32> = tx
             .query_typed(
                 sql,
@@ -900,6 +857,8 @@ async fn store_offsets(tx: &Transaction<'_>, batch: &BatchWrite<'_>) -> Result<(
                     (&batch.topic, Type::TEXT),
                     (&partitions, Type::INT4_ARRAY),
                     (&next, Type::INT8_ARRAY),
+                    (&timestamps, Type::INT8_ARRAY),
+                    (&fingerprints, Type::INT8_ARRAY),
                 ],
             )
             .await?

@@ -265,6 +265,17 @@ pub fn bad_messages() -> Vec<(Option<Vec<u8>>, &'static str)> {
 /// Sends raw payloads (None = tombstone) to `topic`, keyed so they spread over
 /// the partitions, and waits until all are delivered.
 pub fn send_raw(brokers: &str, topic: &str, messages: &[Option<Vec<u8>>]) {
+    send_stamped(brokers, topic, messages, None);
+}
+
+/// [`send_raw`], every message with the Kafka timestamp `timestamp_ms` when
+/// given (as producers that stamp event time, or mirrors, do).
+pub fn send_stamped(
+    brokers: &str,
+    topic: &str,
+    messages: &[Option<Vec<u8>>],
+    timestamp_ms: Option<i64>,
+) {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -277,6 +288,9 @@ pub fn send_raw(brokers: &str, topic: &str, messages: &[Option<Vec<u8>>]) {
         let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key.as_bytes());
         if let Some(p) = m {
             rec = rec.payload(p.as_slice());
+        }
+        if let Some(ts) = timestamp_ms {
+            rec = rec.timestamp(ts);
         }
         loop {
             match producer.send(rec) {
