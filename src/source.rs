@@ -819,7 +819,7 @@ pub enum SourceError {
     /// offset as already written, silently, and reading from the start would
     /// collide with the rows of the old log.
     #[error(
-        "partition {partition} of {topic}: the offset stored in Postgres is {stored}, but the partition ends at {end}. \
+        "partition {partition} of {topic}: the offset stored in Postgres is {stored}, but the partition ends at {end} (as the broker reports it). \
          The topic was deleted and created again, truncated, or is another cluster's; nothing of it is skipped or written. \
          To load it from its start, remove this group's rows for the topic from consumer_offsets, \
          and the topic's old rows from events and rejected_events (README: Starting a topic over)"

@@ -516,9 +516,10 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     .expect_err("rows another topic wrote are an error");
     let msg = err.to_string();
     assert!(
-        msg.contains("another consumer group or another topic")
+        msg.contains("another consumer group, or another topic")
             && msg.contains(&second_topic)
-            && msg.contains("consumer_offsets"),
+            && msg.contains("consumer_offsets")
+            && msg.contains("Starting a topic over"),
         "{msg}"
     );
     assert_eq!(event_rows(&c).await, 100, "nothing written twice");

@@ -687,7 +687,7 @@ pub async fn check_duplicate(
         })
         .collect();
     Err(SinkError::Fatal(format!(
-        "rows for topic '{}' ({}) are already stored ({message}), but consumer group '{}' never wrote them: another consumer group or another topic did. This database holds one topic's events, keyed by (partition, offset). Run with the group that wrote them (see the consumer_offsets table), or point this group or topic at another database",
+        "rows at the partitions and offsets this batch of topic '{}' holds ({}) are already stored ({message}), but consumer group '{}' never wrote them: another consumer group, or another topic (an old log of this one included), did. This database holds one topic's events, keyed by (partition, offset) alone. Run with the group that wrote them (see the consumer_offsets table), point this group or topic at another database, or, if the rows are an old topic's left behind, see README: Starting a topic over",
         batch.topic,
         at.join("; "),
         batch.group_id,
