@@ -251,8 +251,7 @@ impl Cursor {
                 // The broker started past it: look back, as for a skipped one.
                 self.heard_at = now;
                 self.last_seen = Some(offset);
-                self.back = (self.back * 4).max(16);
-                return Verdict::SeekBack((before - self.back).max(0));
+                return Verdict::SeekBack(self.step_back(before, 0));
             }
             if offset > before {
                 self.verify = None;
@@ -280,9 +279,8 @@ impl Cursor {
             self.settled = true;
             return None;
         }
-        self.back = (self.back * 4).max(16);
         self.heard_at = Instant::now();
-        Some((next - self.back).max(low).max(0))
+        Some(self.step_back(next, low))
     }
 
     /// The message to compare (see [`Cursor::judge_message`]) has not come
@@ -296,9 +294,15 @@ impl Cursor {
             self.verify = None;
             return None;
         }
-        self.back = (self.back * 4).max(16);
         self.heard_at = Instant::now();
-        Some((before - self.back).max(low).max(0))
+        Some(self.step_back(before, low))
+    }
+
+    /// One more look back before `from`, four times as far as the last (16
+    /// offsets at first), never below `low` or 0: where to seek.
+    fn step_back(&mut self, from: i64, low: i64) -> i64 {
+        self.back = (self.back * 4).max(16);
+        (from - self.back).max(low).max(0)
     }
 
     /// Some brokers (tansu's memory engine among them) answer a fetch from an
@@ -326,8 +330,7 @@ impl Cursor {
         }
         if offset > next && !self.prev_below && next - self.back > 0 {
             // Start a few messages back: a skipped batch is usually far larger.
-            self.back = (self.back * 4).max(16);
-            return Verdict::SeekBack((next - self.back).max(0));
+            return Verdict::SeekBack(self.step_back(next, 0));
         }
         if offset > next && erroring {
             // Start over from `next`, as if no message below it had come.
@@ -954,19 +957,26 @@ impl KafkaSource {
 
     /// True when the broker knows the topic. Errors (broker away) count as "not yet".
     pub fn topic_exists(&self) -> bool {
+        self.partitions().is_some_and(|p| !p.is_empty())
+    }
+
+    /// The topic's partitions as the broker lists them now; None when it
+    /// does not answer or reports an error for the topic.
+    fn partitions(&self) -> Option<Vec<i32>> {
         match self
             .consumer
             .fetch_metadata(Some(&self.topic), Duration::from_secs(5))
         {
             Ok(md) => {
                 self.health.kafka_ok.store(true, Ordering::Relaxed);
-                md.topics().iter().any(|t| {
-                    t.name() == self.topic && t.error().is_none() && !t.partitions().is_empty()
-                })
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == self.topic && t.error().is_none())
+                    .map(|t| t.partitions().iter().map(|p| p.id()).collect())
             }
             Err(e) => {
                 tracing::debug!(error = %e, "metadata request failed");
-                false
+                None
             }
         }
     }
@@ -974,16 +984,10 @@ impl KafkaSource {
     /// The topic's partitions this consumer does not own, as the broker
     /// lists them now; None when the broker does not answer.
     pub fn unowned_partitions(&self) -> Option<Vec<i32>> {
-        let md = self
-            .consumer
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(5))
-            .ok()?;
         let owned = self.ownership.assigned();
-        let t = md.topics().iter().find(|t| t.name() == self.topic)?;
-        let mut unowned: Vec<i32> = t
-            .partitions()
-            .iter()
-            .map(|p| p.id())
+        let mut unowned: Vec<i32> = self
+            .partitions()?
+            .into_iter()
             .filter(|p| !owned.contains(p))
             .collect();
         unowned.sort_unstable();
