@@ -733,26 +733,14 @@ async fn panel_numbers_match_hand_counted_events() {
         assert_eq!(value(&rows, "revenue").as_deref(), Some("60.00"), "{what}");
         // Growth: 4 switches against the previous day's 5, 60 against 20.
         let rows = panel_rows(&c, 7, range, &all).await;
-        assert_eq!(
-            value(&rows, "previous_switches").as_deref(),
-            Some("5"),
-            "{what}"
-        );
-        assert_eq!(
-            value(&rows, "switches_change_pct").as_deref(),
-            Some("-20.0"),
-            "{what}"
-        );
-        assert_eq!(
-            value(&rows, "previous_revenue").as_deref(),
-            Some("20.00"),
-            "{what}"
-        );
-        assert_eq!(
-            value(&rows, "revenue_change_pct").as_deref(),
-            Some("200.0"),
-            "{what}"
-        );
+        for (col, want) in [
+            ("previous_switches", "5"),
+            ("switches_change_pct", "-20.0"),
+            ("previous_revenue", "20.00"),
+            ("revenue_change_pct", "200.0"),
+        ] {
+            assert_eq!(value(&rows, col).as_deref(), Some(want), "{what}: {col}");
+        }
     }
     // One hour against the hour before it: 10:00 on the day (4 switches)
     // against 09:00 (none), and 01:00 the day before against its 00:00 (3).

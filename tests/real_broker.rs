@@ -693,6 +693,40 @@ async fn delete_topic(brokers: &str, topic: &str) {
     }
 }
 
+/// `run --stop-when-caught-up`, which must stop within `limit`, however it
+/// ends: its exit status and its log (warnings and errors).
+fn run_until_it_stops(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    db: &str,
+    limit: Duration,
+) -> (std::process::ExitStatus, String) {
+    let log = scratch_dir().join(format!("{topic}.log"));
+    let mut child = Reaped::new(
+        Command::new(BIN)
+            .args(["run", "--brokers", brokers, "--topic", topic])
+            .args(["--group-id", group, "--metrics-addr", "off"])
+            .arg("--stop-when-caught-up")
+            .env("DATABASE_URL", db)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < limit, "run did not stop within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status, std::fs::read_to_string(&log).unwrap())
+}
+
 /// Regression: a topic deleted and created again, whose new log had grown
 /// past the offsets stored in Postgres, had its first messages skipped as
 /// already written, without a word (found by a probe with tansu). Now `run`
@@ -719,31 +753,7 @@ async fn a_topic_created_again_and_grown_past_the_stored_offsets_is_refused() {
     create_topic(&broker.brokers, &topic, 2);
     produce(&broker.brokers, &topic, &generate(3_000, 0.0, 4));
 
-    let log = scratch_dir().join(format!("{topic}.log"));
-    let mut child = Reaped::new(
-        Command::new(BIN)
-            .args(["run", "--brokers", &broker.brokers, "--topic", &topic])
-            .args(["--group-id", &group, "--metrics-addr", "off"])
-            .arg("--stop-when-caught-up")
-            .env("DATABASE_URL", &url)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            panic!("run did not stop within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = std::fs::read_to_string(&log).unwrap();
+    let (status, text) = run_until_it_stops(&broker.brokers, &topic, &group, &url, limit);
     assert!(!status.success(), "run took another log: {text}");
     assert!(
         text.contains("is not the one written to Postgres"),
@@ -788,29 +798,7 @@ async fn a_topic_created_again_with_the_same_timestamps_and_length_is_refused() 
         stamp,
     );
 
-    let log = scratch_dir().join(format!("{topic}.log"));
-    let mut child = Reaped::new(
-        Command::new(BIN)
-            .args(["run", "--brokers", &broker.brokers, "--topic", &topic])
-            .args(["--group-id", &group, "--metrics-addr", "off"])
-            .arg("--stop-when-caught-up")
-            .env("DATABASE_URL", &url)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < limit, "run did not stop within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = std::fs::read_to_string(&log).unwrap();
+    let (status, text) = run_until_it_stops(&broker.brokers, &topic, &group, &url, limit);
     assert!(
         !status.success(),
         "run took another log for caught up: {text}"
