@@ -1440,7 +1440,10 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
         let mut first_attempt = {
             let copied = if ownership.generation() == batch.generation {
                 Some(
-                    match ctx.bounded("connecting", open(cfg, &mut client)).await {
+                    match ctx
+                        .bounded("connecting", open(cfg, metrics, &mut client))
+                        .await
+                    {
                         Ok(c) => {
                             let write = ctx.batch_write(&batch, &validated, &[], &[], fault_now);
                             ctx.bounded("copying a batch", sink::begin_copy(c, &write))
@@ -1499,7 +1502,10 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                             .inc();
                         break None;
                     }
-                    let c = match ctx.bounded("connecting", open(cfg, &mut client)).await {
+                    let c = match ctx
+                        .bounded("connecting", open(cfg, metrics, &mut client))
+                        .await
+                    {
                         Ok(c) => c,
                         Err(e) => {
                             on_db_error(&e, metrics, health)?;
@@ -1568,7 +1574,10 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                         // Rows no member of this group wrote would be fenced
                         // and retried forever: refuse them. When asking fails,
                         // the retry after the resync asks again.
-                        if let Ok(c) = ctx.bounded("connecting", open(cfg, &mut client)).await {
+                        if let Ok(c) = ctx
+                            .bounded("connecting", open(cfg, metrics, &mut client))
+                            .await
+                        {
                             let write = ctx.batch_write(&batch, &validated, &[], &[], None);
                             match ctx
                                 .bounded(
@@ -1614,29 +1623,37 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
 
 /// Gives up a connection that went unanswered, so that the retry opens a new
 /// one: the old one may still deliver its late reply, or never anything.
+/// Also lets go of a connection the error closed: the caller counts that
+/// error, and [`open`] must not count the closed connection a second time.
 fn forget_if_stuck(e: &SinkError, client: &mut Option<Client>, db: &sink::Database) {
     if e.kind() == "timeout"
         && let Some(c) = client.take()
     {
         tracing::debug!("giving up a connection Postgres left unanswered");
         db.abandon(c);
+    } else if client.as_ref().is_some_and(Client::is_closed) {
+        *client = None;
     }
 }
 
 /// The lane's connection, reconnecting when it broke or was never opened.
+///
+/// A connection found closed here closed while idle, between batches (a
+/// Postgres restart, an operator's `pg_terminate_backend`, a proxy's idle
+/// timeout): no statement failed, so it is counted here as a `connection`
+/// error, or the restart would show nowhere in `db_errors_total`.
 async fn open<'c>(
     cfg: &PipelineConfig,
+    metrics: &Metrics,
     client: &'c mut Option<Client>,
 ) -> Result<&'c mut Client, SinkError> {
-    match client {
-        Some(c) if !c.is_closed() => {}
-        _ => {
-            let broken = client.is_some();
-            *client = Some(cfg.database.connect().await?);
-            if broken {
-                tracing::info!("reconnected to Postgres");
-            }
-        }
+    if client.as_ref().is_some_and(Client::is_closed) {
+        *client = None;
+        metrics.db_errors.with_label_values(&["connection"]).inc();
+        tracing::warn!("Postgres closed the idle connection; reconnecting");
+    }
+    if client.is_none() {
+        *client = Some(cfg.database.connect().await?);
     }
     Ok(client.as_mut().expect("connected above"))
 }

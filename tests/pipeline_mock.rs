@@ -954,6 +954,60 @@ async fn postgres_lost_during_start_up_is_retried() {
     );
 }
 
+/// Regression: a connection Postgres closed while the pipeline idled (a
+/// restart, an operator's `pg_terminate_backend`, a proxy's idle timeout)
+/// was reopened at the next batch without a trace in `db_errors_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_while_idle_is_counted_and_reopened() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..200, 20));
+    let db = fresh_db("idle_closed").await;
+    let name = unique("idle_closed");
+    let mut named = db.clone();
+    named.application_name(&name);
+    let mut cfg = pipeline_config(&brokers, &topic, named);
+    cfg.stop_when_caught_up = false;
+    let metrics = Metrics::new();
+    let running = Running::spawn(cfg, metrics.clone());
+    wait_until(
+        &db,
+        "SELECT count(*) = 200 FROM events",
+        "the first 200 events",
+    )
+    .await;
+    let connection_errors = || metrics.db_errors.with_label_values(&["connection"]).get();
+    let before = connection_errors();
+
+    let c = client(&db).await;
+    let closed: i64 = c
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1 AND state = 'idle'",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(closed >= 1, "the pipeline holds an idle connection");
+    send_raw(&brokers, &topic, &sample_messages(200..400, 20));
+    wait_until(
+        &db,
+        "SELECT count(*) = 400 FROM events",
+        "the next 200 events",
+    )
+    .await;
+
+    assert!(
+        connection_errors() > before,
+        "the closed connection is counted as a connection error"
+    );
+    let summary = running.stop().await;
+    assert_eq!(summary.events_written, 400);
+}
+
 /// Regression: a read-only Postgres at start (a standby the URL points at
 /// during a failover, or a database set read-only) ended `run` with
 /// "postgres unavailable (query)", where a batch would have retried.
