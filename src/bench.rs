@@ -28,6 +28,9 @@ use crate::telemetry::Metrics;
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     pub brokers: String,
+    /// librdkafka options for the bench's producer and topic set-up (the
+    /// `KAFKA_OPT_*` variables); `run` reads them from the environment it
+    /// inherits, not from its argv, where secrets are refused.
     pub kafka_options: Vec<(String, String)>,
     /// A server to create the bench database on; None starts a throwaway one.
     pub database: Option<tokio_postgres::Config>,
@@ -408,9 +411,6 @@ fn spawn_run(
         .args(["--group-id", group, "--metrics-addr"])
         .arg(metrics.map_or("off".to_string(), |a| a.to_string()))
         .args(&cfg.run_args);
-    for (k, v) in &cfg.kafka_options {
-        c.arg("--kafka-option").arg(format!("{k}={v}"));
-    }
     if stop_when_caught_up {
         c.arg("--stop-when-caught-up");
     }

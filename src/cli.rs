@@ -340,7 +340,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => {
             let cfg = crate::bench::BenchConfig {
                 brokers: args.brokers.clone(),
-                kafka_options: Vec::new(),
+                // For the bench's own producer and topic set-up; its `run`
+                // and `migrate` children read them from the environment
+                // they inherit, so secrets never reach their argv.
+                kafka_options: crate::config::kafka_env_options(env_vars())?,
                 database: args.db.resolve(db_in_argv)?,
                 events: args
                     .events

@@ -557,6 +557,32 @@ fn is_secret_key(key: &str) -> bool {
         || k == "sasl.oauthbearer.config"
 }
 
+/// The librdkafka options that `KAFKA_OPT_*` variables in `env` give
+/// (`KAFKA_OPT_SASL_MECHANISM=PLAIN` → `sasl.mechanism=PLAIN`; a `_FILE`
+/// suffix reads the value from that file), sorted by key.
+pub fn kafka_env_options(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut from_env: Vec<(String, String)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("KAFKA_OPT_") else {
+            continue;
+        };
+        let (base, value) = match rest.strip_suffix("_FILE") {
+            Some(base) => (base, read_secret_file(&name, &PathBuf::from(&value))?),
+            None => (rest, value),
+        };
+        // Both forms of one option: which one won depended on sorting.
+        if !seen.insert(base.to_string()) {
+            return Err(ConfigError::KafkaOptionTwice(format!("KAFKA_OPT_{base}")));
+        }
+        from_env.push((base.to_lowercase().replace('_', "."), value));
+    }
+    from_env.sort();
+    Ok(from_env)
+}
+
 impl KafkaArgs {
     /// `KAFKA_OPT_*` variables from `env` (`KAFKA_OPT_SASL_MECHANISM=PLAIN`
     /// → `sasl.mechanism=PLAIN`; a `_FILE` suffix reads the value from that
@@ -580,23 +606,7 @@ impl KafkaArgs {
             }
             flags.push((k.trim().to_string(), v.to_string()));
         }
-        let mut from_env: Vec<(String, String)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for (name, value) in env {
-            let Some(rest) = name.strip_prefix("KAFKA_OPT_") else {
-                continue;
-            };
-            let (base, value) = match rest.strip_suffix("_FILE") {
-                Some(base) => (base, read_secret_file(&name, &PathBuf::from(&value))?),
-                None => (rest, value),
-            };
-            // Both forms of one option: which one won depended on sorting.
-            if !seen.insert(base.to_string()) {
-                return Err(ConfigError::KafkaOptionTwice(format!("KAFKA_OPT_{base}")));
-            }
-            from_env.push((base.to_lowercase().replace('_', "."), value));
-        }
-        from_env.sort();
+        let mut from_env = kafka_env_options(env)?;
         from_env.retain(|(k, _)| !flags.iter().any(|(f, _)| f.eq_ignore_ascii_case(k)));
         from_env.extend(flags);
         Ok(from_env)

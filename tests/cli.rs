@@ -163,11 +163,17 @@ static BENCH_DBS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `energy-stream bench <args>` against the Postgres server at `server`.
 fn bench(server: &str, args: &[&str]) -> std::process::Output {
+    bench_with_env(server, &[], args)
+}
+
+/// `bench` with extra environment variables.
+fn bench_with_env(server: &str, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_energy-stream"))
         .arg("bench")
         .args(args)
         .env("DATABASE_URL", server)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .unwrap()
@@ -210,6 +216,34 @@ async fn a_failed_bench_leaves_no_database_behind() {
         before,
         "a bench database was left on the server"
     );
+}
+
+/// Regression: the bench's own producer and topic set-up ignored the
+/// `KAFKA_OPT_*` variables that `run` honours, so against a broker that
+/// needs TLS or SASL the bench could not load its topic.
+#[tokio::test]
+async fn the_bench_takes_kafka_options_from_the_environment() {
+    let _turn = BENCH_DBS.lock().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = common::server_url();
+    let admin = common::client(&server.parse().unwrap()).await;
+    let before = bench_dbs(&admin).await;
+    let out = bench_with_env(
+        &server,
+        &[("KAFKA_OPT_SECURITY_PROTOCOL", "bogus")],
+        &["--events", "100", "--brokers", &format!("127.0.0.1:{port}")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("invalid Kafka configuration") && stderr.contains("security.protocol"),
+        "the producer was built with the option: {stderr}"
+    );
+    assert_eq!(bench_dbs(&admin).await, before);
 }
 
 /// The harness end to end on a real broker: every figure the issue asks for
