@@ -1063,6 +1063,60 @@ async fn the_view_reads_what_datafusion_computes_once() {
     assert!(err.contains("xor.sql") && err.contains("XOR"), "{err}");
 }
 
+/// Regression: time functions over aggregates (`date_trunc`, `extract`, a
+/// cast to a date) ran in the view in the reading session's time zone, so a
+/// Grafana session in +05:45 read another day and hour than DataFusion, which
+/// computes in UTC. `to_char`'s patterns differ between the two (`%Y` against
+/// `YYYY`), so it is refused over aggregates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
+    let sql = "SELECT event_type, date_trunc('day', max(event_time)) AS last_day, \
+               extract(hour FROM max(event_time)) AS last_hour, \
+               CAST(max(event_time) AS DATE) AS last_date, \
+               date_trunc('hour', min(event_time)) AS first_hour \
+               FROM events GROUP BY event_type";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("last_seen.sql", sql)]))
+        .await
+        .unwrap();
+    // 2025-06-01 20:00 to 21:09 UTC: 2025-06-02 01:45 to 02:54 in +05:45.
+    let lines: Vec<String> = (0..70)
+        .map(|i| event(TYPES[i % 7], &format!("C{}", i % 5), 1, 20 * 60 + i as u32))
+        .collect();
+    let mut c = setup("view_zone", &engine).await;
+    stream(&mut c, &engine, &valid_events(&lines), &[9, 13]).await;
+
+    let read = "SELECT DISTINCT extract(epoch FROM last_day)::bigint, last_hour::int, \
+                last_date::text, extract(epoch FROM first_hour)::bigint FROM last_seen";
+    for zone in ["UTC", "Asia/Kathmandu", "America/Los_Angeles"] {
+        c.batch_execute(&format!("SET TIME ZONE '{zone}'"))
+            .await
+            .unwrap();
+        let rows = c.query(read, &[]).await.unwrap();
+        let got: Vec<(i64, i32, String, i64)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(1_748_736_000, 21, "2025-06-01".to_string(), 1_748_808_000)],
+            "read in {zone}"
+        );
+    }
+
+    let err = KpiEngine::load_dir(&kpi_dir(&[(
+        "formatted.sql",
+        "SELECT channel, to_char(max(event_time), '%Y-%m-%d') AS last FROM events GROUP BY channel",
+    )]))
+    .await
+    .err()
+    .expect("to_char over aggregates is refused")
+    .to_string();
+    assert!(
+        err.contains("formatted.sql") && err.contains("to_char"),
+        "{err}"
+    );
+}
+
 /// Regression: a KPI whose expression over aggregates uses a function that
 /// DataFusion has and Postgres lacks passed `check`, backfilled, and then
 /// failed at start with Postgres' bare "function signum(numeric) does not

@@ -784,6 +784,46 @@ impl Analysed {
                             "Postgres reads ^ as a power; compute the XOR when reading the view (Postgres spells it #)",
                         ));
                     }
+                    Expr::ScalarFunction(f) if f.name() == "to_char" => {
+                        refused = Some(c.err(
+                            format!("to_char in {name}, which the view computes"),
+                            "DataFusion's and Postgres' format patterns differ (%Y against YYYY); \
+                             format the value when reading the view",
+                        ));
+                    }
+                    // DataFusion computes these in the timestamp's own zone,
+                    // UTC; Postgres in the reading session's. Pinned to UTC,
+                    // a Grafana session in +05:45 reads the day DataFusion
+                    // computed.
+                    Expr::ScalarFunction(f) if matches!(f.name(), "date_trunc" | "date_part") => {
+                        let mut f = f.clone();
+                        let mut pinned = false;
+                        for arg in &mut f.args {
+                            if is_utc_timestamp(arg, schema) {
+                                *arg = pg_timezone_utc(arg.clone());
+                                pinned = true;
+                            }
+                        }
+                        if pinned {
+                            let call = Expr::ScalarFunction(f.clone());
+                            // date_trunc's local result back to an instant.
+                            let out = if f.name() == "date_trunc" {
+                                pg_timezone_utc(call)
+                            } else {
+                                call
+                            };
+                            return Ok(Transformed::yes(out));
+                        }
+                    }
+                    Expr::Cast(cast)
+                        if matches!(cast.field.data_type(), DataType::Date32 | DataType::Date64)
+                            && is_utc_timestamp(&cast.expr, schema) =>
+                    {
+                        return Ok(Transformed::yes(Expr::Cast(datafusion::logical_expr::Cast {
+                            expr: Box::new(pg_timezone_utc(cast.expr.as_ref().clone())),
+                            field: cast.field.clone(),
+                        })));
+                    }
                     Expr::Cast(cast) if cast.field.data_type().is_integer() => {
                         let from = cast.expr.get_type(schema.as_ref());
                         if from.is_ok_and(|t| t.is_floating() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))) {
@@ -927,5 +967,67 @@ impl Analysed {
             outputs.push(Output { name, pg_expr: sql });
         }
         Ok(outputs)
+    }
+}
+
+/// Whether `e` is a timestamp in UTC (`event_time`, an aggregate of it).
+fn is_utc_timestamp(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
+    matches!(
+        e.get_type(schema.as_ref()),
+        Ok(DataType::Timestamp(_, Some(tz))) if super::utc::is_utc(&tz)
+    )
+}
+
+/// Postgres' `timezone('UTC', e)`, that is `e AT TIME ZONE 'UTC'`: an
+/// instant to its UTC wall-clock time, or a wall-clock time read as UTC back
+/// to an instant. Only ever written out into a view, never run here.
+fn pg_timezone_utc(e: Expr) -> Expr {
+    Expr::ScalarFunction(datafusion::logical_expr::expr::ScalarFunction::new_udf(
+        std::sync::Arc::new(datafusion::logical_expr::ScalarUDF::new_from_impl(
+            PgTimezone::default(),
+        )),
+        vec![lit("UTC"), e],
+    ))
+}
+
+/// See [`pg_timezone_utc`]. Its return type is Postgres': `timestamptz` to
+/// `timestamp` and back, so that the expressions around it type-check.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct PgTimezone {
+    signature: datafusion::logical_expr::Signature,
+}
+
+impl Default for PgTimezone {
+    fn default() -> Self {
+        PgTimezone {
+            signature: datafusion::logical_expr::Signature::any(2, Volatility::Immutable),
+        }
+    }
+}
+
+impl datafusion::logical_expr::ScalarUDFImpl for PgTimezone {
+    fn name(&self) -> &str {
+        "timezone"
+    }
+
+    fn signature(&self) -> &datafusion::logical_expr::Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, args: &[DataType]) -> datafusion::common::Result<DataType> {
+        match args.get(1) {
+            Some(DataType::Timestamp(unit, Some(_))) => Ok(DataType::Timestamp(*unit, None)),
+            Some(DataType::Timestamp(unit, None)) => {
+                Ok(DataType::Timestamp(*unit, Some("UTC".into())))
+            }
+            other => datafusion::common::plan_err!("timezone() of {other:?}"),
+        }
+    }
+
+    fn invoke_with_args(
+        &self,
+        _args: datafusion::logical_expr::ScalarFunctionArgs,
+    ) -> datafusion::common::Result<datafusion::logical_expr::ColumnarValue> {
+        datafusion::common::not_impl_err!("timezone() is only written out into Postgres views")
     }
 }

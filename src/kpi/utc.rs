@@ -36,7 +36,7 @@ pub fn date_trunc() -> ScalarUDF {
 
 /// Zone names that mean UTC itself (not a zone that is at +00:00 only in
 /// winter, like Europe/London).
-fn is_utc(tz: &str) -> bool {
+pub(crate) fn is_utc(tz: &str) -> bool {
     matches!(
         tz,
         "UTC" | "utc" | "Etc/UTC" | "Z" | "+00:00" | "+0000" | "+00" | "-00:00"
