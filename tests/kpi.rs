@@ -1061,6 +1061,33 @@ async fn the_view_reads_what_datafusion_computes_once() {
     .expect("a XOR over aggregates is refused")
     .to_string();
     assert!(err.contains("xor.sql") && err.contains("XOR"), "{err}");
+
+    // Regression: a constant 0 divisor passed `check`; then DataFusion
+    // failed every batch on it and Postgres every read of the view.
+    for (file, sql) in [
+        (
+            "zero_out.sql",
+            "SELECT channel, count(*) / 0 AS x FROM events GROUP BY channel",
+        ),
+        (
+            "zero_in.sql",
+            "SELECT channel, sum(session_id % 0) AS x FROM events GROUP BY channel",
+        ),
+        (
+            "zero_float.sql",
+            "SELECT channel, avg(energy_consumed) / 0.0 AS x FROM events GROUP BY channel",
+        ),
+    ] {
+        let err = KpiEngine::load_dir(&kpi_dir(&[(file, sql)]))
+            .await
+            .err()
+            .expect("a constant 0 divisor is refused")
+            .to_string();
+        assert!(
+            err.contains(file) && err.contains("division by the constant 0"),
+            "{err}"
+        );
+    }
 }
 
 /// Regression: time functions over aggregates (`date_trunc`, `extract`, a

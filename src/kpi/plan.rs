@@ -582,6 +582,17 @@ fn check_expr(c: &Ctx<'_>, e: &Expr) -> Result<(), KpiError> {
                     },
                 ))
             }
+            // DataFusion fails the batch on it (the KPI is disabled), and
+            // Postgres every read of the view: refused up front instead.
+            Expr::BinaryExpr(b)
+                if matches!(b.op, Operator::Divide | Operator::Modulo)
+                    && matches!(b.right.as_ref(), Expr::Literal(v, _) if is_zero(v)) =>
+            {
+                Some(c.err(
+                    format!("a division by the constant 0 ({e})"),
+                    "divide by something that can be non-zero, e.g. nullif(count(x), 0)",
+                ))
+            }
             Expr::AggregateFunction(f)
                 if f.func.signature().volatility != Volatility::Immutable =>
             {
@@ -601,6 +612,11 @@ fn check_expr(c: &Ctx<'_>, e: &Expr) -> Result<(), KpiError> {
         }
     });
     found.map_or(Ok(()), Err)
+}
+
+/// Whether `v` is a numeric zero (`0`, `0.0`, a zero decimal).
+fn is_zero(v: &datafusion::common::ScalarValue) -> bool {
+    datafusion::common::ScalarValue::new_zero(&v.data_type()).is_ok_and(|zero| *v == zero)
 }
 
 struct AnalysedMeasure {
