@@ -1142,6 +1142,18 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
         err.contains("formatted.sql") && err.contains("to_char"),
         "{err}"
     );
+    let err = KpiEngine::load_dir(&kpi_dir(&[(
+        "as_text.sql",
+        "SELECT channel, CAST(max(event_time) AS VARCHAR) AS last FROM events GROUP BY channel",
+    )]))
+    .await
+    .err()
+    .expect("a time cast to text over aggregates is refused")
+    .to_string();
+    assert!(
+        err.contains("as_text.sql") && err.contains("cast of a time to text"),
+        "{err}"
+    );
 }
 
 /// Regression: a KPI whose expression over aggregates uses a function that

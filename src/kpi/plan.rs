@@ -832,6 +832,18 @@ impl Analysed {
                         }
                     }
                     Expr::Cast(cast)
+                        if matches!(
+                            cast.field.data_type(),
+                            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                        ) && cast.expr.get_type(schema.as_ref()).is_ok_and(|t| t.is_temporal()) =>
+                    {
+                        refused = Some(c.err(
+                            format!("a cast of a time to text in {name}, which the view computes"),
+                            "DataFusion writes 2025-06-01T21:09:00Z where Postgres writes \
+                             2025-06-01 21:09:00+00; cast when reading the view",
+                        ));
+                    }
+                    Expr::Cast(cast)
                         if matches!(cast.field.data_type(), DataType::Date32 | DataType::Date64)
                             && is_utc_timestamp(&cast.expr, schema) =>
                     {
