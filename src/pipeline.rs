@@ -1640,8 +1640,9 @@ fn forget_if_stuck(e: &SinkError, client: &mut Option<Client>, db: &sink::Databa
 ///
 /// A connection found closed here closed while idle, between batches (a
 /// Postgres restart, an operator's `pg_terminate_backend`, a proxy's idle
-/// timeout): no statement failed, so it is counted here as a `connection`
-/// error, or the restart would show nowhere in `db_errors_total`.
+/// timeout): no statement failed and no batch is retried, so it is counted
+/// here, as kind `idle_closed`, or the restart would show nowhere in
+/// `db_errors_total`.
 async fn open<'c>(
     cfg: &PipelineConfig,
     metrics: &Metrics,
@@ -1649,7 +1650,10 @@ async fn open<'c>(
 ) -> Result<&'c mut Client, SinkError> {
     if client.as_ref().is_some_and(Client::is_closed) {
         *client = None;
-        metrics.db_errors.with_label_values(&["connection"]).inc();
+        metrics
+            .db_errors
+            .with_label_values(&[crate::telemetry::DB_IDLE_CLOSED])
+            .inc();
         tracing::warn!("Postgres closed the idle connection; reconnecting");
     }
     if client.is_none() {

@@ -30,6 +30,9 @@ pub const STAGE_DURATION: &str = "energy_stream_stage_duration_seconds";
 pub const END_TO_END_LATENCY: &str = "energy_stream_end_to_end_latency_seconds";
 pub const CONSUMER_LAG: &str = "energy_stream_consumer_lag";
 pub const DB_ERRORS: &str = "energy_stream_db_errors_total";
+/// The `kind` of [`DB_ERRORS`] for a connection Postgres closed while the
+/// pipeline idled (no statement failed, so no batch was retried).
+pub const DB_IDLE_CLOSED: &str = "idle_closed";
 pub const RETRIES: &str = "energy_stream_retries_total";
 pub const LAST_COMMIT: &str = "energy_stream_last_commit_timestamp_seconds";
 pub const KPI_ROWS_MERGED: &str = "energy_stream_kpi_rows_merged_total";
@@ -186,7 +189,7 @@ impl Metrics {
             db_errors: counter_vec(
                 &r,
                 DB_ERRORS,
-                "Postgres errors, by kind (connection, shutdown, conflict, fenced, ...).",
+                "Postgres errors, by kind (connection, shutdown, conflict, fenced, idle_closed, ...).",
                 &["kind"],
             ),
             retries: counter(&r, RETRIES, "Batch write attempts retried after an error."),
@@ -262,6 +265,7 @@ impl Metrics {
         for k in crate::sink::SinkError::KINDS {
             self.db_errors.with_label_values(&[k]);
         }
+        self.db_errors.with_label_values(&[DB_IDLE_CLOSED]);
         for c in ["rebalance", "fenced"] {
             self.batches_discarded.with_label_values(&[c]);
         }

@@ -978,7 +978,12 @@ async fn a_connection_closed_while_idle_is_counted_and_reopened() {
         "the first 200 events",
     )
     .await;
-    let connection_errors = || metrics.db_errors.with_label_values(&["connection"]).get();
+    let connection_errors = || {
+        metrics
+            .db_errors
+            .with_label_values(&[energy_stream::telemetry::DB_IDLE_CLOSED])
+            .get()
+    };
     let before = connection_errors();
 
     let c = client(&db).await;
@@ -1002,7 +1007,7 @@ async fn a_connection_closed_while_idle_is_counted_and_reopened() {
 
     assert!(
         connection_errors() > before,
-        "the closed connection is counted as a connection error"
+        "the closed connection is counted as a database error"
     );
     let summary = running.stop().await;
     assert_eq!(summary.events_written, 400);
