@@ -7,7 +7,10 @@
 # slow part: DataFusion, librdkafka) in its own layer, rebuilt only when
 # Cargo.toml / Cargo.lock change.
 
-ARG RUST_VERSION=1
+# Pinned, not `1`: a moving tag stays at whatever copy a machine cached, and
+# an old cached `rust:1-bookworm` cannot build edition 2024 (Cargo.toml's
+# rust-version is 1.94). Checked with 1.95.0.
+ARG RUST_VERSION=1.95
 
 # ---- chef: the toolchain, cargo-chef and the C build deps of the -sys crates
 FROM rust:${RUST_VERSION}-bookworm AS chef

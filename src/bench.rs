@@ -580,6 +580,7 @@ async fn race(
         shuffle: false,
         repeat: false,
         live: false,
+        input_once: false,
         bad_lines: dir.join("bad-lines.jsonl"),
     };
     let pc = produce_cfg.clone();

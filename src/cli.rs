@@ -168,6 +168,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 shuffle: args.shuffle,
                 repeat: args.repeat,
                 live: args.live,
+                input_once: args.input_once,
                 bad_lines: args.bad_lines.clone(),
             };
             let metrics = Metrics::new();

@@ -321,6 +321,11 @@ pub struct ProduceArgs {
     /// current time, at --rate, until interrupted (keeps dashboards moving).
     #[arg(long, requires = "rate")]
     pub live: bool,
+    /// Send the file only into a topic that holds no message yet: when a
+    /// restarted producer finds the topic already filled, it skips the file
+    /// (and goes straight to --live events), so the file is never stored twice.
+    #[arg(long, conflicts_with = "repeat")]
+    pub input_once: bool,
     /// Where refused lines go, with their reason.
     #[arg(long, default_value = "bad-lines.jsonl")]
     pub bad_lines: PathBuf,

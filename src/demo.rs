@@ -183,6 +183,7 @@ pub async fn run(
         shuffle: false,
         repeat: false,
         live: false,
+        input_once: false,
         bad_lines: bad_lines.clone(),
     };
     let metrics = Metrics::new();

@@ -40,6 +40,10 @@ pub struct ProduceConfig {
     pub bad_lines: PathBuf,
     /// After the file, generate live events (at `rate`) until stopped.
     pub live: bool,
+    /// Send the file only into a topic that holds no message yet, so that a
+    /// restarted producer (a container started again) does not store it a
+    /// second time; `live` events follow either way.
+    pub input_once: bool,
 }
 
 /// Every reason [`check_line`] gives, for metric labels.
@@ -193,6 +197,32 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, Produc
     Ok(true)
 }
 
+/// How many messages `kafka.topic` holds, over all its partitions.
+fn messages_held(kafka: &KafkaConfig) -> Result<i64, ProduceError> {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = kafka
+        .client_config()
+        .create()
+        .map_err(|e| ProduceError::Config(crate::source::config_error(&e)))?;
+    let unreachable = |e: KafkaError| ProduceError::Unreachable {
+        brokers: kafka.brokers.clone(),
+        cause: e.to_string(),
+    };
+    let md = consumer
+        .fetch_metadata(Some(&kafka.topic), Duration::from_secs(10))
+        .map_err(unreachable)?;
+    let mut held = 0;
+    for t in md.topics().iter().filter(|t| t.name() == kafka.topic) {
+        for p in t.partitions() {
+            let (low, high) = consumer
+                .fetch_watermarks(&kafka.topic, p.id(), Duration::from_secs(10))
+                .map_err(unreachable)?;
+            held += (high - low).max(0);
+        }
+    }
+    Ok(held)
+}
+
 struct DeliveryCounter {
     ok: AtomicU64,
     failed: AtomicU64,
@@ -327,7 +357,19 @@ pub fn produce(
             ),
         });
     }
-    ensure_topic(&cfg.kafka, cfg.partitions)?;
+    let created = ensure_topic(&cfg.kafka, cfg.partitions)?;
+    let skip_input = cfg.input_once && !created && {
+        let held = messages_held(&cfg.kafka)?;
+        if held > 0 {
+            tracing::info!(
+                topic = %cfg.kafka.topic,
+                messages = held,
+                input = %cfg.input.display(),
+                "the topic already holds messages; not sending the input again (--input-once)"
+            );
+        }
+        held > 0
+    };
     health.kafka_ok.store(true, Ordering::Relaxed);
 
     let ctx = DeliveryCounter {
@@ -391,7 +433,9 @@ pub fn produce(
         }
         passes += 1;
         let offered_before = offered;
-        let lines: Box<dyn Iterator<Item = std::io::Result<Line>>> = if cfg.shuffle {
+        let lines: Box<dyn Iterator<Item = std::io::Result<Line>>> = if skip_input {
+            Box::new(std::iter::empty())
+        } else if cfg.shuffle {
             let mut all: Vec<Line> = read_lines(&cfg.input)
                 .map_err(input_err)?
                 .collect::<Result<_, _>>()
@@ -757,6 +801,7 @@ mod tests {
             repeat: false,
             bad_lines: dir.join("bad.jsonl"),
             live: false,
+            input_once: false,
         };
         let summary = produce_once(&cfg).unwrap();
         assert_eq!((summary.sent, summary.failed, summary.bad_lines), (4, 0, 1));
@@ -804,6 +849,54 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Regression: a restarted producer (`docker compose up` after `down`,
+    /// or after a rebuild) sent the sample file into the topic again, and
+    /// every sample event was stored twice. With `input_once` the file goes
+    /// only into a topic that holds nothing yet.
+    #[test]
+    fn input_once_sends_the_file_into_an_empty_topic_only() {
+        let dir = std::env::temp_dir().join(format!("es-produce-once-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.jsonl");
+        std::fs::write(
+            &input,
+            "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{}}\n".repeat(3),
+        )
+        .unwrap();
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        // The mock cluster cannot create topics through the admin API.
+        cluster.create_topic("premade", 2, 1).unwrap();
+        let cfg = |topic: &str| ProduceConfig {
+            kafka: KafkaConfig {
+                brokers: cluster.bootstrap_servers(),
+                topic: topic.into(),
+                group_id: "unused".into(),
+                options: vec![],
+            },
+            input: input.clone(),
+            partitions: 2,
+            rate: None,
+            shuffle: false,
+            repeat: false,
+            bad_lines: dir.join("bad.jsonl"),
+            live: false,
+            input_once: true,
+        };
+        assert_eq!(produce_once(&cfg("premade")).unwrap().sent, 3, "empty");
+        assert_eq!(
+            produce_once(&cfg("premade")).unwrap().sent,
+            0,
+            "the topic holds the file already"
+        );
+        // Without the flag the file goes again, as asked.
+        let again = ProduceConfig {
+            input_once: false,
+            ..cfg("premade")
+        };
+        assert_eq!(produce_once(&again).unwrap().sent, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// Regression: `--loop` over an empty file, or a file of refused lines
     /// only, re-read the input as fast as it could, forever: a spinning CPU,
     /// an ever-growing bad-lines file.
@@ -829,6 +922,7 @@ mod tests {
             repeat: true,
             bad_lines: dir.join("bad.jsonl"),
             live: false,
+            input_once: false,
         };
         // An earlier run's refusals, which this run must not leave behind.
         std::fs::write(&cfg.bad_lines, "stale\n").unwrap();
