@@ -321,7 +321,7 @@ pub struct ProduceArgs {
     /// current time, at --rate, until interrupted (keeps dashboards moving).
     #[arg(long, requires = "rate")]
     pub live: bool,
-    /// Send the file only into a topic that holds no message yet: when a
+    /// Send the file only into a topic no message was ever written to: when a
     /// restarted producer finds the topic already filled, it skips the file
     /// (and goes straight to --live events), so the file is never stored twice.
     #[arg(long, conflicts_with = "repeat")]

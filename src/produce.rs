@@ -40,7 +40,7 @@ pub struct ProduceConfig {
     pub bad_lines: PathBuf,
     /// After the file, generate live events (at `rate`) until stopped.
     pub live: bool,
-    /// Send the file only into a topic that holds no message yet, so that a
+    /// Send the file only into a topic no message was ever written to, so that a
     /// restarted producer (a container started again) does not store it a
     /// second time; `live` events follow either way.
     pub input_once: bool,
@@ -197,8 +197,10 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, Produc
     Ok(true)
 }
 
-/// How many messages `kafka.topic` holds, over all its partitions.
-fn messages_held(kafka: &KafkaConfig) -> Result<i64, ProduceError> {
+/// How many messages were ever written to `kafka.topic`: the sum of its
+/// partitions' high watermarks, which retention does not lower (a topic
+/// whose sample aged out still had it once).
+fn messages_written(kafka: &KafkaConfig) -> Result<i64, ProduceError> {
     use rdkafka::consumer::Consumer;
     let consumer: rdkafka::consumer::BaseConsumer = kafka
         .client_config()
@@ -214,10 +216,10 @@ fn messages_held(kafka: &KafkaConfig) -> Result<i64, ProduceError> {
     let mut held = 0;
     for t in md.topics().iter().filter(|t| t.name() == kafka.topic) {
         for p in t.partitions() {
-            let (low, high) = consumer
+            let (_, high) = consumer
                 .fetch_watermarks(&kafka.topic, p.id(), Duration::from_secs(10))
                 .map_err(unreachable)?;
-            held += (high - low).max(0);
+            held += high.max(0);
         }
     }
     Ok(held)
@@ -358,18 +360,20 @@ pub fn produce(
         });
     }
     let created = ensure_topic(&cfg.kafka, cfg.partitions)?;
-    let skip_input = cfg.input_once && !created && {
-        let held = messages_held(&cfg.kafka)?;
-        if held > 0 {
-            tracing::info!(
-                topic = %cfg.kafka.topic,
-                messages = held,
-                input = %cfg.input.display(),
-                "the topic already holds messages; not sending the input again (--input-once)"
-            );
-        }
-        held > 0
-    };
+    let skip_input = cfg.input_once
+        && !created
+        && {
+            let held = messages_written(&cfg.kafka)?;
+            if held > 0 {
+                tracing::info!(
+                    topic = %cfg.kafka.topic,
+                    messages = held,
+                    input = %cfg.input.display(),
+                    "messages were written to the topic before; not sending the input again (--input-once)"
+                );
+            }
+            held > 0
+        };
     health.kafka_ok.store(true, Ordering::Relaxed);
 
     let ctx = DeliveryCounter {
