@@ -1061,6 +1061,17 @@ async fn the_view_reads_what_datafusion_computes_once() {
     .expect("a XOR over aggregates is refused")
     .to_string();
     assert!(err.contains("xor.sql") && err.contains("XOR"), "{err}");
+    // Divisors that only look like zero are kept.
+    for sql in [
+        "SELECT channel, sum(session_id) / 2 AS x FROM events GROUP BY channel",
+        "SELECT channel, count(*) / 0.5 AS x FROM events GROUP BY channel",
+        "SELECT channel, count(*) / (1 - 0) AS x FROM events GROUP BY channel",
+        "SELECT channel, count(*) / nullif(count(payment_amount), 0) AS x FROM events GROUP BY channel",
+    ] {
+        KpiEngine::load_dir(&kpi_dir(&[("fine.sql", sql)]))
+            .await
+            .unwrap_or_else(|e| panic!("{sql} is refused: {e}"));
+    }
 
     // Regression: a constant 0 divisor passed `check`; then DataFusion
     // failed every batch on it and Postgres every read of the view.
@@ -1076,6 +1087,18 @@ async fn the_view_reads_what_datafusion_computes_once() {
         (
             "zero_float.sql",
             "SELECT channel, avg(energy_consumed) / 0.0 AS x FROM events GROUP BY channel",
+        ),
+        (
+            "zero_cast.sql",
+            "SELECT channel, sum(session_id / CAST(0 AS BIGINT)) AS x FROM events GROUP BY channel",
+        ),
+        (
+            "zero_folded.sql",
+            "SELECT channel, count(*) / (1 - 1) AS x FROM events GROUP BY channel",
+        ),
+        (
+            "zero_negative.sql",
+            "SELECT channel, sum(energy_consumed) % -0.0 AS x FROM events GROUP BY channel",
         ),
     ] {
         let err = KpiEngine::load_dir(&kpi_dir(&[(file, sql)]))
@@ -1100,7 +1123,9 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
     let sql = "SELECT event_type, date_trunc('day', max(event_time)) AS last_day, \
                extract(hour FROM max(event_time)) AS last_hour, \
                CAST(max(event_time) AS DATE) AS last_date, \
-               date_trunc('hour', min(event_time)) AS first_hour \
+               date_trunc('hour', min(event_time)) AS first_hour, \
+               CAST(max(event_time) AS TIMESTAMP) AS last_wall, \
+               max(event_time) + INTERVAL '6 months' AS half_year_on \
                FROM events GROUP BY event_type";
     let engine = KpiEngine::load_dir(&kpi_dir(&[("last_seen.sql", sql)]))
         .await
@@ -1112,20 +1137,32 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
     let mut c = setup("view_zone", &engine).await;
     stream(&mut c, &engine, &valid_events(&lines), &[9, 13]).await;
 
-    let read = "SELECT DISTINCT extract(epoch FROM last_day)::bigint, last_hour::int, \
-                last_date::text, extract(epoch FROM first_hour)::bigint FROM last_seen";
+    // The latest type's row: each type has its own last event.
+    let read = "SELECT extract(epoch FROM last_day)::bigint, last_hour::int, \
+                last_date::text, extract(epoch FROM first_hour)::bigint, last_wall::text, \
+                extract(epoch FROM half_year_on)::bigint FROM last_seen \
+                ORDER BY half_year_on DESC LIMIT 1";
     for zone in ["UTC", "Asia/Kathmandu", "America/Los_Angeles"] {
         c.batch_execute(&format!("SET TIME ZONE '{zone}'"))
             .await
             .unwrap();
         let rows = c.query(read, &[]).await.unwrap();
-        let got: Vec<(i64, i32, String, i64)> = rows
+        let got: Vec<(i64, i32, String, i64, String, i64)> = rows
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
             .collect();
+        // Six months on crosses Los Angeles' change to winter time: in
+        // UTC it is 2025-12-01 21:09, an hour before that zone's answer.
         assert_eq!(
             got,
-            vec![(1_748_736_000, 21, "2025-06-01".to_string(), 1_748_808_000)],
+            vec![(
+                1_748_736_000,
+                21,
+                "2025-06-01".to_string(),
+                1_748_808_000,
+                "2025-06-01 21:09:00".to_string(),
+                1_764_623_340
+            )],
             "read in {zone}"
         );
     }
@@ -1142,18 +1179,24 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
         err.contains("formatted.sql") && err.contains("to_char"),
         "{err}"
     );
-    let err = KpiEngine::load_dir(&kpi_dir(&[(
-        "as_text.sql",
-        "SELECT channel, CAST(max(event_time) AS VARCHAR) AS last FROM events GROUP BY channel",
-    )]))
-    .await
-    .err()
-    .expect("a time cast to text over aggregates is refused")
-    .to_string();
-    assert!(
-        err.contains("as_text.sql") && err.contains("cast of a time to text"),
-        "{err}"
-    );
+    for expr in [
+        "CAST(max(event_time) AS VARCHAR)",
+        "concat('last ', max(event_time))",
+        "max(event_time) || ''",
+    ] {
+        let err = KpiEngine::load_dir(&kpi_dir(&[(
+            "as_text.sql",
+            &format!("SELECT channel, {expr} AS last FROM events GROUP BY channel"),
+        )]))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("{expr} over aggregates is refused"))
+        .to_string();
+        assert!(
+            err.contains("as_text.sql") && err.contains("a time turned into text"),
+            "{expr}: {err}"
+        );
+    }
 }
 
 /// Regression: a KPI whose expression over aggregates uses a function that

@@ -586,7 +586,7 @@ fn check_expr(c: &Ctx<'_>, e: &Expr) -> Result<(), KpiError> {
             // Postgres every read of the view: refused up front instead.
             Expr::BinaryExpr(b)
                 if matches!(b.op, Operator::Divide | Operator::Modulo)
-                    && matches!(b.right.as_ref(), Expr::Literal(v, _) if is_zero(v)) =>
+                    && is_constant_zero(&b.right) =>
             {
                 Some(c.err(
                     format!("a division by the constant 0 ({e})"),
@@ -614,9 +614,24 @@ fn check_expr(c: &Ctx<'_>, e: &Expr) -> Result<(), KpiError> {
     found.map_or(Ok(()), Err)
 }
 
-/// Whether `v` is a numeric zero (`0`, `0.0`, a zero decimal).
-fn is_zero(v: &datafusion::common::ScalarValue) -> bool {
-    datafusion::common::ScalarValue::new_zero(&v.data_type()).is_ok_and(|zero| *v == zero)
+/// Whether `e` reads no column and folds to a numeric zero: `0`, `0.0`,
+/// `-0.0`, `CAST(0 AS BIGINT)`, `(1 - 1)`.
+fn is_constant_zero(e: &Expr) -> bool {
+    use datafusion::common::ScalarValue;
+    use datafusion::optimizer::simplify_expressions::ExprSimplifier;
+    if !e.column_refs().is_empty() {
+        return false;
+    }
+    let simplifier =
+        ExprSimplifier::new(datafusion::logical_expr::simplify::SimplifyContext::default());
+    match simplifier.simplify(e.clone()) {
+        Ok(Expr::Literal(v, _)) => match v {
+            ScalarValue::Float32(Some(x)) => x == 0.0,
+            ScalarValue::Float64(Some(x)) => x == 0.0,
+            v => ScalarValue::new_zero(&v.data_type()).is_ok_and(|zero| v == zero),
+        },
+        _ => false,
+    }
 }
 
 struct AnalysedMeasure {
@@ -835,13 +850,55 @@ impl Analysed {
                         if matches!(
                             cast.field.data_type(),
                             DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-                        ) && cast.expr.get_type(schema.as_ref()).is_ok_and(|t| t.is_temporal()) =>
+                        ) && is_temporal(&cast.expr, schema) =>
                     {
-                        refused = Some(c.err(
-                            format!("a cast of a time to text in {name}, which the view computes"),
-                            "DataFusion writes 2025-06-01T21:09:00Z where Postgres writes \
-                             2025-06-01 21:09:00+00; cast when reading the view",
-                        ));
+                        refused = Some(time_as_text(c, name));
+                    }
+                    // Text made of a time without a cast: concat() and ||.
+                    Expr::ScalarFunction(f)
+                        if matches!(f.name(), "concat" | "concat_ws")
+                            && f.args.iter().any(|a| is_temporal(a, schema)) =>
+                    {
+                        refused = Some(time_as_text(c, name));
+                    }
+                    Expr::BinaryExpr(b)
+                        if b.op == Operator::StringConcat
+                            && (is_temporal(&b.left, schema) || is_temporal(&b.right, schema)) =>
+                    {
+                        refused = Some(time_as_text(c, name));
+                    }
+                    // DataFusion's wall-clock time of a UTC timestamp is the
+                    // UTC one; Postgres' cast gives the session's.
+                    Expr::Cast(cast)
+                        if matches!(cast.field.data_type(), DataType::Timestamp(_, None))
+                            && is_utc_timestamp(&cast.expr, schema) =>
+                    {
+                        return Ok(Transformed::yes(Expr::Cast(datafusion::logical_expr::Cast {
+                            expr: Box::new(pg_timezone_utc(cast.expr.as_ref().clone())),
+                            field: cast.field.clone(),
+                        })));
+                    }
+                    // Postgres adds days and months to a timestamptz in the
+                    // session's zone (a day across a DST change is 23 or 25
+                    // hours); DataFusion in UTC. So the sum is taken on the
+                    // UTC wall clock and read back as UTC.
+                    Expr::BinaryExpr(b)
+                        if matches!(b.op, Operator::Plus | Operator::Minus)
+                            && (is_utc_timestamp(&b.left, schema) && is_interval(&b.right, schema)
+                                || b.op == Operator::Plus
+                                    && is_interval(&b.left, schema)
+                                    && is_utc_timestamp(&b.right, schema)) =>
+                    {
+                        let wall = |e: &Expr| {
+                            if is_utc_timestamp(e, schema) {
+                                pg_timezone_utc(e.clone())
+                            } else {
+                                e.clone()
+                            }
+                        };
+                        return Ok(Transformed::yes(pg_timezone_utc(Expr::BinaryExpr(
+                            BinaryExpr::new(Box::new(wall(&b.left)), b.op, Box::new(wall(&b.right))),
+                        ))));
                     }
                     Expr::Cast(cast)
                         if matches!(cast.field.data_type(), DataType::Date32 | DataType::Date64)
@@ -996,6 +1053,23 @@ impl Analysed {
         }
         Ok(outputs)
     }
+}
+
+/// Refuses text made of a time in a column the view computes.
+fn time_as_text(c: &Ctx<'_>, name: &str) -> KpiError {
+    c.err(
+        format!("a time turned into text in {name}, which the view computes"),
+        "DataFusion writes 2025-06-01T21:09:00Z where Postgres writes 2025-06-01 21:09:00+00 \
+         (and dates after the session's DateStyle); turn it into text when reading the view",
+    )
+}
+
+fn is_temporal(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
+    e.get_type(schema.as_ref()).is_ok_and(|t| t.is_temporal())
+}
+
+fn is_interval(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
+    matches!(e.get_type(schema.as_ref()), Ok(DataType::Interval(_)))
 }
 
 /// Whether `e` is a timestamp in UTC (`event_time`, an aggregate of it).
