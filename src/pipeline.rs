@@ -1667,14 +1667,19 @@ async fn open<'c>(
 fn note_failures(ctx: &WriterCtx<'_>, failures: Vec<crate::kpi::KpiFailure>) -> Vec<String> {
     let mut state = ctx.state.lock().unwrap();
     for f in failures {
+        // The file as this process reads it, not the default directory's.
+        let file = match &ctx.cfg.kpi {
+            Some(k) => k.dir.join(format!("{}.sql", f.kpi)),
+            None => format!("{}.sql", f.kpi).into(),
+        };
         // The batch still commits (events, rejects, the other KPIs): one
         // runaway query must not stall ingestion.
         tracing::error!(
             kpi = %f.kpi,
             error = %f.error,
             "KPI failed on a batch and is disabled in this process; its tables are marked stale \
-             and rebuilt from events at the next start (fix queries/{}.sql first)",
-            f.kpi
+             and rebuilt from events at the next start (fix {} first)",
+            file.display()
         );
         ctx.metrics.kpi_failures.with_label_values(&[&f.kpi]).inc();
         state.unmarked_stale.push(f.kpi);

@@ -849,6 +849,46 @@ async fn an_idle_run_still_logs_progress_on_its_interval() {
     common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
 }
 
+/// Regression: a KPI that failed on a batch was logged with "fix
+/// queries/<name>.sql first" whatever `--queries-dir` said, so the user was
+/// sent to a file that was not the one running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_failing_on_a_batch_names_the_file_it_was_read_from() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    cluster.create_topic("failing_kpi", 1, 1).unwrap();
+    common::send_raw(&brokers, "failing_kpi", &common::sample_messages(0..50, 5));
+    // Plans and installs; every channel name then fails the cast.
+    let kpis = common::kpi_dir(&[(
+        "bad_cast.sql",
+        "SELECT channel, sum(CAST(channel AS BIGINT)) AS x FROM events GROUP BY channel",
+    )]);
+    let db = common::fresh_db("failingkpi").await;
+    let mut child = common::Reaped::new(
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["run", "--metrics-addr", "off", "--stop-when-caught-up"])
+            .args(["--brokers", &brokers, "--topic", "failing_kpi"])
+            .arg("--queries-dir")
+            .arg(&kpis.dir)
+            .env("DATABASE_URL", common::db_url_with_password(&db))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stderr_lines(&mut child);
+    let failed = line_where(&lines, Duration::from_secs(60), "the KPI's failure", |l| {
+        l.contains("KPI failed on a batch")
+    });
+    let file = kpis.dir.join("bad_cast.sql");
+    assert!(
+        failed.contains(&format!("fix {} first", file.display())),
+        "{failed}"
+    );
+    common::wait_exit_success(child.into_inner(), Duration::from_secs(60), "run");
+}
+
 /// Regression: `--stop-when-caught-up` exited 0 once the partitions it was
 /// given were read, without a word about the others, which other members of
 /// the group held: live ones, or dead ones the broker had not expired yet
