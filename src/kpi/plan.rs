@@ -826,52 +826,36 @@ impl Analysed {
                     // UTC; Postgres in the reading session's. Pinned to UTC,
                     // a Grafana session in +05:45 reads the day DataFusion
                     // computed.
-                    Expr::ScalarFunction(f) if matches!(f.name(), "date_trunc" | "date_part") => {
+                    Expr::ScalarFunction(f)
+                        if matches!(f.name(), "date_trunc" | "date_part")
+                            && f.args.iter().any(|a| is_utc_timestamp(a, schema)) =>
+                    {
                         let mut f = f.clone();
-                        let mut pinned = false;
-                        for arg in &mut f.args {
-                            if is_utc_timestamp(arg, schema) {
-                                *arg = pg_timezone_utc(arg.clone());
-                                pinned = true;
-                            }
-                        }
-                        if pinned {
-                            let call = Expr::ScalarFunction(f.clone());
-                            // date_trunc's local result back to an instant.
-                            let out = if f.name() == "date_trunc" {
-                                pg_timezone_utc(call)
-                            } else {
-                                call
-                            };
-                            return Ok(Transformed::yes(out));
-                        }
+                        f.args = f.args.iter().map(|a| utc_wall_clock(a, schema)).collect();
+                        let truncates = f.name() == "date_trunc";
+                        let call = Expr::ScalarFunction(f);
+                        // date_trunc's wall-clock result back to an instant.
+                        return Ok(Transformed::yes(if truncates {
+                            pg_timezone_utc(call)
+                        } else {
+                            call
+                        }));
                     }
+                    _ if makes_text_of_a_time(&x, schema) => {
+                        refused = Some(c.err(
+                            format!("a time turned into text in {name}, which the view computes"),
+                            "DataFusion writes 2025-06-01T21:09:00Z where Postgres writes \
+                             2025-06-01 21:09:00+00 (and dates after the session's DateStyle); \
+                             turn it into text when reading the view",
+                        ));
+                    }
+                    // A date, or a wall-clock time, of a UTC timestamp is the
+                    // UTC one in DataFusion; Postgres' cast gives the session's.
                     Expr::Cast(cast)
                         if matches!(
                             cast.field.data_type(),
-                            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-                        ) && is_temporal(&cast.expr, schema) =>
-                    {
-                        refused = Some(time_as_text(c, name));
-                    }
-                    // Text made of a time without a cast: concat() and ||.
-                    Expr::ScalarFunction(f)
-                        if matches!(f.name(), "concat" | "concat_ws")
-                            && f.args.iter().any(|a| is_temporal(a, schema)) =>
-                    {
-                        refused = Some(time_as_text(c, name));
-                    }
-                    Expr::BinaryExpr(b)
-                        if b.op == Operator::StringConcat
-                            && (is_temporal(&b.left, schema) || is_temporal(&b.right, schema)) =>
-                    {
-                        refused = Some(time_as_text(c, name));
-                    }
-                    // DataFusion's wall-clock time of a UTC timestamp is the
-                    // UTC one; Postgres' cast gives the session's.
-                    Expr::Cast(cast)
-                        if matches!(cast.field.data_type(), DataType::Timestamp(_, None))
-                            && is_utc_timestamp(&cast.expr, schema) =>
+                            DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, None)
+                        ) && is_utc_timestamp(&cast.expr, schema) =>
                     {
                         return Ok(Transformed::yes(Expr::Cast(datafusion::logical_expr::Cast {
                             expr: Box::new(pg_timezone_utc(cast.expr.as_ref().clone())),
@@ -889,25 +873,13 @@ impl Analysed {
                                     && is_interval(&b.left, schema)
                                     && is_utc_timestamp(&b.right, schema)) =>
                     {
-                        let wall = |e: &Expr| {
-                            if is_utc_timestamp(e, schema) {
-                                pg_timezone_utc(e.clone())
-                            } else {
-                                e.clone()
-                            }
-                        };
                         return Ok(Transformed::yes(pg_timezone_utc(Expr::BinaryExpr(
-                            BinaryExpr::new(Box::new(wall(&b.left)), b.op, Box::new(wall(&b.right))),
+                            BinaryExpr::new(
+                                Box::new(utc_wall_clock(&b.left, schema)),
+                                b.op,
+                                Box::new(utc_wall_clock(&b.right, schema)),
+                            ),
                         ))));
-                    }
-                    Expr::Cast(cast)
-                        if matches!(cast.field.data_type(), DataType::Date32 | DataType::Date64)
-                            && is_utc_timestamp(&cast.expr, schema) =>
-                    {
-                        return Ok(Transformed::yes(Expr::Cast(datafusion::logical_expr::Cast {
-                            expr: Box::new(pg_timezone_utc(cast.expr.as_ref().clone())),
-                            field: cast.field.clone(),
-                        })));
                     }
                     Expr::Cast(cast) if cast.field.data_type().is_integer() => {
                         let from = cast.expr.get_type(schema.as_ref());
@@ -1055,13 +1027,23 @@ impl Analysed {
     }
 }
 
-/// Refuses text made of a time in a column the view computes.
-fn time_as_text(c: &Ctx<'_>, name: &str) -> KpiError {
-    c.err(
-        format!("a time turned into text in {name}, which the view computes"),
-        "DataFusion writes 2025-06-01T21:09:00Z where Postgres writes 2025-06-01 21:09:00+00 \
-         (and dates after the session's DateStyle); turn it into text when reading the view",
-    )
+/// Whether `x` makes text of a time: a cast to text, `concat`, `||`.
+fn makes_text_of_a_time(x: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
+    match x {
+        Expr::Cast(cast) => {
+            matches!(
+                cast.field.data_type(),
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+            ) && is_temporal(&cast.expr, schema)
+        }
+        Expr::ScalarFunction(f) if matches!(f.name(), "concat" | "concat_ws") => {
+            f.args.iter().any(|a| is_temporal(a, schema))
+        }
+        Expr::BinaryExpr(b) if b.op == Operator::StringConcat => {
+            is_temporal(&b.left, schema) || is_temporal(&b.right, schema)
+        }
+        _ => false,
+    }
 }
 
 fn is_temporal(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
@@ -1078,6 +1060,15 @@ fn is_utc_timestamp(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool 
         e.get_type(schema.as_ref()),
         Ok(DataType::Timestamp(_, Some(tz))) if super::utc::is_utc(&tz)
     )
+}
+
+/// `e` on the UTC wall clock when it is a UTC timestamp; `e` otherwise.
+fn utc_wall_clock(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> Expr {
+    if is_utc_timestamp(e, schema) {
+        pg_timezone_utc(e.clone())
+    } else {
+        e.clone()
+    }
 }
 
 /// Postgres' `timezone('UTC', e)`, that is `e AT TIME ZONE 'UTC'`: an
