@@ -116,8 +116,17 @@ pub enum ProduceError {
     Unreachable { brokers: String, cause: String },
 }
 
+/// What [`ensure_topic`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicFound {
+    /// The topic was not there, and is now, empty.
+    Created,
+    /// The topic was there, with these partitions.
+    Existing(Vec<i32>),
+}
+
 /// Creates `topic` with `partitions` partitions unless it exists.
-pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, ProduceError> {
+pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<TopicFound, ProduceError> {
     let admin: AdminClient<DefaultClientContext> = kafka
         .client_config()
         .create()
@@ -146,7 +155,9 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, Produc
                 "the topic exists with another partition count; --partitions applies only when it is created"
             );
         }
-        return Ok(false);
+        return Ok(TopicFound::Existing(
+            t.partitions().iter().map(|p| p.id()).collect(),
+        ));
     }
     let topic = NewTopic::new(&kafka.topic, partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -194,13 +205,13 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<bool, Produc
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!(topic = %kafka.topic, partitions, "topic created");
-    Ok(true)
+    Ok(TopicFound::Created)
 }
 
-/// How many messages were ever written to `kafka.topic`: the sum of its
-/// partitions' high watermarks, which retention does not lower (a topic
+/// How many messages were ever written to `partitions` of `kafka.topic`: the
+/// sum of their high watermarks, which retention does not lower (a topic
 /// whose sample aged out still had it once).
-fn messages_written(kafka: &KafkaConfig) -> Result<i64, ProduceError> {
+fn messages_written(kafka: &KafkaConfig, partitions: &[i32]) -> Result<i64, ProduceError> {
     use rdkafka::consumer::Consumer;
     let consumer: rdkafka::consumer::BaseConsumer = kafka
         .client_config()
@@ -210,17 +221,12 @@ fn messages_written(kafka: &KafkaConfig) -> Result<i64, ProduceError> {
         brokers: kafka.brokers.clone(),
         cause: e.to_string(),
     };
-    let md = consumer
-        .fetch_metadata(Some(&kafka.topic), Duration::from_secs(10))
-        .map_err(unreachable)?;
     let mut held = 0;
-    for t in md.topics().iter().filter(|t| t.name() == kafka.topic) {
-        for p in t.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(&kafka.topic, p.id(), Duration::from_secs(10))
-                .map_err(unreachable)?;
-            held += high.max(0);
-        }
+    for &p in partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(&kafka.topic, p, Duration::from_secs(10))
+            .map_err(unreachable)?;
+        held += high.max(0);
     }
     Ok(held)
 }
@@ -359,11 +365,9 @@ pub fn produce(
             ),
         });
     }
-    let created = ensure_topic(&cfg.kafka, cfg.partitions)?;
-    let skip_input = cfg.input_once
-        && !created
-        && {
-            let held = messages_written(&cfg.kafka)?;
+    let skip_input = match ensure_topic(&cfg.kafka, cfg.partitions)? {
+        TopicFound::Existing(partitions) if cfg.input_once => {
+            let held = messages_written(&cfg.kafka, &partitions)?;
             if held > 0 {
                 tracing::info!(
                     topic = %cfg.kafka.topic,
@@ -373,7 +377,9 @@ pub fn produce(
                 );
             }
             held > 0
-        };
+        }
+        _ => false,
+    };
     health.kafka_ok.store(true, Ordering::Relaxed);
 
     let ctx = DeliveryCounter {
