@@ -191,31 +191,31 @@ async fn bench_dbs(admin: &tokio_postgres::Client) -> i64 {
         .get(0)
 }
 
-/// Regression: a bench that failed (here: no broker) left its database
-/// behind on the user's server.
-#[tokio::test]
-async fn a_failed_bench_leaves_no_database_behind() {
+/// `bench` with `env` against a port no broker listens on: its stderr, once
+/// it has failed and left no bench database on the server.
+async fn failed_bench_stderr(env: &[(&str, &str)]) -> String {
     let _turn = BENCH_DBS.lock().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let server = common::server_url();
     let admin = common::client(&server.parse().unwrap()).await;
     let before = bench_dbs(&admin).await;
-    let out = bench(
-        &server,
-        &["--events", "100", "--brokers", &format!("127.0.0.1:{port}")],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("unreachable"), "{stderr}");
+    let broker = format!("127.0.0.1:{}", common::free_port());
+    let out = bench_with_env(&server, env, &["--events", "100", "--brokers", &broker]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
     assert_eq!(
         bench_dbs(&admin).await,
         before,
         "a bench database was left on the server"
     );
+    stderr
+}
+
+/// Regression: a bench that failed (here: no broker) left its database
+/// behind on the user's server.
+#[tokio::test]
+async fn a_failed_bench_leaves_no_database_behind() {
+    let stderr = failed_bench_stderr(&[]).await;
+    assert!(stderr.contains("unreachable"), "{stderr}");
 }
 
 /// Regression: the bench's own producer and topic set-up ignored the
@@ -223,27 +223,11 @@ async fn a_failed_bench_leaves_no_database_behind() {
 /// needs TLS or SASL the bench could not load its topic.
 #[tokio::test]
 async fn the_bench_takes_kafka_options_from_the_environment() {
-    let _turn = BENCH_DBS.lock().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let server = common::server_url();
-    let admin = common::client(&server.parse().unwrap()).await;
-    let before = bench_dbs(&admin).await;
-    let out = bench_with_env(
-        &server,
-        &[("KAFKA_OPT_SECURITY_PROTOCOL", "bogus")],
-        &["--events", "100", "--brokers", &format!("127.0.0.1:{port}")],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = failed_bench_stderr(&[("KAFKA_OPT_SECURITY_PROTOCOL", "bogus")]).await;
     assert!(
         stderr.contains("invalid Kafka configuration") && stderr.contains("security.protocol"),
         "the producer was built with the option: {stderr}"
     );
-    assert_eq!(bench_dbs(&admin).await, before);
 }
 
 /// The harness end to end on a real broker: every figure the issue asks for

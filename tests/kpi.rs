@@ -1052,15 +1052,8 @@ async fn the_view_reads_what_datafusion_computes_once() {
     // The case the old view rounded: 20.5 EUR is 20 as an integer.
     assert_eq!(got["bill_payment"][3], "20");
 
-    let err = KpiEngine::load_dir(&kpi_dir(&[(
-        "xor.sql",
-        "SELECT channel, count(*) ^ 3 AS x FROM events GROUP BY channel",
-    )]))
-    .await
-    .err()
-    .expect("a XOR over aggregates is refused")
-    .to_string();
-    assert!(err.contains("xor.sql") && err.contains("XOR"), "{err}");
+    let err = refusal("SELECT channel, count(*) ^ 3 AS x FROM events GROUP BY channel").await;
+    assert!(err.contains("bad_kpi.sql") && err.contains("XOR"), "{err}");
     // Divisors that only look like zero are kept.
     for sql in [
         "SELECT channel, sum(session_id) / 2 AS x FROM events GROUP BY channel",
@@ -1075,40 +1068,18 @@ async fn the_view_reads_what_datafusion_computes_once() {
 
     // Regression: a constant 0 divisor passed `check`; then DataFusion
     // failed every batch on it and Postgres every read of the view.
-    for (file, sql) in [
-        (
-            "zero_out.sql",
-            "SELECT channel, count(*) / 0 AS x FROM events GROUP BY channel",
-        ),
-        (
-            "zero_in.sql",
-            "SELECT channel, sum(session_id % 0) AS x FROM events GROUP BY channel",
-        ),
-        (
-            "zero_float.sql",
-            "SELECT channel, avg(energy_consumed) / 0.0 AS x FROM events GROUP BY channel",
-        ),
-        (
-            "zero_cast.sql",
-            "SELECT channel, sum(session_id / CAST(0 AS BIGINT)) AS x FROM events GROUP BY channel",
-        ),
-        (
-            "zero_folded.sql",
-            "SELECT channel, count(*) / (1 - 1) AS x FROM events GROUP BY channel",
-        ),
-        (
-            "zero_negative.sql",
-            "SELECT channel, sum(energy_consumed) % -0.0 AS x FROM events GROUP BY channel",
-        ),
+    for sql in [
+        "SELECT channel, count(*) / 0 AS x FROM events GROUP BY channel",
+        "SELECT channel, sum(session_id % 0) AS x FROM events GROUP BY channel",
+        "SELECT channel, avg(energy_consumed) / 0.0 AS x FROM events GROUP BY channel",
+        "SELECT channel, sum(session_id / CAST(0 AS BIGINT)) AS x FROM events GROUP BY channel",
+        "SELECT channel, count(*) / (1 - 1) AS x FROM events GROUP BY channel",
+        "SELECT channel, sum(energy_consumed) % -0.0 AS x FROM events GROUP BY channel",
     ] {
-        let err = KpiEngine::load_dir(&kpi_dir(&[(file, sql)]))
-            .await
-            .err()
-            .expect("a constant 0 divisor is refused")
-            .to_string();
+        let err = refusal(sql).await;
         assert!(
-            err.contains(file) && err.contains("division by the constant 0"),
-            "{err}"
+            err.contains("bad_kpi.sql") && err.contains("division by the constant 0"),
+            "{sql}: {err}"
         );
     }
 }
@@ -1167,16 +1138,12 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
         );
     }
 
-    let err = KpiEngine::load_dir(&kpi_dir(&[(
-        "formatted.sql",
+    let err = refusal(
         "SELECT channel, to_char(max(event_time), '%Y-%m-%d') AS last FROM events GROUP BY channel",
-    )]))
-    .await
-    .err()
-    .expect("to_char over aggregates is refused")
-    .to_string();
+    )
+    .await;
     assert!(
-        err.contains("formatted.sql") && err.contains("to_char"),
+        err.contains("bad_kpi.sql") && err.contains("to_char"),
         "{err}"
     );
     for expr in [
@@ -1184,16 +1151,12 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
         "concat('last ', max(event_time))",
         "max(event_time) || ''",
     ] {
-        let err = KpiEngine::load_dir(&kpi_dir(&[(
-            "as_text.sql",
-            &format!("SELECT channel, {expr} AS last FROM events GROUP BY channel"),
-        )]))
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("{expr} over aggregates is refused"))
-        .to_string();
+        let err = refusal(&format!(
+            "SELECT channel, {expr} AS last FROM events GROUP BY channel"
+        ))
+        .await;
         assert!(
-            err.contains("as_text.sql") && err.contains("a time turned into text"),
+            err.contains("bad_kpi.sql") && err.contains("a time turned into text"),
             "{expr}: {err}"
         );
     }

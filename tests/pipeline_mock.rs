@@ -41,6 +41,20 @@ async fn run_within(
         .expect(what)
 }
 
+/// Runs the pipeline, which must stop with an error (`why`) within `limit`;
+/// the error's text.
+async fn run_refused(cfg: PipelineConfig, limit: Duration, why: &str) -> String {
+    run_within(
+        cfg,
+        Metrics::new(),
+        limit,
+        &format!("the run ends within {limit:?}"),
+    )
+    .await
+    .expect_err(why)
+    .to_string()
+}
+
 async fn run_to_end(cfg: PipelineConfig) -> pipeline::RunSummary {
     run_within(
         cfg,
@@ -280,15 +294,7 @@ async fn a_database_that_cannot_store_unicode_is_refused_at_start() {
     db.dbname(&name);
     let mock = MockCluster::new(1).unwrap();
     let cfg = pipeline_config(&mock.bootstrap_servers(), "latin1_events", db.clone());
-    let err = run_within(
-        cfg,
-        Metrics::new(),
-        Duration::from_secs(60),
-        "refused promptly",
-    )
-    .await
-    .expect_err("a LATIN1 database is refused");
-    let msg = err.to_string();
+    let msg = run_refused(cfg, Duration::from_secs(60), "a LATIN1 database is refused").await;
     assert!(
         msg.contains("LATIN1") && msg.contains("ENCODING 'UTF8'"),
         "{msg}"
@@ -481,15 +487,12 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
 
     let c = client(&db).await;
     let second = || pipeline_config(&brokers, &second_topic, db.clone());
-    let err = run_within(
+    let msg = run_refused(
         second(),
-        Metrics::new(),
         Duration::from_secs(60),
-        "refused within 60 s",
+        "a second topic is an error",
     )
-    .await
-    .expect_err("a second topic is an error");
-    let msg = err.to_string();
+    .await;
     assert!(
         msg.contains(&format!("already holds the events of topic {first_topic}"))
             && msg.contains(&format!("cannot take topic {second_topic}"))
@@ -506,15 +509,12 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     c.execute("DELETE FROM consumer_offsets", &[])
         .await
         .unwrap();
-    let err = run_within(
+    let msg = run_refused(
         second(),
-        Metrics::new(),
         Duration::from_secs(60),
-        "refused within 60 s, not retried forever",
+        "rows another topic wrote are an error",
     )
-    .await
-    .expect_err("rows another topic wrote are an error");
-    let msg = err.to_string();
+    .await;
     assert!(
         msg.contains("another consumer group, or another topic")
             && msg.contains(&second_topic)
@@ -595,13 +595,8 @@ async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());
     cfg.kafka.group_id = group.clone();
     cfg.kpi = Some(old.clone());
-    let err = run_within(cfg, Metrics::new(), Duration::from_secs(60), "refused")
-        .await
-        .expect_err("old files refused at start");
-    assert!(
-        err.to_string().contains("by_channel (no file here)"),
-        "{err}"
-    );
+    let err = run_refused(cfg, Duration::from_secs(60), "old files refused at start").await;
+    assert!(err.contains("by_channel (no file here)"), "{err}");
 
     // With the new files it catches up, and every KPI equals its recomputation.
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());
@@ -959,17 +954,14 @@ async fn postgres_lost_during_start_up_is_retried() {
 /// was reopened at the next batch without a trace in `db_errors_total`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_closed_while_idle_is_counted_and_reopened() {
-    let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let topic = unique("events");
-    mock_topic(&cluster, &topic, 2);
-    send_raw(&brokers, &topic, &sample_messages(0..200, 20));
-    let db = fresh_db("idle_closed").await;
-    let name = unique("idle_closed");
-    let mut named = db.clone();
-    named.application_name(&name);
-    let mut cfg = pipeline_config(&brokers, &topic, named);
+    let Named {
+        _cluster,
+        db,
+        name,
+        mut cfg,
+    } = Named::new("idle_closed", &sample_messages(0..200, 20)).await;
     cfg.stop_when_caught_up = false;
+    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
     let metrics = Metrics::new();
     let running = Running::spawn(cfg, metrics.clone());
     wait_until(
@@ -1085,15 +1077,12 @@ async fn a_stored_offset_past_the_end_of_the_topic_stops_the_run() {
     .await
     .unwrap();
 
-    let err = run_within(
+    let msg = run_refused(
         cfg,
-        Metrics::new(),
         Duration::from_secs(120),
-        "the run ends within 120 s",
+        "an offset past the end is not taken as caught up",
     )
-    .await
-    .expect_err("an offset past the end is not taken as caught up");
-    let msg = err.to_string();
+    .await;
     assert!(msg.contains("partition 0"), "{msg}");
     assert!(msg.contains("stored in Postgres is 5000"), "{msg}");
     assert!(msg.contains("deleted and created again"), "{msg}");
@@ -1152,15 +1141,7 @@ async fn a_log_that_is_not_the_one_written_stops_the_run() {
     )
     .await;
 
-    let err = run_within(
-        cfg,
-        Metrics::new(),
-        Duration::from_secs(120),
-        "the run ends within 120 s",
-    )
-    .await
-    .expect_err("another log is not read on");
-    let msg = err.to_string();
+    let msg = run_refused(cfg, Duration::from_secs(120), "another log is not read on").await;
     assert!(msg.contains("partition 1 of"), "{msg}");
     assert!(msg.contains("is not the one written to Postgres"), "{msg}");
     assert!(msg.contains("Starting a topic over"), "{msg}");
