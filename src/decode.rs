@@ -539,10 +539,13 @@ fn parse_decimal(s: &[u8], precision: u32, scale: u32) -> Result<(i128, Inexact)
 ///
 /// The extended format, every field at its full width: `YYYY-MM-DD`, then
 /// `T` (or `t`, or a space), `HH:MM`, optionally `:SS` and a fraction after
-/// `.` or `,` (any number of digits, rounded to the microsecond as Postgres
-/// rounds), then nothing (UTC), `Z`, or an offset `±HH:MM`, `±HHMM` or `±HH`,
-/// which is converted. Second 60 (a leap second) is the next minute's first,
-/// as Postgres reads it. Surrounding whitespace is ignored; anything else
+/// `.` or `,` (any number of digits, rounded half up to the microsecond;
+/// Postgres goes through a binary float and rounds an exact half to even
+/// most of the time, so the two can differ by a microsecond only there),
+/// then nothing (UTC), `Z`, or an offset `±HH:MM`, `±HHMM` or `±HH` up to
+/// ±23:59, which is converted. Second 60 (a leap second), fraction included,
+/// is read into the next minute, as Postgres reads it: `10:00:60.5` is
+/// `10:01:00.5`. Surrounding whitespace is ignored; anything else
 /// (unpadded fields, a two-digit year, a space before the zone) is refused,
 /// since guessing could store the wrong instant.
 pub fn parse_event_time(s: &str) -> Option<i64> {
@@ -608,7 +611,7 @@ pub fn parse_event_time(s: &str) -> Option<i64> {
         }
         _ => return None,
     };
-    if hour > 23 || minute > 59 || second > 60 || (second == 60 && micros != 0) {
+    if hour > 23 || minute > 59 || second > 60 {
         return None;
     }
     let date = chrono::NaiveDate::from_ymd_opt(year as i32, month as u32, day as u32)?;
@@ -913,7 +916,7 @@ mod tests {
             "2025-06-01T10:00:00 +02:00",
             "2025-06-01T10:00:00\u{2212}05:00",
             "2025-06-01T10:00:00.",
-            "2025-06-01T10:00:60.5Z",
+            "2025-06-01T10:00:61Z",
             "2025-06-01T24:00:00",
             "20250601T100000Z",
             "2025-W22-7T10:00:00",
@@ -921,12 +924,22 @@ mod tests {
         ] {
             assert_eq!(parse_event_time(refused), None, "{refused}");
         }
-        // A leap second is the next minute's first, as Postgres reads it.
+        // A leap second is read into the next minute, as Postgres reads it.
         assert_eq!(
             parse_event_time("2025-06-01T10:00:60Z"),
             parse_event_time("2025-06-01T10:01:00Z")
         );
-        // Fractions round to the microsecond, as Postgres rounds them.
+        // Regression: a leap second with a fraction was refused, though
+        // Postgres reads `60.5` as the next minute's half second.
+        assert_eq!(
+            parse_event_time("2025-06-01T23:59:60.5Z"),
+            parse_event_time("2025-06-02T00:00:00.5Z")
+        );
+        assert_eq!(
+            parse_event_time("2025-06-01T10:00:60.9999995Z"),
+            parse_event_time("2025-06-01T10:01:01Z")
+        );
+        // Fractions round half up to the microsecond.
         assert_eq!(parse_event_time("2025-06-01T09:59:59.9999995Z"), Some(utc));
         assert_eq!(parse_event_time("2025-06-01T10:00:00.0000004Z"), Some(utc));
     }
