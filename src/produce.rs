@@ -395,7 +395,12 @@ pub fn produce(
         .set("statistics.interval.ms", "5000")
         .set("linger.ms", "10")
         .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "200000");
+        .set("queue.buffering.max.messages", "200000")
+        // librdkafka's default (1 000 000 bytes) is below `run`'s default
+        // --max-message-bytes (1 MiB), so a message at that limit, or the
+        // larger ones a user sends to see them rejected as too_large, failed
+        // here. The broker's own limit still applies.
+        .set("message.max.bytes", "16777216");
     for (k, v) in &cfg.kafka.options {
         c.set(k, v);
     }
@@ -904,6 +909,46 @@ mod tests {
             ..cfg("premade")
         };
         assert_eq!(produce_once(&again).unwrap().sent, 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Regression: librdkafka's default message.max.bytes (1 000 000) made
+    /// produce fail a message of exactly `run`'s default --max-message-bytes
+    /// (1 MiB), and the 2 MiB one a user sends to see too_large.
+    #[test]
+    fn messages_past_a_mebibyte_are_sent() {
+        let dir = std::env::temp_dir().join(format!("es-produce-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.jsonl");
+        let line = |bytes: usize| {
+            let head = "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{\"customer_id\":\"";
+            let tail = "\"}}";
+            format!(
+                "{head}{}{tail}\n",
+                "A".repeat(bytes - head.len() - tail.len())
+            )
+        };
+        std::fs::write(&input, line(1 << 20) + &line(2 << 20)).unwrap();
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("big", 1, 1).unwrap();
+        let cfg = ProduceConfig {
+            kafka: KafkaConfig {
+                brokers: cluster.bootstrap_servers(),
+                topic: "big".into(),
+                group_id: "unused".into(),
+                options: vec![],
+            },
+            input,
+            partitions: 1,
+            rate: None,
+            shuffle: false,
+            repeat: false,
+            bad_lines: dir.join("bad.jsonl"),
+            live: false,
+            input_once: false,
+        };
+        let summary = produce_once(&cfg).unwrap();
+        assert_eq!((summary.sent, summary.failed, summary.bad_lines), (2, 0, 0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
