@@ -224,8 +224,7 @@ fn decode_one(payload: Option<&[u8]>, max_bytes: usize) -> Result<Row<'_>, Failu
             format!("JSON nesting deeper than {MAX_DEPTH}"),
         ));
     }
-    let wire: Lenient<WireEvent<'_>> = serde_json::from_str(text)
-        .map_err(|e| (RejectReason::InvalidJson, format!("invalid JSON: {e}")))?;
+    let wire: Lenient<WireEvent<'_>> = serde_json::from_str(text).map_err(json_failure)?;
     let Lenient::Object(wire) = wire else {
         return Err((
             RejectReason::NotObject,
@@ -666,8 +665,24 @@ fn number(raw: Option<&RawValue>) -> Result<Option<Number<'_>>, Failure> {
         Some(b'-' | b'0'..=b'9') => Ok(Some(Number::Text(text))),
         _ => serde_json::from_str::<Scalar<'_>>(text)
             .map(|v| Some(Number::Other(v)))
-            .map_err(|e| (RejectReason::InvalidJson, format!("invalid JSON: {e}"))),
+            .map_err(json_failure),
     }
+}
+
+/// serde_json's words for a lone UTF-16 surrogate depend on what follows it
+/// (`"a\ud800b"` reads "unexpected end of hex escape"), which sends whoever
+/// reads the reject looking for a truncated message.
+fn json_failure(e: serde_json::Error) -> Failure {
+    let text = e.to_string();
+    let detail = if text.contains("hex escape") || text.contains("unicode code point") {
+        format!(
+            "invalid JSON: {text}: a \\u escape must spell a whole Unicode character, \
+             and a lone UTF-16 surrogate (such as \\ud800) is none"
+        )
+    } else {
+        format!("invalid JSON: {text}")
+    };
+    (RejectReason::InvalidJson, detail)
 }
 
 /// Any JSON value, kept only as far as the type checks need. Strings borrow from
@@ -1303,6 +1318,30 @@ mod tests {
         );
         let b = one(Some(fine.as_bytes()));
         assert_eq!(reason(&b), None);
+    }
+
+    /// Regression: a lone surrogate escape was rejected with serde_json's
+    /// "unexpected end of hex escape", which reads like a truncated message.
+    #[test]
+    fn a_lone_surrogate_escape_says_what_it_is() {
+        for field in [r#""a\ud800b""#, r#""\udc00""#, r#""\ud800""#] {
+            let msg = format!(
+                r#"{{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{{"customer_id":{field},"session_id":1,"channel":"web"}}}}"#
+            );
+            let b = one(Some(msg.as_bytes()));
+            assert_eq!(reason(&b).as_deref(), Some("invalid_json"), "{field}");
+            let detail = str_col(&b, "detail").unwrap();
+            assert!(
+                detail.contains("lone UTF-16 surrogate"),
+                "{field}: {detail}"
+            );
+        }
+        // A paired surrogate is one character, stored as such.
+        let b = one(Some(
+            br#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"\ud83d\ude00","session_id":1,"channel":"web"}}"#,
+        ));
+        assert_eq!(reason(&b), None);
+        assert_eq!(str_col(&b, "customer_id").as_deref(), Some("\u{1f600}"));
     }
 
     #[test]
