@@ -952,3 +952,101 @@ fn switches_in_the_environment_take_1_and_0() {
         assert!(last.contains("nonexistent-energy-stream-kpis"), "{stderr}");
     }
 }
+
+/// `energy-stream <args…>` against `url` with `dir` as its KPI directory.
+fn kpi_command(url: &str, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(args)
+        .arg("--queries-dir")
+        .arg(dir)
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A fresh database with the schema and no KPI, holding `n` login events of
+/// customers `cust0000`, `cust0001`, … on two channels.
+async fn db_with_events(prefix: &str, n: i64) -> (tokio_postgres::Config, tokio_postgres::Client) {
+    let db = common::fresh_db(prefix).await;
+    let mut c = common::client(&db).await;
+    energy_stream::sink::migrate::migrate(&mut c).await.unwrap();
+    insert_events(&c, 0..n, "cust").await;
+    (db, c)
+}
+
+/// Login events at `offsets` of partition 0, customer `{prefix}{offset:04}`.
+async fn insert_events(c: &tokio_postgres::Client, offsets: std::ops::Range<i64>, prefix: &str) {
+    c.execute(
+        "INSERT INTO events (kafka_partition, kafka_offset, event_type, event_time, customer_id, session_id, channel) \
+         SELECT 0, g, 'user_login', timestamptz '2025-06-01 00:00Z' + g * interval '1 minute', \
+                $3 || lpad(g::text, 4, '0'), g, CASE WHEN g % 2 = 0 THEN 'web_portal' ELSE 'mobile_app' END \
+         FROM generate_series($1::bigint, $2::bigint - 1) g",
+        &[&offsets.start, &offsets.end, &prefix],
+    )
+    .await
+    .unwrap();
+}
+
+/// Regression: a KPI with the longest legal name (40 characters) and 12
+/// sets of distinct counts passed `check`, but `migrate` failed with
+/// `relation "kpi_members_<name>_s10__new_g" does not exist — the schema is
+/// missing or old: run energy-stream migrate`: the backfill's temporary index
+/// names `…_s10__new_grp` and `…_s10__new_gen` were longer than the 63 bytes
+/// Postgres keeps, and both were cut to the same name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_with_the_longest_name_and_many_distinct_sets_installs() {
+    let name = "a123456789b123456789c123456789d123456789";
+    assert_eq!(name.len(), 40);
+    let counted = [
+        "customer_id",
+        "session_id",
+        "channel",
+        "event_type",
+        "tariff_type",
+        "energy_consumed",
+        "payment_amount",
+        "kafka_offset",
+        "kafka_partition",
+        "event_time",
+        "customer_id || channel",
+        "session_id % 7",
+    ];
+    let measures: Vec<String> = counted
+        .iter()
+        .enumerate()
+        .map(|(i, x)| format!("count(DISTINCT {x}) AS d{i}"))
+        .collect();
+    let sql = format!(
+        "SELECT channel, {} FROM events GROUP BY channel",
+        measures.join(", ")
+    );
+    let kpis = common::kpi_dir(&[(&format!("{name}.sql"), &sql)]);
+    let (db, c) = db_with_events("longname", 50).await;
+    let url = common::db_url_with_password(&db);
+
+    let out = kpi_command(&url, &kpis.dir, &["check"]);
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    for cmd in ["migrate", "backfill", "verify"] {
+        let out = kpi_command(&url, &kpis.dir, &[cmd]);
+        let text = common::output_text(&out);
+        assert!(out.status.success(), "{cmd}: {text}");
+    }
+    // No two of its indexes were cut to one name.
+    let indexes: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT indexname) FROM pg_indexes WHERE tablename LIKE $1",
+            &[&format!("kpi_members_{name}_s%")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexes, 2 * counted.len() as i64);
+    let rows: i64 = c
+        .query_one(&format!("SELECT sum(d0)::bigint FROM {name}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 50);
+}

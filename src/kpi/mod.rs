@@ -57,6 +57,8 @@ impl Default for KpiConfig {
 
 struct Kpi {
     def: Arc<KpiDef>,
+    /// The file it was read from, for errors that ask to fix it.
+    file: std::path::PathBuf,
     partial: Arc<dyn ExecutionPlan>,
     /// One per membership set, in [`KpiDef::sets`] order.
     sets: Vec<Arc<dyn ExecutionPlan>>,
@@ -188,6 +190,7 @@ impl KpiEngine {
                 Ok(def) => match Self::physical(&ctx, &def).await {
                     Ok((partial, sets)) => kpis.push(Kpi {
                         def: Arc::new(def),
+                        file: path,
                         partial,
                         sets,
                     }),
@@ -252,6 +255,11 @@ impl KpiEngine {
 
     pub fn def(&self, idx: usize) -> &KpiDef {
         &self.kpis[idx].def
+    }
+
+    /// The file KPI `idx` was read from.
+    pub fn file(&self, idx: usize) -> &std::path::Path {
+        &self.kpis[idx].file
     }
 
     pub fn len(&self) -> usize {
@@ -977,7 +985,19 @@ pub async fn backfill(
     idx: usize,
 ) -> Result<u64, SinkError> {
     let def = &engine.kpis[idx].def;
-    let new = "__new";
+    let file = engine.file(idx);
+    let new = NEW_SUFFIX;
+    if let Some(long) = created_names(def)
+        .into_iter()
+        .find(|n| n.len() > PG_NAME_BYTES)
+    {
+        return Err(SinkError::Fatal(format!(
+            "KPI {name}: its table or index name {long} would be longer than the {PG_NAME_BYTES} bytes \
+             Postgres keeps of a name; give {file} a shorter name, or fewer distinct counts",
+            name = def.name,
+            file = file.display()
+        )));
+    }
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL client_min_messages = warning; LOCK TABLE events IN SHARE MODE")
         .await?;
@@ -1058,6 +1078,40 @@ pub async fn backfill(
     .await?;
     tx.commit().await?;
     Ok(events)
+}
+
+/// The suffix of the tables a backfill builds before it swaps them in. A
+/// KPI name cannot hold a `$`, so `kpi_state_<name>$n` is never another
+/// KPI's table (with `__new`, the backfill of `x` dropped the state table
+/// of a KPI named `x__new`); and two bytes keep the longest index name,
+/// `kpi_members_<40-byte name>_s99$n_grp`, within Postgres' 63 (`__new`
+/// made `…_s10__new_grp` and `…_s10__new_gen` 65 bytes, both cut to the
+/// same name). The backfill is one transaction, so no table with an older
+/// suffix can be left behind.
+const NEW_SUFFIX: &str = "$n";
+
+/// The bytes Postgres keeps of a name (NAMEDATALEN - 1); it cuts a longer
+/// one without an error, and two cut names can then meet.
+const PG_NAME_BYTES: usize = 63;
+
+/// Every table, index and constraint name a backfill of `def` creates, under
+/// [`NEW_SUFFIX`] and after the swap, and the temporary tables of `verify`
+/// and of the batch merge.
+fn created_names(def: &KpiDef) -> Vec<String> {
+    let mut names = vec![format!("verify_{}_main", def.name), stage_name(def, "main")];
+    for suffix in [NEW_SUFFIX, ""] {
+        let state = state_table(def, suffix);
+        names.push(format!("{state}_keys"));
+        names.push(state);
+        for i in 0..def.sets.len() {
+            let t = members_table(def, i, suffix);
+            names.push(format!("{t}_grp"));
+            names.push(format!("{t}_gen"));
+            names.push(t);
+        }
+    }
+    names.extend((0..def.sets.len()).map(|i| format!("verify_{}_s{i}", def.name)));
+    names
 }
 
 /// DROP statements for a KPI's state table and every membership table it has,
@@ -1285,4 +1339,34 @@ pub async fn verify(
     }
     tx.commit().await?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The longest name a KPI may have (40 bytes) with 100 sets of distinct
+    /// counts: every name its backfill, merge and verify create fits in
+    /// what Postgres keeps, so none is cut into another.
+    #[tokio::test]
+    async fn every_created_name_fits_in_postgres_names() {
+        let measures: Vec<String> = (0..100)
+            .map(|i| format!("count(DISTINCT session_id + {i}) AS d{i}"))
+            .collect();
+        let sql = format!(
+            "SELECT channel, {} FROM events GROUP BY channel",
+            measures.join(", ")
+        );
+        let file = "queries/a123456789b123456789c123456789d123456789.sql";
+        let engine = KpiEngine::from_sources(vec![(file.into(), sql)], 1 << 28)
+            .await
+            .unwrap();
+        let def = engine.def(0);
+        assert_eq!(def.sets.len(), 100);
+        let names = created_names(def);
+        let long: Vec<&String> = names.iter().filter(|n| n.len() > PG_NAME_BYTES).collect();
+        assert!(long.is_empty(), "{long:?}");
+        let distinct: std::collections::HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len());
+    }
 }
