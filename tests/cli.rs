@@ -1050,3 +1050,40 @@ async fn a_kpi_with_the_longest_name_and_many_distinct_sets_installs() {
         .get(0);
     assert_eq!(rows, 50);
 }
+
+/// Regression: a KPI whose query failed on events already stored (a cast
+/// that a `guest-42` customer breaks) stopped `backfill` and `verify` (and
+/// every start of `run`, which backfills) with a bare `KPI computation
+/// failed: <Arrow error>`, which said neither which KPI nor which file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_failing_on_stored_events_is_named_with_its_file() {
+    let kpis = common::kpi_dir(&[
+        (
+            "by_channel.sql",
+            "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+        ),
+        (
+            "customer_numbers.sql",
+            "SELECT channel, sum(CAST(substr(customer_id, 5) AS INT)) AS total FROM events GROUP BY channel",
+        ),
+    ]);
+    let (db, c) = db_with_events("failstored", 20).await;
+    let url = common::db_url_with_password(&db);
+    for cmd in ["migrate", "verify"] {
+        let out = kpi_command(&url, &kpis.dir, &[cmd]);
+        assert!(out.status.success(), "{cmd}: {}", common::output_text(&out));
+    }
+    insert_events(&c, 20..21, "guest-").await;
+    let file = kpis.dir.join("customer_numbers.sql");
+    for cmd in ["verify", "backfill"] {
+        let out = kpi_command(&url, &kpis.dir, &[cmd]);
+        let text = common::output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {text}");
+        assert!(text.contains("KPI customer_numbers"), "{cmd}: {text}");
+        assert!(
+            text.contains(&format!("Fix {}", file.display())),
+            "{cmd}: {text}"
+        );
+        assert!(text.contains("t-0020"), "the cause stays: {cmd}: {text}");
+    }
+}

@@ -482,7 +482,8 @@ fn with_counts(
         fields.push(Field::new(format!("m{i}"), DataType::Int64, false));
         columns.push(Arc::new(values));
     }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(kpi_err)
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| SinkError::Fatal(format!("KPI {}: its new distinct counts: {e}", def.name)))
 }
 
 fn key_list(def: &KpiDef) -> String {
@@ -774,8 +775,19 @@ pub fn events_from_rows(rows: &[Row]) -> Result<RecordBatch, SinkError> {
         .map_err(|e| SinkError::Fatal(format!("events → Arrow: {e}")))
 }
 
-fn kpi_err(e: impl std::fmt::Display) -> SinkError {
-    SinkError::Fatal(format!("KPI computation failed: {e}"))
+/// KPI `idx`'s query failed on the stored events that `what` (a backfill, a
+/// verify) ran it over. Among many files, only the KPI's name and file say
+/// which to fix; and since the events are stored, the same query fails on
+/// them every time, so this is not retryable.
+fn compute_err(engine: &KpiEngine, idx: usize, what: &str, e: impl std::fmt::Display) -> SinkError {
+    SinkError::Fatal(format!(
+        "KPI {name}: its query failed on the events stored in Postgres, during {what}: {e}. \
+         Fix {file} so that it computes over every stored event (each backfill of it, at the \
+         start of `run` too, and each verify fails the same way until then), or delete the file \
+         and run `energy-stream migrate` to retire the KPI",
+        name = engine.def(idx).name,
+        file = engine.file(idx).display()
+    ))
 }
 
 /// The KPI files in `dir` (`*.sql`, in name order), and the files that only
@@ -1039,7 +1051,10 @@ pub async fn backfill(
         events += rows.len() as u64;
         generation += 1;
         let batch = events_from_rows(&rows)?;
-        let deltas = engine.compute_one(idx, &batch).await.map_err(kpi_err)?;
+        let deltas = engine
+            .compute_one(idx, &batch)
+            .await
+            .map_err(|e| compute_err(engine, idx, "its backfill", e))?;
         let mut pending = Pending::default();
         write(
             &tx,
@@ -1190,7 +1205,10 @@ pub async fn verify(
         if only.is_some_and(|o| o != def.name) {
             continue;
         }
-        let delta = engine.compute_one(idx, &all).await.map_err(kpi_err)?;
+        let delta = engine
+            .compute_one(idx, &all)
+            .await
+            .map_err(|e| compute_err(engine, idx, "verify", e))?;
         let keys = key_list(def);
         let main_cols = col_defs(def.partial_cols().iter());
         let exp_main = format!("verify_{}_main", def.name);
