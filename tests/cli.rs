@@ -1087,3 +1087,44 @@ async fn a_kpi_failing_on_stored_events_is_named_with_its_file() {
         assert!(text.contains("t-0020"), "the cause stays: {cmd}: {text}");
     }
 }
+
+/// Regression: an error of Postgres while installing a KPI's tables or view
+/// (here another application's type of the KPI's name, and two column
+/// names that share their first 63 bytes) read `postgres unavailable
+/// (query): ERROR: …`, without the KPI's name, as if Postgres were down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_that_postgres_refuses_to_install_is_named() {
+    let long = "a".repeat(63);
+    let kpis = common::kpi_dir(&[
+        (
+            "clash.sql",
+            "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+        ),
+        (
+            "long_aliases.sql",
+            &format!(
+                "SELECT channel, count(*) AS {long}_x, sum(session_id) AS {long}_y FROM events GROUP BY channel"
+            ),
+        ),
+    ]);
+    let (db, c) = db_with_events("refused", 10).await;
+    let url = common::db_url_with_password(&db);
+    c.batch_execute("CREATE TYPE clash AS ENUM ('a', 'b')")
+        .await
+        .unwrap();
+    let out = kpi_command(&url, &kpis.dir, &["migrate"]);
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("KPI clash"), "{text}");
+    assert!(text.contains("type \"clash\" already exists"), "{text}");
+    assert!(!text.contains("unavailable"), "{text}");
+
+    c.batch_execute("DROP TYPE clash").await.unwrap();
+    let out = kpi_command(&url, &kpis.dir, &["migrate"]);
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    // `check` may refuse the file before Postgres sees it; either way the
+    // KPI is named and Postgres is not said to be away.
+    assert!(text.contains("long_aliases"), "{text}");
+    assert!(!text.contains("unavailable"), "{text}");
+}

@@ -960,10 +960,15 @@ async fn install_locked(
         }
         if installed {
             // Re-create only what went missing.
+            let file = engine.file(i);
             let tx = client.transaction().await?;
-            tx.batch_execute(&create_tables_sql(def, "")).await?;
+            tx.batch_execute(&create_tables_sql(def, ""))
+                .await
+                .map_err(|e| install_err(def, file, "its tables", e))?;
             check_view(&tx, def, "").await?;
-            tx.batch_execute(&create_view_sql(def)).await?;
+            tx.batch_execute(&create_view_sql(def))
+                .await
+                .map_err(|e| install_err(def, file, "its view", e))?;
             tx.commit().await?;
         } else {
             backfill(client, engine, i).await?;
@@ -1035,7 +1040,9 @@ pub async fn backfill(
     }
     tx.batch_execute(&drop_tables_sql(&tx, def, new).await?)
         .await?;
-    tx.batch_execute(&create_tables_sql(def, new)).await?;
+    tx.batch_execute(&create_tables_sql(def, new))
+        .await
+        .map_err(|e| install_err(def, file, "its new tables", e))?;
     // Before the backfill's work, not at the swap after it.
     check_view(&tx, def, new).await?;
     let portal = tx.bind(EVENTS_SELECT, &[]).await?;
@@ -1081,7 +1088,9 @@ pub async fn backfill(
         ));
     }
     swap.push_str(&create_view_sql(def));
-    tx.batch_execute(&swap).await?;
+    tx.batch_execute(&swap)
+        .await
+        .map_err(|e| install_err(def, file, "the swap of its new tables and its view", e))?;
     tx.execute(
         // A new epoch: consumers' memories of the old logs start over.
         "INSERT INTO kpi_registry (name, sql_hash, sql, backfilled_at, member_epoch, member_gen) \
@@ -1127,6 +1136,54 @@ fn created_names(def: &KpiDef) -> Vec<String> {
     }
     names.extend((0..def.sets.len()).map(|i| format!("verify_{}_s{i}", def.name)));
     names
+}
+
+/// An error of Postgres on a statement that creates or swaps `def`'s own
+/// relations. Errors that may pass (a broken connection, a lock, a restart,
+/// a read-only standby) stay retryable as [`sink::classify`] says. Any other
+/// is this KPI's own (a name that another object of the schema has, two
+/// column names that share their first 63 bytes), not Postgres being away,
+/// and not a missing schema, whatever the SQLSTATE: `migrate` has run by
+/// then, and the relations these statements name are the KPI's.
+fn install_err(
+    def: &KpiDef,
+    file: &std::path::Path,
+    what: &str,
+    e: tokio_postgres::Error,
+) -> SinkError {
+    let classified = sink::classify(&e);
+    let Some(db) = e.as_db_error() else {
+        return classified;
+    };
+    if classified.is_retryable() && classified.kind() != "query" {
+        return classified;
+    }
+    if *db.code() == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE {
+        return SinkError::Fatal(format!("KPI {}: {classified}", def.name));
+    }
+    let mut msg = format!(
+        "KPI {name}: Postgres refused {what}: {severity}: {message}",
+        name = def.name,
+        severity = db.severity(),
+        message = db.message()
+    );
+    for extra in [db.detail(), db.hint()].into_iter().flatten() {
+        msg.push_str(&format!(" ({extra})"));
+    }
+    let file = file.display();
+    msg.push_str(&match db.code().code() {
+        // The view's columns: Postgres cuts each name to 63 bytes.
+        "42701" => format!(
+            ". Postgres keeps the first {PG_NAME_BYTES} bytes of a column name, so two columns whose \
+             names share them are one name to it: give one a shorter alias in {file}"
+        ),
+        "42P07" | "42710" => format!(
+            ". Another object of the schema has that name: rename {file} (its name is the view's), \
+             or drop that object if nothing needs it"
+        ),
+        _ => format!(". Fix {file}, or what in the schema Postgres names"),
+    });
+    SinkError::Fatal(msg)
 }
 
 /// DROP statements for a KPI's state table and every membership table it has,
