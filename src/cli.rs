@@ -313,16 +313,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     crate::sink::migrate::migrate(&mut client).await?;
                 }
                 if verify {
-                    let mismatches =
-                        crate::kpi::verify(&mut client, &engine, args.kpi.as_deref()).await?;
-                    for m in &mismatches {
+                    let report =
+                        crate::kpi::verify_report(&mut client, &engine, args.kpi.as_deref())
+                            .await?;
+                    for m in &report.mismatches {
                         println!("{}: {} {}", m.kpi, m.side, m.row);
                     }
-                    if mismatches.is_empty() {
+                    for n in &report.not_verified {
+                        println!("{}: not verified: {}", n.kpi, n.reason);
+                    }
+                    let (rows, kpis) = (report.mismatches.len(), report.not_verified.len());
+                    if rows == 0 && kpis == 0 {
                         println!("verify: every KPI equals its recomputation over events");
                         Ok(ExitCode::SUCCESS)
+                    } else if kpis == 0 {
+                        println!("verify: {rows} mismatching row(s)");
+                        Ok(ExitCode::FAILURE)
                     } else {
-                        println!("verify: {} mismatching row(s)", mismatches.len());
+                        // Exit 1 as for differences: what was asked to be
+                        // checked was not shown to be right.
+                        let others = match rows {
+                            0 => String::new(),
+                            n => format!(", and {n} mismatching row(s) in the others"),
+                        };
+                        println!(
+                            "verify: {kpis} KPI(s) not verified (the database does not hold them as their files define them){others}"
+                        );
                         Ok(ExitCode::FAILURE)
                     }
                 } else {

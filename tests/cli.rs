@@ -1128,3 +1128,100 @@ async fn a_kpi_that_postgres_refuses_to_install_is_named() {
     assert!(text.contains("long_aliases"), "{text}");
     assert!(!text.contains("unavailable"), "{text}");
 }
+
+/// Regression: `verify` with a KPI file other than the one installed (an
+/// edited file not yet installed, or another checkout's) compared the new
+/// query's results with the tables of the old one and reported "N
+/// mismatching row(s)", as if the streamed data were wrong; a file never
+/// installed failed it with "the schema is missing or old". Each is now
+/// named with what differs and what to do, and not compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_says_which_kpis_are_not_installed_as_their_files_say() {
+    let by_channel = "SELECT channel, count(*) AS n FROM events GROUP BY channel";
+    let installed = common::kpi_dir(&[
+        ("by_channel.sql", by_channel),
+        (
+            "gone.sql",
+            "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+        ),
+        (
+            "same.sql",
+            "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+        ),
+    ]);
+    let (db, c) = db_with_events("verifydef", 30).await;
+    let url = common::db_url_with_password(&db);
+    let out = kpi_command(&url, &installed.dir, &["migrate"]);
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    // `gone` retired: its file deleted, then `migrate`.
+    std::fs::remove_file(installed.dir.join("gone.sql")).unwrap();
+    let out = kpi_command(&url, &installed.dir, &["migrate"]);
+    assert!(out.status.success(), "{}", common::output_text(&out));
+
+    let edited = common::kpi_dir(&[
+        (
+            "by_channel.sql",
+            "SELECT channel, count(*) AS n FROM events WHERE event_type = 'tariff_switch' GROUP BY channel",
+        ),
+        (
+            "gone.sql",
+            "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+        ),
+        (
+            "brand_new.sql",
+            "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+        ),
+        (
+            "same.sql",
+            "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+        ),
+    ]);
+    let out = kpi_command(&url, &edited.dir, &["verify"]);
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(!text.contains("mismatching"), "{text}");
+    assert!(!text.contains("run `energy-stream migrate`"), "{text}");
+    let line = |kpi: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{kpi}: not verified: ")))
+            .unwrap_or_else(|| panic!("no line for {kpi}: {text}"))
+            .to_string()
+    };
+    let file = edited.dir.join("by_channel.sql");
+    assert!(
+        line("by_channel").contains(&format!(
+            "{} differs from the SQL it was installed from",
+            file.display()
+        )),
+        "{text}"
+    );
+    assert!(line("by_channel").contains("--queries-dir"), "{text}");
+    assert!(line("gone").contains("retired"), "{text}");
+    assert!(line("brand_new").contains("not installed"), "{text}");
+    assert!(
+        !text.contains("same: not verified"),
+        "the installed KPI is compared: {text}"
+    );
+    assert!(text.contains("verify: 3 KPI(s) not verified"), "{text}");
+
+    // The case that read as wrong data: the edited file alone.
+    let out = kpi_command(&url, &edited.dir, &["verify", "--kpi", "by_channel"]);
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("by_channel: not verified"), "{text}");
+    assert!(!text.contains("by_channel: recomputed"), "{text}");
+
+    // One KPI asked for: only it is looked at.
+    let out = kpi_command(&url, &edited.dir, &["verify", "--kpi", "same"]);
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    let out = kpi_command(&url, &edited.dir, &["verify", "--kpi", "brand_new"]);
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("brand_new: not verified"), "{text}");
+    assert!(!text.contains("by_channel"), "{text}");
+
+    // With the files it was installed from, it passes.
+    let out = kpi_command(&url, &installed.dir, &["verify"]);
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    drop(c);
+}

@@ -1238,14 +1238,90 @@ pub struct Mismatch {
     pub row: String,
 }
 
-/// Recomputes each KPI (or only `only`) over all of `events` in one batch and
-/// compares every stored part with the streamed state table, in Postgres
-/// (so 12.5 equals 12.50, and NULL keys match). Returns the differences.
+/// A KPI that `verify` did not compare, because the database does not hold
+/// it as its file defines it: its tables hold another query's results, or
+/// none, and counting their differences would blame the streamed data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotVerified {
+    pub kpi: String,
+    /// What differs and what to do.
+    pub reason: String,
+}
+
+/// What [`verify_report`] found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub mismatches: Vec<Mismatch>,
+    pub not_verified: Vec<NotVerified>,
+}
+
+/// [`verify_report`], for callers that expect every KPI installed as its
+/// file says: a KPI that is not is an error, not a list of differences.
 pub async fn verify(
     client: &mut Client,
     engine: &KpiEngine,
     only: Option<&str>,
 ) -> Result<Vec<Mismatch>, SinkError> {
+    let report = verify_report(client, engine, only).await?;
+    if !report.not_verified.is_empty() {
+        return Err(SinkError::Fatal(
+            report
+                .not_verified
+                .iter()
+                .map(|n| format!("{}: not verified: {}", n.kpi, n.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
+    Ok(report.mismatches)
+}
+
+/// Why KPI `idx` cannot be compared with its tables, from its
+/// `kpi_registry` row (hash and SQL), or None when it is installed as its
+/// file defines it.
+fn not_installed_as_file(
+    engine: &KpiEngine,
+    idx: usize,
+    stored: Option<(&str, &str)>,
+) -> Option<String> {
+    let def = engine.def(idx);
+    let file = engine.file(idx).display();
+    let rebuild =
+        "`energy-stream migrate` or `run` with this file computes it from the stored events";
+    Some(match stored {
+        Some((hash, _)) if hash == def.hash => return None,
+        None => format!("it is not installed in this database; {rebuild}"),
+        Some((RETIRED_HASH, _)) => format!(
+            "it is retired (its file was deleted and `migrate` stopped maintaining it), so its \
+             tables are no longer updated; {rebuild}"
+        ),
+        Some((STALE_HASH, _)) => format!(
+            "it is marked stale (it failed on a batch, so its tables lack that batch and the \
+             later ones); fix {file} if it fails, then `energy-stream backfill --kpi {name}` or \
+             the next start of `run` computes it again from the stored events",
+            name = def.name
+        ),
+        Some((_, sql)) if sql == def.sql => format!(
+            "it was installed by an energy-stream version that stored KPIs another way; {rebuild}"
+        ),
+        Some(_) => format!(
+            "{file} differs from the SQL it was installed from (kpi_registry.sql), so its tables \
+             hold another query's results; install the file ({rebuild}), or verify with the \
+             files it was installed from (--queries-dir)"
+        ),
+    })
+}
+
+/// Recomputes each KPI (or only `only`) over all of `events` in one batch and
+/// compares every stored part with the streamed state table, in Postgres
+/// (so 12.5 equals 12.50, and NULL keys match). A KPI whose `kpi_registry`
+/// row does not hold its file's hash is not compared but listed with the
+/// reason.
+pub async fn verify_report(
+    client: &mut Client,
+    engine: &KpiEngine,
+    only: Option<&str>,
+) -> Result<VerifyReport, SinkError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -1253,15 +1329,40 @@ pub async fn verify(
         .await?;
     tx.batch_execute("SET LOCAL client_min_messages = warning")
         .await?;
-    let rows = tx.query(EVENTS_SELECT, &[]).await?;
-    let all = events_from_rows(&rows)?;
-    drop(rows);
-    let mut out = Vec::new();
+    let registry = tx
+        .query("SELECT name, sql_hash, sql FROM kpi_registry", &[])
+        .await?;
+    let stored = |name: &str| {
+        registry
+            .iter()
+            .find(|r| r.get::<_, &str>(0) == name)
+            .map(|r| (r.get::<_, &str>(1), r.get::<_, &str>(2)))
+    };
+    let mut report = VerifyReport::default();
+    let mut compared = Vec::new();
     for idx in 0..engine.len() {
         let def = engine.def(idx);
         if only.is_some_and(|o| o != def.name) {
             continue;
         }
+        match not_installed_as_file(engine, idx, stored(&def.name)) {
+            Some(reason) => report.not_verified.push(NotVerified {
+                kpi: def.name.clone(),
+                reason,
+            }),
+            None => compared.push(idx),
+        }
+    }
+    if compared.is_empty() {
+        tx.commit().await?;
+        return Ok(report);
+    }
+    let rows = tx.query(EVENTS_SELECT, &[]).await?;
+    let all = events_from_rows(&rows)?;
+    drop(rows);
+    let out = &mut report.mismatches;
+    for idx in compared {
+        let def = engine.def(idx);
         let delta = engine
             .compute_one(idx, &all)
             .await
@@ -1413,7 +1514,7 @@ pub async fn verify(
         }
     }
     tx.commit().await?;
-    Ok(out)
+    Ok(report)
 }
 
 #[cfg(test)]
