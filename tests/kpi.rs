@@ -411,6 +411,11 @@ async fn kpi_names_of_the_pipelines_own_objects_are_refused() {
         "kpi_state_a",
         "kpi_members_a_s0",
         "pg_class",
+        // Regression: these installed, and `SELECT * FROM user` then read
+        // the current user, `SELECT * FROM order` did not parse.
+        "user",
+        "order",
+        "current_date",
     ] {
         let path = std::path::PathBuf::from(format!("queries/{name}.sql"));
         let msg = match KpiEngine::from_sources(vec![(path, sql.to_string())], 64 << 20).await {
@@ -420,8 +425,9 @@ async fn kpi_names_of_the_pipelines_own_objects_are_refused() {
         assert!(msg.contains(&format!("queries/{name}.sql")), "{msg}");
         assert!(msg.contains("rename the file"), "{msg}");
     }
-    // Names that merely resemble them stay free.
-    for name in ["kpi_daily", "customer_views", "a"] {
+    // Names that merely resemble them stay free, and so do Postgres' key
+    // words that can name a table.
+    for name in ["kpi_daily", "customer_views", "a", "users", "time", "hour"] {
         let path = std::path::PathBuf::from(format!("queries/{name}.sql"));
         KpiEngine::from_sources(vec![(path, sql.to_string())], 64 << 20)
             .await
@@ -902,7 +908,9 @@ async fn a_divisor_of_zero_in_one_row_leaves_the_view_readable() {
         "per_payment.sql",
         "SELECT event_type, count(*) / count(payment_amount) AS events_per_payment, \
          sum(payment_amount) % count(energy_consumed) AS odd, \
-         count(*) / 2 AS halves FROM events GROUP BY event_type",
+         count(*) / 2 AS halves, ln(count(payment_amount)) AS ln_paid, \
+         log(2, count(payment_amount)) AS log2_paid, log(count(payment_amount)) AS log10_paid, \
+         sqrt(count(payment_amount) - 1) AS root FROM events GROUP BY event_type",
     )]))
     .await
     .unwrap();
@@ -932,6 +940,29 @@ async fn a_divisor_of_zero_in_one_row_leaves_the_view_readable() {
         // No event type has both a payment and a reading.
         assert_eq!(*odd, None, "{got:?}");
         assert_eq!(*halves, 5);
+    }
+    // Regression: `ln`, `log` and `sqrt` outside their domain (no payments:
+    // ln(0), sqrt(-1)) made every read fail, as a zero divisor did.
+    let rows = c
+        .query(
+            "SELECT event_type, ln_paid::float8, log2_paid::float8, log10_paid::float8, \
+             root::float8 FROM per_payment ORDER BY event_type",
+            &[],
+        )
+        .await
+        .expect("the view reads");
+    for r in &rows {
+        let t: String = r.get(0);
+        let logs: Vec<Option<f64>> = (1..5).map(|i| r.get(i)).collect();
+        if matches!(t.as_str(), "bill_payment" | "tariff_switch") {
+            // Ten payments each.
+            let want = [10f64.ln(), 10f64.log2(), 1.0, 3.0];
+            for (got, want) in logs.iter().zip(want) {
+                assert!((got.unwrap() - want).abs() < 1e-9, "{t}: {logs:?}");
+            }
+        } else {
+            assert_eq!(logs, vec![None; 4], "{t}");
+        }
     }
     assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
 }
@@ -1159,6 +1190,156 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
             err.contains("bad_kpi.sql") && err.contains("a time turned into text"),
             "{expr}: {err}"
         );
+    }
+}
+
+/// Regression: two aliases alike in their first 63 bytes passed `check`
+/// (with a note), and then failed to install with Postgres' "column
+/// specified more than once".
+#[tokio::test]
+async fn aliases_alike_in_their_first_63_bytes_are_refused() {
+    let long = "number_of_events_counted_for_this_channel_in_the_whole_period_of_";
+    let err = refusal(&format!(
+        "SELECT channel, count(*) AS {long}all, count(payment_amount) AS {long}paid \
+         FROM events GROUP BY channel"
+    ))
+    .await;
+    assert!(
+        err.contains("bad_kpi.sql") && err.contains("first 63 bytes"),
+        "{err}"
+    );
+    // Longer than 63 bytes but apart within them: kept.
+    KpiEngine::load_dir(&kpi_dir(&[(
+        "long.sql",
+        &format!("SELECT channel, count(*) AS a_{long} FROM events GROUP BY channel"),
+    )]))
+    .await
+    .unwrap();
+}
+
+/// Regression: the view wrote time constants as zone-less timestamps and
+/// dropped `AT TIME ZONE`, so `max(event_time) >= TIMESTAMP '2025-06-01
+/// 12:00:00'` and the local hour of `max(event_time) AT TIME ZONE
+/// 'Asia/Kathmandu'` changed with the reading session's zone, and were wrong
+/// even in UTC. The view must read what DataFusion computes, in any zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_constants_and_zones_in_the_view_read_as_datafusion_computes() {
+    let sql = "SELECT date_trunc('day', event_time) AS day, \
+               date_trunc('day', event_time) >= TIMESTAMP '2025-06-02 00:00:00' AS second_day, \
+               max(event_time) >= TIMESTAMP '2025-06-01 12:00:00' AS after_noon, \
+               max(event_time) >= TIMESTAMPTZ '2025-06-01 12:30:00+00' AS after_half_past, \
+               max(event_time) >= CAST('2025-06-01T17:00:00+05:00' AS TIMESTAMP) AS folded, \
+               date_trunc('day', event_time) >= DATE '2025-06-02' AS by_date, \
+               extract(epoch FROM max(event_time) - TIMESTAMP '2025-06-01 00:00:00') AS since_start, \
+               date_trunc('day', max(event_time) AT TIME ZONE 'Asia/Kathmandu') AS local_day, \
+               extract(hour FROM max(event_time) AT TIME ZONE 'Asia/Kathmandu') AS local_hour, \
+               extract(hour FROM max(event_time) AT TIME ZONE '+05:45') AS offset_hour, \
+               extract(hour FROM max(event_time) AT TIME ZONE '-03:00') AS west_hour, \
+               CAST(max(event_time) AT TIME ZONE 'America/Los_Angeles' AS DATE) AS la_date, \
+               count(*) AS n \
+               FROM events GROUP BY 1";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("zones.sql", sql)]))
+        .await
+        .unwrap();
+    let at = |time: &str, customer: &str| {
+        format!(
+            r#"{{"event_type":"user_login","event_time":"{time}","payload":{{"customer_id":"{customer}","session_id":1,"channel":"web"}}}}"#
+        )
+    };
+    let lines = vec![
+        at("2025-06-01T10:00:00Z", "C1"),
+        at("2025-06-01T13:00:00Z", "C2"),
+        at("2025-06-02T03:10:00Z", "C3"),
+        at("2025-06-02T23:30:00Z", "C4"),
+    ];
+    let events = valid_events(&lines);
+    let mut c = setup("view_consts", &engine).await;
+    stream(&mut c, &engine, &events, &[1, 2]).await;
+
+    // What DataFusion computes over all events at once, as text.
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_batch("events", events).unwrap();
+    let df_read = format!(
+        "SELECT CAST(CAST(to_unixtime(day) AS BIGINT) AS VARCHAR), CAST(second_day AS VARCHAR), \
+         CAST(after_noon AS VARCHAR), CAST(after_half_past AS VARCHAR), CAST(folded AS VARCHAR), \
+         CAST(by_date AS VARCHAR), CAST(CAST(since_start AS BIGINT) AS VARCHAR), \
+         CAST(CAST(to_unixtime(local_day) AS BIGINT) AS VARCHAR), \
+         CAST(CAST(local_hour AS BIGINT) AS VARCHAR), CAST(CAST(offset_hour AS BIGINT) AS VARCHAR), \
+         CAST(CAST(west_hour AS BIGINT) AS VARCHAR), CAST(la_date AS VARCHAR) \
+         FROM ({sql}) ORDER BY day"
+    );
+    let mut want: Vec<Vec<String>> = Vec::new();
+    for b in ctx.sql(&df_read).await.unwrap().collect().await.unwrap() {
+        for row in 0..b.num_rows() {
+            want.push(
+                (0..b.num_columns())
+                    .map(|col| {
+                        datafusion::arrow::util::display::array_value_to_string(b.column(col), row)
+                            .unwrap()
+                    })
+                    .collect(),
+            );
+        }
+    }
+    // DataFusion's meaning, worked out by hand: 13:00 UTC is 18:45 in
+    // Kathmandu and 10:00 at -03:00; 23:30 UTC is 05:15 the next day there.
+    let expected = |r: [&str; 12]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        want,
+        vec![
+            expected([
+                "1748736000",
+                "false",
+                "true",
+                "true",
+                "true",
+                "false",
+                "46800",
+                "1748715300",
+                "18",
+                "18",
+                "10",
+                "2025-06-01"
+            ]),
+            expected([
+                "1748822400",
+                "true",
+                "true",
+                "true",
+                "true",
+                "true",
+                "171000",
+                "1748888100",
+                "5",
+                "5",
+                "20",
+                "2025-06-02"
+            ]),
+        ]
+    );
+
+    let pg_read = "SELECT extract(epoch FROM day)::bigint::text, second_day::text, \
+                   after_noon::text, after_half_past::text, folded::text, by_date::text, \
+                   since_start::bigint::text, extract(epoch FROM local_day)::bigint::text, \
+                   local_hour::bigint::text, offset_hour::bigint::text, west_hour::bigint::text, \
+                   la_date::text FROM zones ORDER BY day";
+    for zone in [
+        "UTC",
+        "Asia/Kathmandu",
+        "America/New_York",
+        "Pacific/Kiritimati",
+    ] {
+        c.batch_execute(&format!("SET TIME ZONE '{zone}'"))
+            .await
+            .unwrap();
+        let got: Vec<Vec<String>> = c
+            .query(pg_read, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (0..12).map(|i| r.get::<_, String>(i)).collect())
+            .collect();
+        assert_eq!(got, want, "read in {zone}");
     }
 }
 

@@ -164,6 +164,114 @@ impl KpiDef {
 /// catalogs an unqualified name would find first.
 const RESERVED_PREFIXES: &[&str] = &["kpi_state_", "kpi_members_", "pg_"];
 
+/// Postgres' reserved key words, and those that can be a function or a
+/// type but not a table (`pg_get_keywords()`, categories R and T, Postgres
+/// 15, and `system_user` from 16): a view of such a name cannot be read
+/// without quotes.
+const PG_RESERVED_WORDS: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
 /// FNV-1a of the text: stable across builds, used to notice a changed file.
 pub fn hash(sql: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -263,6 +371,15 @@ pub async fn analyse(
         return Err(c.err(
             format!("the name {name}"),
             "it is one of the pipeline's own tables or views; rename the file",
+        ));
+    }
+    if PG_RESERVED_WORDS.contains(&name) {
+        return Err(c.err(
+            format!("the name {name}"),
+            format!(
+                "it is a reserved word in Postgres' SQL, so `SELECT * FROM {name}` would not read \
+                 the view (`user` reads the current user, `order` does not parse); rename the file"
+            ),
         ));
     }
     if let Some(p) = RESERVED_PREFIXES.iter().find(|p| name.starts_with(*p)) {
@@ -822,24 +939,77 @@ impl Analysed {
                              format the value when reading the view",
                         ));
                     }
-                    // DataFusion computes these in the timestamp's own zone,
-                    // UTC; Postgres in the reading session's. Pinned to UTC,
-                    // a Grafana session in +05:45 reads the day DataFusion
-                    // computed.
+                    _ if is_time_constant(&x, schema) => {
+                        if let Some(folded) = time_constant(&x) {
+                            return Ok(Transformed::yes(folded));
+                        }
+                    }
+                    // DataFusion computes these in the timestamp's own zone
+                    // (UTC, or the one `AT TIME ZONE` gave it); Postgres in
+                    // the reading session's. Pinned to that zone, a Grafana
+                    // session in +05:45 reads the day DataFusion computed.
                     Expr::ScalarFunction(f)
                         if matches!(f.name(), "date_trunc" | "date_part")
-                            && f.args.iter().any(|a| is_utc_timestamp(a, schema)) =>
+                            && let Some(tz) = f.args.iter().find_map(|a| zone_of(a, schema)) =>
                     {
                         let mut f = f.clone();
-                        f.args = f.args.iter().map(|a| utc_wall_clock(a, schema)).collect();
+                        f.args = f.args.iter().map(|a| wall_clock(a, schema)).collect();
                         let truncates = f.name() == "date_trunc";
                         let call = Expr::ScalarFunction(f);
                         // date_trunc's wall-clock result back to an instant.
                         return Ok(Transformed::yes(if truncates {
-                            pg_timezone_utc(call)
+                            pg_timezone(&tz, call)
                         } else {
                             call
                         }));
+                    }
+                    // A time compared with, or taken from, a time of another
+                    // kind: DataFusion gives the zone-less side (a date, a
+                    // time, a string) the other side's zone before it
+                    // compares; Postgres reads it in the session's.
+                    Expr::BinaryExpr(b)
+                        if matches!(
+                            b.op,
+                            Operator::Eq
+                                | Operator::NotEq
+                                | Operator::Lt
+                                | Operator::LtEq
+                                | Operator::Gt
+                                | Operator::GtEq
+                                | Operator::IsDistinctFrom
+                                | Operator::IsNotDistinctFrom
+                                | Operator::Minus
+                        )
+                            && let Some((zoned_left, unit, tz)) = mixed_zones(&b.left, &b.right, schema) =>
+                    {
+                        let (mut left, mut right) = (b.left.as_ref().clone(), b.right.as_ref().clone());
+                        let other = if zoned_left { &mut right } else { &mut left };
+                        *other = in_zone(other.clone(), unit, &tz, schema);
+                        return Ok(Transformed::yes(Expr::BinaryExpr(BinaryExpr::new(
+                            Box::new(left),
+                            b.op,
+                            Box::new(right),
+                        ))));
+                    }
+                    // A zone-less time or a date given a zone: DataFusion
+                    // reads it as that zone's wall clock, Postgres as the
+                    // session's (`TIMESTAMP '2025-06-02'` compared with an
+                    // instant, `date_trunc(...) >= DATE '2025-06-02'`).
+                    Expr::Cast(cast)
+                        if matches!(cast.field.data_type(), DataType::Timestamp(_, Some(_)))
+                            && matches!(
+                                cast.expr.get_type(schema.as_ref()),
+                                Ok(DataType::Timestamp(_, None) | DataType::Date32 | DataType::Date64)
+                            ) =>
+                    {
+                        let DataType::Timestamp(unit, Some(tz)) = cast.field.data_type() else {
+                            unreachable!("matched above")
+                        };
+                        let wall = Expr::Cast(datafusion::logical_expr::Cast::new(
+                            cast.expr.clone(),
+                            DataType::Timestamp(*unit, None),
+                        ));
+                        return Ok(Transformed::yes(pg_timezone(tz, wall)));
                     }
                     _ if makes_text_of_a_time(&x, schema) => {
                         refused = Some(c.err(
@@ -849,37 +1019,42 @@ impl Analysed {
                              turn it into text when reading the view",
                         ));
                     }
-                    // A date, or a wall-clock time, of a UTC timestamp is the
-                    // UTC one in DataFusion; Postgres' cast gives the session's.
+                    // A date, or a wall-clock time, of a timestamp is the one
+                    // of its zone in DataFusion; Postgres' cast gives the
+                    // session's.
                     Expr::Cast(cast)
                         if matches!(
                             cast.field.data_type(),
                             DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, None)
-                        ) && is_utc_timestamp(&cast.expr, schema) =>
+                        ) && zone_of(&cast.expr, schema).is_some() =>
                     {
                         return Ok(Transformed::yes(Expr::Cast(datafusion::logical_expr::Cast {
-                            expr: Box::new(pg_timezone_utc(cast.expr.as_ref().clone())),
+                            expr: Box::new(wall_clock(&cast.expr, schema)),
                             field: cast.field.clone(),
                         })));
                     }
                     // Postgres adds days and months to a timestamptz in the
                     // session's zone (a day across a DST change is 23 or 25
-                    // hours); DataFusion in UTC. So the sum is taken on the
-                    // UTC wall clock and read back as UTC.
+                    // hours); DataFusion in the timestamp's. So the sum is
+                    // taken on that zone's wall clock and read back in it.
                     Expr::BinaryExpr(b)
                         if matches!(b.op, Operator::Plus | Operator::Minus)
-                            && (is_utc_timestamp(&b.left, schema) && is_interval(&b.right, schema)
-                                || b.op == Operator::Plus
-                                    && is_interval(&b.left, schema)
-                                    && is_utc_timestamp(&b.right, schema)) =>
+                            && let Some(tz) = (if is_interval(&b.right, schema) {
+                                zone_of(&b.left, schema)
+                            } else if b.op == Operator::Plus && is_interval(&b.left, schema) {
+                                zone_of(&b.right, schema)
+                            } else {
+                                None
+                            }) =>
                     {
-                        return Ok(Transformed::yes(pg_timezone_utc(Expr::BinaryExpr(
-                            BinaryExpr::new(
-                                Box::new(utc_wall_clock(&b.left, schema)),
+                        return Ok(Transformed::yes(pg_timezone(
+                            &tz,
+                            Expr::BinaryExpr(BinaryExpr::new(
+                                Box::new(wall_clock(&b.left, schema)),
                                 b.op,
-                                Box::new(utc_wall_clock(&b.right, schema)),
-                            ),
-                        ))));
+                                Box::new(wall_clock(&b.right, schema)),
+                            )),
+                        )));
                     }
                     Expr::Cast(cast) if cast.field.data_type().is_integer() => {
                         let from = cast.expr.get_type(schema.as_ref());
@@ -1001,6 +1176,32 @@ impl Analysed {
                             Box::new(right),
                         ))));
                     }
+                    // DataFusion gives -inf or NaN where Postgres fails every
+                    // read of the view (`ln(count(payment_amount))` for a type
+                    // without payments); that row reads NULL instead.
+                    if let Expr::ScalarFunction(f) = &x
+                        && matches!(f.name(), "ln" | "log" | "log10" | "sqrt")
+                    {
+                        let base = f.name() == "log" && f.args.len() == 2;
+                        let mut f = f.clone();
+                        f.args = f
+                            .args
+                            .iter()
+                            .enumerate()
+                            .map(|(i, a)| {
+                                let ok = match f.func.name() {
+                                    "sqrt" => a.clone().gt_eq(lit(0)),
+                                    // log(1, x) divides by ln(1) = 0 in Postgres.
+                                    _ if base && i == 0 => {
+                                        a.clone().gt(lit(0)).and(a.clone().not_eq(lit(1)))
+                                    }
+                                    _ => a.clone().gt(lit(0)),
+                                };
+                                when(ok, a.clone()).end()
+                            })
+                            .collect::<datafusion::common::Result<_>>()?;
+                        return Ok(Transformed::yes(Expr::ScalarFunction(f)));
+                    }
                     Ok(Transformed::no(x))
                 })
                 .map_err(|e| Self::planning_error(c, e))?
@@ -1021,10 +1222,26 @@ impl Analysed {
                     "give each column its own alias",
                 ));
             }
+            // Postgres keeps the first 63 bytes of a name, so the view
+            // would fail to install with "specified more than once".
+            if let Some(o) = outputs.iter().find(|o| pg_name(&o.name) == pg_name(&name)) {
+                return Err(c.err(
+                    format!(
+                        "two outputs named alike in their first 63 bytes ({} and {name})",
+                        o.name
+                    ),
+                    "Postgres keeps only the first 63 bytes of a column name; shorten one alias",
+                ));
+            }
             outputs.push(Output { name, pg_expr: sql });
         }
         Ok(outputs)
     }
+}
+
+/// A name as Postgres keeps it: its first 63 bytes, cut at a character.
+fn pg_name(name: &str) -> &str {
+    &name[..name.floor_char_boundary(63)]
 }
 
 /// Whether `x` makes text of a time: a cast to text, `concat`, `||`.
@@ -1054,45 +1271,168 @@ fn is_interval(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
     matches!(e.get_type(schema.as_ref()), Ok(DataType::Interval(_)))
 }
 
-/// Whether `e` is a timestamp in UTC (`event_time`, an aggregate of it).
-fn is_utc_timestamp(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
-    matches!(
-        e.get_type(schema.as_ref()),
-        Ok(DataType::Timestamp(_, Some(tz))) if super::utc::is_utc(&tz)
-    )
-}
-
-/// `e` on the UTC wall clock when it is a UTC timestamp; `e` otherwise.
-fn utc_wall_clock(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> Expr {
-    if is_utc_timestamp(e, schema) {
-        pg_timezone_utc(e.clone())
-    } else {
-        e.clone()
+/// The zone of a timestamp that has one: UTC for `event_time` and its
+/// aggregates, `Asia/Kathmandu` for `x AT TIME ZONE 'Asia/Kathmandu'`.
+fn zone_of(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> Option<std::sync::Arc<str>> {
+    match e.get_type(schema.as_ref()) {
+        Ok(DataType::Timestamp(_, Some(tz))) => Some(tz),
+        _ => None,
     }
 }
 
-/// Postgres' `timezone('UTC', e)`, that is `e AT TIME ZONE 'UTC'`: an
-/// instant to its UTC wall-clock time, or a wall-clock time read as UTC back
-/// to an instant. Only ever written out into a view, never run here.
-fn pg_timezone_utc(e: Expr) -> Expr {
+/// `e` on the wall clock of its zone when it has one; `e` otherwise.
+fn wall_clock(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> Expr {
+    match zone_of(e, schema) {
+        Some(tz) => pg_timezone(&tz, e.clone()),
+        None => e.clone(),
+    }
+}
+
+/// Whether `e` is a time constant that only literals and casts make
+/// (`TIMESTAMP '2025-06-01 12:00:00'`, `CAST('2025-06-01T12:00:00Z' AS
+/// TIMESTAMP)`), which DataFusion can fold here.
+fn is_time_constant(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
+    matches!(e, Expr::Literal(..) | Expr::Cast(_))
+        && is_temporal(e, schema)
+        && !e
+            .exists(|x| Ok(!matches!(x, Expr::Literal(..) | Expr::Cast(_))))
+            .unwrap_or(true)
+}
+
+/// A time constant as Postgres must read it to mean what DataFusion means:
+/// folded by DataFusion (a cast of `'…+05:00'` to a zone-less timestamp is
+/// its UTC wall clock to DataFusion, the written one to Postgres), and an
+/// instant written as the UTC wall clock read back as UTC (the unparser
+/// writes it as a zone-less `TIMESTAMP`, which Postgres would read in the
+/// session's zone). None when it does not fold.
+fn time_constant(e: &Expr) -> Option<Expr> {
+    use datafusion::common::ScalarValue;
+    use datafusion::optimizer::simplify_expressions::ExprSimplifier;
+    let simplifier =
+        ExprSimplifier::new(datafusion::logical_expr::simplify::SimplifyContext::default());
+    let Ok(Expr::Literal(v, _)) = simplifier.simplify(e.clone()) else {
+        return None;
+    };
+    let naive = match v {
+        ScalarValue::TimestampSecond(x, Some(_)) => ScalarValue::TimestampSecond(x, None),
+        ScalarValue::TimestampMillisecond(x, Some(_)) => ScalarValue::TimestampMillisecond(x, None),
+        ScalarValue::TimestampMicrosecond(x, Some(_)) => ScalarValue::TimestampMicrosecond(x, None),
+        ScalarValue::TimestampNanosecond(x, Some(_)) => ScalarValue::TimestampNanosecond(x, None),
+        other => return Some(lit(other)),
+    };
+    Some(pg_timezone("UTC", lit(naive)))
+}
+
+/// When one side is a timestamp with a zone and the other a zone-less time,
+/// a date or a string: whether the zoned one is the left, its unit and zone.
+fn mixed_zones(
+    left: &Expr,
+    right: &Expr,
+    schema: &datafusion::common::DFSchemaRef,
+) -> Option<(bool, TimeUnit, std::sync::Arc<str>)> {
+    let zoneless = |e: &Expr| {
+        matches!(
+            e.get_type(schema.as_ref()),
+            Ok(DataType::Timestamp(_, None)
+                | DataType::Date32
+                | DataType::Date64
+                | DataType::Utf8
+                | DataType::Utf8View
+                | DataType::LargeUtf8)
+        )
+    };
+    let zoned = |e: &Expr| match e.get_type(schema.as_ref()) {
+        Ok(DataType::Timestamp(unit, Some(tz))) => Some((unit, tz)),
+        _ => None,
+    };
+    match (zoned(left), zoned(right)) {
+        (Some((unit, tz)), None) if zoneless(right) => Some((true, unit, tz)),
+        (None, Some((unit, tz))) if zoneless(left) => Some((false, unit, tz)),
+        _ => None,
+    }
+}
+
+/// `e` (a zone-less time, a date or a string) given zone `tz`, as DataFusion
+/// casts it: a constant folded by DataFusion, anything else as the wall
+/// clock of `tz`. A string that is not constant is left to Postgres.
+fn in_zone(
+    e: Expr,
+    unit: TimeUnit,
+    tz: &std::sync::Arc<str>,
+    schema: &datafusion::common::DFSchemaRef,
+) -> Expr {
+    let cast = Expr::Cast(datafusion::logical_expr::Cast::new(
+        Box::new(e.clone()),
+        DataType::Timestamp(unit, Some(tz.clone())),
+    ));
+    if e.column_refs().is_empty()
+        && let Some(folded) = time_constant(&cast)
+    {
+        return folded;
+    }
+    match e.get_type(schema.as_ref()) {
+        Ok(DataType::Timestamp(..) | DataType::Date32 | DataType::Date64) => pg_timezone(
+            tz,
+            Expr::Cast(datafusion::logical_expr::Cast::new(
+                Box::new(e),
+                DataType::Timestamp(unit, None),
+            )),
+        ),
+        _ => e,
+    }
+}
+
+/// `+05:45`, `-0300`, `+05` as seconds east of UTC.
+fn fixed_offset_secs(zone: &str) -> Option<i64> {
+    let (sign, rest) = match zone.as_bytes().first()? {
+        b'+' => (1, &zone[1..]),
+        b'-' => (-1, &zone[1..]),
+        _ => return None,
+    };
+    let digits: String = rest.chars().filter(|c| *c != ':').collect();
+    if !matches!(digits.len(), 2 | 4) || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let h: i64 = digits[..2].parse().ok()?;
+    let m: i64 = digits.get(2..).map_or(Some(0), |d| d.parse().ok())?;
+    Some(sign * (h * 3600 + m * 60))
+}
+
+/// Postgres' `timezone(zone, e)`, that is `e AT TIME ZONE zone`: an instant
+/// to its wall-clock time in `zone`, or a wall-clock time read in `zone`
+/// back to an instant. A fixed offset goes as an interval: as a text,
+/// Postgres would read `+05:45` the POSIX way, west of Greenwich. Only ever
+/// written out into a view, never run here.
+fn pg_timezone(zone: &str, e: Expr) -> Expr {
+    let zone_arg = if super::utc::is_utc(zone) {
+        lit("UTC")
+    } else if let Some(secs) = fixed_offset_secs(zone) {
+        lit(datafusion::common::ScalarValue::IntervalMonthDayNano(Some(
+            datafusion::arrow::datatypes::IntervalMonthDayNano::new(0, 0, secs * 1_000_000_000),
+        )))
+    } else {
+        lit(zone)
+    };
     Expr::ScalarFunction(datafusion::logical_expr::expr::ScalarFunction::new_udf(
         std::sync::Arc::new(datafusion::logical_expr::ScalarUDF::new_from_impl(
-            PgTimezone::default(),
+            PgTimezone::new(zone),
         )),
-        vec![lit("UTC"), e],
+        vec![zone_arg, e],
     ))
 }
 
-/// See [`pg_timezone_utc`]. Its return type is Postgres': `timestamptz` to
+/// See [`pg_timezone`]. Its return type is Postgres': `timestamptz` to
 /// `timestamp` and back, so that the expressions around it type-check.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct PgTimezone {
+    zone: std::sync::Arc<str>,
     signature: datafusion::logical_expr::Signature,
 }
 
-impl Default for PgTimezone {
-    fn default() -> Self {
+impl PgTimezone {
+    fn new(zone: &str) -> Self {
         PgTimezone {
+            zone: zone.into(),
             signature: datafusion::logical_expr::Signature::any(2, Volatility::Immutable),
         }
     }
@@ -1111,7 +1451,7 @@ impl datafusion::logical_expr::ScalarUDFImpl for PgTimezone {
         match args.get(1) {
             Some(DataType::Timestamp(unit, Some(_))) => Ok(DataType::Timestamp(*unit, None)),
             Some(DataType::Timestamp(unit, None)) => {
-                Ok(DataType::Timestamp(*unit, Some("UTC".into())))
+                Ok(DataType::Timestamp(*unit, Some(self.zone.clone())))
             }
             other => datafusion::common::plan_err!("timezone() of {other:?}"),
         }
