@@ -370,6 +370,17 @@ async fn unsupported_files_are_refused_with_what_to_write_instead() {
             "SELECT channel, count(*) AS AS n FROM events GROUP BY 1",
             "SQL error: syntax: Expected",
         ),
+        // Regressions: a bare schema error, and "DISTINCT is supported in
+        // count(DISTINCT x) only" for a count(DISTINCT ...).
+        (
+            "SELECT channel, max(session_id) AS a, max(CAST(session_id AS VARCHAR)) AS b \
+             FROM events GROUP BY channel",
+            "in a KPI file of its own",
+        ),
+        (
+            "SELECT channel, count(DISTINCT customer_id, session_id) AS n FROM events GROUP BY 1",
+            "count(DISTINCT concat(a, '|', b))",
+        ),
     ];
     for (sql, want) in cases {
         let msg = refusal(sql).await;

@@ -556,6 +556,16 @@ fn classify_sql_error(c: &Ctx<'_>, sql: &str, msg: &str) -> KpiError {
         )
     } else if lower.contains("single sql statement") {
         c.err("more than one statement", "one SELECT per file")
+    } else if lower.contains("duplicate unqualified field name") {
+        c.err(
+            format!(
+                "two aggregates DataFusion names alike ({})",
+                first_line(msg)
+            ),
+            "DataFusion names an aggregate after its argument with any CAST left out, so \
+             max(x) and max(CAST(x AS VARCHAR)) clash whatever their aliases; put one of them \
+             in a KPI file of its own",
+        )
     } else {
         // DataFusion's own text starts "SQL error: ParserError(\"...\")".
         let text = first_line(msg).trim_start_matches("SQL error: ");
@@ -779,6 +789,13 @@ impl Analysed {
             }
             let func = match (name.as_str(), p.distinct) {
                 ("count", true) if p.args.len() == 1 => Func::CountDistinct,
+                ("count", true) => {
+                    return Err(c.err(
+                        "count(DISTINCT ...) over several expressions",
+                        "count the distinct values of one expression; for pairs, count one that \
+                         joins them, e.g. count(DISTINCT concat(a, '|', b))",
+                    ));
+                }
                 (_, true) => {
                     return Err(c.err(
                         format!("{name}(DISTINCT ...)"),
