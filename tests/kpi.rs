@@ -1204,6 +1204,83 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
     }
 }
 
+/// Regression: text comparisons in the view followed the database's
+/// collation, so under en-US (the official Postgres image's default)
+/// `min(customer_id) < 'b'` read false for "Banana", and `greatest(...)`
+/// picked another value, where DataFusion compares bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_in_the_view_compares_bytewise_under_any_collation() {
+    let sql = "SELECT channel, channel < 'b' AS channel_before_b, \
+               min(customer_id) AS first_customer, min(customer_id) < 'b' AS first_before_b, \
+               greatest(max(customer_id), 'B') AS g, count(*) AS n \
+               FROM events GROUP BY channel";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("bytewise.sql", sql)]))
+        .await
+        .unwrap();
+    let line = |customer: &str, channel: &str| {
+        format!(
+            r#"{{"event_type":"user_login","event_time":"2025-06-01T10:00:00Z","payload":{{"customer_id":"{customer}","session_id":1,"channel":"{channel}"}}}}"#
+        )
+    };
+    let events = valid_events(&[
+        line("Banana", "Web"),
+        line("apple", "Web"),
+        line("cherry", "app"),
+    ]);
+
+    let admin = client(&server_url().parse().unwrap()).await;
+    let name = format!("bytewise_{}", std::process::id());
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C' \
+             LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+        ))
+        .await
+        .unwrap();
+    let mut cfg: tokio_postgres::Config = server_url().parse().unwrap();
+    cfg.dbname(&name);
+    let mut c = client(&cfg).await;
+    sink::migrate::migrate(&mut c).await.unwrap();
+    kpi::install(&mut c, &engine).await.unwrap();
+    stream(&mut c, &engine, &events, &[1, 2]).await;
+    // The database does sort linguistically, so the test can fail.
+    let linguistic: bool = c
+        .query_one("SELECT 'apple' < 'Banana'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(linguistic);
+
+    let rows = c
+        .query(
+            "SELECT channel, channel_before_b, first_customer, first_before_b, g, n \
+             FROM bytewise ORDER BY channel",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, bool, String, bool, String, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let row = |ch: &str, cb, first: &str, fb, g: &str, n| {
+        (ch.to_string(), cb, first.to_string(), fb, g.to_string(), n)
+    };
+    // What DataFusion computes: bytes, so "B" < "W" < "a" < "b" < "c".
+    assert_eq!(
+        got,
+        vec![
+            row("Web", true, "Banana", true, "apple", 2),
+            row("app", true, "cherry", false, "cherry", 1),
+        ]
+    );
+    drop(c);
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
 /// Regression: two aliases alike in their first 63 bytes passed `check`
 /// (with a note), and then failed to install with Postgres' "column
 /// specified more than once".

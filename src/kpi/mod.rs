@@ -579,12 +579,41 @@ fn view_columns(def: &KpiDef) -> String {
         .join(", ")
 }
 
+/// What the view reads: the state table, with its text columns in byte
+/// order (`COLLATE "C"`), as DataFusion compares text. Under a database's
+/// linguistic collation (en-US in the official Postgres image) the view's
+/// `min(customer_id) < 'b'` or `greatest(channel, 'B')` read otherwise.
+fn view_source(def: &KpiDef, suffix: &str) -> String {
+    let table = state_table(def, suffix);
+    let cols: Vec<&plan::StateCol> = def
+        .keys
+        .iter()
+        .map(|k| &k.col)
+        .chain(def.measures.iter().flat_map(|m| m.cols.iter()))
+        .collect();
+    if cols.iter().all(|c| c.pg_type != "text") {
+        return table;
+    }
+    let list: Vec<String> = cols
+        .iter()
+        .map(|c| {
+            let n = quote(&c.name);
+            if c.pg_type == "text" {
+                format!("{n} COLLATE \"C\" AS {n}")
+            } else {
+                n
+            }
+        })
+        .collect();
+    format!("(SELECT {}, updated_at FROM {table}) AS s", list.join(", "))
+}
+
 /// The view users query: keys, outputs, updated_at.
 pub fn create_view_sql(def: &KpiDef) -> String {
     let mut sql = format!(
         "DROP VIEW IF EXISTS {name};\nCREATE VIEW {name} AS SELECT {}, updated_at FROM {};\n",
         view_columns(def),
-        state_table(def, ""),
+        view_source(def, ""),
         name = quote(&def.name)
     );
     if let Some(d) = &def.description {
@@ -606,7 +635,7 @@ async fn check_view(tx: &Transaction<'_>, def: &KpiDef, suffix: &str) -> Result<
     let sql = format!(
         "SELECT {} FROM {} LIMIT 0",
         view_columns(def),
-        state_table(def, suffix)
+        view_source(def, suffix)
     );
     // In a savepoint, so that the caller's transaction stays usable (its
     // owner rolls it back on our error, but should not have to).
