@@ -1532,7 +1532,7 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                             Ok(false) => {}
                             Err(e) => {
                                 in_doubt = Some(done);
-                                forget_if_stuck(&e, &mut client, &cfg.database);
+                                forget_after_error(&e, &mut client, &cfg.database);
                                 on_db_error(&e, metrics, health)?;
                                 metrics.retries.inc();
                                 ctx.back_off(&mut backoff).await;
@@ -1589,7 +1589,7 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                                 Err(fatal @ SinkError::Fatal(_)) => {
                                     return Err(PipelineError::Sink(fatal));
                                 }
-                                Err(e) => forget_if_stuck(&e, &mut client, &cfg.database),
+                                Err(e) => forget_after_error(&e, &mut client, &cfg.database),
                                 Ok(_) => {}
                             }
                         }
@@ -1607,7 +1607,7 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                 }
                 Err(e) => {
                     members.clear();
-                    forget_if_stuck(&e, &mut client, &cfg.database);
+                    forget_after_error(&e, &mut client, &cfg.database);
                     on_db_error(&e, metrics, health)?;
                     metrics.retries.inc();
                     ctx.back_off(&mut backoff).await;
@@ -1621,18 +1621,23 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
     }
 }
 
-/// Gives up a connection that went unanswered, so that the retry opens a new
-/// one: the old one may still deliver its late reply, or never anything.
-/// Also lets go of a connection the error closed: the caller counts that
-/// error, and [`open`] must not count the closed connection a second time.
-fn forget_if_stuck(e: &SinkError, client: &mut Option<Client>, db: &sink::Database) {
-    if e.kind() == "timeout"
-        && let Some(c) = client.take()
+/// Gives up the connection an error came from, so that the retry opens a
+/// new one:
+/// - one that went unanswered may still deliver its late reply, or never
+///   anything;
+/// - one that still answers keeps what the error may come from: settings
+///   read when it opened (a `statement_timeout` or read-only default set for
+///   the role or database, and lifted since, failed every retry on it until
+///   someone killed it), or a standby that `target_session_attrs` now skips;
+/// - one the error closes, maybe only after this returns (a read-only
+///   refusal), is counted by the caller, and [`open`] must not count it a
+///   second time as closed while idle.
+fn forget_after_error(e: &SinkError, client: &mut Option<Client>, db: &sink::Database) {
+    if let Some(c) = client.take()
+        && e.kind() == "timeout"
     {
         tracing::debug!("giving up a connection Postgres left unanswered");
         db.abandon(c);
-    } else if client.as_ref().is_some_and(Client::is_closed) {
-        *client = None;
     }
 }
 

@@ -1005,6 +1005,190 @@ async fn a_connection_closed_while_idle_is_counted_and_reopened() {
     assert_eq!(summary.events_written, 400);
 }
 
+/// Polls `sql` (a boolean) on `c` for up to 60 s.
+async fn poll_true(c: &tokio_postgres::Client, sql: &str) -> bool {
+    for _ in 0..600 {
+        if c.query_one(sql, &[]).await.unwrap().get::<_, bool>(0) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Waits up to 60 s for `counter` to reach `at_least`.
+async fn counted(counter: impl Fn() -> u64, at_least: u64) -> bool {
+    for _ in 0..600 {
+        if counter() >= at_least {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Stops a pipeline that may be stuck retrying before failing the test, so
+/// that the failure is reported instead of waiting on the pipeline's tasks.
+async fn fail(running: Running, why: String) -> ! {
+    let _ = running.stop_result().await;
+    panic!("{why}");
+}
+
+/// Regression: a `statement_timeout` set for the database, and lifted again,
+/// failed every retry until someone killed the pipeline's connections: the
+/// retries ran on the connections that had read the setting when they
+/// opened. And the cancellations were counted as kind "shutdown".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_lifted_is_left_behind_by_the_retry() {
+    let Named {
+        _cluster,
+        db,
+        name,
+        mut cfg,
+    } = Named::new("stmt_timeout", &sample_messages(0..200, 20)).await;
+    cfg.stop_when_caught_up = false;
+    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+    let metrics = Metrics::new();
+    let running = Running::spawn(cfg, metrics.clone());
+    wait_until(
+        &db,
+        "SELECT count(*) = 200 FROM events",
+        "the first 200 events",
+    )
+    .await;
+
+    // Both opened before the setting, so it does not reach them.
+    let c = client(&db).await;
+    let lock = client(&db).await;
+    let dbname = db.get_dbname().unwrap().to_string();
+    c.batch_execute(&format!(
+        "ALTER DATABASE \"{dbname}\" SET statement_timeout = '1ms'"
+    ))
+    .await
+    .unwrap();
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        &[&name],
+    )
+    .await
+    .unwrap();
+    // Every batch locks the offset rows: held here, each attempt waits, and
+    // one that read the setting is cancelled.
+    lock.batch_execute("BEGIN; SELECT * FROM consumer_offsets FOR UPDATE")
+        .await
+        .unwrap();
+    send_raw(&brokers, &topic, &sample_messages(200..400, 20));
+    let canceled = || metrics.db_errors.with_label_values(&["canceled"]).get();
+    if !counted(canceled, 2).await {
+        fail(
+            running,
+            format!("{} cancellations counted as kind canceled", canceled()),
+        )
+        .await;
+    }
+
+    c.batch_execute(&format!(
+        "ALTER DATABASE \"{dbname}\" RESET statement_timeout"
+    ))
+    .await
+    .unwrap();
+    // A retry on a new connection waits on the lock as any batch would; one
+    // on an old connection is cancelled again after 1 ms.
+    let waits = format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = '{name}' \
+         AND wait_event_type = 'Lock' AND now() - query_start > interval '500 ms')"
+    );
+    if !poll_true(&c, &waits).await {
+        fail(
+            running,
+            "no retry waited on the lock: the retries kept the connections that read \
+             statement_timeout"
+                .into(),
+        )
+        .await;
+    }
+    lock.batch_execute("COMMIT").await.unwrap();
+    wait_until(
+        &db,
+        "SELECT count(*) = 400 FROM events",
+        "the next 200 events",
+    )
+    .await;
+    let summary = running.stop().await;
+    assert_eq!(summary.events_written, 400);
+}
+
+/// Regression: while Postgres refused writes (`default_transaction_read_only`
+/// set for the database), each retry was counted twice: as `read_only`, and,
+/// since the refusal closed the connection after the retry had let go of
+/// it, as an idle connection closed, with a warning that said so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_spell_counts_each_retry_once() {
+    let Named {
+        _cluster,
+        db,
+        name,
+        mut cfg,
+    } = Named::new("ro_spell", &sample_messages(0..200, 20)).await;
+    cfg.stop_when_caught_up = false;
+    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+    let metrics = Metrics::new();
+    let running = Running::spawn(cfg, metrics.clone());
+    wait_until(
+        &db,
+        "SELECT count(*) = 200 FROM events",
+        "the first 200 events",
+    )
+    .await;
+
+    let c = client(&db).await;
+    let dbname = db.get_dbname().unwrap().to_string();
+    c.batch_execute(&format!(
+        "ALTER DATABASE \"{dbname}\" SET default_transaction_read_only = on"
+    ))
+    .await
+    .unwrap();
+    let closed: i64 = c
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let idle_closed = || {
+        metrics
+            .db_errors
+            .with_label_values(&[energy_stream::telemetry::DB_IDLE_CLOSED])
+            .get()
+    };
+    let before = idle_closed();
+    send_raw(&brokers, &topic, &sample_messages(200..400, 20));
+    let read_only = || metrics.db_errors.with_label_values(&["read_only"]).get();
+    if !counted(read_only, 6).await {
+        fail(running, format!("{} read-only refusals", read_only())).await;
+    }
+    c.batch_execute(&format!(
+        "ALTER DATABASE \"{dbname}\" RESET default_transaction_read_only"
+    ))
+    .await
+    .unwrap();
+    wait_until(
+        &db,
+        "SELECT count(*) = 400 FROM events",
+        "the next 200 events",
+    )
+    .await;
+    let summary = running.stop().await;
+    assert_eq!(summary.events_written, 400);
+    assert!(
+        idle_closed() - before <= closed as u64,
+        "{} idle connections closed counted for the {closed} the test closed, over {} read-only retries",
+        idle_closed() - before,
+        read_only()
+    );
+}
+
 /// Regression: a read-only Postgres at start (a standby the URL points at
 /// during a failover, or a database set read-only) ended `run` with
 /// "postgres unavailable (query)", where a batch would have retried.

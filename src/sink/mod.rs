@@ -109,10 +109,11 @@ impl SinkError {
 
     /// A low-cardinality label for `energy_stream_db_errors_total{kind}`.
     /// Every value [`SinkError::kind`] returns, for metric labels.
-    pub const KINDS: [&'static str; 10] = [
+    pub const KINDS: [&'static str; 11] = [
         "connection",
         "timeout",
         "shutdown",
+        "canceled",
         "conflict",
         "resources",
         "lock",
@@ -209,6 +210,17 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
                 "{message} — Postgres is read-only here (a standby, a failover in progress, or \
                  default_transaction_read_only); `target_session_attrs=read-write` in the URL \
                  skips standbys"
+            ),
+        };
+    }
+    // Not a shutdown, though it shares class 57: a `statement_timeout` set
+    // for the role or database, or someone's `pg_cancel_backend`.
+    if *code == SqlState::QUERY_CANCELED {
+        return SinkError::Unavailable {
+            kind: "canceled",
+            message: format!(
+                "{message} — Postgres cancelled the statement (a statement_timeout set for the \
+                 role or database, or pg_cancel_backend); retried on a new connection"
             ),
         };
     }
