@@ -582,7 +582,7 @@ async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_
         .unwrap()
         .expect_err("its batch is refused");
     assert!(
-        err.to_string().contains("by_channel (no file here)"),
+        err.to_string().contains("by_channel (not computed here)"),
         "{err}"
     );
     assert_eq!(
@@ -596,7 +596,7 @@ async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_
     cfg.kafka.group_id = group.clone();
     cfg.kpi = Some(old.clone());
     let err = run_refused(cfg, Duration::from_secs(60), "old files refused at start").await;
-    assert!(err.contains("by_channel (no file here)"), "{err}");
+    assert!(err.contains("by_channel (not computed here)"), "{err}");
 
     // With the new files it catches up, and every KPI equals its recomputation.
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());

@@ -888,10 +888,12 @@ pub async fn unmaintained(
             if given_up.iter().any(|g| g == name) {
                 return None;
             }
+            // Said of what this consumer computes, not of its files: one that
+            // could not install a new file (the app role) has the file.
             match known.iter().find(|(n, _)| *n == name) {
                 Some((_, h)) if *h == hash => None,
                 Some(_) => Some(format!("{name} (another definition)")),
-                None => Some(format!("{name} (no file here)")),
+                None => Some(format!("{name} (not computed here)")),
             }
         })
         .collect())
