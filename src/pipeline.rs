@@ -351,6 +351,44 @@ impl KpiSet {
     }
 }
 
+/// Whether `kpi_registry` maintains exactly `set`'s KPIs again within a few
+/// watch intervals (another consumer's watch, its restart and backfill).
+async fn registry_comes_back(
+    cfg: &PipelineConfig,
+    set: &KpiSet,
+    every: Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let deadline =
+        Instant::now() + (every * 3).clamp(Duration::from_secs(10), Duration::from_secs(60));
+    let identity = set.identity();
+    let known: Vec<(&str, &str)> = identity
+        .iter()
+        .map(|(n, h)| (n.as_str(), h.as_str()))
+        .collect();
+    tracing::warn!(
+        waiting_secs = deadline.saturating_duration_since(Instant::now()).as_secs(),
+        "another consumer installed KPIs other than this consumer's files; waiting for them to come back before stopping"
+    );
+    while Instant::now() < deadline {
+        let settled = async {
+            let client = cfg.database.connect().await.ok()?;
+            crate::kpi::unmaintained(&client, &known, &[]).await.ok()
+        };
+        // A Postgres that does not answer is asked again at the next turn.
+        if let Ok(Some(short)) = tokio::time::timeout(Duration::from_secs(5), settled).await
+            && short.is_empty()
+        {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|s| *s) => return false,
+        }
+    }
+    false
+}
+
 /// Runs [`run_once`] with the KPI files, and again each time they change:
 /// - the watch ([`watch_kpis`]) sees added, changed or deleted files that
 ///   load: the run stops as on shutdown (in-flight batches commit), and starts
@@ -456,14 +494,29 @@ async fn run_kpi_sets(
             }
             Err(PipelineError::Sink(SinkError::KpisDiffer(kpis))) if !stopping => {
                 let new = KpiSet::load(cfg).await?;
-                if new.identity() == set.identity() {
-                    return Err(SinkError::KpisDiffer(kpis).into());
+                if new.identity() != set.identity() {
+                    tracing::info!(
+                        ?kpis,
+                        "another consumer installed KPIs this one did not compute, and the files here changed: starting again with them"
+                    );
+                    previous = Some(std::mem::replace(&mut set, new));
+                    continue;
                 }
-                tracing::info!(
-                    ?kpis,
-                    "another consumer installed KPIs this one did not compute, and the files here changed: starting again with them"
-                );
-                previous = Some(std::mem::replace(&mut set, new));
+                // Files edited back and forth in a directory the consumers
+                // share: another consumer installed a version the files no
+                // longer hold, and its own watch installs theirs again. This
+                // one waits for that instead of stopping; consumers whose
+                // files do differ still stop.
+                if let Some(every) = cfg.kpi_watch
+                    && registry_comes_back(cfg, &set, every, &mut shutdown).await
+                {
+                    tracing::info!(
+                        ?kpis,
+                        "the KPIs another consumer installed are this consumer's again: going on"
+                    );
+                    continue;
+                }
+                return Err(SinkError::KpisDiffer(kpis).into());
             }
             Err(PipelineError::KpiInstall(e)) if previous.is_some() && !stopping => {
                 tracing::error!(

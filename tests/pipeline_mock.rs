@@ -531,6 +531,83 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     assert!(groups.is_empty(), "no offsets stored: {groups:?}");
 }
 
+/// Regression: a KPI file edited back and forth in a directory two consumers
+/// share stopped one of them for good: the other had installed a version
+/// the files no longer held, and by the time this one re-read its files they
+/// matched what it ran, so it stopped as if they differed. It now waits a
+/// few watch intervals for the other consumer's watch to install the files'
+/// version again, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_edited_back_and_forth_does_not_stop_a_consumer() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 2);
+    send_raw(&brokers, &topic, &sample_messages(0..300, 40));
+    let v1 = kpi_dir(&[(
+        "by_type.sql",
+        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+    )]);
+    let v2 = kpi_dir(&[(
+        "by_type.sql",
+        "SELECT event_type, count(*) AS n, count(session_id) AS sessions FROM events GROUP BY event_type",
+    )]);
+    let db = fresh_db("flipflop").await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.kpi = Some(v1.clone());
+    cfg.kpi_watch = Some(Duration::from_secs(1));
+    cfg.stop_when_caught_up = false;
+    let metrics = Metrics::new();
+    let running = Running::spawn(cfg, metrics.clone());
+    wait_until(
+        &db,
+        "SELECT count(*) = 300 FROM events",
+        "the first 300 events",
+    )
+    .await;
+
+    // The other consumer, which read the files while they said v2.
+    let mut other = client(&db).await;
+    let engine_v2 = energy_stream::kpi::KpiEngine::load_dir(&v2).await.unwrap();
+    energy_stream::kpi::install(&mut other, &engine_v2)
+        .await
+        .unwrap();
+    send_raw(&brokers, &topic, &sample_messages(300..600, 40));
+    let refused = || metrics.db_errors.with_label_values(&["fatal"]).get();
+    if !counted(refused, 1).await {
+        fail(
+            running,
+            "the batch was not refused for the other definition".into(),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !running.is_finished(),
+        "the consumer stopped instead of waiting"
+    );
+
+    // Its watch saw the files say v1 again, and installs them.
+    let engine_v1 = energy_stream::kpi::KpiEngine::load_dir(&v1).await.unwrap();
+    energy_stream::kpi::install(&mut other, &engine_v1)
+        .await
+        .unwrap();
+    wait_until(
+        &db,
+        "SELECT count(*) = 600 FROM events",
+        "the next 300 events",
+    )
+    .await;
+    let summary = running.stop().await;
+    assert_eq!(summary.events_written, 600);
+    assert_eq!(
+        energy_stream::kpi::verify(&mut other, &engine_v1, None)
+            .await
+            .unwrap(),
+        vec![]
+    );
+}
+
 /// Consumers of one database must compute the same KPIs. A consumer started
 /// before another one installed a new KPI file used to go on committing its
 /// batches without that KPI, which then stayed short for good (`verify`
