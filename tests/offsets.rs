@@ -102,11 +102,13 @@ async fn offsets_advance_together_and_a_racing_consumer_is_fenced_not_overwritte
     // A consumer that still expects the old position is fenced; nothing it wrote stays.
     let stale = offsets(&[(0, Some(10), 30)]);
     match prepare(&mut b, &members, &stale).await {
-        Err(SinkError::Fenced {
-            partition: 0,
-            stored: Some(20),
-            expected: Some(10),
-        }) => {}
+        Err(
+            e @ SinkError::Fenced {
+                partition: 0,
+                stored: Some(20),
+                expected: Some(10),
+            },
+        ) => assert!(e.to_string().contains("another consumer"), "{e}"),
         Err(e) => panic!("expected the stale batch to be fenced, got {e}"),
         Ok(_) => panic!("expected the stale batch to be fenced, it was written"),
     }
@@ -192,11 +194,18 @@ async fn a_batch_copied_while_the_one_before_is_open_commits_only_after_it() {
         .unwrap();
     p2.rollback().await.unwrap();
     match c3.finish(&w3).await {
-        Err(SinkError::Fenced {
-            partition: 0,
-            stored: Some(10),
-            expected: Some(15),
-        }) => {}
+        // Regression: this, its own batch given up, was blamed on "another
+        // consumer".
+        Err(
+            e @ SinkError::Fenced {
+                partition: 0,
+                stored: Some(10),
+                expected: Some(15),
+            },
+        ) => assert!(
+            e.to_string().contains("a batch of its own") && !e.to_string().contains("another"),
+            "{e}"
+        ),
         Err(e) => panic!("expected the batch after a rolled-back one to be fenced, got {e}"),
         Ok(_) => panic!("the batch after a rolled-back one was written"),
     }

@@ -75,7 +75,8 @@ pub enum SinkError {
     /// Another consumer has advanced this partition since we read its offset:
     /// our copy of it is stale. Drop in-flight work and re-read the offsets.
     #[error(
-        "partition {partition}: stored offset is {stored:?}, this consumer expected {expected:?}; another consumer owns it now"
+        "partition {partition}: stored offset is {stored:?}, this consumer expected {expected:?}; {}",
+        fence_reason(*stored, *expected)
     )]
     Fenced {
         partition: i32,
@@ -100,6 +101,18 @@ pub enum SinkError {
         .0.join(", ")
     )]
     KpisDiffer(Vec<String>),
+}
+
+/// Why a fence met other offsets than this consumer expected. Behind is not
+/// another consumer's doing: its own batch dropped at a rebalance, or a
+/// failover to a replica that had not received the last commits.
+fn fence_reason(stored: Option<i64>, expected: Option<i64>) -> &'static str {
+    if stored > expected {
+        "another consumer has written past it and owns it now"
+    } else {
+        "Postgres holds less than this consumer counted on (a batch of its own dropped at a \
+         rebalance, or a failover to a replica that lagged)"
+    }
 }
 
 impl SinkError {
