@@ -1022,11 +1022,8 @@ impl Analysed {
                         let DataType::Timestamp(unit, Some(tz)) = cast.field.data_type() else {
                             unreachable!("matched above")
                         };
-                        let wall = Expr::Cast(datafusion::logical_expr::Cast::new(
-                            cast.expr.clone(),
-                            DataType::Timestamp(*unit, None),
-                        ));
-                        return Ok(Transformed::yes(pg_timezone(tz, wall)));
+                        let e = cast.expr.as_ref().clone();
+                        return Ok(Transformed::yes(in_zone(e, *unit, tz, schema)));
                     }
                     _ if makes_text_of_a_time(&x, schema) => {
                         refused = Some(c.err(
