@@ -962,6 +962,56 @@ impl Named {
     }
 }
 
+/// A pipeline that keeps running on a [`Named`] database, once it has stored
+/// the first 200 sample messages.
+struct Live {
+    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    db: tokio_postgres::Config,
+    name: String,
+    brokers: String,
+    topic: String,
+    metrics: std::sync::Arc<Metrics>,
+    running: Running,
+}
+
+impl Live {
+    async fn start(prefix: &str) -> Live {
+        let Named {
+            _cluster,
+            db,
+            name,
+            mut cfg,
+        } = Named::new(prefix, &sample_messages(0..200, 20)).await;
+        cfg.stop_when_caught_up = false;
+        let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+        let metrics = Metrics::new();
+        let running = Running::spawn(cfg, metrics.clone());
+        wait_until(
+            &db,
+            "SELECT count(*) = 200 FROM events",
+            "the first 200 events",
+        )
+        .await;
+        Live {
+            _cluster,
+            db,
+            name,
+            brokers,
+            topic,
+            metrics,
+            running,
+        }
+    }
+}
+
+/// `ALTER DATABASE <db's> <setting>`: what every later connection to it reads.
+async fn alter_database(c: &tokio_postgres::Client, db: &tokio_postgres::Config, setting: &str) {
+    let name = db.get_dbname().unwrap();
+    c.batch_execute(&format!("ALTER DATABASE \"{name}\" {setting}"))
+        .await
+        .unwrap();
+}
+
 /// Regression: start-up work (migrations, the group check, KPI backfills)
 /// ignored SIGTERM, so a lock held on one of its tables kept `run` alive for
 /// as long as the lock lasted.
@@ -1031,22 +1081,15 @@ async fn postgres_lost_during_start_up_is_retried() {
 /// was reopened at the next batch without a trace in `db_errors_total`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_closed_while_idle_is_counted_and_reopened() {
-    let Named {
+    let Live {
         _cluster,
         db,
         name,
-        mut cfg,
-    } = Named::new("idle_closed", &sample_messages(0..200, 20)).await;
-    cfg.stop_when_caught_up = false;
-    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
-    let metrics = Metrics::new();
-    let running = Running::spawn(cfg, metrics.clone());
-    wait_until(
-        &db,
-        "SELECT count(*) = 200 FROM events",
-        "the first 200 events",
-    )
-    .await;
+        brokers,
+        topic,
+        metrics,
+        running,
+    } = Live::start("idle_closed").await;
     let connection_errors = || {
         metrics
             .db_errors
@@ -1117,32 +1160,20 @@ async fn fail(running: Running, why: String) -> ! {
 /// opened. And the cancellations were counted as kind "shutdown".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_timeout_lifted_is_left_behind_by_the_retry() {
-    let Named {
+    let Live {
         _cluster,
         db,
         name,
-        mut cfg,
-    } = Named::new("stmt_timeout", &sample_messages(0..200, 20)).await;
-    cfg.stop_when_caught_up = false;
-    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
-    let metrics = Metrics::new();
-    let running = Running::spawn(cfg, metrics.clone());
-    wait_until(
-        &db,
-        "SELECT count(*) = 200 FROM events",
-        "the first 200 events",
-    )
-    .await;
+        brokers,
+        topic,
+        metrics,
+        running,
+    } = Live::start("stmt_timeout").await;
 
     // Both opened before the setting, so it does not reach them.
     let c = client(&db).await;
     let lock = client(&db).await;
-    let dbname = db.get_dbname().unwrap().to_string();
-    c.batch_execute(&format!(
-        "ALTER DATABASE \"{dbname}\" SET statement_timeout = '1ms'"
-    ))
-    .await
-    .unwrap();
+    alter_database(&c, &db, "SET statement_timeout = '1ms'").await;
     c.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
         &[&name],
@@ -1164,11 +1195,7 @@ async fn a_statement_timeout_lifted_is_left_behind_by_the_retry() {
         .await;
     }
 
-    c.batch_execute(&format!(
-        "ALTER DATABASE \"{dbname}\" RESET statement_timeout"
-    ))
-    .await
-    .unwrap();
+    alter_database(&c, &db, "RESET statement_timeout").await;
     // A retry on a new connection waits on the lock as any batch would; one
     // on an old connection is cancelled again after 1 ms.
     let waits = format!(
@@ -1201,30 +1228,18 @@ async fn a_statement_timeout_lifted_is_left_behind_by_the_retry() {
 /// it, as an idle connection closed, with a warning that said so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_spell_counts_each_retry_once() {
-    let Named {
+    let Live {
         _cluster,
         db,
         name,
-        mut cfg,
-    } = Named::new("ro_spell", &sample_messages(0..200, 20)).await;
-    cfg.stop_when_caught_up = false;
-    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
-    let metrics = Metrics::new();
-    let running = Running::spawn(cfg, metrics.clone());
-    wait_until(
-        &db,
-        "SELECT count(*) = 200 FROM events",
-        "the first 200 events",
-    )
-    .await;
+        brokers,
+        topic,
+        metrics,
+        running,
+    } = Live::start("ro_spell").await;
 
     let c = client(&db).await;
-    let dbname = db.get_dbname().unwrap().to_string();
-    c.batch_execute(&format!(
-        "ALTER DATABASE \"{dbname}\" SET default_transaction_read_only = on"
-    ))
-    .await
-    .unwrap();
+    alter_database(&c, &db, "SET default_transaction_read_only = on").await;
     let closed: i64 = c
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
@@ -1245,11 +1260,7 @@ async fn a_read_only_spell_counts_each_retry_once() {
     if !counted(read_only, 6).await {
         fail(running, format!("{} read-only refusals", read_only())).await;
     }
-    c.batch_execute(&format!(
-        "ALTER DATABASE \"{dbname}\" RESET default_transaction_read_only"
-    ))
-    .await
-    .unwrap();
+    alter_database(&c, &db, "RESET default_transaction_read_only").await;
     wait_until(
         &db,
         "SELECT count(*) = 400 FROM events",
@@ -1277,19 +1288,8 @@ async fn a_read_only_postgres_at_start_is_waited_for() {
     mock_topic(&cluster, &topic, 2);
     send_raw(&brokers, &topic, &sample_messages(0..200, 10));
     let db = fresh_db("read_only").await;
-    let name = db.get_dbname().unwrap().to_string();
     let c = client(&db).await;
-    let set = |on: bool| {
-        format!(
-            "ALTER DATABASE \"{name}\" {}",
-            if on {
-                "SET default_transaction_read_only = on"
-            } else {
-                "RESET default_transaction_read_only"
-            }
-        )
-    };
-    c.batch_execute(&set(true)).await.unwrap();
+    alter_database(&c, &db, "SET default_transaction_read_only = on").await;
 
     let metrics = Metrics::new();
     let run = tokio::spawn(run_within(
@@ -1311,7 +1311,7 @@ async fn a_read_only_postgres_at_start_is_waited_for() {
         run.await
     );
     assert!(refused() >= 1, "the refusals are counted as read_only");
-    c.batch_execute(&set(false)).await.unwrap();
+    alter_database(&c, &db, "RESET default_transaction_read_only").await;
 
     let summary = run.await.unwrap().expect("start-up retried, not fatal");
     assert_eq!(summary.events_written, 200);
