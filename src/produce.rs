@@ -772,6 +772,27 @@ mod tests {
         }
     }
 
+    /// A plain replay of `input` into `topic`, refusals to `dir/bad.jsonl`,
+    /// every option off.
+    fn replay(brokers: String, topic: &str, input: PathBuf, dir: &Path) -> ProduceConfig {
+        ProduceConfig {
+            kafka: KafkaConfig {
+                brokers,
+                topic: topic.into(),
+                group_id: "unused".into(),
+                options: vec![],
+            },
+            input,
+            partitions: 1,
+            rate: None,
+            shuffle: false,
+            repeat: false,
+            bad_lines: dir.join("bad.jsonl"),
+            live: false,
+            input_once: false,
+        }
+    }
+
     /// A JSONL file with a byte order mark, CRLF line ends and one line that
     /// is not UTF-8. The mark made line 1 invalid_json, and the bad line ended
     /// the replay with "stream did not contain valid UTF-8", purging the
@@ -802,22 +823,7 @@ mod tests {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         // The mock broker has no CreateTopics; produce finds the topic there.
         cluster.create_topic("bom", 1, 1).unwrap();
-        let cfg = ProduceConfig {
-            kafka: KafkaConfig {
-                brokers: cluster.bootstrap_servers(),
-                topic: "bom".into(),
-                group_id: "unused".into(),
-                options: vec![],
-            },
-            input: input.clone(),
-            partitions: 1,
-            rate: None,
-            shuffle: false,
-            repeat: false,
-            bad_lines: dir.join("bad.jsonl"),
-            live: false,
-            input_once: false,
-        };
+        let cfg = replay(cluster.bootstrap_servers(), "bom", input.clone(), &dir);
         let summary = produce_once(&cfg).unwrap();
         assert_eq!((summary.sent, summary.failed, summary.bad_lines), (4, 0, 1));
         let bad = std::fs::read_to_string(dir.join("bad.jsonl")).unwrap();
@@ -882,20 +888,9 @@ mod tests {
         // The mock cluster cannot create topics through the admin API.
         cluster.create_topic("premade", 2, 1).unwrap();
         let cfg = |topic: &str| ProduceConfig {
-            kafka: KafkaConfig {
-                brokers: cluster.bootstrap_servers(),
-                topic: topic.into(),
-                group_id: "unused".into(),
-                options: vec![],
-            },
-            input: input.clone(),
             partitions: 2,
-            rate: None,
-            shuffle: false,
-            repeat: false,
-            bad_lines: dir.join("bad.jsonl"),
-            live: false,
             input_once: true,
+            ..replay(cluster.bootstrap_servers(), topic, input.clone(), &dir)
         };
         assert_eq!(produce_once(&cfg("premade")).unwrap().sent, 3, "empty");
         assert_eq!(
@@ -931,22 +926,7 @@ mod tests {
         std::fs::write(&input, line(1 << 20) + &line(2 << 20)).unwrap();
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("big", 1, 1).unwrap();
-        let cfg = ProduceConfig {
-            kafka: KafkaConfig {
-                brokers: cluster.bootstrap_servers(),
-                topic: "big".into(),
-                group_id: "unused".into(),
-                options: vec![],
-            },
-            input,
-            partitions: 1,
-            rate: None,
-            shuffle: false,
-            repeat: false,
-            bad_lines: dir.join("bad.jsonl"),
-            live: false,
-            input_once: false,
-        };
+        let cfg = replay(cluster.bootstrap_servers(), "big", input, &dir);
         let summary = produce_once(&cfg).unwrap();
         assert_eq!((summary.sent, summary.failed, summary.bad_lines), (2, 0, 0));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -964,20 +944,13 @@ mod tests {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("looped", 1, 1).unwrap();
         let mut cfg = ProduceConfig {
-            kafka: KafkaConfig {
-                brokers: cluster.bootstrap_servers(),
-                topic: "looped".into(),
-                group_id: "unused".into(),
-                options: vec![],
-            },
-            input: dir.join("empty.jsonl"),
-            partitions: 1,
-            rate: None,
-            shuffle: false,
             repeat: true,
-            bad_lines: dir.join("bad.jsonl"),
-            live: false,
-            input_once: false,
+            ..replay(
+                cluster.bootstrap_servers(),
+                "looped",
+                dir.join("empty.jsonl"),
+                &dir,
+            )
         };
         // An earlier run's refusals, which this run must not leave behind.
         std::fs::write(&cfg.bad_lines, "stale\n").unwrap();
