@@ -271,10 +271,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
                 // Postgres cuts identifiers to 63 bytes without a word.
-                for o in outputs.iter().filter(|o| o.len() > 63) {
+                for o in outputs
+                    .iter()
+                    .filter(|o| o.len() > crate::kpi::plan::PG_NAME_BYTES)
+                {
                     println!(
                         "  note: column \"{o}\" is longer than Postgres' 63-byte names; the view calls it \"{}\"",
-                        &o[..o.floor_char_boundary(63)]
+                        crate::kpi::plan::pg_name(o)
                     );
                 }
             }

@@ -34,7 +34,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub use members::{Memberships, Pending, Writers};
 pub use plan::{Func, KpiDef, KpiError, MemberSet};
-use plan::{StateCol, quote};
+use plan::{PG_NAME_BYTES, StateCol, quote};
 
 use crate::event::event_schema;
 
@@ -1144,10 +1144,6 @@ pub async fn backfill(
 /// same name). The backfill is one transaction, so no table with an older
 /// suffix can be left behind.
 const NEW_SUFFIX: &str = "$n";
-
-/// The bytes Postgres keeps of a name (NAMEDATALEN - 1); it cuts a longer
-/// one without an error, and two cut names can then meet.
-const PG_NAME_BYTES: usize = 63;
 
 /// Every table, index and constraint name a backfill of `def` creates, under
 /// [`NEW_SUFFIX`] and after the swap, and the temporary tables of `verify`

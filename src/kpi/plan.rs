@@ -1253,9 +1253,14 @@ impl Analysed {
     }
 }
 
-/// A name as Postgres keeps it: its first 63 bytes, cut at a character.
-fn pg_name(name: &str) -> &str {
-    &name[..name.floor_char_boundary(63)]
+/// The bytes Postgres keeps of a name (NAMEDATALEN - 1); it cuts a longer
+/// one without an error, and two cut names can then meet.
+pub const PG_NAME_BYTES: usize = 63;
+
+/// A name as Postgres keeps it: its first [`PG_NAME_BYTES`], cut at a
+/// character.
+pub fn pg_name(name: &str) -> &str {
+    &name[..name.floor_char_boundary(PG_NAME_BYTES)]
 }
 
 /// Whether `x` makes text of a time: a cast to text, `concat`, `||`.
