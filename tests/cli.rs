@@ -966,6 +966,16 @@ fn kpi_command(url: &str, dir: &std::path::Path, args: &[&str]) -> std::process:
         .unwrap()
 }
 
+/// [`kpi_command`], which must succeed.
+fn kpi_ok(url: &str, dir: &std::path::Path, args: &[&str]) {
+    let out = kpi_command(url, dir, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        common::output_text(&out)
+    );
+}
+
 /// A fresh database with the schema and no KPI, holding `n` login events of
 /// customers `cust0000`, `cust0001`, … on two channels.
 async fn db_with_events(prefix: &str, n: i64) -> (tokio_postgres::Config, tokio_postgres::Client) {
@@ -1026,12 +1036,8 @@ async fn a_kpi_with_the_longest_name_and_many_distinct_sets_installs() {
     let (db, c) = db_with_events("longname", 50).await;
     let url = common::db_url_with_password(&db);
 
-    let out = kpi_command(&url, &kpis.dir, &["check"]);
-    assert!(out.status.success(), "{}", common::output_text(&out));
-    for cmd in ["migrate", "backfill", "verify"] {
-        let out = kpi_command(&url, &kpis.dir, &[cmd]);
-        let text = common::output_text(&out);
-        assert!(out.status.success(), "{cmd}: {text}");
+    for cmd in ["check", "migrate", "backfill", "verify"] {
+        kpi_ok(&url, &kpis.dir, &[cmd]);
     }
     // No two of its indexes were cut to one name.
     let indexes: i64 = c
@@ -1070,8 +1076,7 @@ async fn a_kpi_failing_on_stored_events_is_named_with_its_file() {
     let (db, c) = db_with_events("failstored", 20).await;
     let url = common::db_url_with_password(&db);
     for cmd in ["migrate", "verify"] {
-        let out = kpi_command(&url, &kpis.dir, &[cmd]);
-        assert!(out.status.success(), "{cmd}: {}", common::output_text(&out));
+        kpi_ok(&url, &kpis.dir, &[cmd]);
     }
     insert_events(&c, 20..21, "guest-").await;
     let file = kpis.dir.join("customer_numbers.sql");
@@ -1152,12 +1157,10 @@ async fn verify_says_which_kpis_are_not_installed_as_their_files_say() {
     ]);
     let (db, c) = db_with_events("verifydef", 30).await;
     let url = common::db_url_with_password(&db);
-    let out = kpi_command(&url, &installed.dir, &["migrate"]);
-    assert!(out.status.success(), "{}", common::output_text(&out));
+    kpi_ok(&url, &installed.dir, &["migrate"]);
     // `gone` retired: its file deleted, then `migrate`.
     std::fs::remove_file(installed.dir.join("gone.sql")).unwrap();
-    let out = kpi_command(&url, &installed.dir, &["migrate"]);
-    assert!(out.status.success(), "{}", common::output_text(&out));
+    kpi_ok(&url, &installed.dir, &["migrate"]);
 
     let edited = common::kpi_dir(&[
         (
@@ -1213,8 +1216,7 @@ async fn verify_says_which_kpis_are_not_installed_as_their_files_say() {
     assert!(!text.contains("by_channel: recomputed"), "{text}");
 
     // One KPI asked for: only it is looked at.
-    let out = kpi_command(&url, &edited.dir, &["verify", "--kpi", "same"]);
-    assert!(out.status.success(), "{}", common::output_text(&out));
+    kpi_ok(&url, &edited.dir, &["verify", "--kpi", "same"]);
     let out = kpi_command(&url, &edited.dir, &["verify", "--kpi", "brand_new"]);
     let text = common::output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -1222,7 +1224,6 @@ async fn verify_says_which_kpis_are_not_installed_as_their_files_say() {
     assert!(!text.contains("by_channel"), "{text}");
 
     // With the files it was installed from, it passes.
-    let out = kpi_command(&url, &installed.dir, &["verify"]);
-    assert!(out.status.success(), "{}", common::output_text(&out));
+    kpi_ok(&url, &installed.dir, &["verify"]);
     drop(c);
 }
