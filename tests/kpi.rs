@@ -381,6 +381,36 @@ async fn unsupported_files_are_refused_with_what_to_write_instead() {
             "SELECT channel, count(DISTINCT customer_id, session_id) AS n FROM events GROUP BY 1",
             "count(DISTINCT concat(a, '|', b))",
         ),
+        // What the view would compute otherwise than DataFusion, or not at all.
+        (
+            "SELECT channel, TRY_CAST(sum(energy_consumed) AS INT) AS s FROM events GROUP BY 1",
+            "TRY_CAST in s",
+        ),
+        (
+            "SELECT channel, date_part('nanosecond', max(event_time)) AS ns FROM events GROUP BY 1",
+            "date_part('nanosecond'",
+        ),
+        (
+            "SELECT channel, extract(hour FROM max(event_time) - min(event_time)) AS h FROM events GROUP BY 1",
+            "of a duration",
+        ),
+        (
+            "SELECT channel, date_bin(INTERVAL '1 hour', max(event_time), TIMESTAMP '2000-01-01 00:30:00') AS b \
+             FROM events GROUP BY 1",
+            "date_bin in b",
+        ),
+        (
+            "SELECT channel, upper(min(customer_id)) AS u FROM events GROUP BY 1",
+            "upper() in u",
+        ),
+        (
+            "SELECT channel, min(customer_id) ~* 'omega' AS o FROM events GROUP BY 1",
+            "regular expression",
+        ),
+        (
+            "SELECT channel, CAST(CAST(count(*) AS DOUBLE) / 7 AS VARCHAR) AS t FROM events GROUP BY 1",
+            "a float turned into text",
+        ),
     ];
     for (sql, want) in cases {
         let msg = refusal(sql).await;
@@ -1462,4 +1492,126 @@ async fn a_view_postgres_cannot_compute_is_refused_by_kpi_name_before_the_backfi
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "nothing of the KPI is left behind");
+}
+
+/// Regression: the view computed with Postgres' precision where DataFusion
+/// has less: a decimal average or quotient kept 16 digits and more where
+/// DataFusion cuts to its result's scale (10.006666 against
+/// 10.0066666666666667), and `date_part('second', ...)` read 59.746421
+/// where DataFusion gives 59; the epoch of a duration kept its fraction.
+#[tokio::test]
+async fn decimal_quotients_and_date_parts_in_the_view_have_datafusions_precision() {
+    let sql = "SELECT channel, avg(payment_amount) AS avg_pay, \
+               sum(payment_amount) / count(*) AS per_event, \
+               CAST(avg(payment_amount) AS BIGINT) AS whole, \
+               date_part('second', max(event_time)) AS sec, \
+               date_part('millisecond', max(event_time)) AS ms, \
+               date_part('hour', max(event_time)) AS hour, \
+               extract(epoch FROM max(event_time)) AS epoch, \
+               extract(epoch FROM max(event_time) - min(event_time)) AS span \
+               FROM events GROUP BY channel";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("precise.sql", sql)]))
+        .await
+        .unwrap();
+    let pay = |time: &str, channel: &str, amount: &str| {
+        format!(
+            r#"{{"event_type":"bill_payment","event_time":"{time}","payload":{{"customer_id":"C1","session_id":1,"channel":"{channel}","payment_amount":{amount}}}}}"#
+        )
+    };
+    let lines = vec![
+        pay("2025-06-01T10:00:00.250Z", "web", "10.00"),
+        pay("2025-06-02T13:00:59.746421Z", "web", "10.00"),
+        pay("2025-06-03T23:59:01.999999Z", "web", "10.02"),
+        pay("2025-06-01T00:00:00Z", "app", "0.01"),
+        pay("2025-06-01T00:00:02.5Z", "app", "0.01"),
+        pay("2025-06-01T00:00:09.75Z", "app", "0.02"),
+    ];
+    let events = valid_events(&lines);
+    let mut c = setup("view_precision", &engine).await;
+    stream(&mut c, &engine, &events, &[2, 4]).await;
+
+    let columns = "channel, avg_pay, per_event, whole, sec, ms, hour, epoch, span";
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_batch("events", events).unwrap();
+    let mut want: Vec<Vec<String>> = Vec::new();
+    let one_shot = format!("SELECT {columns} FROM ({sql}) ORDER BY channel");
+    for b in ctx.sql(&one_shot).await.unwrap().collect().await.unwrap() {
+        for row in 0..b.num_rows() {
+            want.push(
+                (0..b.num_columns())
+                    .map(|col| {
+                        datafusion::arrow::util::display::array_value_to_string(b.column(col), row)
+                            .unwrap()
+                    })
+                    .collect(),
+            );
+        }
+    }
+    // DataFusion's own figures, by hand: averages cut at 6 places.
+    assert_eq!(want[1][1], "10.006666", "DataFusion's average: {want:?}");
+    assert_eq!(want[0][1], "0.013333", "DataFusion's average: {want:?}");
+
+    let number = |s: &str| -> f64 { s.parse().unwrap_or_else(|_| panic!("a number: {s}")) };
+    for zone in ["UTC", "Asia/Kathmandu"] {
+        c.batch_execute(&format!("SET TIME ZONE '{zone}'"))
+            .await
+            .unwrap();
+        let rows = c
+            .query(
+                "SELECT channel, avg_pay::text, per_event::text, whole::text, sec::text, \
+                 ms::text, hour::text, epoch::text, span::text FROM precise ORDER BY channel",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), want.len());
+        for (row, want) in rows.iter().zip(&want) {
+            assert_eq!(row.get::<_, String>(0), want[0]);
+            for (col, w) in want.iter().enumerate().skip(1) {
+                let got: String = row.get(col);
+                assert_eq!(
+                    number(&got),
+                    number(w),
+                    "{} of {} in {zone}: the view reads {got}, DataFusion computes {w}",
+                    columns.split(", ").nth(col).unwrap(),
+                    want[0]
+                );
+            }
+        }
+    }
+}
+
+/// Regression: the README says an edited comment changes nothing, but a
+/// KPI's hash covered the file's bytes, so a comment, a line break or the
+/// case of a keyword rebuilt the KPI from all of `events` (and restarted a
+/// running consumer). What the query means still counts.
+#[tokio::test]
+async fn comments_and_layout_of_a_kpi_file_do_not_rebuild_it() {
+    let load = async |sql: &str| {
+        KpiEngine::load_dir(&kpi_dir(&[("by_channel.sql", sql)]))
+            .await
+            .unwrap()
+    };
+    let first =
+        load("-- Events per channel.\nSELECT channel, count(*) AS n FROM events GROUP BY channel")
+            .await;
+    let mut c = setup("kpi_comment", &first).await;
+    for same in [
+        "-- Events per channel, by hour of arrival.\nSELECT channel, count(*) AS n FROM events GROUP BY channel",
+        "select channel,\n       count(*) as n   -- all of them\n  from events\n group by channel\n",
+        "/* a block comment */ SELECT channel, count(*) AS n FROM events GROUP BY channel;",
+    ] {
+        let engine = load(same).await;
+        assert_eq!(engine.identity(), first.identity(), "{same}");
+        let report = kpi::install(&mut c, &engine).await.unwrap();
+        assert!(report.backfilled.is_empty(), "{same}: {report:?}");
+    }
+    for other in [
+        "SELECT channel, count(*) AS events FROM events GROUP BY channel",
+        "SELECT channel, count(*) AS n FROM events WHERE channel <> 'web' GROUP BY channel",
+        "SELECT channel, count(*) AS n FROM events WHERE channel <> 'Web' GROUP BY channel",
+    ] {
+        let engine = load(other).await;
+        assert_ne!(engine.identity(), first.identity(), "{other}");
+    }
 }

@@ -282,6 +282,21 @@ pub fn hash(sql: &str) -> String {
     format!("{h:016x}")
 }
 
+/// The statement as the parser reads it, written back: comments, line
+/// breaks and the case of keywords leave it as it is, so editing them does
+/// not rebuild the KPI. (`sql` has planned, so it parses.)
+fn canonical(sql: &str) -> String {
+    use datafusion::sql::parser::DFParser;
+    match DFParser::parse_sql(sql) {
+        Ok(statements) => statements
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(";\n"),
+        Err(_) => sql.to_string(),
+    }
+}
+
 /// The optional header: leading `--` comment lines.
 fn description(sql: &str) -> Option<String> {
     let lines: Vec<&str> = sql
@@ -508,7 +523,7 @@ pub async fn analyse(
         name: name.to_string(),
         description: description(sql),
         sql: sql.to_string(),
-        hash: hash(&format!("{STORAGE_LAYOUT}\n{sql}")),
+        hash: hash(&format!("{STORAGE_LAYOUT}\n{}", canonical(sql))),
         keys,
         measures,
         outputs,
@@ -927,6 +942,144 @@ impl Analysed {
         Ok(out)
     }
 
+    /// `e` with DataFusion's precision where Postgres' is finer, or refused
+    /// where Postgres cannot compute what DataFusion does. Runs on the
+    /// expression as planned, whose types are DataFusion's:
+    /// - a decimal quotient is cut to DataFusion's result scale (DataFusion
+    ///   truncates; Postgres keeps 16 digits or more);
+    /// - `date_part` gives DataFusion's whole numbers (`second` is 59 where
+    ///   Postgres gives 59.75), and the `epoch` of a duration whole seconds;
+    /// - refused: `TRY_CAST` (Postgres has none), `date_part` of
+    ///   nanoseconds, and of fields of a duration or interval (DataFusion
+    ///   counts 71 hours where Postgres reads the field, 23); `date_bin`; a
+    ///   float made text; case mapping and regular expressions, which
+    ///   Postgres applies by the collation, ASCII-only under the `"C"` one
+    ///   the view reads text in.
+    fn datafusion_precision(
+        c: &Ctx<'_>,
+        schema: &datafusion::common::DFSchemaRef,
+        e: Expr,
+        name: &str,
+    ) -> Result<Expr, KpiError> {
+        let mut refused = None;
+        let _ = e.apply(|x| {
+            let problem = match x {
+                Expr::TryCast(_) => Some(c.err(
+                    format!("TRY_CAST in {name}, which the view computes"),
+                    "Postgres has no TRY_CAST; use CAST, or TRY_CAST inside the aggregate \
+                     (sum(TRY_CAST(x AS INT)))",
+                )),
+                Expr::ScalarFunction(f) if f.name() == "date_part" => {
+                    let unit = date_part_unit(f);
+                    let of = f.args.get(1).and_then(|a| a.get_type(schema.as_ref()).ok());
+                    if unit.starts_with("nanosecond") {
+                        Some(c.err(
+                            format!("date_part('{unit}', ...) in {name}, which the view computes"),
+                            "Postgres has no nanoseconds; use microseconds",
+                        ))
+                    } else if matches!(of, Some(DataType::Duration(_) | DataType::Interval(_)))
+                        && unit != "epoch"
+                    {
+                        Some(c.err(
+                            format!("date_part('{unit}', ...) of a duration in {name}"),
+                            "DataFusion counts the whole duration in that unit, Postgres reads \
+                             one field of it; use extract(epoch FROM ...) and divide",
+                        ))
+                    } else {
+                        None
+                    }
+                }
+                Expr::ScalarFunction(f) if f.name() == "date_bin" => Some(c.err(
+                    format!("date_bin in {name}, which the view computes"),
+                    "Postgres reads its origin in the session's time zone; bin the time in \
+                     GROUP BY, or use date_trunc",
+                )),
+                Expr::ScalarFunction(f)
+                    if matches!(
+                        f.name(),
+                        "upper" | "lower" | "initcap" | "regexp_replace" | "regexp_like"
+                            | "regexp_match" | "regexp_count" | "regexp_instr"
+                    ) =>
+                {
+                    Some(c.err(
+                        format!("{}() in {name}, which the view computes", f.name()),
+                        "Postgres maps case and classes by the collation (ASCII only under the \
+                         \"C\" one the view reads text in); apply it in GROUP BY \
+                         (GROUP BY upper(channel)) or when reading the view",
+                    ))
+                }
+                Expr::BinaryExpr(b)
+                    if matches!(
+                        b.op,
+                        Operator::RegexMatch
+                            | Operator::RegexIMatch
+                            | Operator::RegexNotMatch
+                            | Operator::RegexNotIMatch
+                            | Operator::ILikeMatch
+                            | Operator::NotILikeMatch
+                    ) =>
+                {
+                    Some(c.err(
+                        format!("a regular expression or ILIKE in {name}, which the view computes"),
+                        "Postgres maps case and classes by the collation (ASCII only under the \
+                         \"C\" one the view reads text in); compare in GROUP BY or when reading the view",
+                    ))
+                }
+                Expr::Like(l) if l.case_insensitive => Some(c.err(
+                    format!("ILIKE in {name}, which the view computes"),
+                    "Postgres maps case by the collation (ASCII only under the \"C\" one the \
+                     view reads text in); compare in GROUP BY or when reading the view",
+                )),
+                _ if makes_text_of(x, schema, DataType::is_floating) => Some(c.err(
+                    format!("a float turned into text in {name}, which the view computes"),
+                    "DataFusion writes 3.89e22 where Postgres writes 3.89e+22, and Postgres' \
+                     digits follow the session's extra_float_digits; turn it into text when \
+                     reading the view",
+                )),
+                _ => None,
+            };
+            Ok(match problem {
+                Some(p) => {
+                    refused = Some(p);
+                    TreeNodeRecursion::Stop
+                }
+                None => TreeNodeRecursion::Continue,
+            })
+        });
+        if let Some(e) = refused {
+            return Err(e);
+        }
+        e.transform_up(|x| {
+            // The places to cut at: Some(None) for a whole number (Postgres'
+            // trunc of a double takes no places).
+            let cut = match &x {
+                Expr::BinaryExpr(b) if b.op == Operator::Divide => {
+                    match x.get_type(schema.as_ref()) {
+                        Ok(DataType::Decimal128(_, s) | DataType::Decimal256(_, s)) => {
+                            Some(Some(datafusion::prelude::lit(i64::from(s))))
+                        }
+                        _ => None,
+                    }
+                }
+                Expr::ScalarFunction(f) if f.name() == "date_part" => {
+                    let of = f.args.get(1).and_then(|a| a.get_type(schema.as_ref()).ok());
+                    let whole =
+                        date_part_unit(f) != "epoch" || matches!(of, Some(DataType::Duration(_)));
+                    whole.then_some(None)
+                }
+                _ => None,
+            };
+            Ok(match cut {
+                Some(places) => Transformed::yes(datafusion::functions::math::expr_fn::trunc(
+                    std::iter::once(x).chain(places).collect(),
+                )),
+                None => Transformed::no(x),
+            })
+        })
+        .map(|t| t.data)
+        .map_err(|e| Self::planning_error(c, e))
+    }
+
     /// `e` rewritten so that Postgres computes what DataFusion means, where
     /// the two read the same SQL differently; or refused where no rewrite
     /// exists:
@@ -1025,7 +1178,7 @@ impl Analysed {
                         let e = cast.expr.as_ref().clone();
                         return Ok(Transformed::yes(in_zone(e, *unit, tz, schema)));
                     }
-                    _ if makes_text_of_a_time(&x, schema) => {
+                    _ if makes_text_of(&x, schema, DataType::is_temporal) => {
                         refused = Some(c.err(
                             format!("a time turned into text in {name}, which the view computes"),
                             "DataFusion writes 2025-06-01T21:09:00Z where Postgres writes \
@@ -1124,14 +1277,27 @@ impl Analysed {
             }
             let i = idx - n_keys;
             match self.measures[i].func {
-                Func::Avg => Expr::BinaryExpr(BinaryExpr::new(
-                    Box::new(Expr::Column(Column::from_name(format!("m{i}_sum")))),
-                    Operator::Divide,
-                    Box::new(datafusion::functions::expr_fn::nullif(
-                        Expr::Column(Column::from_name(format!("m{i}_n"))),
-                        datafusion::prelude::lit(0i64),
-                    )),
-                )),
+                Func::Avg => {
+                    let avg = Expr::BinaryExpr(BinaryExpr::new(
+                        Box::new(Expr::Column(Column::from_name(format!("m{i}_sum")))),
+                        Operator::Divide,
+                        Box::new(datafusion::functions::expr_fn::nullif(
+                            Expr::Column(Column::from_name(format!("m{i}_n"))),
+                            datafusion::prelude::lit(0i64),
+                        )),
+                    ));
+                    // DataFusion cuts a decimal average to its result's
+                    // scale; Postgres would keep 16 digits or more.
+                    match agg.schema.field(idx).data_type() {
+                        DataType::Decimal128(_, s) | DataType::Decimal256(_, s) => {
+                            datafusion::functions::math::expr_fn::trunc(vec![
+                                avg,
+                                datafusion::prelude::lit(i64::from(*s)),
+                            ])
+                        }
+                        _ => avg,
+                    }
+                }
                 // A sum of integers is stored as numeric so that it never
                 // overflows; read back as DataFusion's type, or `sum(x) /
                 // count(*)` would divide as decimals where DataFusion
@@ -1157,7 +1323,8 @@ impl Analysed {
                 Expr::Column(c) => c.name.clone(),
                 _ => e.schema_name().to_string(),
             };
-            let inner = Self::postgres_meaning(c, &agg.schema, e.clone().unalias(), &name)?;
+            let exact = Self::datafusion_precision(c, &agg.schema, e.clone().unalias(), &name)?;
+            let inner = Self::postgres_meaning(c, &agg.schema, exact, &name)?;
             if let Expr::Column(col) = &inner
                 && let Some(idx) = out_names.iter().position(|n| *n == col.name)
                 && idx < n_keys
@@ -1263,21 +1430,38 @@ pub fn pg_name(name: &str) -> &str {
     &name[..name.floor_char_boundary(PG_NAME_BYTES)]
 }
 
-/// Whether `x` makes text of a time: a cast to text, `concat`, `||`.
-fn makes_text_of_a_time(x: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
+/// `date_part`'s unit, lower case (`epoch`, `second`, ...); empty when it
+/// is not a constant.
+fn date_part_unit(f: &datafusion::logical_expr::expr::ScalarFunction) -> String {
+    match f.args.first() {
+        Some(Expr::Literal(v, _)) => v
+            .try_as_str()
+            .flatten()
+            .map(|u| u.trim().to_lowercase())
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Whether `x` makes text of a value of a type `of` picks: a cast to text,
+/// `concat`, `||`.
+fn makes_text_of(
+    x: &Expr,
+    schema: &datafusion::common::DFSchemaRef,
+    of: impl Fn(&DataType) -> bool,
+) -> bool {
+    let is = |e: &Expr| e.get_type(schema.as_ref()).is_ok_and(|t| of(&t));
     match x {
         Expr::Cast(cast) => {
             matches!(
                 cast.field.data_type(),
                 DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-            ) && is_temporal(&cast.expr, schema)
+            ) && is(&cast.expr)
         }
         Expr::ScalarFunction(f) if matches!(f.name(), "concat" | "concat_ws") => {
-            f.args.iter().any(|a| is_temporal(a, schema))
+            f.args.iter().any(is)
         }
-        Expr::BinaryExpr(b) if b.op == Operator::StringConcat => {
-            is_temporal(&b.left, schema) || is_temporal(&b.right, schema)
-        }
+        Expr::BinaryExpr(b) if b.op == Operator::StringConcat => is(&b.left) || is(&b.right),
         _ => false,
     }
 }
