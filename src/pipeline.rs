@@ -368,7 +368,7 @@ async fn registry_comes_back(
         .collect();
     tracing::warn!(
         waiting_secs = deadline.saturating_duration_since(Instant::now()).as_secs(),
-        "another consumer installed KPIs other than this consumer's files; waiting for them to come back before stopping"
+        "the KPIs this database maintains (kpi_registry) differ from this consumer's files; waiting in case another consumer is installing files of this version, then stopping"
     );
     while Instant::now() < deadline {
         let settled = async {
@@ -415,6 +415,7 @@ async fn run_kpi_sets(
         let watch = match (&cfg.kpi, cfg.kpi_watch) {
             (Some(k), Some(every)) => Some(tokio::spawn(watch_kpis(
                 k.clone(),
+                cfg.database.clone(),
                 every,
                 set.identity(),
                 set.fingerprint,
@@ -535,10 +536,13 @@ async fn run_kpi_sets(
 
 /// Looks at the KPI files every `every`. When they changed since
 /// `fingerprint` and load, and define other KPIs than `running`, sends them
-/// and ends. Files that do not load are logged once per change, and the
-/// running KPIs stay.
+/// and ends. Files that do not load, and files this database role may not
+/// install (the app role, until the owner runs `migrate`), are logged once
+/// per change, and the running KPIs stay: stopping for them would only
+/// rebalance the group.
 async fn watch_kpis(
     kpi: crate::kpi::KpiConfig,
+    database: crate::sink::Database,
     every: Duration,
     running: Vec<(String, String)>,
     mut fingerprint: Option<u64>,
@@ -562,6 +566,13 @@ async fn watch_kpis(
         fingerprint = now;
         match KpiEngine::load_dir(&kpi).await {
             Ok(engine) if engine.identity() != running => {
+                if let Some(refused) = install_refused(&database, &engine).await {
+                    tracing::error!(
+                        error = %refused,
+                        "cannot install the changed KPI files; carrying on with the running KPIs (this consumer takes them up once the owner has installed them)"
+                    );
+                    continue;
+                }
                 let set = KpiSet {
                     engine: Some(Arc::new(engine)),
                     fingerprint: now,
@@ -577,6 +588,23 @@ async fn watch_kpis(
             ),
         }
     }
+}
+
+/// Why this database role may not install `engine`, when Postgres says so.
+/// A Postgres that cannot be asked leaves it to the restart's install.
+async fn install_refused(
+    database: &crate::sink::Database,
+    engine: &KpiEngine,
+) -> Option<SinkError> {
+    let asked = async {
+        let client = database.connect().await?;
+        crate::kpi::install_refused(&client, engine).await
+    };
+    database
+        .bounded("asking whether the changed KPIs can be installed", asked)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// One run with one set of KPI files, until `stop_rx` turns true or, with
@@ -940,6 +968,7 @@ fn intake(
     let mut waited = Instant::now();
     let mut warned_missing = false;
     while !source.topic_exists() {
+        source.note_topic_found(false);
         if ownership.stop_requested() {
             return Ok(());
         }
@@ -955,6 +984,7 @@ fn intake(
         }
         std::thread::sleep(Duration::from_secs(1));
     }
+    source.note_topic_found(true);
     if let Err(e) = source.subscribe() {
         ownership.request_stop();
         return Err(e.into());
@@ -1946,6 +1976,7 @@ impl Progress {
             written = s.events_written,
             rejected = s.rejected,
             batches = s.batches,
+            partitions = metrics.assigned_partitions.get(),
             lag,
             "progress"
         );

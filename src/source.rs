@@ -467,6 +467,15 @@ impl ErrorLog {
 }
 
 impl SourceContext {
+    /// Sets this consumer's assignment ([`Ownership::reassign`]) and its
+    /// partition count, which is what tells a member the group left idle
+    /// (no lag series, nothing to commit) from one keeping up.
+    fn own(&self, positions: HashMap<i32, Option<i64>>, verify: &HashMap<i32, LastWritten>) {
+        let count = positions.len() as i64;
+        self.ownership.reassign(positions, verify);
+        self.metrics.assigned_partitions.set(count);
+    }
+
     /// Loads stored offsets, retrying while Postgres is away (unless stopping).
     fn stored_offsets(&self) -> Option<HashMap<i32, StoredOffset>> {
         let mut backoff = Duration::from_millis(200);
@@ -578,7 +587,7 @@ impl ConsumerContext for SourceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let Some((positions, verify)) = self.position(tpl) else {
                     // Stopping while Postgres is away: own nothing, read nothing.
-                    self.ownership.reassign(HashMap::new(), &HashMap::new());
+                    self.own(HashMap::new(), &HashMap::new());
                     let _ = consumer.assign(&TopicPartitionList::new());
                     return;
                 };
@@ -586,8 +595,14 @@ impl ConsumerContext for SourceContext {
                 parts.sort();
                 let numbers: Vec<i32> = parts.iter().map(|(p, _)| **p).collect();
                 let from: Vec<_> = parts.iter().map(|(_, o)| **o).collect();
-                tracing::info!(partitions = ?numbers, stored_offsets = ?from, "partitions assigned; resuming from offsets stored in Postgres");
-                self.ownership.reassign(positions, &verify);
+                if numbers.is_empty() {
+                    tracing::info!(
+                        "no partitions assigned: this consumer reads nothing until a rebalance gives it some (a group with more members than the topic has partitions leaves some idle)"
+                    );
+                } else {
+                    tracing::info!(partitions = ?numbers, stored_offsets = ?from, "partitions assigned; resuming from offsets stored in Postgres");
+                }
+                self.own(positions, &verify);
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }
@@ -595,7 +610,7 @@ impl ConsumerContext for SourceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // Logged once the gate is taken: no commit of these partitions
                 // lands after this line (the rebalance storm test relies on it).
-                self.ownership.reassign(HashMap::new(), &HashMap::new());
+                self.own(HashMap::new(), &HashMap::new());
                 let mut numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 numbers.sort_unstable();
                 tracing::info!(
@@ -614,7 +629,7 @@ impl ConsumerContext for SourceContext {
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; dropping the assignment");
-                self.ownership.reassign(HashMap::new(), &HashMap::new());
+                self.own(HashMap::new(), &HashMap::new());
                 let _ = consumer.unassign();
             }
         }
@@ -955,6 +970,12 @@ impl KafkaSource {
         let _ = self.consumer.poll(Duration::from_millis(100));
     }
 
+    /// Whether the topic has been found, for readiness: a consumer waiting
+    /// for its topic reads nothing.
+    pub fn note_topic_found(&self, found: bool) {
+        self.health.topic_ok.store(found, Ordering::Relaxed);
+    }
+
     /// True when the broker knows the topic. Errors (broker away) count as "not yet".
     pub fn topic_exists(&self) -> bool {
         self.partitions().is_some_and(|p| !p.is_empty())
@@ -1119,7 +1140,7 @@ impl KafkaSource {
             return;
         };
         tracing::info!("re-reading offsets from Postgres after a fenced write");
-        self.ownership.reassign(positions, &verify);
+        self.consumer.context().own(positions, &verify);
         if let Err(e) = self.consumer.assign(&tpl) {
             tracing::error!(error = %e, "re-assign failed");
         }

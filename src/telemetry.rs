@@ -29,6 +29,7 @@ pub const BATCH_ROWS: &str = "energy_stream_batch_rows";
 pub const STAGE_DURATION: &str = "energy_stream_stage_duration_seconds";
 pub const END_TO_END_LATENCY: &str = "energy_stream_end_to_end_latency_seconds";
 pub const CONSUMER_LAG: &str = "energy_stream_consumer_lag";
+pub const ASSIGNED_PARTITIONS: &str = "energy_stream_assigned_partitions";
 pub const DB_ERRORS: &str = "energy_stream_db_errors_total";
 /// The `kind` of [`DB_ERRORS`] for a connection Postgres closed while the
 /// pipeline idled (no statement failed, so no batch was retried).
@@ -89,6 +90,7 @@ pub struct Metrics {
     pub stage_duration: HistogramVec,
     pub end_to_end_latency: Histogram,
     pub consumer_lag: IntGaugeVec,
+    pub assigned_partitions: IntGauge,
     pub db_errors: IntCounterVec,
     pub retries: IntCounter,
     pub last_commit: IntGauge,
@@ -186,6 +188,11 @@ impl Metrics {
             stage_duration,
             end_to_end_latency: e2e,
             consumer_lag: lag,
+            assigned_partitions: gauge(
+                &r,
+                ASSIGNED_PARTITIONS,
+                "Kafka partitions assigned to this consumer (0: it reads nothing).",
+            ),
             db_errors: counter_vec(
                 &r,
                 DB_ERRORS,
@@ -390,12 +397,15 @@ mod process {
 
 /// Liveness and readiness, shared between the pipeline and the HTTP server.
 ///
-/// Ready means all three: the broker answers, Postgres answers, and batches
-/// commit. A writer that keeps retrying a batch (Postgres read-only, disk
-/// full, a lock it cannot get) is not ready even while the connection is up.
+/// Ready means all four: the broker answers, the topic is there, Postgres
+/// answers, and batches commit. A writer that keeps retrying a batch
+/// (Postgres read-only, disk full, a lock it cannot get) is not ready even
+/// while the connection is up, nor is a consumer waiting for its topic.
 pub struct Health {
     pub postgres_ok: AtomicBool,
     pub kafka_ok: AtomicBool,
+    /// False while `run` waits for its topic to be created.
+    pub topic_ok: AtomicBool,
     /// False from a failed batch write until the next successful commit.
     pub committing: AtomicBool,
 }
@@ -405,6 +415,7 @@ impl Default for Health {
         Health {
             postgres_ok: AtomicBool::new(false),
             kafka_ok: AtomicBool::new(false),
+            topic_ok: AtomicBool::new(true),
             committing: AtomicBool::new(true),
         }
     }
@@ -414,6 +425,7 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         self.postgres_ok.load(Ordering::Relaxed)
             && self.kafka_ok.load(Ordering::Relaxed)
+            && self.topic_ok.load(Ordering::Relaxed)
             && self.committing.load(Ordering::Relaxed)
     }
 }

@@ -833,13 +833,29 @@ async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
     let topic = unique("events");
     mock_topic(&cluster, &topic, 2);
     send_raw(&brokers, &topic, &sample_messages(0..200, 40));
-    let mut cfg = pipeline_config(&brokers, &topic, app_cfg);
+    let name = unique("app_watch");
+    let mut named = app_cfg;
+    named.application_name(&name);
+    let mut cfg = pipeline_config(&brokers, &topic, named);
     cfg.kpi = Some(kpi_cfg.clone());
     cfg.kpi_watch = Some(Duration::from_millis(200));
     cfg.stop_when_caught_up = false;
     let running = Running::spawn(cfg, Metrics::new());
     let c = client(&owner_cfg).await;
     wait_until(&owner_cfg, "SELECT sum(n) = 200 FROM by_type", "200 events").await;
+    // A restart opens new connections: the pids tell whether it restarted.
+    let backends = async || -> Vec<i32> {
+        c.query_one(
+            "SELECT coalesce(array_agg(pid ORDER BY pid), '{}') FROM pg_stat_activity \
+             WHERE application_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let before = backends().await;
+    assert!(!before.is_empty(), "the pipeline's connections are seen");
 
     std::fs::write(
         dir.join("by_channel.sql"),
@@ -857,6 +873,13 @@ async fn a_kpi_file_the_app_role_cannot_install_waits_for_migrate() {
     assert!(
         !running.is_finished(),
         "the consumer carries on without the file it may not install"
+    );
+    // Regression: it stopped and started again (a rebalance) for a file it
+    // could not install, then went back to the KPIs it had.
+    assert_eq!(
+        backends().await,
+        before,
+        "the consumer is not restarted for files it cannot install"
     );
     let installed: bool = c
         .query_one("SELECT to_regclass('by_channel') IS NOT NULL", &[])
@@ -1628,4 +1651,54 @@ async fn ready_again_once_the_broker_is_back_without_new_data() {
     stop_tx.send(()).unwrap();
     let summary = run.await.unwrap().expect("a clean stop");
     assert_eq!(summary.events_written, 50);
+}
+
+/// Regression: a member the group left without partitions reported nothing
+/// that said so (no lag series, `lag=0` in its progress line), so a group
+/// whose members all held none looked healthy. Each consumer now exports
+/// how many partitions it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_consumer_exports_how_many_partitions_it_holds() {
+    let Named {
+        _cluster,
+        db,
+        mut cfg,
+        ..
+    } = Named::new("assigned", &sample_messages(0..200, 20)).await;
+    cfg.stop_when_caught_up = false;
+    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+    let held = |m: &std::sync::Arc<Metrics>| m.assigned_partitions.get();
+    let first = Metrics::new();
+    let a = Running::spawn(cfg.clone(), first.clone());
+    wait_until(&db, "SELECT count(*) = 200 FROM events", "the first 200").await;
+    assert_eq!(held(&first), 2, "the only member holds both partitions");
+
+    // Three members, two partitions: one member is left with none.
+    let (second, third) = (Metrics::new(), Metrics::new());
+    let b = Running::spawn(cfg.clone(), second.clone());
+    let c = Running::spawn(cfg, third.clone());
+    let members = [&first, &second, &third];
+    let settled = || {
+        let counts: Vec<i64> = members.iter().map(|m| held(m)).collect();
+        counts.iter().sum::<i64>() == 2 && counts.iter().filter(|&&n| n == 0).count() == 1
+    };
+    let mut waited = 0;
+    while !settled() {
+        assert!(
+            waited < 600,
+            "the group settles on 1, 1 and 0 partitions: {:?}",
+            members.iter().map(|m| held(m)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    send_raw(&brokers, &topic, &sample_messages(200..400, 20));
+    wait_until(&db, "SELECT count(*) = 400 FROM events", "the next 200").await;
+
+    for running in [a, b, c] {
+        running.stop().await;
+    }
+    for m in members {
+        assert_eq!(held(m), 0, "a stopped member holds nothing");
+    }
 }

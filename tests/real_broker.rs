@@ -383,6 +383,7 @@ async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
     let db = fresh_db("late").await;
     let url = db_url(&db);
     let group = unique("g");
+    let metrics = format!("127.0.0.1:{}", free_port());
     // Started before the topic exists: it must wait, not fail.
     let mut child = Command::new(BIN)
         .args([
@@ -394,7 +395,7 @@ async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
             "--group-id",
             &group,
             "--metrics-addr",
-            "off",
+            &metrics,
             "--batch-max-rows",
             "500",
             "--batch-max-wait-ms",
@@ -412,6 +413,17 @@ async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
         child.try_wait().unwrap().is_none(),
         "run waits for the topic"
     );
+    // Regression: /readyz said 200 while run read nothing, waiting (with
+    // Postgres and the broker answering).
+    let ready = || http_get(&metrics, "/readyz");
+    for _ in 0..20 {
+        let r = ready();
+        assert!(
+            r.starts_with("HTTP/1.0 503"),
+            "not ready while the topic is missing: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let input = generate(20_000, 0.0, 5);
     create_topic(&broker.brokers, &topic, 6);
@@ -428,6 +440,11 @@ async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
     assert!(
         row_count(&c).await >= 2_000,
         "run picked the topic up once it appeared"
+    );
+    assert!(
+        ready().starts_with("HTTP/1.0 200"),
+        "ready once the topic is there and batches commit: {}",
+        ready()
     );
 
     // SIGTERM mid-stream: stop intake, commit what is in flight, exit 0.

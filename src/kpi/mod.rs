@@ -963,31 +963,14 @@ async fn install_locked(
     let mut report = InstallReport::default();
     for i in 0..engine.len() {
         let def = engine.def(i);
-        let stored: Option<String> = client
-            .query_opt(
-                "SELECT sql_hash FROM kpi_registry WHERE name = $1",
-                &[&def.name],
-            )
-            .await?
-            .map(|r| r.get(0));
-        let installed = stored.as_deref() == Some(def.hash.as_str());
+        let installed = registered_as(client, def).await?;
         // Installed as it is: no DDL, so that the app role (which may not
         // change the schema) starts.
         if installed && relations_exist(client, def).await? {
             continue;
         }
-        let can_create: bool = client
-            .query_one(
-                "SELECT has_schema_privilege(current_schema(), 'CREATE')",
-                &[],
-            )
-            .await?
-            .get(0);
-        if !can_create {
-            return Err(SinkError::Fatal(format!(
-                "KPI {} is new, changed or incomplete, and this database role may not change the schema: run `energy-stream migrate` as the owner role first (README: Roles)",
-                def.name
-            )));
+        if !may_change_schema(client).await? {
+            return Err(schema_change_refused(def));
         }
         if installed {
             // Re-create only what went missing.
@@ -1007,6 +990,54 @@ async fn install_locked(
         }
     }
     Ok(report)
+}
+
+/// Whether `kpi_registry` holds the KPI with this definition.
+async fn registered_as(client: &Client, def: &KpiDef) -> Result<bool, SinkError> {
+    let stored: Option<String> = client
+        .query_opt(
+            "SELECT sql_hash FROM kpi_registry WHERE name = $1",
+            &[&def.name],
+        )
+        .await?
+        .map(|r| r.get(0));
+    Ok(stored.as_deref() == Some(def.hash.as_str()))
+}
+
+async fn may_change_schema(client: &Client) -> Result<bool, SinkError> {
+    Ok(client
+        .query_one(
+            "SELECT has_schema_privilege(current_schema(), 'CREATE')",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+fn schema_change_refused(def: &KpiDef) -> SinkError {
+    SinkError::Fatal(format!(
+        "KPI {} is new, changed or incomplete, and this database role may not change the schema: run `energy-stream migrate` as the owner role first (README: Roles)",
+        def.name
+    ))
+}
+
+/// The error [`install`] would stop with because this role may not change
+/// the schema (the app role), or None when it could install `engine`. Asked
+/// before a running consumer stops for changed files, so that one which
+/// cannot install them is not restarted (and its group rebalanced) for nothing.
+pub async fn install_refused(
+    client: &Client,
+    engine: &KpiEngine,
+) -> Result<Option<SinkError>, SinkError> {
+    if may_change_schema(client).await? {
+        return Ok(None);
+    }
+    for def in engine.defs() {
+        if !(registered_as(client, def).await? && relations_exist(client, def).await?) {
+            return Ok(Some(schema_change_refused(def)));
+        }
+    }
+    Ok(None)
 }
 
 /// True when the KPI's view, state table and membership tables all exist.
