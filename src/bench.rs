@@ -488,6 +488,21 @@ async fn timed_copy(
 
 /// Runs the whole race and returns the report; the caller decides on `min_ratio`.
 pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
+    // `run` reads the KPI files only after the events are generated and
+    // loaded: a wrong directory is refused before that work, not after it.
+    if !cfg.run_args.iter().any(|a| a == "--no-kpis") {
+        crate::kpi::KpiEngine::load_dir(&crate::kpi::KpiConfig {
+            dir: cfg.queries_dir.clone(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "the bench runs every KPI of {} (--queries-dir; `-- --no-kpis` runs none)",
+                cfg.queries_dir.display()
+            )
+        })?;
+    }
     let mut _local = None;
     let server = match &cfg.database {
         Some(c) => c.clone(),

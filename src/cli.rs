@@ -84,9 +84,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?;
                 let report = crate::sink::migrate::migrate(&mut client).await?;
                 println!(
-                    "migrations: {} applied ({}), {} already in place",
+                    "migrations: {} applied{}, {} already in place",
                     report.applied.len(),
-                    report.applied.join(", "),
+                    listed(&report.applied),
                     report.already
                 );
                 if !args.no_kpis {
@@ -97,10 +97,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await?;
                     let kpis = crate::kpi::install(&mut client, &engine).await?;
                     println!(
-                        "KPIs: {} installed, {} (re)computed from events ({})",
+                        "KPIs: {} installed, {} (re)computed from events{}",
                         engine.len(),
                         kpis.backfilled.len(),
-                        kpis.backfilled.join(", ")
+                        listed(&kpis.backfilled)
                     );
                     let retired = crate::kpi::retire_missing(&client, &engine).await?;
                     if !retired.is_empty() {
@@ -309,10 +309,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     anyhow::bail!("no KPI named {k} in {}", args.queries.queries_dir.display());
                 }
                 let mut client = database.connect().await?;
-                // `verify` only reads: pointed at the wrong database, it must
-                // not leave energy-stream's schema there. `backfill` writes
-                // KPI tables, which need the schema.
+                // Pointed at the wrong database (a mistyped DATABASE_URL),
+                // neither may leave energy-stream's schema there. `backfill`
+                // applies the migrations a schema it finds may lack.
                 if !verify {
+                    let schema: bool = client
+                        .query_one("SELECT to_regclass('events') IS NOT NULL", &[])
+                        .await?
+                        .get(0);
+                    if !schema {
+                        anyhow::bail!(
+                            "{database} has no energy-stream schema (no events table), so there is nothing to backfill from; run `energy-stream migrate` first, or check DATABASE_URL"
+                        );
+                    }
                     crate::sink::migrate::migrate(&mut client).await?;
                 }
                 if verify {
@@ -327,7 +336,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                     let (rows, kpis) = (report.mismatches.len(), report.not_verified.len());
                     if rows == 0 && kpis == 0 {
-                        println!("verify: every KPI equals its recomputation over events");
+                        match &args.kpi {
+                            Some(k) => println!("verify: {k} equals its recomputation over events"),
+                            None => println!(
+                                "verify: every KPI equals its recomputation over events"
+                            ),
+                        }
                         Ok(ExitCode::SUCCESS)
                     } else if kpis == 0 {
                         println!("verify: {rows} mismatching row(s)");
@@ -427,4 +441,13 @@ fn plain_identifier(name: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// ` (a, b)` after a count; nothing for none.
+fn listed(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", names.join(", "))
+    }
 }

@@ -280,14 +280,17 @@ pub struct GenerateArgs {
     /// Number of lines to write.
     #[arg(long, default_value_t = 10_000)]
     pub events: u64,
+    /// Number of distinct customers the events are spread over.
     #[arg(long, default_value_t = 200)]
     pub customers: u32,
+    /// Length of the generated period, in days from --start.
     #[arg(long, default_value_t = 7)]
     pub days: u32,
     /// First instant of the generated period (RFC 3339, or a date for its
     /// midnight UTC).
     #[arg(long, default_value = "2025-06-01T00:00:00Z", value_parser = parse_start)]
     pub start: DateTime<Utc>,
+    /// Random seed: the same options and seed write the same lines.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Fraction of lines replaced by invalid ones of every kind.

@@ -151,7 +151,7 @@ pub fn ensure_topic(kafka: &KafkaConfig, partitions: i32) -> Result<TopicFound, 
             tracing::info!(
                 topic = %kafka.topic,
                 partitions = t.partitions().len(),
-                requested = partitions,
+                partitions_if_created = partitions,
                 "the topic exists with another partition count; --partitions applies only when it is created"
             );
         }

@@ -194,12 +194,19 @@ async fn bench_dbs(admin: &tokio_postgres::Client) -> i64 {
 /// `bench` with `env` against a port no broker listens on: its stderr, once
 /// it has failed and left no bench database on the server.
 async fn failed_bench_stderr(env: &[(&str, &str)]) -> String {
+    failed_bench_stderr_with(env, &[]).await
+}
+
+/// [`failed_bench_stderr`] with extra arguments.
+async fn failed_bench_stderr_with(env: &[(&str, &str)], args: &[&str]) -> String {
     let _turn = BENCH_DBS.lock().await;
     let server = common::server_url();
     let admin = common::client(&server.parse().unwrap()).await;
     let before = bench_dbs(&admin).await;
     let broker = format!("127.0.0.1:{}", common::free_port());
-    let out = bench_with_env(&server, env, &["--events", "100", "--brokers", &broker]);
+    let mut all = vec!["--events", "100", "--brokers", &broker];
+    all.extend_from_slice(args);
+    let out = bench_with_env(&server, env, &all);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{stderr}");
     assert_eq!(
@@ -216,6 +223,22 @@ async fn failed_bench_stderr(env: &[(&str, &str)]) -> String {
 async fn a_failed_bench_leaves_no_database_behind() {
     let stderr = failed_bench_stderr(&[]).await;
     assert!(stderr.contains("unreachable"), "{stderr}");
+}
+
+/// Regression: a bench run from a directory without `queries/` generated and
+/// loaded its events, then failed on the missing KPI directory.
+#[tokio::test]
+async fn a_bench_without_its_kpi_files_fails_before_any_work() {
+    let missing = std::env::temp_dir().join(common::unique("no-queries"));
+    let stderr = failed_bench_stderr_with(&[], &["--queries-dir", missing.to_str().unwrap()]).await;
+    assert!(
+        stderr.contains("--queries-dir") && stderr.contains(missing.to_str().unwrap()),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("unreachable"),
+        "refused before it reached for the broker: {stderr}"
+    );
 }
 
 /// Regression: the bench's own producer and topic set-up ignored the
@@ -457,29 +480,33 @@ fn with_log_json_the_final_error_is_json_too() {
 async fn verify_leaves_a_database_without_the_schema_as_it_was() {
     let db = common::fresh_db("verify_ro").await;
     let url = common::db_url_with_password(&db);
-    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-        .args(["verify"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", &url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let text = common::output_text(&out);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains("energy-stream migrate"),
-        "says what to run: {text}"
-    );
     let c = common::client(&db).await;
-    let tables: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(tables, 0, "verify created tables: {text}");
+    // Regression: `backfill` pointed at an empty database (a mistyped
+    // DATABASE_URL) built the whole schema there and said it backfilled.
+    for cmd in ["verify", "backfill"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args([cmd])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let text = common::output_text(&out);
+        assert!(!out.status.success(), "{cmd}: {text}");
+        assert!(
+            text.contains("energy-stream migrate"),
+            "{cmd} says what to run: {text}"
+        );
+        let tables: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(tables, 0, "{cmd} created tables: {text}");
+    }
 }
 
 /// Regression: `check` said "0 KPI file(s) OK" for a directory without KPI

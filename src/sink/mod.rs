@@ -97,7 +97,7 @@ pub enum SinkError {
     #[error(
         "the database maintains KPIs that this consumer would not: {}. Its events would leave them short for good, so it stops. \
          Run every consumer with the same KPI files (--queries-dir); another consumer may have installed a new or changed file since this one started, so restart this one with it. \
-         To stop maintaining a KPI, delete its file and run `energy-stream migrate`, which retires it (README: Adding a KPI)",
+         To stop maintaining a KPI, delete its file and run `energy-stream migrate`, which retires it (README: KPIs as SQL files)",
         .0.join(", ")
     )]
     KpisDiffer(Vec<String>),
