@@ -282,19 +282,28 @@ pub fn hash(sql: &str) -> String {
     format!("{h:016x}")
 }
 
-/// The statement as the parser reads it, written back: comments, line
-/// breaks and the case of keywords leave it as it is, so editing them does
-/// not rebuild the KPI. (`sql` has planned, so it parses.)
+/// The query as DataFusion reads it, for the hash: its tokens without
+/// comments or spacing, keywords and unquoted names in lower case (DataFusion
+/// folds those), so that editing them does not rebuild the KPI. Strings,
+/// numbers and quoted names stay as written.
 fn canonical(sql: &str) -> String {
-    use datafusion::sql::parser::DFParser;
-    match DFParser::parse_sql(sql) {
-        Ok(statements) => statements
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(";\n"),
-        Err(_) => sql.to_string(),
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).tokenize() else {
+        return sql.to_string();
+    };
+    let mut words: Vec<String> = tokens
+        .iter()
+        .filter_map(|t| match t {
+            Token::Whitespace(_) | Token::EOF => None,
+            Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_lowercase()),
+            t => Some(t.to_string()),
+        })
+        .collect();
+    while words.last().is_some_and(|w| w == ";") {
+        words.pop();
     }
+    words.join(" ")
 }
 
 /// The optional header: leading `--` comment lines.
@@ -972,7 +981,14 @@ impl Analysed {
                 Expr::ScalarFunction(f) if f.name() == "date_part" => {
                     let unit = date_part_unit(f);
                     let of = f.args.get(1).and_then(|a| a.get_type(schema.as_ref()).ok());
-                    if unit.starts_with("nanosecond") {
+                    if !unit.is_empty() && !datafusion_date_part(&unit) {
+                        Some(c.err(
+                            format!("date_part('{unit}', ...) in {name}"),
+                            "DataFusion has no such part (Postgres has); use year, quarter, month, \
+                             week, day, hour, minute, second, millisecond, microsecond, dow, isodow, \
+                             doy, isoyear or epoch",
+                        ))
+                    } else if unit.starts_with("nanosecond") {
                         Some(c.err(
                             format!("date_part('{unit}', ...) in {name}, which the view computes"),
                             "Postgres has no nanoseconds; use microseconds",
@@ -1025,6 +1041,11 @@ impl Analysed {
                          \"C\" one the view reads text in); compare in GROUP BY or when reading the view",
                     ))
                 }
+                Expr::SimilarTo(_) => Some(c.err(
+                    format!("SIMILAR TO in {name}, which the view computes"),
+                    "DataFusion reads SIMILAR TO as an unanchored regular expression, Postgres as \
+                     an anchored pattern; compare in GROUP BY or when reading the view",
+                )),
                 Expr::Like(l) if l.case_insensitive => Some(c.err(
                     format!("ILIKE in {name}, which the view computes"),
                     "Postgres maps case by the collation (ASCII only under the \"C\" one the \
@@ -1063,9 +1084,22 @@ impl Analysed {
                 }
                 Expr::ScalarFunction(f) if f.name() == "date_part" => {
                     let of = f.args.get(1).and_then(|a| a.get_type(schema.as_ref()).ok());
-                    let whole =
-                        date_part_unit(f) != "epoch" || matches!(of, Some(DataType::Duration(_)));
-                    whole.then_some(None)
+                    if date_part_unit(f) != "epoch" {
+                        Some(None)
+                    } else if matches!(of, Some(DataType::Duration(_))) {
+                        // DataFusion adds a duration's fraction only while
+                        // its nanoseconds fit an i32 (2.147483647 s); past
+                        // that, whole seconds.
+                        use datafusion::prelude::lit;
+                        let short = datafusion::functions::math::expr_fn::abs(x.clone())
+                            .lt_eq(lit(2.147_483_647_f64));
+                        let whole = datafusion::functions::math::expr_fn::trunc(vec![x.clone()]);
+                        return datafusion::logical_expr::when(short, x)
+                            .otherwise(whole)
+                            .map(Transformed::yes);
+                    } else {
+                        None
+                    }
                 }
                 _ => None,
             };
@@ -1118,8 +1152,10 @@ impl Analysed {
                     // (UTC, or the one `AT TIME ZONE` gave it); Postgres in
                     // the reading session's. Pinned to that zone, a Grafana
                     // session in +05:45 reads the day DataFusion computed.
+                    // (The epoch is of the instant, whatever its zone.)
                     Expr::ScalarFunction(f)
                         if matches!(f.name(), "date_trunc" | "date_part")
+                            && !(f.name() == "date_part" && date_part_unit(f) == "epoch")
                             && let Some(tz) = f.args.iter().find_map(|a| zone_of(a, schema)) =>
                     {
                         let mut f = f.clone();
@@ -1278,8 +1314,18 @@ impl Analysed {
             let i = idx - n_keys;
             match self.measures[i].func {
                 Func::Avg => {
+                    let t = agg.schema.field(idx).data_type();
+                    let mut sum = Expr::Column(Column::from_name(format!("m{i}_sum")));
+                    // An average of integers is DataFusion's double; the
+                    // sum is stored as an exact numeric.
+                    if *t == DataType::Float64 {
+                        sum = Expr::Cast(datafusion::logical_expr::Cast::new(
+                            Box::new(sum),
+                            DataType::Float64,
+                        ));
+                    }
                     let avg = Expr::BinaryExpr(BinaryExpr::new(
-                        Box::new(Expr::Column(Column::from_name(format!("m{i}_sum")))),
+                        Box::new(sum),
                         Operator::Divide,
                         Box::new(datafusion::functions::expr_fn::nullif(
                             Expr::Column(Column::from_name(format!("m{i}_n"))),
@@ -1288,7 +1334,7 @@ impl Analysed {
                     ));
                     // DataFusion cuts a decimal average to its result's
                     // scale; Postgres would keep 16 digits or more.
-                    match agg.schema.field(idx).data_type() {
+                    match t {
                         DataType::Decimal128(_, s) | DataType::Decimal256(_, s) => {
                             datafusion::functions::math::expr_fn::trunc(vec![
                                 avg,
@@ -1428,6 +1474,18 @@ pub const PG_NAME_BYTES: usize = 63;
 /// character.
 pub fn pg_name(name: &str) -> &str {
     &name[..name.floor_char_boundary(PG_NAME_BYTES)]
+}
+
+/// Whether DataFusion's `date_part` knows `unit` (lower case).
+fn datafusion_date_part(unit: &str) -> bool {
+    use datafusion::arrow::compute::kernels::cast_utils::IntervalUnit;
+    match unit.parse::<IntervalUnit>() {
+        Ok(u) => !matches!(u, IntervalUnit::Century | IntervalUnit::Decade),
+        Err(_) => matches!(
+            unit,
+            "isoyear" | "qtr" | "quarter" | "doy" | "dow" | "isodow" | "epoch"
+        ),
+    }
 }
 
 /// `date_part`'s unit, lower case (`epoch`, `second`, ...); empty when it
