@@ -498,7 +498,7 @@ async fn run_kpi_sets(
                 if new.identity() != set.identity() {
                     tracing::info!(
                         ?kpis,
-                        "another consumer installed KPIs this one did not compute, and the files here changed: starting again with them"
+                        "the database now maintains KPIs this consumer did not compute (another consumer or `migrate` installed them), and the files here changed: starting again with them"
                     );
                     previous = Some(std::mem::replace(&mut set, new));
                     continue;
@@ -952,6 +952,9 @@ const MEMBERS_CAP: usize = 2_000_000;
 /// high watermark (stall detection, and "caught up" for `stop_when_caught_up`).
 const PROGRESS_CHECK_EVERY: Duration = Duration::from_millis(500);
 
+/// How often a consumer that holds no partition asks whether its topic exists.
+const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// Messages drained per burst at most, so that the batch deadline and the
 /// progress checks still run every few milliseconds under full load.
 const BURST_MAX: usize = 512;
@@ -994,6 +997,8 @@ fn intake(
     let mut dec = BatchDecoder::new(cfg.decode);
     let mut cut = Cutter::new(ownership.generation());
     let mut progress_checked = Instant::now();
+    let mut topic_checked = Instant::now();
+    let mut topic_missing = false;
     let mut last_generation = ownership.generation();
     let mut decode_time = Duration::ZERO;
 
@@ -1062,6 +1067,22 @@ fn intake(
                 cut.note(partition, offset, timestamp_ms, dec.len() - 1, burst_at);
             }
             decode_time += t.elapsed();
+        }
+        // A consumer holding no partition may be looking at a topic that is
+        // gone (deleted, or a broker that lost it on a restart): it reads
+        // nothing, and must say so and not report ready. Asked only then.
+        if topic_checked.elapsed() >= TOPIC_CHECK_EVERY && ownership.assigned().is_empty() {
+            topic_checked = Instant::now();
+            let found = source.topic_exists();
+            if !found && !topic_missing {
+                tracing::warn!(
+                    topic = %source.topic(),
+                    last_client_error = source.last_client_error().as_deref().unwrap_or("none"),
+                    "the topic no longer exists on the broker (or the broker does not answer); reading nothing, and not ready, until it is back"
+                );
+            }
+            topic_missing = !found;
+            source.note_topic_found(found);
         }
         // On a timer, not only when idle: a partition can stall while others
         // keep the poll busy.

@@ -597,7 +597,7 @@ impl ConsumerContext for SourceContext {
                 let from: Vec<_> = parts.iter().map(|(_, o)| **o).collect();
                 if numbers.is_empty() {
                     tracing::info!(
-                        "no partitions assigned: this consumer reads nothing until a rebalance gives it some (a group with more members than the topic has partitions leaves some idle)"
+                        "no partitions assigned: this consumer reads nothing until a rebalance gives it some (a group with more members than the topic has partitions leaves some idle; a topic that is gone leaves all idle)"
                     );
                 } else {
                     tracing::info!(partitions = ?numbers, stored_offsets = ?from, "partitions assigned; resuming from offsets stored in Postgres");

@@ -1702,3 +1702,79 @@ async fn each_consumer_exports_how_many_partitions_it_holds() {
         assert_eq!(held(m), 0, "a stopped member holds nothing");
     }
 }
+
+/// Regression: a consumer holding no partition whose topic went away
+/// (deleted, or a broker that lost it) said it was ready, and nothing in its
+/// log named the topic. (tansu cannot show this: librdkafka crashes on the
+/// metadata it sends for a deleted topic.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_topic_is_gone_is_not_ready() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("gone");
+    mock_topic(&cluster, &topic, 1);
+    send_raw(&brokers, &topic, &sample_messages(0..100, 10));
+    let db = fresh_db("gone").await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.stop_when_caught_up = false;
+    let member = |cfg: &PipelineConfig| {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cfg = cfg.clone();
+        cfg.metrics_addr = Some(addr.parse().unwrap());
+        let metrics = Metrics::new();
+        (Running::spawn(cfg, metrics.clone()), metrics, addr)
+    };
+    let ready = |addr: &str| {
+        std::net::TcpStream::connect(addr).is_ok()
+            && http_get(addr, "/readyz").starts_with("HTTP/1.0 200")
+    };
+    let (a, a_metrics, a_addr) = member(&cfg);
+    wait_until(&db, "SELECT count(*) = 100 FROM events", "the 100 events").await;
+    // One partition, two members: the second holds none and idles, ready.
+    let (b, b_metrics, b_addr) = member(&cfg);
+    let idle = async || {
+        for _ in 0..600 {
+            let held = [&a_metrics, &b_metrics].map(|m| m.assigned_partitions.get());
+            if held.iter().sum::<i64>() == 1 && ready(&a_addr) && ready(&b_addr) {
+                return if held[0] == 0 {
+                    a_addr.clone()
+                } else {
+                    b_addr.clone()
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the group settles with one idle member, both ready");
+    };
+    let idle_addr = idle().await;
+
+    cluster
+        .topic_error(
+            &topic,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+        )
+        .unwrap();
+    let mut waited = 0;
+    while ready(&idle_addr) {
+        assert!(
+            waited < 300,
+            "the idle member is not ready once its topic is gone"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    cluster
+        .topic_error(
+            &topic,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+        )
+        .unwrap();
+    let mut waited = 0;
+    while !(ready(&a_addr) || ready(&b_addr)) {
+        assert!(waited < 600, "ready again once the topic is back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    a.stop().await;
+    b.stop().await;
+}
