@@ -33,6 +33,27 @@ fn valid_events(lines: &[String]) -> RecordBatch {
     validated(&lines).valid
 }
 
+/// What DataFusion computes for `sql` over `events` at once, each cell as
+/// Arrow displays it.
+async fn datafusion_rows(events: RecordBatch, sql: &str) -> Vec<Vec<String>> {
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_batch("events", events).unwrap();
+    let mut rows = Vec::new();
+    for b in ctx.sql(sql).await.unwrap().collect().await.unwrap() {
+        for row in 0..b.num_rows() {
+            rows.push(
+                (0..b.num_columns())
+                    .map(|col| {
+                        datafusion::arrow::util::display::array_value_to_string(b.column(col), row)
+                            .unwrap()
+                    })
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
 /// Streams `events` through the real merge in batches of the given sizes,
 /// one transaction per batch, exactly as the pipeline writes them.
 async fn stream(
@@ -1096,21 +1117,11 @@ async fn the_view_reads_what_datafusion_computes_once() {
     let mut c = setup("meaning", &engine).await;
     stream(&mut c, &engine, &events, &[9, 13]).await;
 
-    let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_batch("events", events).unwrap();
-    let once = ctx.sql(sql).await.unwrap().collect().await.unwrap();
-    let mut want = std::collections::BTreeMap::new();
-    for b in &once {
-        for row in 0..b.num_rows() {
-            let cells: Vec<String> = (0..b.num_columns())
-                .map(|col| {
-                    datafusion::arrow::util::display::array_value_to_string(b.column(col), row)
-                        .unwrap()
-                })
-                .collect();
-            want.insert(cells[0].clone(), cells);
-        }
-    }
+    let want: std::collections::BTreeMap<String, Vec<String>> = datafusion_rows(events, sql)
+        .await
+        .into_iter()
+        .map(|cells| (cells[0].clone(), cells))
+        .collect();
     let rows = c
         .query(
             "SELECT event_type, per_event::text, sevenths::text, avg_pay::text, \
@@ -1383,8 +1394,6 @@ async fn time_constants_and_zones_in_the_view_read_as_datafusion_computes() {
     stream(&mut c, &engine, &events, &[1, 2]).await;
 
     // What DataFusion computes over all events at once, as text.
-    let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_batch("events", events).unwrap();
     let df_read = format!(
         "SELECT CAST(CAST(to_unixtime(day) AS BIGINT) AS VARCHAR), CAST(second_day AS VARCHAR), \
          CAST(after_noon AS VARCHAR), CAST(after_half_past AS VARCHAR), CAST(folded AS VARCHAR), \
@@ -1394,19 +1403,7 @@ async fn time_constants_and_zones_in_the_view_read_as_datafusion_computes() {
          CAST(CAST(west_hour AS BIGINT) AS VARCHAR), CAST(la_date AS VARCHAR) \
          FROM ({sql}) ORDER BY day"
     );
-    let mut want: Vec<Vec<String>> = Vec::new();
-    for b in ctx.sql(&df_read).await.unwrap().collect().await.unwrap() {
-        for row in 0..b.num_rows() {
-            want.push(
-                (0..b.num_columns())
-                    .map(|col| {
-                        datafusion::arrow::util::display::array_value_to_string(b.column(col), row)
-                            .unwrap()
-                    })
-                    .collect(),
-            );
-        }
-    }
+    let want = datafusion_rows(events, &df_read).await;
     // DataFusion's meaning, worked out by hand: 13:00 UTC is 18:45 in
     // Kathmandu and 10:00 at -03:00; 23:30 UTC is 05:15 the next day there.
     let expected = |r: [&str; 12]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -1545,22 +1542,11 @@ async fn decimal_quotients_and_date_parts_in_the_view_have_datafusions_precision
 
     let columns =
         "channel, avg_pay, per_event, whole, sec, ms, hour, epoch, span, local_epoch, avg_session";
-    let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_batch("events", events).unwrap();
-    let mut want: Vec<Vec<String>> = Vec::new();
-    let one_shot = format!("SELECT {columns} FROM ({sql}) ORDER BY channel");
-    for b in ctx.sql(&one_shot).await.unwrap().collect().await.unwrap() {
-        for row in 0..b.num_rows() {
-            want.push(
-                (0..b.num_columns())
-                    .map(|col| {
-                        datafusion::arrow::util::display::array_value_to_string(b.column(col), row)
-                            .unwrap()
-                    })
-                    .collect(),
-            );
-        }
-    }
+    let want = datafusion_rows(
+        events,
+        &format!("SELECT {columns} FROM ({sql}) ORDER BY channel"),
+    )
+    .await;
     // DataFusion's own figures, by hand: averages cut at 6 places.
     assert_eq!(want[2][1], "10.006666", "DataFusion's average: {want:?}");
     assert_eq!(want[0][1], "0.013333", "DataFusion's average: {want:?}");

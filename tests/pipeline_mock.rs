@@ -11,6 +11,7 @@ use energy_stream::pipeline;
 use energy_stream::source::KafkaConfig;
 use energy_stream::telemetry::Metrics;
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::RDKafkaRespErr;
 
 fn pipeline_config(brokers: &str, topic: &str, db: tokio_postgres::Config) -> PipelineConfig {
     let mut cfg = PipelineConfig::new(
@@ -418,7 +419,7 @@ async fn a_commit_whose_reply_is_lost_is_counted_once_and_not_rewritten() {
 /// the partition unread. It must wait while the errors last, then read it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_whose_fetches_fail_is_not_reported_caught_up() {
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use rdkafka::types::RDKafkaApiKey;
     let cluster = MockCluster::new(1).unwrap();
     let brokers = cluster.bootstrap_servers();
     let topic = unique("fetcherr");
@@ -1170,6 +1171,25 @@ async fn counted(counter: impl Fn() -> u64, at_least: u64) -> bool {
     false
 }
 
+/// Whether the pipeline serving `addr` answers `/readyz` with 200 (not
+/// listening yet counts as not ready).
+fn ready(addr: &str) -> bool {
+    std::net::TcpStream::connect(addr).is_ok()
+        && http_get(addr, "/readyz").starts_with("HTTP/1.0 200")
+}
+
+/// Polls `cond` every 100 ms; panics with `what` when it is still false
+/// after `secs`.
+async fn within(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..secs * 10 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} (within {secs} s)");
+}
+
 /// Stops a pipeline that may be stuck retrying before failing the test, so
 /// that the failure is reported instead of waiting on the pipeline's tasks.
 async fn fail(running: Running, why: String) -> ! {
@@ -1610,11 +1630,6 @@ async fn ready_again_once_the_broker_is_back_without_new_data() {
     let run = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
         let _ = stop_rx.await;
     }));
-    // Not listening yet counts as not ready.
-    let ready = |addr: &str| {
-        std::net::TcpStream::connect(addr).is_ok()
-            && http_get(addr, "/readyz").starts_with("HTTP/1.0 200")
-    };
     let wait_for = |want: bool, what: &'static str| {
         let addr = addr.clone();
         async move {
@@ -1682,16 +1697,7 @@ async fn each_consumer_exports_how_many_partitions_it_holds() {
         let counts: Vec<i64> = members.iter().map(|m| held(m)).collect();
         counts.iter().sum::<i64>() == 2 && counts.iter().filter(|&&n| n == 0).count() == 1
     };
-    let mut waited = 0;
-    while !settled() {
-        assert!(
-            waited < 600,
-            "the group settles on 1, 1 and 0 partitions: {:?}",
-            members.iter().map(|m| held(m)).collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
+    within(60, "the group settles on 1, 1 and 0 partitions", settled).await;
     send_raw(&brokers, &topic, &sample_messages(200..400, 20));
     wait_until(&db, "SELECT count(*) = 400 FROM events", "the next 200").await;
 
@@ -1724,57 +1730,38 @@ async fn a_consumer_whose_topic_is_gone_is_not_ready() {
         let metrics = Metrics::new();
         (Running::spawn(cfg, metrics.clone()), metrics, addr)
     };
-    let ready = |addr: &str| {
-        std::net::TcpStream::connect(addr).is_ok()
-            && http_get(addr, "/readyz").starts_with("HTTP/1.0 200")
-    };
     let (a, a_metrics, a_addr) = member(&cfg);
     wait_until(&db, "SELECT count(*) = 100 FROM events", "the 100 events").await;
     // One partition, two members: the second holds none and idles, ready.
     let (b, b_metrics, b_addr) = member(&cfg);
-    let idle = async || {
-        for _ in 0..600 {
-            let held = [&a_metrics, &b_metrics].map(|m| m.assigned_partitions.get());
-            if held.iter().sum::<i64>() == 1 && ready(&a_addr) && ready(&b_addr) {
-                return if held[0] == 0 {
-                    a_addr.clone()
-                } else {
-                    b_addr.clone()
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the group settles with one idle member, both ready");
-    };
-    let idle_addr = idle().await;
+    let held = || [&a_metrics, &b_metrics].map(|m| m.assigned_partitions.get());
+    within(
+        60,
+        "the group settles with one idle member, both ready",
+        || held().iter().sum::<i64>() == 1 && ready(&a_addr) && ready(&b_addr),
+    )
+    .await;
+    let idle_addr = if held()[0] == 0 { &a_addr } else { &b_addr };
 
     cluster
         .topic_error(
             &topic,
-            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
         )
         .unwrap();
-    let mut waited = 0;
-    while ready(&idle_addr) {
-        assert!(
-            waited < 300,
-            "the idle member is not ready once its topic is gone"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
+    within(
+        30,
+        "the idle member is not ready once its topic is gone",
+        || !ready(idle_addr),
+    )
+    .await;
     cluster
-        .topic_error(
-            &topic,
-            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
-        )
+        .topic_error(&topic, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
         .unwrap();
-    let mut waited = 0;
-    while !(ready(&a_addr) || ready(&b_addr)) {
-        assert!(waited < 600, "ready again once the topic is back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
+    within(60, "ready again once the topic is back", || {
+        ready(&a_addr) || ready(&b_addr)
+    })
+    .await;
     a.stop().await;
     b.stop().await;
 }

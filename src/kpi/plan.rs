@@ -951,19 +951,27 @@ impl Analysed {
         Ok(out)
     }
 
+    /// Why case mapping and regular expressions over text the view
+    /// computes are refused.
+    const COLLATED: &str = "Postgres maps case and character classes by the collation (ASCII \
+        only under the \"C\" one the view reads text in); apply it in GROUP BY \
+        (GROUP BY upper(channel)) or when reading the view";
+
     /// `e` with DataFusion's precision where Postgres' is finer, or refused
     /// where Postgres cannot compute what DataFusion does. Runs on the
     /// expression as planned, whose types are DataFusion's:
     /// - a decimal quotient is cut to DataFusion's result scale (DataFusion
     ///   truncates; Postgres keeps 16 digits or more);
     /// - `date_part` gives DataFusion's whole numbers (`second` is 59 where
-    ///   Postgres gives 59.75), and the `epoch` of a duration whole seconds;
-    /// - refused: `TRY_CAST` (Postgres has none), `date_part` of
-    ///   nanoseconds, and of fields of a duration or interval (DataFusion
-    ///   counts 71 hours where Postgres reads the field, 23); `date_bin`; a
-    ///   float made text; case mapping and regular expressions, which
-    ///   Postgres applies by the collation, ASCII-only under the `"C"` one
-    ///   the view reads text in.
+    ///   Postgres gives 59.75), and the `epoch` of a duration as DataFusion
+    ///   computes it (the fraction only under 2.147483648 s);
+    /// - refused: `TRY_CAST` (Postgres has none), `date_part` of a part
+    ///   DataFusion lacks, of nanoseconds, and of fields of a duration or
+    ///   interval (DataFusion counts 71 hours where Postgres reads the field,
+    ///   23); `date_bin`; a float made text; case mapping, regular
+    ///   expressions, ILIKE and SIMILAR TO, which Postgres applies by the
+    ///   collation (ASCII-only under the `"C"` one the view reads text in)
+    ///   or anchors.
     fn datafusion_precision(
         c: &Ctx<'_>,
         schema: &datafusion::common::DFSchemaRef,
@@ -1019,9 +1027,7 @@ impl Analysed {
                 {
                     Some(c.err(
                         format!("{}() in {name}, which the view computes", f.name()),
-                        "Postgres maps case and classes by the collation (ASCII only under the \
-                         \"C\" one the view reads text in); apply it in GROUP BY \
-                         (GROUP BY upper(channel)) or when reading the view",
+                        Self::COLLATED,
                     ))
                 }
                 Expr::BinaryExpr(b)
@@ -1037,19 +1043,17 @@ impl Analysed {
                 {
                     Some(c.err(
                         format!("a regular expression or ILIKE in {name}, which the view computes"),
-                        "Postgres maps case and classes by the collation (ASCII only under the \
-                         \"C\" one the view reads text in); compare in GROUP BY or when reading the view",
+                        Self::COLLATED,
                     ))
                 }
+                Expr::Like(l) if l.case_insensitive => Some(c.err(
+                    format!("ILIKE in {name}, which the view computes"),
+                    Self::COLLATED,
+                )),
                 Expr::SimilarTo(_) => Some(c.err(
                     format!("SIMILAR TO in {name}, which the view computes"),
                     "DataFusion reads SIMILAR TO as an unanchored regular expression, Postgres as \
                      an anchored pattern; compare in GROUP BY or when reading the view",
-                )),
-                Expr::Like(l) if l.case_insensitive => Some(c.err(
-                    format!("ILIKE in {name}, which the view computes"),
-                    "Postgres maps case by the collation (ASCII only under the \"C\" one the \
-                     view reads text in); compare in GROUP BY or when reading the view",
                 )),
                 _ if makes_text_of(x, schema, DataType::is_floating) => Some(c.err(
                     format!("a float turned into text in {name}, which the view computes"),
