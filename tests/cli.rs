@@ -483,14 +483,9 @@ async fn verify_leaves_a_database_without_the_schema_as_it_was() {
     let c = common::client(&db).await;
     // Regression: `backfill` pointed at an empty database (a mistyped
     // DATABASE_URL) built the whole schema there and said it backfilled.
+    let queries = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
     for cmd in ["verify", "backfill"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-            .args([cmd])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("DATABASE_URL", &url)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
+        let out = kpi_command(&url, &queries, &[cmd]);
         let text = common::output_text(&out);
         assert!(!out.status.success(), "{cmd}: {text}");
         assert!(

@@ -964,10 +964,14 @@ struct Named {
 
 impl Named {
     async fn new(prefix: &str, messages: &[Option<Vec<u8>>]) -> Named {
+        Named::with_partitions(prefix, 2, messages).await
+    }
+
+    async fn with_partitions(prefix: &str, partitions: i32, messages: &[Option<Vec<u8>>]) -> Named {
         let cluster = MockCluster::new(1).unwrap();
         let brokers = cluster.bootstrap_servers();
         let topic = unique("events");
-        mock_topic(&cluster, &topic, 2);
+        mock_topic(&cluster, &topic, partitions);
         send_raw(&brokers, &topic, messages);
         let db = fresh_db(prefix).await;
         energy_stream::sink::migrate::migrate(&mut client(&db).await)
@@ -1616,13 +1620,12 @@ async fn a_shutdown_while_the_stored_offsets_wait_ends_at_once() {
 /// noted, getting one back was not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_again_once_the_broker_is_back_without_new_data() {
-    let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let topic = unique("brokerback");
-    mock_topic(&cluster, &topic, 1);
-    send_raw(&brokers, &topic, &sample_messages(0..50, 10));
-    let db = fresh_db("brokerback").await;
-    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    let Named {
+        _cluster: cluster,
+        db,
+        mut cfg,
+        ..
+    } = Named::with_partitions("brokerback", 1, &sample_messages(0..50, 10)).await;
     cfg.stop_when_caught_up = false;
     let addr = format!("127.0.0.1:{}", free_port());
     cfg.metrics_addr = Some(addr.parse().unwrap());
@@ -1715,13 +1718,13 @@ async fn each_consumer_exports_how_many_partitions_it_holds() {
 /// metadata it sends for a deleted topic.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_whose_topic_is_gone_is_not_ready() {
-    let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    let topic = unique("gone");
-    mock_topic(&cluster, &topic, 1);
-    send_raw(&brokers, &topic, &sample_messages(0..100, 10));
-    let db = fresh_db("gone").await;
-    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    let Named {
+        _cluster: cluster,
+        db,
+        mut cfg,
+        ..
+    } = Named::with_partitions("gone", 1, &sample_messages(0..100, 10)).await;
+    let topic = cfg.kafka.topic.clone();
     cfg.stop_when_caught_up = false;
     let member = |cfg: &PipelineConfig| {
         let addr = format!("127.0.0.1:{}", free_port());
