@@ -1590,6 +1590,83 @@ async fn decimal_quotients_and_date_parts_in_the_view_have_datafusions_precision
     }
 }
 
+/// Regression: DataFusion reads `100.0` as a double, so `count(*) * 100.0 /
+/// ...` is a double there; the view wrote the constant as Postgres reads
+/// it, a `numeric`, and computed exact decimals (0.3 where DataFusion
+/// computes 0.30000000000000004).
+#[tokio::test]
+async fn float_constants_over_aggregates_compute_in_doubles_as_in_datafusion() {
+    let sql = "SELECT channel, \
+               count(*) * 100.0 / nullif(count(DISTINCT customer_id), 0) AS per_customer_pct, \
+               sum(payment_amount) * 0.1 AS tenth, \
+               2.5 + avg(session_id) AS shifted, \
+               round(count(*) * 100.0 / 3, 1) AS rounded \
+               FROM events GROUP BY channel";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("ratios.sql", sql)]))
+        .await
+        .unwrap();
+    let pay = |customer: &str, channel: &str, amount: &str| {
+        format!(
+            r#"{{"event_type":"bill_payment","event_time":"2025-06-01T10:00:00Z","payload":{{"customer_id":"{customer}","session_id":7,"channel":"{channel}","payment_amount":{amount}}}}}"#
+        )
+    };
+    let lines = vec![
+        pay("C1", "web", "1.00"),
+        pay("C2", "web", "1.00"),
+        pay("C3", "web", "1.00"),
+        pay("C1", "web", "1.00"),
+        pay("C1", "app", "0.70"),
+        pay("C2", "app", "0.50"),
+        pay("C3", "app", "1.80"),
+    ];
+    let events = valid_events(&lines);
+    let mut c = setup("view_float_constants", &engine).await;
+    stream(&mut c, &engine, &events, &[3]).await;
+
+    let columns = "channel, per_customer_pct, tenth, shifted, rounded";
+    let want = datafusion_rows(
+        events,
+        &format!("SELECT {columns} FROM ({sql}) ORDER BY channel"),
+    )
+    .await;
+    // DataFusion's own figures: doubles, with a double's error.
+    assert_eq!(want[0][2], "0.30000000000000004", "{want:?}");
+    assert_eq!(want[1][1], "133.33333333333334", "{want:?}");
+
+    let rows = c
+        .query(
+            "SELECT channel, per_customer_pct, tenth, shifted, pg_typeof(per_customer_pct)::text, \
+             pg_typeof(tenth)::text, rounded::float8 FROM ratios ORDER BY channel",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), want.len());
+    for (row, want) in rows.iter().zip(&want) {
+        assert_eq!(row.get::<_, String>(0), want[0]);
+        assert_eq!(row.get::<_, String>(4), "double precision");
+        assert_eq!(row.get::<_, String>(5), "double precision");
+        for col in 1..=3 {
+            let got: f64 = row.get(col);
+            let w: f64 = want[col].parse().unwrap();
+            assert_eq!(
+                got.to_bits(),
+                w.to_bits(),
+                "{} of {}: the view reads {got}, DataFusion computes {w}",
+                columns.split(", ").nth(col).unwrap(),
+                want[0]
+            );
+        }
+        let rounded: f64 = row.get(6);
+        assert_eq!(
+            rounded,
+            want[4].parse::<f64>().unwrap(),
+            "rounded of {}",
+            want[0]
+        );
+    }
+}
+
 /// Regression: the README says an edited comment changes nothing, but a
 /// KPI's hash covered the file's bytes, so a comment, a line break or the
 /// case of a keyword rebuilt the KPI from all of `events` (and restarted a

@@ -137,9 +137,10 @@ pub struct MemberSet {
 /// another set.
 pub const MAX_SET_MEASURES: usize = 31;
 
-/// Part of every KPI's hash: a change of how KPIs are stored makes every
-/// installed KPI rebuild from `events` at the next `migrate` or start.
-const STORAGE_LAYOUT: &str = "member-log/1";
+/// Part of every KPI's hash: a change of how KPIs are stored, or of how
+/// their views compute, makes every installed KPI rebuild from `events` at
+/// the next `migrate` or start (a view is only made with its tables).
+const STORAGE_LAYOUT: &str = "member-log/1 view/2";
 
 impl KpiDef {
     /// The columns of a batch's partial rows, in the order the partial plan
@@ -1140,6 +1141,32 @@ impl Analysed {
                             "Postgres reads ^ as a power; compute the XOR when reading the view (Postgres spells it #)",
                         ));
                     }
+                    // `100.0` is a double in DataFusion and a numeric in
+                    // Postgres, so `count(*) * 100.0` would compute exact
+                    // decimals where DataFusion computes doubles. (Not for
+                    // `%`: Postgres has no double modulo.)
+                    Expr::BinaryExpr(b)
+                        if matches!(
+                            b.op,
+                            Operator::Plus | Operator::Minus | Operator::Multiply | Operator::Divide
+                        ) && (is_float_literal(&b.left) || is_float_literal(&b.right)) =>
+                    {
+                        let double = |e: &Expr| {
+                            if is_float_literal(e) {
+                                Expr::Cast(datafusion::logical_expr::Cast::new(
+                                    Box::new(e.clone()),
+                                    DataType::Float64,
+                                ))
+                            } else {
+                                e.clone()
+                            }
+                        };
+                        return Ok(Transformed::yes(Expr::BinaryExpr(BinaryExpr::new(
+                            Box::new(double(&b.left)),
+                            b.op,
+                            Box::new(double(&b.right)),
+                        ))));
+                    }
                     Expr::ScalarFunction(f) if f.name() == "to_char" => {
                         refused = Some(c.err(
                             format!("to_char in {name}, which the view computes"),
@@ -1395,6 +1422,7 @@ impl Analysed {
                     if let Expr::BinaryExpr(b) = &x
                         && matches!(b.op, Operator::Divide | Operator::Modulo)
                         && !matches!(b.right.as_ref(), Expr::Literal(..))
+                        && !matches!(b.right.as_ref(), Expr::Cast(c) if matches!(*c.expr, Expr::Literal(..)))
                         && !matches!(b.right.as_ref(), Expr::ScalarFunction(f) if f.name() == "nullif")
                     {
                         let right = datafusion::functions::expr_fn::nullif(
@@ -1551,6 +1579,18 @@ fn wall_clock(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> Expr {
         Some(tz) => pg_timezone(&tz, e.clone()),
         None => e.clone(),
     }
+}
+
+/// Whether `e` is a literal DataFusion types as a double (`100.0`).
+fn is_float_literal(e: &Expr) -> bool {
+    use datafusion::common::ScalarValue;
+    matches!(
+        e,
+        Expr::Literal(
+            ScalarValue::Float64(Some(_)) | ScalarValue::Float32(Some(_)),
+            _
+        )
+    )
 }
 
 /// Whether `e` is a time constant that only literals and casts make
