@@ -1667,6 +1667,112 @@ async fn float_constants_over_aggregates_compute_in_doubles_as_in_datafusion() {
     }
 }
 
+/// Regression: `round` and `trunc` of a double with places do not exist
+/// in Postgres; `round` was computed on a `numeric` of 15 digits (1.005,
+/// the double just under it, read 1.01 where DataFusion reads 1.0), and
+/// `trunc` failed the install. `round(x)` rounded 2.5 to even. And the view's
+/// numbers had Postgres' types: `coalesce(sum(x), 0)` read 0 where
+/// DataFusion reads 0.00, `extract` a double where DataFusion gives an
+/// integer.
+#[tokio::test]
+async fn rounding_of_doubles_and_the_types_of_the_view_are_datafusions() {
+    let sql = "SELECT channel, \
+               round(avg(session_id), 2) AS r2, \
+               round(avg(session_id)) AS r0, \
+               round(-avg(session_id)) AS neg, \
+               trunc(avg(session_id), 1) AS t1, \
+               coalesce(sum(payment_amount) FILTER (WHERE event_type = 'bill_payment'), 0) AS paid, \
+               extract(hour FROM min(event_time)) AS first_hour, \
+               round(avg(payment_amount), 2) AS avg_pay \
+               FROM events GROUP BY channel";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("rounded.sql", sql)]))
+        .await
+        .unwrap();
+    let event = |channel: &str, session: u64| {
+        format!(
+            r#"{{"event_type":"tariff_switch","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":{session},"channel":"{channel}","tariff_type":"green","payment_amount":1.01}}}}"#
+        )
+    };
+    // web: 199 sessions of 1 and one of 2 average 1.005; app: 2 and 3
+    // average 2.5.
+    let mut lines: Vec<String> = (0..199).map(|_| event("web", 1)).collect();
+    lines.push(event("web", 2));
+    lines.push(event("app", 2));
+    lines.push(event("app", 3));
+    let events = valid_events(&lines);
+    let mut c = setup("view_rounding", &engine).await;
+    stream(&mut c, &engine, &events, &[50, 100]).await;
+
+    let columns = [
+        "channel",
+        "r2",
+        "r0",
+        "neg",
+        "t1",
+        "paid",
+        "first_hour",
+        "avg_pay",
+    ];
+    let want = datafusion_rows(
+        events,
+        &format!(
+            "SELECT {} FROM ({sql}) ORDER BY channel",
+            columns.join(", ")
+        ),
+    )
+    .await;
+    // DataFusion's own figures, by hand.
+    assert_eq!(want[1][1], "1.0", "round(1.005, 2) of a double: {want:?}");
+    assert_eq!(want[0][2], "3.0", "round(2.5) is away from zero: {want:?}");
+    assert_eq!(want[0][3], "-3.0", "round(-2.5) too: {want:?}");
+    assert_eq!(
+        want[0][5], "0.00",
+        "coalesce keeps the sum's scale: {want:?}"
+    );
+
+    let types = [
+        "text",
+        "double precision",
+        "double precision",
+        "double precision",
+        "double precision",
+        "numeric",
+        "integer",
+        "numeric",
+    ];
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{c}::text, pg_typeof({c})::text"))
+        .collect();
+    let rows = c
+        .query(
+            &format!("SELECT {} FROM rounded ORDER BY channel", select.join(", ")),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), want.len());
+    for (row, want) in rows.iter().zip(&want) {
+        for (i, name) in columns.iter().enumerate() {
+            let got: String = row.get(2 * i);
+            let ty: String = row.get(2 * i + 1);
+            assert_eq!(ty, types[i], "the type of {name}");
+            if ty == "double precision" {
+                let (g, w): (f64, f64) = (got.parse().unwrap(), want[i].parse().unwrap());
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{name} of {}: the view reads {got}, DataFusion computes {}",
+                    want[0],
+                    want[i]
+                );
+            } else {
+                assert_eq!(got, want[i], "{name} of {}", want[0]);
+            }
+        }
+    }
+}
+
 /// Regression: the README says an edited comment changes nothing, but a
 /// KPI's hash covered the file's bytes, so a comment, a line break or the
 /// case of a keyword rebuilt the KPI from all of `events` (and restarted a

@@ -335,6 +335,18 @@ pub fn pg_type(t: &DataType) -> Option<String> {
     })
 }
 
+/// The type a view's number is cast to, so that it reads as DataFusion's:
+/// the ones [`pg_type`] stores numbers as.
+fn view_type(t: &DataType) -> Option<DataType> {
+    Some(match t {
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => DataType::Int32,
+        DataType::Int64 | DataType::UInt32 => DataType::Int64,
+        DataType::Float32 | DataType::Float64 => DataType::Float64,
+        DataType::Decimal128(_, s) if *s >= 0 => t.clone(),
+        _ => return None,
+    })
+}
+
 /// Arrow types the COPY encoder writes directly; others are cast first.
 pub fn copy_type(t: &DataType) -> DataType {
     match t {
@@ -1076,6 +1088,9 @@ impl Analysed {
             return Err(e);
         }
         e.transform_up(|x| {
+            if let Some(exact) = float_rounding(&x, schema) {
+                return Ok(Transformed::yes(exact));
+            }
             // The places to cut at: Some(None) for a whole number (Postgres'
             // trunc of a double takes no places).
             let cut = match &x {
@@ -1402,12 +1417,15 @@ impl Analysed {
             };
             let exact = Self::datafusion_precision(c, &agg.schema, e.clone().unalias(), &name)?;
             let inner = Self::postgres_meaning(c, &agg.schema, exact, &name)?;
-            if let Expr::Column(col) = &inner
+            let is_key = if let Expr::Column(col) = &inner
                 && let Some(idx) = out_names.iter().position(|n| *n == col.name)
                 && idx < n_keys
             {
                 keys[idx].name = name.clone();
-            }
+                true
+            } else {
+                false
+            };
             let rewritten = inner
                 .transform_up(|x| {
                     if let Expr::Column(col) = &x
@@ -1465,6 +1483,20 @@ impl Analysed {
                 })
                 .map_err(|e| Self::planning_error(c, e))?
                 .data;
+            // Postgres' own types for the expression (`numeric` for
+            // `coalesce(sum(x), 0)`, reading 0 where DataFusion reads 0.00;
+            // a double for `extract`) made to DataFusion's. Keys are stored
+            // in their type already.
+            let rewritten = match e
+                .get_type(agg.schema.as_ref())
+                .ok()
+                .and_then(|t| view_type(&t))
+            {
+                Some(t) if !is_key => {
+                    Expr::Cast(datafusion::logical_expr::Cast::new(Box::new(rewritten), t))
+                }
+                _ => rewritten,
+            };
             let sql = unparser
                 .expr_to_sql(&rewritten)
                 .map_err(|e| c.err(format!("the expression {name}: {e}"), SHAPE))?
@@ -1518,6 +1550,55 @@ fn datafusion_date_part(unit: &str) -> bool {
             "isoyear" | "qtr" | "quarter" | "doy" | "dow" | "isodow" | "epoch"
         ),
     }
+}
+
+/// `round(x, n)` or `trunc(x, n)` of a double as DataFusion computes it:
+/// scaled by 10^n, rounded half away from zero or cut, and scaled back, all
+/// in doubles. Postgres has neither of a double with places (the unparser
+/// would round a `numeric` made of 15 digits of `x`), and its `round` of a
+/// double rounds half to even. None for anything else.
+fn float_rounding(x: &Expr, schema: &datafusion::common::DFSchemaRef) -> Option<Expr> {
+    use datafusion::common::ScalarValue;
+    use datafusion::functions::math::expr_fn::{floor, trunc};
+    let Expr::ScalarFunction(f) = x else {
+        return None;
+    };
+    let rounds = match f.name() {
+        "round" => true,
+        "trunc" if f.args.len() == 2 => false,
+        _ => return None,
+    };
+    let value = f.args.first()?;
+    if !value.get_type(schema.as_ref()).ok()?.is_floating() {
+        return None;
+    }
+    let places = match f.args.get(1) {
+        None => 0,
+        Some(Expr::Literal(v, _)) => match v.cast_to(&DataType::Int32).ok()? {
+            ScalarValue::Int32(Some(n)) => n,
+            _ => return None,
+        },
+        Some(_) => return None,
+    };
+    let factor = lit(10_f64.powi(places));
+    let y = value.clone() * factor.clone();
+    let whole = if rounds {
+        // floor(|y|), plus one when what it drops is at least a half: exact
+        // in doubles, where floor(y + 0.5) is not.
+        let away = |y: Expr| {
+            let down = floor(y.clone());
+            let up = when((y - down.clone()).gt_eq(lit(0.5_f64)), lit(1_f64))
+                .otherwise(lit(0_f64))
+                .ok()?;
+            Some(down + up)
+        };
+        when(y.clone().lt(lit(0_f64)), -away(-y.clone())?)
+            .otherwise(away(y)?)
+            .ok()?
+    } else {
+        trunc(vec![y])
+    };
+    Some(whole / factor)
 }
 
 /// `date_part`'s unit, lower case (`epoch`, `second`, ...); empty when it
