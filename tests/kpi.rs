@@ -437,6 +437,11 @@ async fn unsupported_files_are_refused_with_what_to_write_instead() {
             "SIMILAR TO in s",
         ),
         (
+            "SELECT channel, max(event_time) - min(event_time) > INTERVAL '30 days' AS long_lived \
+             FROM events GROUP BY 1",
+            "a time span compared with an interval in long_lived",
+        ),
+        (
             "SELECT channel, date_part('century', max(event_time)) AS c FROM events GROUP BY 1",
             "DataFusion has no such part",
         ),
@@ -1664,6 +1669,68 @@ async fn float_constants_over_aggregates_compute_in_doubles_as_in_datafusion() {
             "rounded of {}",
             want[0]
         );
+    }
+}
+
+/// Regression: a double divided by a count that is 0 for a key read NULL,
+/// where DataFusion divides as IEEE does (infinity, or NaN for 0 / 0).
+#[tokio::test]
+async fn doubles_divided_by_zero_read_as_datafusion_divides_them() {
+    let sql = "SELECT channel, \
+               CAST(count(*) FILTER (WHERE event_type = 'tariff_switch') AS DOUBLE) \
+                 / count(*) FILTER (WHERE event_type = 'view_tariffs') AS per_view, \
+               -1.0 * count(*) / count(payment_amount) AS negative \
+               FROM events GROUP BY channel";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("per_view.sql", sql)]))
+        .await
+        .unwrap();
+    let event = |kind: &str, channel: &str| {
+        format!(
+            r#"{{"event_type":"{kind}","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":1,"channel":"{channel}","tariff_type":"green"}}}}"#
+        )
+    };
+    let lines = vec![
+        // A switch without a view; then nothing to divide; then a half.
+        event("tariff_switch", "app"),
+        event("user_login", "call"),
+        event("tariff_switch", "web"),
+        event("view_tariffs", "web"),
+        event("view_tariffs", "web"),
+    ];
+    let events = valid_events(&lines);
+    let mut c = setup("view_ieee", &engine).await;
+    stream(&mut c, &engine, &events, &[2]).await;
+
+    let want = datafusion_rows(
+        events,
+        &format!("SELECT channel, per_view, negative FROM ({sql}) ORDER BY channel"),
+    )
+    .await;
+    assert_eq!(want[0][1], "inf", "{want:?}");
+    assert_eq!(want[1][1], "NaN", "{want:?}");
+    assert_eq!(want[0][2], "-inf", "{want:?}");
+    let rows = c
+        .query(
+            "SELECT channel, per_view::text, negative::text FROM per_view ORDER BY channel",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), want.len());
+    for (row, want) in rows.iter().zip(&want) {
+        for col in 1..=2 {
+            let got: Option<String> = row.get(col);
+            let got: f64 = got
+                .unwrap_or_else(|| panic!("column {col} of {} reads NULL", want[0]))
+                .parse()
+                .unwrap();
+            let w: f64 = want[col].parse().unwrap();
+            assert!(
+                got.to_bits() == w.to_bits() || (got.is_nan() && w.is_nan()),
+                "column {col} of {}: the view reads {got}, DataFusion computes {w}",
+                want[0]
+            );
+        }
     }
 }
 

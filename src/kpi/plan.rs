@@ -1063,6 +1063,27 @@ impl Analysed {
                     format!("ILIKE in {name}, which the view computes"),
                     Self::COLLATED,
                 )),
+                Expr::BinaryExpr(b)
+                    if matches!(
+                        b.op,
+                        Operator::Eq
+                            | Operator::NotEq
+                            | Operator::Lt
+                            | Operator::LtEq
+                            | Operator::Gt
+                            | Operator::GtEq
+                            | Operator::IsDistinctFrom
+                            | Operator::IsNotDistinctFrom
+                    ) && ((is_duration(&b.left, schema) && is_interval(&b.right, schema))
+                        || (is_interval(&b.left, schema) && is_duration(&b.right, schema))) =>
+                {
+                    Some(c.err(
+                        format!("a time span compared with an interval in {name}"),
+                        "DataFusion compares `max(t) - min(t) > INTERVAL '30 days'` wrongly (false \
+                         for 155 days); compare seconds: extract(epoch FROM max(t) - min(t)) > \
+                         30 * 86400",
+                    ))
+                }
                 Expr::SimilarTo(_) => Some(c.err(
                     format!("SIMILAR TO in {name}, which the view computes"),
                     "DataFusion reads SIMILAR TO as an unanchored regular expression, Postgres as \
@@ -1176,11 +1197,17 @@ impl Analysed {
                                 e.clone()
                             }
                         };
-                        return Ok(Transformed::yes(Expr::BinaryExpr(BinaryExpr::new(
+                        let doubled = Expr::BinaryExpr(BinaryExpr::new(
                             Box::new(double(&b.left)),
                             b.op,
                             Box::new(double(&b.right)),
-                        ))));
+                        ));
+                        return Ok(Transformed::yes(
+                            ieee_division(&doubled, schema).unwrap_or(doubled),
+                        ));
+                    }
+                    _ if let Some(divided) = ieee_division(&x, schema) => {
+                        return Ok(Transformed::yes(divided));
                     }
                     Expr::ScalarFunction(f) if f.name() == "to_char" => {
                         refused = Some(c.err(
@@ -1641,6 +1668,10 @@ fn is_temporal(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
     e.get_type(schema.as_ref()).is_ok_and(|t| t.is_temporal())
 }
 
+fn is_duration(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
+    matches!(e.get_type(schema.as_ref()), Ok(DataType::Duration(_)))
+}
+
 fn is_interval(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> bool {
     matches!(e.get_type(schema.as_ref()), Ok(DataType::Interval(_)))
 }
@@ -1660,6 +1691,40 @@ fn wall_clock(e: &Expr, schema: &datafusion::common::DFSchemaRef) -> Expr {
         Some(tz) => pg_timezone(&tz, e.clone()),
         None => e.clone(),
     }
+}
+
+/// `n / d` of doubles with DataFusion's answer for a zero divisor: infinity
+/// or NaN, as IEEE divides, where Postgres would fail every read of the
+/// view. None for other divisions, and for a constant divisor.
+fn ieee_division(x: &Expr, schema: &datafusion::common::DFSchemaRef) -> Option<Expr> {
+    let Expr::BinaryExpr(b) = x else {
+        return None;
+    };
+    let constant = |e: &Expr| match e {
+        Expr::Cast(c) => matches!(*c.expr, Expr::Literal(..)),
+        e => matches!(e, Expr::Literal(..)),
+    };
+    if b.op != Operator::Divide
+        || constant(&b.right)
+        || !x.get_type(schema.as_ref()).ok()?.is_floating()
+    {
+        return None;
+    }
+    let special = |v: &str| {
+        Expr::Cast(datafusion::logical_expr::Cast::new(
+            Box::new(lit(v)),
+            DataType::Float64,
+        ))
+    };
+    let n = b.left.as_ref().clone();
+    let by_zero = when(n.clone().gt(lit(0_f64)), special("Infinity"))
+        .when(n.clone().lt(lit(0_f64)), special("-Infinity"))
+        .when(n.is_not_null(), special("NaN"))
+        .end()
+        .ok()?;
+    when(b.right.as_ref().clone().eq(lit(0_f64)), by_zero)
+        .otherwise(x.clone())
+        .ok()
 }
 
 /// Whether `e` is a literal DataFusion types as a double (`100.0`).
