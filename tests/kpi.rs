@@ -1017,7 +1017,9 @@ async fn a_divisor_of_zero_in_one_row_leaves_the_view_readable() {
         assert_eq!(*halves, 5);
     }
     // Regression: `ln`, `log` and `sqrt` outside their domain (no payments:
-    // ln(0), sqrt(-1)) made every read fail, as a zero divisor did.
+    // ln(0), sqrt(-1)) made every read fail, as a zero divisor did; then
+    // they read NULL, where DataFusion gives -inf and NaN. `log(b, x)`
+    // still reads NULL there.
     let rows = c
         .query(
             "SELECT event_type, ln_paid::float8, log2_paid::float8, log10_paid::float8, \
@@ -1036,7 +1038,12 @@ async fn a_divisor_of_zero_in_one_row_leaves_the_view_readable() {
                 assert!((got.unwrap() - want).abs() < 1e-9, "{t}: {logs:?}");
             }
         } else {
-            assert_eq!(logs, vec![None; 4], "{t}");
+            assert_eq!(
+                logs[..3],
+                [Some(f64::NEG_INFINITY), None, Some(f64::NEG_INFINITY)],
+                "{t}"
+            );
+            assert!(logs[3].is_some_and(f64::is_nan), "{t}: {logs:?}");
         }
     }
     assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);

@@ -1482,28 +1482,39 @@ impl Analysed {
                     }
                     // DataFusion gives -inf or NaN where Postgres fails every
                     // read of the view (`ln(count(payment_amount))` for a type
-                    // without payments); that row reads NULL instead.
+                    // without payments); that row reads DataFusion's answer.
                     if let Expr::ScalarFunction(f) = &x
                         && matches!(f.name(), "ln" | "log" | "log10" | "sqrt")
+                        && let [a] = f.args.as_slice()
                     {
-                        let base = f.name() == "log" && f.args.len() == 2;
+                        let special = |v: &str| {
+                            Expr::Cast(datafusion::logical_expr::Cast::new(
+                                Box::new(lit(v)),
+                                DataType::Float64,
+                            ))
+                        };
+                        let a = a.clone();
+                        return Ok(Transformed::yes(if f.name() == "sqrt" {
+                            when(a.lt(lit(0)), special("NaN")).otherwise(x.clone())?
+                        } else {
+                            when(a.clone().gt(lit(0)), x.clone())
+                                .when(a.clone().eq(lit(0)), special("-Infinity"))
+                                .when(a.lt(lit(0)), special("NaN"))
+                                .end()?
+                        }));
+                    }
+                    // log(b, x) outside its domain reads NULL (log(1, x)
+                    // divides by ln(1) = 0 in Postgres).
+                    if let Expr::ScalarFunction(f) = &x
+                        && f.name() == "log"
+                        && let [b, v] = f.args.as_slice()
+                    {
                         let mut f = f.clone();
-                        f.args = f
-                            .args
-                            .iter()
-                            .enumerate()
-                            .map(|(i, a)| {
-                                let ok = match f.func.name() {
-                                    "sqrt" => a.clone().gt_eq(lit(0)),
-                                    // log(1, x) divides by ln(1) = 0 in Postgres.
-                                    _ if base && i == 0 => {
-                                        a.clone().gt(lit(0)).and(a.clone().not_eq(lit(1)))
-                                    }
-                                    _ => a.clone().gt(lit(0)),
-                                };
-                                when(ok, a.clone()).end()
-                            })
-                            .collect::<datafusion::common::Result<_>>()?;
+                        f.args = vec![
+                            when(b.clone().gt(lit(0)).and(b.clone().not_eq(lit(1))), b.clone())
+                                .end()?,
+                            when(v.clone().gt(lit(0)), v.clone()).end()?,
+                        ];
                         return Ok(Transformed::yes(Expr::ScalarFunction(f)));
                     }
                     Ok(Transformed::no(x))
