@@ -1679,6 +1679,74 @@ async fn float_constants_over_aggregates_compute_in_doubles_as_in_datafusion() {
     }
 }
 
+/// Regression: a sum of integers past 2^63, which DataFusion wraps, failed
+/// every read of the view ("bigint out of range"), not only its own row,
+/// and `verify` reported it. An average of integers wrapped within a batch,
+/// where DataFusion averages in doubles.
+#[tokio::test]
+async fn sums_and_averages_past_the_range_of_bigint_read_as_in_datafusion() {
+    let sql = "SELECT channel, sum(session_id) AS sessions, avg(session_id) AS mean \
+               FROM events GROUP BY channel";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("sums.sql", sql)]))
+        .await
+        .unwrap();
+    let event = |channel: &str, session: i64| {
+        format!(
+            r#"{{"event_type":"user_login","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":{session},"channel":"{channel}"}}}}"#
+        )
+    };
+    let lines = vec![
+        event("big", 1 << 62),
+        event("big", 1 << 62),
+        event("big", 1 << 62),
+        event("pair", 1 << 62),
+        event("pair", 1 << 62),
+        event("web", 5),
+        event("web", 7),
+    ];
+    let events = valid_events(&lines);
+    let mut c = setup("view_wrap", &engine).await;
+    // One `big` a batch, so that no batch's own sum wraps but the stored
+    // one is past the range; both `pair`s in one batch.
+    stream(&mut c, &engine, &events, &[1, 1, 1, 2, 2]).await;
+    let want = datafusion_rows(
+        events,
+        &format!("SELECT channel, sessions, mean FROM ({sql}) ORDER BY channel"),
+    )
+    .await;
+    assert_eq!(
+        want[0][1],
+        (-(1_i64 << 62)).to_string(),
+        "DataFusion wraps: {want:?}"
+    );
+    let rows = c
+        .query(
+            "SELECT channel, sessions, mean FROM sums ORDER BY channel",
+            &[],
+        )
+        .await
+        .expect("the view reads");
+    let got: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.get(0),
+                r.get::<_, i64>(1).to_string(),
+                format!("{:?}", r.get::<_, f64>(2)),
+            ]
+        })
+        .collect();
+    let want: Vec<Vec<String>> = want
+        .into_iter()
+        .map(|w| {
+            let mean: f64 = w[2].parse().unwrap();
+            vec![w[0].clone(), w[1].clone(), format!("{mean:?}")]
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
+}
+
 /// Regression: a double divided by a count that is 0 for a key read NULL,
 /// where DataFusion divides as IEEE does (infinity, or NaN for 0 / 0).
 #[tokio::test]

@@ -876,10 +876,10 @@ impl Analysed {
         let mut aggs = Vec::new();
         for (i, m) in self.measures.iter().enumerate() {
             let p = &m.agg.params;
-            let make = |func, alias: String| {
+            let make = |func, args: Vec<Expr>, alias: String| {
                 Expr::AggregateFunction(AggregateFunction::new_udf(
                     func,
-                    p.args.clone(),
+                    args,
                     false,
                     p.filter.clone(),
                     vec![],
@@ -889,11 +889,27 @@ impl Analysed {
             };
             match m.func {
                 Func::Avg => {
-                    aggs.push(make(sum_udaf(), format!("m{i}_sum")));
-                    aggs.push(make(count_udaf(), format!("m{i}_n")));
+                    // DataFusion averages integers as doubles; their sum
+                    // here is exact, where an integer sum would wrap past
+                    // 2^63.
+                    let sum_args = p
+                        .args
+                        .iter()
+                        .map(|a| match a.get_type(agg.input.schema().as_ref()) {
+                            Ok(t) if t.is_integer() => {
+                                Expr::Cast(datafusion::logical_expr::Cast::new(
+                                    Box::new(a.clone()),
+                                    DataType::Decimal128(38, 0),
+                                ))
+                            }
+                            _ => a.clone(),
+                        })
+                        .collect();
+                    aggs.push(make(sum_udaf(), sum_args, format!("m{i}_sum")));
+                    aggs.push(make(count_udaf(), p.args.clone(), format!("m{i}_n")));
                 }
                 Func::CountDistinct => {}
-                _ => aggs.push(make(m.agg.func.clone(), format!("m{i}"))),
+                _ => aggs.push(make(m.agg.func.clone(), p.args.clone(), format!("m{i}"))),
             }
         }
         LogicalPlanBuilder::from(agg.input.as_ref().clone())
@@ -1424,6 +1440,27 @@ impl Analysed {
                 Func::Sum => {
                     let stored = Expr::Column(Column::from_name(format!("m{i}")));
                     match agg.schema.field(idx).data_type() {
+                        // DataFusion's sum wraps past 2^63: so does the
+                        // read, where a cast would fail every read of the
+                        // view. Within range it is the sum itself.
+                        DataType::Int64 => {
+                            use datafusion::common::ScalarValue;
+                            let big = |v: i128| lit(ScalarValue::Decimal128(Some(v), 38, 0));
+                            let (half, whole) = (big(1 << 63), big(1 << 64));
+                            let modulo = |a: Expr| {
+                                Expr::BinaryExpr(BinaryExpr::new(
+                                    Box::new(a),
+                                    Operator::Modulo,
+                                    Box::new(whole.clone()),
+                                ))
+                            };
+                            let wrapped =
+                                modulo(modulo(stored + half.clone()) + whole.clone()) - half;
+                            Expr::Cast(datafusion::logical_expr::Cast::new(
+                                Box::new(wrapped),
+                                DataType::Int64,
+                            ))
+                        }
                         t if t.is_integer() => Expr::Cast(datafusion::logical_expr::Cast::new(
                             Box::new(stored),
                             t.clone(),
