@@ -399,6 +399,11 @@ async fn unsupported_files_are_refused_with_what_to_write_instead() {
             "in a KPI file of its own",
         ),
         (
+            "SELECT channel, min(event_time) AS a, min(event_time AT TIME ZONE 'Europe/Berlin') AS b \
+             FROM events GROUP BY channel",
+            "min(t AT TIME ZONE",
+        ),
+        (
             "SELECT channel, count(DISTINCT customer_id, session_id) AS n FROM events GROUP BY 1",
             "count(DISTINCT concat(a, '|', b))",
         ),

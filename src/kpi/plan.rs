@@ -599,9 +599,10 @@ fn classify_sql_error(c: &Ctx<'_>, sql: &str, msg: &str) -> KpiError {
                 "two aggregates DataFusion names alike ({})",
                 first_line(msg)
             ),
-            "DataFusion names an aggregate after its argument with any CAST left out, so \
-             max(x) and max(CAST(x AS VARCHAR)) clash whatever their aliases; put one of them \
-             in a KPI file of its own",
+            "DataFusion names an aggregate after its argument with any CAST or AT TIME ZONE \
+             left out, so max(x) and max(CAST(x AS VARCHAR)), or min(t) and min(t AT TIME ZONE \
+             'Europe/Berlin'), clash whatever their aliases; put one of them in a KPI file of \
+             its own",
         )
     } else {
         // DataFusion's own text starts "SQL error: ParserError(\"...\")".
