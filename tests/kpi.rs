@@ -1684,6 +1684,75 @@ async fn float_constants_over_aggregates_compute_in_doubles_as_in_datafusion() {
     }
 }
 
+/// Regression (of the doubles above): `count(*) * 1.0 % 7` became a `%` of
+/// doubles, which Postgres lacks, and `round(x, 400)` wrote 10^400 as `inf`;
+/// `round(x, -400)` divided every read by 0.
+#[tokio::test]
+async fn modulo_of_doubles_and_rounding_far_past_the_point_read() {
+    let sql = "SELECT channel, count(*) * 1.0 % 7 AS m, avg(session_id) % 2.5 AS a, \
+               round(avg(session_id), 400) AS far, round(avg(session_id), -400) AS near \
+               FROM events GROUP BY channel";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("odd.sql", sql)]))
+        .await
+        .unwrap();
+    let event = |session: i64| {
+        format!(
+            r#"{{"event_type":"user_login","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":{session},"channel":"web"}}}}"#
+        )
+    };
+    let lines: Vec<String> = [3, 4, 5, 9, 11, 2, 8, 1, 7].map(event).to_vec();
+    let events = valid_events(&lines);
+    let mut c = setup("view_modulo", &engine).await;
+    stream(&mut c, &engine, &events, &[4]).await;
+    let want = datafusion_rows(events, &format!("SELECT m, a FROM ({sql})")).await;
+    let row = c
+        .query_one("SELECT m, a, far, near FROM odd", &[])
+        .await
+        .expect("the view reads");
+    for (col, w) in want[0].iter().enumerate() {
+        let got: f64 = row.get(col);
+        assert_eq!(got, w.parse::<f64>().unwrap(), "column {col}");
+    }
+    assert!(row.get::<_, Option<f64>>(2).is_some());
+}
+
+/// Regression: the KPI's types came from the plan before DataFusion's type
+/// coercion, so `sum(CASE ... THEN session_id ELSE 0.5 END)`, a double,
+/// was stored and read as an integer: each batch's sum lost its fraction.
+#[tokio::test]
+async fn a_sum_of_integers_and_doubles_keeps_its_fractions() {
+    let sql = "SELECT channel, \
+               sum(CASE WHEN event_type = 'bill_payment' THEN session_id ELSE 0.5 END) AS s, \
+               count(DISTINCT CASE WHEN event_type = 'bill_payment' THEN session_id ELSE 0.5 END) AS d \
+               FROM events GROUP BY channel";
+    let engine = KpiEngine::load_dir(&kpi_dir(&[("mixed.sql", sql)]))
+        .await
+        .unwrap();
+    let event = |kind: &str, session: i64| {
+        format!(
+            r#"{{"event_type":"{kind}","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":{session},"channel":"web","payment_amount":1.00}}}}"#
+        )
+    };
+    let lines = vec![
+        event("bill_payment", 3),
+        event("user_login", 4),
+        event("user_login", 5),
+        event("bill_payment", 4),
+        event("user_login", 6),
+    ];
+    let events = valid_events(&lines);
+    let mut c = setup("view_coerced", &engine).await;
+    stream(&mut c, &engine, &events, &[1]).await;
+    let want = datafusion_rows(events, &format!("SELECT s, d FROM ({sql})")).await;
+    assert_eq!(want, vec![vec!["8.5".to_string(), "3".to_string()]]);
+    let row = c
+        .query_one("SELECT s, d FROM mixed", &[])
+        .await
+        .expect("the view reads");
+    assert_eq!((row.get::<_, f64>(0), row.get::<_, i64>(1)), (8.5, 3));
+    assert_eq!(kpi::verify(&mut c, &engine, None).await.unwrap(), vec![]);
+}
+
 /// Regression: a sum of integers past 2^63, which DataFusion wraps, failed
 /// every read of the view ("bigint out of range"), not only its own row,
 /// and `verify` reported it. An average of integers wrapped within a batch,

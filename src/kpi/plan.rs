@@ -347,6 +347,46 @@ fn view_type(t: &DataType) -> Option<DataType> {
     })
 }
 
+/// `plan` with DataFusion's type coercion applied, as it is executed: a
+/// built plan types `sum(CASE ... THEN session_id ELSE 0.5 END)` as the
+/// integer of its first branch, the coerced one as the double it sums.
+fn coerced(ctx: &SessionContext, plan: LogicalPlan) -> Result<LogicalPlan, String> {
+    let state = ctx.state();
+    state
+        .analyzer()
+        .execute_and_check(plan, state.config_options(), |_, _| {})
+        .map_err(|e| format!("planning failed: {e}"))
+}
+
+/// The aggregate's schema with the types of `coerced` (the same query,
+/// coerced), position by position: the names stay the plan's, which the
+/// projection refers to.
+fn typed_schema(
+    agg: &Aggregate,
+    coerced: &LogicalPlan,
+) -> Result<datafusion::common::DFSchemaRef, String> {
+    let mut node = coerced;
+    let types = loop {
+        match node {
+            LogicalPlan::Aggregate(a) => break a.schema.clone(),
+            LogicalPlan::Projection(p) => node = p.input.as_ref(),
+            other => return Err(format!("planning failed: no aggregate in {other}")),
+        }
+    };
+    let fields = agg
+        .schema
+        .iter()
+        .zip(types.fields())
+        .map(|((q, f), t)| {
+            let f = f.as_ref().clone().with_data_type(t.data_type().clone());
+            (q.cloned(), std::sync::Arc::new(f))
+        })
+        .collect();
+    datafusion::common::DFSchema::new_with_metadata(fields, agg.schema.metadata().clone())
+        .map(std::sync::Arc::new)
+        .map_err(|e| format!("planning failed: {e}"))
+}
+
 /// Arrow types the COPY encoder writes directly; others are cast first.
 pub fn copy_type(t: &DataType) -> DataType {
     match t {
@@ -469,11 +509,14 @@ pub async fn analyse(
     }
 
     let analysed = Analysed::new(&c, agg)?;
-    let partial = analysed.partial_plan(&c, agg)?;
+    let coerced = |plan: LogicalPlan| coerced(ctx, plan).map_err(|e| c.err(e, SHAPE));
+    let partial = coerced(analysed.partial_plan(&c, agg)?)?;
+    let typed = typed_schema(agg, &coerced(plan.clone())?).map_err(|e| c.err(e, SHAPE))?;
     let sets = analysed
         .member_sets(&c, agg)?
         .into_iter()
         .map(|(measures, plan)| {
+            let plan = coerced(plan)?;
             Ok(MemberSet {
                 measures,
                 member: member_col(&c, &plan)?,
@@ -539,7 +582,13 @@ pub async fn analyse(
             col: state_col(&format!("k{j}"))?,
         });
     }
-    let outputs = analysed.outputs(&c, agg, projection.map(|p| p.expr.as_slice()), &mut keys)?;
+    let outputs = analysed.outputs(
+        &c,
+        agg,
+        &typed,
+        projection.map(|p| p.expr.as_slice()),
+        &mut keys,
+    )?;
 
     Ok(KpiDef {
         name: name.to_string(),
@@ -1223,6 +1272,24 @@ impl Analysed {
                             ieee_division(&doubled, schema).unwrap_or(doubled),
                         ));
                     }
+                    // Postgres has no `%` of doubles; DataFusion's keeps
+                    // the dividend's sign, as trunc does.
+                    Expr::BinaryExpr(b)
+                        if b.op == Operator::Modulo
+                            && x.get_type(schema.as_ref()).is_ok_and(|t| t.is_floating()) =>
+                    {
+                        let double = |e: &Expr| {
+                            Expr::Cast(datafusion::logical_expr::Cast::new(
+                                Box::new(e.clone()),
+                                DataType::Float64,
+                            ))
+                        };
+                        let (l, r) = (double(&b.left), double(&b.right));
+                        let whole = datafusion::functions::math::expr_fn::trunc(vec![
+                            l.clone() / r.clone(),
+                        ]);
+                        return Ok(Transformed::yes(l - r * whole));
+                    }
                     _ if let Some(divided) = ieee_division(&x, schema) => {
                         return Ok(Transformed::yes(divided));
                     }
@@ -1381,6 +1448,7 @@ impl Analysed {
         &self,
         c: &Ctx<'_>,
         agg: &Aggregate,
+        typed: &datafusion::common::DFSchemaRef,
         projection: Option<&[Expr]>,
         keys: &mut [Key],
     ) -> Result<Vec<Output>, KpiError> {
@@ -1404,7 +1472,7 @@ impl Analysed {
             let i = idx - n_keys;
             match self.measures[i].func {
                 Func::Avg => {
-                    let t = agg.schema.field(idx).data_type();
+                    let t = typed.field(idx).data_type();
                     let mut sum = Expr::Column(Column::from_name(format!("m{i}_sum")));
                     // An average of integers is DataFusion's double; the
                     // sum is stored as an exact numeric.
@@ -1440,7 +1508,7 @@ impl Analysed {
                 // divides integers.
                 Func::Sum => {
                     let stored = Expr::Column(Column::from_name(format!("m{i}")));
-                    match agg.schema.field(idx).data_type() {
+                    match typed.field(idx).data_type() {
                         // DataFusion's sum wraps past 2^63: so does the
                         // read, where a cast would fail every read of the
                         // view. Within range it is the sum itself.
@@ -1480,8 +1548,8 @@ impl Analysed {
                 Expr::Column(c) => c.name.clone(),
                 _ => e.schema_name().to_string(),
             };
-            let exact = Self::datafusion_precision(c, &agg.schema, e.clone().unalias(), &name)?;
-            let inner = Self::postgres_meaning(c, &agg.schema, exact, &name)?;
+            let exact = Self::datafusion_precision(c, typed, e.clone().unalias(), &name)?;
+            let inner = Self::postgres_meaning(c, typed, exact, &name)?;
             let is_key = if let Expr::Column(col) = &inner
                 && let Some(idx) = out_names.iter().position(|n| *n == col.name)
                 && idx < n_keys
@@ -1563,11 +1631,7 @@ impl Analysed {
             // `coalesce(sum(x), 0)`, reading 0 where DataFusion reads 0.00;
             // a double for `extract`) made to DataFusion's. Keys are stored
             // in their type already.
-            let rewritten = match e
-                .get_type(agg.schema.as_ref())
-                .ok()
-                .and_then(|t| view_type(&t))
-            {
+            let rewritten = match e.get_type(typed.as_ref()).ok().and_then(|t| view_type(&t)) {
                 Some(t) if !is_key => {
                     Expr::Cast(datafusion::logical_expr::Cast::new(Box::new(rewritten), t))
                 }
@@ -1656,6 +1720,11 @@ fn float_rounding(x: &Expr, schema: &datafusion::common::DFSchemaRef) -> Option<
         },
         Some(_) => return None,
     };
+    // Past a double's range 10^n is infinite or 0, which Postgres cannot
+    // write or divide by.
+    if !(-300..=300).contains(&places) {
+        return None;
+    }
     let factor = lit(10_f64.powi(places));
     let y = value.clone() * factor.clone();
     let whole = if rounds {
