@@ -13,7 +13,7 @@ use datafusion::logical_expr::ExprSchemable;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, BinaryExpr, Expr, LogicalPlan, LogicalPlanBuilder, Operator, Volatility, bitwise_or,
-    lit, when,
+    cast, lit, when,
 };
 use datafusion::prelude::SessionContext;
 use datafusion::sql::unparser::Unparser;
@@ -946,12 +946,7 @@ impl Analysed {
                         .args
                         .iter()
                         .map(|a| match a.get_type(agg.input.schema().as_ref()) {
-                            Ok(t) if t.is_integer() => {
-                                Expr::Cast(datafusion::logical_expr::Cast::new(
-                                    Box::new(a.clone()),
-                                    DataType::Decimal128(38, 0),
-                                ))
-                            }
+                            Ok(t) if t.is_integer() => cast(a.clone(), DataType::Decimal128(38, 0)),
                             _ => a.clone(),
                         })
                         .collect();
@@ -1255,10 +1250,7 @@ impl Analysed {
                     {
                         let double = |e: &Expr| {
                             if is_float_literal(e) {
-                                Expr::Cast(datafusion::logical_expr::Cast::new(
-                                    Box::new(e.clone()),
-                                    DataType::Float64,
-                                ))
+                                cast(e.clone(), DataType::Float64)
                             } else {
                                 e.clone()
                             }
@@ -1278,13 +1270,8 @@ impl Analysed {
                         if b.op == Operator::Modulo
                             && x.get_type(schema.as_ref()).is_ok_and(|t| t.is_floating()) =>
                     {
-                        let double = |e: &Expr| {
-                            Expr::Cast(datafusion::logical_expr::Cast::new(
-                                Box::new(e.clone()),
-                                DataType::Float64,
-                            ))
-                        };
-                        let (l, r) = (double(&b.left), double(&b.right));
+                        let l = cast(b.left.as_ref().clone(), DataType::Float64);
+                        let r = cast(b.right.as_ref().clone(), DataType::Float64);
                         let whole = datafusion::functions::math::expr_fn::trunc(vec![
                             l.clone() / r.clone(),
                         ]);
@@ -1525,10 +1512,7 @@ impl Analysed {
                             };
                             let wrapped =
                                 modulo(modulo(stored + half.clone()) + whole.clone()) - half;
-                            Expr::Cast(datafusion::logical_expr::Cast::new(
-                                Box::new(wrapped),
-                                DataType::Int64,
-                            ))
+                            cast(wrapped, DataType::Int64)
                         }
                         t if t.is_integer() => Expr::Cast(datafusion::logical_expr::Cast::new(
                             Box::new(stored),
@@ -1593,12 +1577,7 @@ impl Analysed {
                         && matches!(f.name(), "ln" | "log" | "log10" | "sqrt")
                         && let [a] = f.args.as_slice()
                     {
-                        let special = |v: &str| {
-                            Expr::Cast(datafusion::logical_expr::Cast::new(
-                                Box::new(lit(v)),
-                                DataType::Float64,
-                            ))
-                        };
+                        let special = |v: &str| cast(lit(v), DataType::Float64);
                         let a = a.clone();
                         return Ok(Transformed::yes(if f.name() == "sqrt" {
                             when(a.lt(lit(0)), special("NaN")).otherwise(x.clone())?
@@ -1632,9 +1611,7 @@ impl Analysed {
             // a double for `extract`) made to DataFusion's. Keys are stored
             // in their type already.
             let rewritten = match e.get_type(typed.as_ref()).ok().and_then(|t| view_type(&t)) {
-                Some(t) if !is_key => {
-                    Expr::Cast(datafusion::logical_expr::Cast::new(Box::new(rewritten), t))
-                }
+                Some(t) if !is_key => cast(rewritten, t),
                 _ => rewritten,
             };
             let sql = unparser
@@ -1828,12 +1805,7 @@ fn ieee_division(x: &Expr, schema: &datafusion::common::DFSchemaRef) -> Option<E
     {
         return None;
     }
-    let special = |v: &str| {
-        Expr::Cast(datafusion::logical_expr::Cast::new(
-            Box::new(lit(v)),
-            DataType::Float64,
-        ))
-    };
+    let special = |v: &str| cast(lit(v), DataType::Float64);
     let n = b.left.as_ref().clone();
     let by_zero = when(n.clone().gt(lit(0_f64)), special("Infinity"))
         .when(n.clone().lt(lit(0_f64)), special("-Infinity"))
