@@ -1766,7 +1766,7 @@ async fn open<'c>(
         tracing::warn!("Postgres closed the idle connection; reconnecting");
     }
     if client.is_none() {
-        *client = Some(cfg.database.connect().await?);
+        *client = Some(cfg.database.connect_writer().await?);
     }
     Ok(client.as_mut().expect("connected above"))
 }

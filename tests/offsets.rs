@@ -219,3 +219,42 @@ async fn events_stored(c: &tokio_postgres::Client) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// Regression: a consumer frozen inside a batch's transaction (`docker
+/// pause`, a stalled VM) kept its locks, the offsets' and the KPI
+/// registry's, and every other consumer of the database waited until it
+/// thawed. Postgres now ends a writer's session that idles inside a
+/// transaction, and the locks go with it.
+#[tokio::test]
+async fn a_writer_frozen_inside_its_transaction_lets_go_of_its_locks() {
+    let cfg = fresh_db("frozen_writer").await;
+    let mut admin = client(&cfg).await;
+    sink::migrate::migrate(&mut admin).await.unwrap();
+    let mut db = sink::Database::new(cfg.clone());
+    db.timeout = std::time::Duration::from_secs(1);
+    let frozen = db.connect_writer().await.unwrap();
+    frozen
+        .batch_execute(
+            "BEGIN; INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) \
+             VALUES ('g', 't', 0, 1)",
+        )
+        .await
+        .unwrap();
+    // The frozen consumer sends nothing more; another one wants the row.
+    let started = std::time::Instant::now();
+    admin
+        .batch_execute(
+            "SET lock_timeout = '30s'; INSERT INTO consumer_offsets \
+             (group_id, topic, kafka_partition, next_offset) VALUES ('g', 't', 0, 5)",
+        )
+        .await
+        .expect("the frozen writer's lock is let go");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(5),
+        "the lock was held at first: {waited:?}"
+    );
+    assert_eq!(stored(&admin).await, BTreeMap::from([(0, 5)]));
+    // What the frozen one finds when it thaws: its session is gone.
+    assert!(frozen.batch_execute("COMMIT").await.is_err());
+}

@@ -222,6 +222,9 @@ async fn poison_pills_are_rejected_once_with_their_reason_among_good_events() {
         assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
     }
 
+    // Regression: Postgres' notice for the staging tables of every batch
+    // ("already exists, skipping") was logged at info, once per KPI.
+    assert!(!log.contains("NOTICE"), "a Postgres notice at info:\n{log}");
     // Nothing of the payloads reaches the logs at info level.
     for needle in [
         "DROP TABLE",

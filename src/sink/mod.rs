@@ -277,13 +277,32 @@ pub async fn connect_with_ca(
 }
 
 /// Runs a connection's I/O until it closes; the client talks to it through channels.
-async fn drive<S, T>(conn: tokio_postgres::Connection<S, T>)
+///
+/// Postgres' notices go to the debug log: `CREATE TEMP TABLE IF NOT EXISTS`
+/// says "already exists, skipping" on every batch, which tokio-postgres
+/// would log at info. Its warnings stay warnings.
+async fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if let Err(e) = conn.await {
-        tracing::debug!(error = %e, "postgres connection closed");
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notice(n)))
+                if n.parsed_severity() == Some(tokio_postgres::error::Severity::Warning) =>
+            {
+                tracing::warn!("postgres: {}", n.message());
+            }
+            Some(Ok(tokio_postgres::AsyncMessage::Notice(n))) => {
+                tracing::debug!(severity = n.severity(), "postgres: {}", n.message());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "postgres connection closed");
+                return;
+            }
+            None => return,
+        }
     }
 }
 
@@ -349,6 +368,28 @@ impl Database {
             connect_with_ca(&self.config, self.ca_file.as_deref()),
         )
         .await
+    }
+
+    /// A connection for writing batches. Postgres ends its session when it
+    /// sits idle inside a transaction for twice [`Database::timeout`] (at
+    /// least 10 s): a consumer frozen mid-batch (`docker pause`, a stalled
+    /// VM) would otherwise hold its locks, the KPI registry's among them,
+    /// and stop every consumer of the database until it thawed. A healthy
+    /// batch idles between its statements for milliseconds, or while its
+    /// lane waits for the previous batch's commit, which that batch's own
+    /// timeouts bound.
+    pub async fn connect_writer(&self) -> Result<Client, SinkError> {
+        let client = self.connect().await?;
+        let idle = (self.timeout * 2).max(Duration::from_secs(10));
+        let set = format!(
+            "SET idle_in_transaction_session_timeout = {}",
+            idle.as_millis()
+        );
+        self.bounded("setting the session's idle limit", async {
+            client.batch_execute(&set).await.map_err(SinkError::from)
+        })
+        .await?;
+        Ok(client)
     }
 
     /// Gives up on a connection whose exchange went unanswered: asks Postgres
