@@ -682,6 +682,11 @@ async fn run_once(
             result
         }
     });
+    let probe = tokio::spawn(probe_postgres(
+        cfg.database.clone(),
+        metrics.clone(),
+        health.clone(),
+    ));
     let (summary, result) = writer(
         &cfg,
         kpis.as_deref(),
@@ -693,6 +698,7 @@ async fn run_once(
         computed_rx,
     )
     .await;
+    probe.abort();
     tracing::debug!(error = ?result.as_ref().err(), "writer stopped");
     ownership.request_stop();
     // The intake ends on the stop, and with it the compute task. Its error
@@ -725,6 +731,61 @@ async fn run_once(
         Err(e) => {
             committed.absorb(summary);
             Err(e)
+        }
+    }
+}
+
+/// How often [`probe_postgres`] asks, and how long without a commit makes
+/// the pipeline idle.
+const IDLE_PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// While no batch commits (a quiet topic), asks Postgres every
+/// [`IDLE_PROBE_EVERY`] whether it answers, so that `/readyz` tells of an
+/// outage before a batch meets it; batches tell while they flow. Its own
+/// connection, so that it never waits behind a batch.
+async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health: Arc<Health>) {
+    let mut client: Option<Client> = None;
+    let mut tick = tokio::time::interval(IDLE_PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut answering = true;
+    loop {
+        tick.tick().await;
+        let since_commit = Utc::now().timestamp() - metrics.last_commit.get();
+        if since_commit < IDLE_PROBE_EVERY.as_secs() as i64 {
+            continue;
+        }
+        if client.as_ref().is_some_and(Client::is_closed) {
+            client = None;
+        }
+        let asked = async {
+            if client.is_none() {
+                client = Some(database.connect().await?);
+            }
+            let c = client.as_ref().expect("connected above");
+            database
+                .bounded("asking whether Postgres answers", async {
+                    c.simple_query("SELECT 1").await.map_err(SinkError::from)
+                })
+                .await
+        };
+        match asked.await {
+            Ok(_) => {
+                if !answering {
+                    tracing::info!("Postgres answers again");
+                }
+                answering = true;
+                health.postgres_ok.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if answering {
+                    tracing::warn!(error = %e, db = %database, "Postgres does not answer while no batch is under way; not ready until it does");
+                }
+                answering = false;
+                health.postgres_ok.store(false, Ordering::Relaxed);
+                if let Some(c) = client.take() {
+                    database.abandon(c);
+                }
+            }
         }
     }
 }

@@ -260,6 +260,58 @@ async fn postgres_stopped_for_ten_seconds_mid_run() {
     );
 }
 
+/// Regression: with nothing to consume, nothing asked Postgres, so
+/// `/readyz` said ready through a whole outage until the next batch met it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pipeline_is_not_ready_while_postgres_is_away() {
+    let rig = rig("idle_outage", 2).await;
+    let (pg, db) = (rig.pg.clone(), rig.db.clone());
+    let (run, _metrics, metrics_addr) = rig.spawn_served(|_| {});
+    rig.produce_in_chunks(100, 1, 10, Duration::ZERO)
+        .join()
+        .unwrap();
+    let c = client(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
+        < 100
+    {
+        assert!(Instant::now() < deadline, "the events were committed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(c);
+    assert!(ready(&metrics_addr), "ready once committed");
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.stop_immediate().unwrap())
+            .await
+            .unwrap();
+    }
+    let within = |what: &'static str, want: bool| {
+        let addr = metrics_addr.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while ready(&addr) != want {
+                assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    within("not ready while Postgres is away, with no batch", false).await;
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.start_again().unwrap())
+            .await
+            .unwrap();
+    }
+    within("ready again once Postgres answers", true).await;
+    let summary = run.stop().await;
+    assert_eq!(summary.events_written, 100);
+}
+
 /// Fault suite: Postgres restarted (`pg_ctl restart -m immediate`) five times
 /// while batches stream in, so each restart lands in a batch's COPY or
 /// commit. The process survives, the errors are counted as database errors
