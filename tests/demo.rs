@@ -25,6 +25,12 @@ fn demo_runs_end_to_end_with_nothing_but_postgres_installed() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    // Regression: the throwaway cluster's shutdown warned every session it
+    // ended ("terminating connection due to immediate shutdown command").
+    assert!(
+        !stderr.contains("WARN"),
+        "a clean demo warns of nothing:\n{stderr}"
+    );
     assert!(stdout.contains("started a throwaway cluster"), "{stdout}");
     // data/events.jsonl: 5000 lines, 33 not sent (not JSON objects with the
     // three keys, not UTF-8, or empty), 67 rejected.

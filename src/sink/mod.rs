@@ -280,7 +280,8 @@ pub async fn connect_with_ca(
 ///
 /// Postgres' notices go to the debug log: `CREATE TEMP TABLE IF NOT EXISTS`
 /// says "already exists, skipping" on every batch, which tokio-postgres
-/// would log at info. Its warnings stay warnings.
+/// would log at info, and a server shutting down warns each session it
+/// ends, which the retries already report.
 async fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -288,11 +289,6 @@ where
 {
     loop {
         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-            Some(Ok(tokio_postgres::AsyncMessage::Notice(n)))
-                if n.parsed_severity() == Some(tokio_postgres::error::Severity::Warning) =>
-            {
-                tracing::warn!("postgres: {}", n.message());
-            }
             Some(Ok(tokio_postgres::AsyncMessage::Notice(n))) => {
                 tracing::debug!(severity = n.severity(), "postgres: {}", n.message());
             }
