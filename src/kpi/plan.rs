@@ -1125,17 +1125,8 @@ impl Analysed {
                     Self::COLLATED,
                 )),
                 Expr::BinaryExpr(b)
-                    if matches!(
-                        b.op,
-                        Operator::Eq
-                            | Operator::NotEq
-                            | Operator::Lt
-                            | Operator::LtEq
-                            | Operator::Gt
-                            | Operator::GtEq
-                            | Operator::IsDistinctFrom
-                            | Operator::IsNotDistinctFrom
-                    ) && ((is_duration(&b.left, schema) && is_interval(&b.right, schema))
+                    if compares(b.op)
+                        && ((is_duration(&b.left, schema) && is_interval(&b.right, schema))
                         || (is_interval(&b.left, schema) && is_duration(&b.right, schema))) =>
                 {
                     Some(c.err(
@@ -1318,18 +1309,7 @@ impl Analysed {
                     // time, a string) the other side's zone before it
                     // compares; Postgres reads it in the session's.
                     Expr::BinaryExpr(b)
-                        if matches!(
-                            b.op,
-                            Operator::Eq
-                                | Operator::NotEq
-                                | Operator::Lt
-                                | Operator::LtEq
-                                | Operator::Gt
-                                | Operator::GtEq
-                                | Operator::IsDistinctFrom
-                                | Operator::IsNotDistinctFrom
-                                | Operator::Minus
-                        )
+                        if (compares(b.op) || b.op == Operator::Minus)
                             && let Some((zoned_left, unit, tz)) = mixed_zones(&b.left, &b.right, schema) =>
                     {
                         let (mut left, mut right) = (b.left.as_ref().clone(), b.right.as_ref().clone());
@@ -1815,6 +1795,21 @@ fn ieee_division(x: &Expr, schema: &datafusion::common::DFSchemaRef) -> Option<E
     when(b.right.as_ref().clone().eq(lit(0_f64)), by_zero)
         .otherwise(x.clone())
         .ok()
+}
+
+/// Whether `op` compares two values (equality, order, distinctness).
+fn compares(op: Operator) -> bool {
+    matches!(
+        op,
+        Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::IsDistinctFrom
+            | Operator::IsNotDistinctFrom
+    )
 }
 
 /// Whether `e` is a literal DataFusion types as a double (`100.0`).
