@@ -1531,7 +1531,16 @@ async fn writer(
             unmarked_stale: Vec::new(),
         }),
     };
-    let mut first = Some(client);
+    // Start-up's connection becomes a lane's: without the writers' idle
+    // limit, a consumer frozen in that lane's batch would hold the others
+    // up. If it cannot take the limit, the lane connects anew.
+    let mut first = match cfg.database.limit_idle(&client).await {
+        Ok(()) => Some(client),
+        Err(e) => {
+            tracing::debug!(error = %e, "start-up's connection is not kept for writing");
+            None
+        }
+    };
     let lanes: Vec<_> = (0..WRITER_LANES)
         .map(|_| lane(&ctx, first.take()))
         .collect();

@@ -376,6 +376,12 @@ impl Database {
     /// timeouts bound.
     pub async fn connect_writer(&self) -> Result<Client, SinkError> {
         let client = self.connect().await?;
+        self.limit_idle(&client).await?;
+        Ok(client)
+    }
+
+    /// Makes `client` a writer's connection (see [`Database::connect_writer`]).
+    pub async fn limit_idle(&self, client: &Client) -> Result<(), SinkError> {
         let idle = (self.timeout * 2).max(Duration::from_secs(10));
         let set = format!(
             "SET idle_in_transaction_session_timeout = {}",
@@ -384,8 +390,7 @@ impl Database {
         self.bounded("setting the session's idle limit", async {
             client.batch_execute(&set).await.map_err(SinkError::from)
         })
-        .await?;
-        Ok(client)
+        .await
     }
 
     /// Gives up on a connection whose exchange went unanswered: asks Postgres
