@@ -1564,6 +1564,62 @@ async fn large_messages_close_batches_by_bytes() {
     assert_eq!(event_rows(&client(&db).await).await, 120);
 }
 
+/// Whether the run named `name` has ended start-up and given its connection
+/// to a writer lane, within 6 s. Start-up's last statement there is the
+/// writers' idle limit, and nothing is written without data.
+async fn start_up_handed_over(c: &tokio_postgres::Client, name: &str) -> bool {
+    for _ in 0..1500 {
+        let handed: bool = c
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 \
+                 AND state = 'idle' AND query LIKE '%idle_in_transaction_session_timeout%'",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if handed {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Regression: start-up's connection, which the writer keeps for one of its
+/// lanes, went without the writers' idle limit, so a consumer frozen inside
+/// that lane's transaction held its locks, and every other consumer, for as
+/// long as it was frozen. Other sessions' settings cannot be read, so this
+/// looks for the limit as the last statement of start-up's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_ups_connection_takes_the_writers_idle_limit() {
+    let Named {
+        _cluster,
+        db,
+        name,
+        mut cfg,
+    } = Named::new("startup_idle", &[]).await;
+    cfg.stop_when_caught_up = false;
+    let running = Running::spawn(cfg, Metrics::new());
+    let c = client(&db).await;
+    let handed = start_up_handed_over(&c, &name).await;
+    let sessions: Vec<String> = c
+        .query(
+            "SELECT state || ': ' || query FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    running.stop().await;
+    assert!(
+        handed,
+        "start-up's connection took the idle limit; the run's sessions: {sessions:#?}"
+    );
+}
+
 /// Regression: the read of the stored offsets on an assignment (in the
 /// rebalance callback) ignored a shutdown, so a read waiting behind a lock or
 /// on a frozen server held SIGTERM for the whole database timeout.
@@ -1579,24 +1635,10 @@ async fn a_shutdown_while_the_stored_offsets_wait_ends_at_once() {
     cfg.database.timeout = Duration::from_secs(90);
     let running = Running::spawn(cfg, Metrics::new());
 
-    // Start-up ends with the KPI registry check; the MockCluster assigns the
-    // partitions about 3 s after the consumer joins. Lock in between.
+    // The MockCluster assigns the partitions about 3 s after the consumer
+    // joins. Lock once start-up is over.
     let c = client(&db).await;
-    for _ in 0..300 {
-        let started: bool = c
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 \
-                 AND state = 'idle' AND query LIKE '%kpi_registry%'",
-                &[&name],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if started {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(start_up_handed_over(&c, &name).await, "start-up ends");
     let lock = TableLock::take(&db, "consumer_offsets").await;
     let pid = backend_waiting_for_lock(&db, &name).await;
     let query: String = c
