@@ -147,6 +147,30 @@ async fn setup(prefix: &str, engine: &KpiEngine) -> tokio_postgres::Client {
     c
 }
 
+/// A view test's rig: the KPI `file` of `sql` installed in a fresh database
+/// (`prefix`) and streamed over `lines` through the real merge, in batches
+/// of `sizes`. `want` is what DataFusion computes at once: `columns` of the
+/// query's rows, by channel, each cell as Arrow displays it.
+async fn view_against_datafusion(
+    prefix: &str,
+    file: &str,
+    sql: &str,
+    lines: &[String],
+    sizes: &[usize],
+    columns: &str,
+) -> (tokio_postgres::Client, KpiEngine, Vec<Vec<String>>) {
+    let engine = KpiEngine::load_dir(&kpi_dir(&[(file, sql)])).await.unwrap();
+    let events = valid_events(lines);
+    let mut c = setup(prefix, &engine).await;
+    stream(&mut c, &engine, &events, sizes).await;
+    let want = datafusion_rows(
+        events,
+        &format!("SELECT {columns} FROM ({sql}) ORDER BY channel"),
+    )
+    .await;
+    (c, engine, want)
+}
+
 /// The tables whose names match any of the LIKE patterns, in name order.
 async fn tables_like(c: &tokio_postgres::Client, patterns: &[&str]) -> Vec<String> {
     c.query(
@@ -1534,9 +1558,6 @@ async fn decimal_quotients_and_date_parts_in_the_view_have_datafusions_precision
                extract(epoch FROM max(event_time) AT TIME ZONE 'Asia/Kathmandu') AS local_epoch, \
                avg(session_id) AS avg_session \
                FROM events GROUP BY channel";
-    let engine = KpiEngine::load_dir(&kpi_dir(&[("precise.sql", sql)]))
-        .await
-        .unwrap();
     let pay = |time: &str, channel: &str, amount: &str, session: u64| {
         format!(
             r#"{{"event_type":"bill_payment","event_time":"{time}","payload":{{"customer_id":"C1","session_id":{session},"channel":"{channel}","payment_amount":{amount}}}}}"#
@@ -1553,15 +1574,15 @@ async fn decimal_quotients_and_date_parts_in_the_view_have_datafusions_precision
         pay("2025-06-01T00:00:00Z", "tv", "1.00", 1),
         pay("2025-06-01T00:00:00.5Z", "tv", "1.00", 1),
     ];
-    let events = valid_events(&lines);
-    let mut c = setup("view_precision", &engine).await;
-    stream(&mut c, &engine, &events, &[2, 4]).await;
-
     let columns =
         "channel, avg_pay, per_event, whole, sec, ms, hour, epoch, span, local_epoch, avg_session";
-    let want = datafusion_rows(
-        events,
-        &format!("SELECT {columns} FROM ({sql}) ORDER BY channel"),
+    let (c, _, want) = view_against_datafusion(
+        "view_precision",
+        "precise.sql",
+        sql,
+        &lines,
+        &[2, 4],
+        columns,
     )
     .await;
     // DataFusion's own figures, by hand: averages cut at 6 places.
@@ -1619,9 +1640,6 @@ async fn float_constants_over_aggregates_compute_in_doubles_as_in_datafusion() {
                2.5 + avg(session_id) AS shifted, \
                round(count(*) * 100.0 / 3, 1) AS rounded \
                FROM events GROUP BY channel";
-    let engine = KpiEngine::load_dir(&kpi_dir(&[("ratios.sql", sql)]))
-        .await
-        .unwrap();
     let pay = |customer: &str, channel: &str, amount: &str| {
         format!(
             r#"{{"event_type":"bill_payment","event_time":"2025-06-01T10:00:00Z","payload":{{"customer_id":"{customer}","session_id":7,"channel":"{channel}","payment_amount":{amount}}}}}"#
@@ -1636,14 +1654,14 @@ async fn float_constants_over_aggregates_compute_in_doubles_as_in_datafusion() {
         pay("C2", "app", "0.50"),
         pay("C3", "app", "1.80"),
     ];
-    let events = valid_events(&lines);
-    let mut c = setup("view_float_constants", &engine).await;
-    stream(&mut c, &engine, &events, &[3]).await;
-
     let columns = "channel, per_customer_pct, tenth, shifted, rounded";
-    let want = datafusion_rows(
-        events,
-        &format!("SELECT {columns} FROM ({sql}) ORDER BY channel"),
+    let (c, _, want) = view_against_datafusion(
+        "view_float_constants",
+        "ratios.sql",
+        sql,
+        &lines,
+        &[3],
+        columns,
     )
     .await;
     // DataFusion's own figures: doubles, with a double's error.
@@ -1692,19 +1710,14 @@ async fn modulo_of_doubles_and_rounding_far_past_the_point_read() {
     let sql = "SELECT channel, count(*) * 1.0 % 7 AS m, avg(session_id) % 2.5 AS a, \
                round(avg(session_id), 400) AS far, round(avg(session_id), -400) AS near \
                FROM events GROUP BY channel";
-    let engine = KpiEngine::load_dir(&kpi_dir(&[("odd.sql", sql)]))
-        .await
-        .unwrap();
     let event = |session: i64| {
         format!(
             r#"{{"event_type":"user_login","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":{session},"channel":"web"}}}}"#
         )
     };
     let lines: Vec<String> = [3, 4, 5, 9, 11, 2, 8, 1, 7].map(event).to_vec();
-    let events = valid_events(&lines);
-    let mut c = setup("view_modulo", &engine).await;
-    stream(&mut c, &engine, &events, &[4]).await;
-    let want = datafusion_rows(events, &format!("SELECT m, a FROM ({sql})")).await;
+    let (c, _, want) =
+        view_against_datafusion("view_modulo", "odd.sql", sql, &lines, &[4], "m, a").await;
     let row = c
         .query_one("SELECT m, a, far, near FROM odd", &[])
         .await
@@ -1725,9 +1738,6 @@ async fn a_sum_of_integers_and_doubles_keeps_its_fractions() {
                sum(CASE WHEN event_type = 'bill_payment' THEN session_id ELSE 0.5 END) AS s, \
                count(DISTINCT CASE WHEN event_type = 'bill_payment' THEN session_id ELSE 0.5 END) AS d \
                FROM events GROUP BY channel";
-    let engine = KpiEngine::load_dir(&kpi_dir(&[("mixed.sql", sql)]))
-        .await
-        .unwrap();
     let event = |kind: &str, session: i64| {
         format!(
             r#"{{"event_type":"{kind}","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":{session},"channel":"web","payment_amount":1.00}}}}"#
@@ -1740,10 +1750,8 @@ async fn a_sum_of_integers_and_doubles_keeps_its_fractions() {
         event("bill_payment", 4),
         event("user_login", 6),
     ];
-    let events = valid_events(&lines);
-    let mut c = setup("view_coerced", &engine).await;
-    stream(&mut c, &engine, &events, &[1]).await;
-    let want = datafusion_rows(events, &format!("SELECT s, d FROM ({sql})")).await;
+    let (mut c, engine, want) =
+        view_against_datafusion("view_coerced", "mixed.sql", sql, &lines, &[1], "s, d").await;
     assert_eq!(want, vec![vec!["8.5".to_string(), "3".to_string()]]);
     let row = c
         .query_one("SELECT s, d FROM mixed", &[])
@@ -1761,9 +1769,6 @@ async fn a_sum_of_integers_and_doubles_keeps_its_fractions() {
 async fn sums_and_averages_past_the_range_of_bigint_read_as_in_datafusion() {
     let sql = "SELECT channel, sum(session_id) AS sessions, avg(session_id) AS mean \
                FROM events GROUP BY channel";
-    let engine = KpiEngine::load_dir(&kpi_dir(&[("sums.sql", sql)]))
-        .await
-        .unwrap();
     let event = |channel: &str, session: i64| {
         format!(
             r#"{{"event_type":"user_login","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":{session},"channel":"{channel}"}}}}"#
@@ -1778,14 +1783,15 @@ async fn sums_and_averages_past_the_range_of_bigint_read_as_in_datafusion() {
         event("web", 5),
         event("web", 7),
     ];
-    let events = valid_events(&lines);
-    let mut c = setup("view_wrap", &engine).await;
     // One `big` a batch, so that no batch's own sum wraps but the stored
     // one is past the range; both `pair`s in one batch.
-    stream(&mut c, &engine, &events, &[1, 1, 1, 2, 2]).await;
-    let want = datafusion_rows(
-        events,
-        &format!("SELECT channel, sessions, mean FROM ({sql}) ORDER BY channel"),
+    let (mut c, engine, want) = view_against_datafusion(
+        "view_wrap",
+        "sums.sql",
+        sql,
+        &lines,
+        &[1, 1, 1, 2, 2],
+        "channel, sessions, mean",
     )
     .await;
     assert_eq!(
@@ -1830,9 +1836,6 @@ async fn doubles_divided_by_zero_read_as_datafusion_divides_them() {
                  / count(*) FILTER (WHERE event_type = 'view_tariffs') AS per_view, \
                -1.0 * count(*) / count(payment_amount) AS negative \
                FROM events GROUP BY channel";
-    let engine = KpiEngine::load_dir(&kpi_dir(&[("per_view.sql", sql)]))
-        .await
-        .unwrap();
     let event = |kind: &str, channel: &str| {
         format!(
             r#"{{"event_type":"{kind}","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":1,"channel":"{channel}","tariff_type":"green"}}}}"#
@@ -1846,13 +1849,13 @@ async fn doubles_divided_by_zero_read_as_datafusion_divides_them() {
         event("view_tariffs", "web"),
         event("view_tariffs", "web"),
     ];
-    let events = valid_events(&lines);
-    let mut c = setup("view_ieee", &engine).await;
-    stream(&mut c, &engine, &events, &[2]).await;
-
-    let want = datafusion_rows(
-        events,
-        &format!("SELECT channel, per_view, negative FROM ({sql}) ORDER BY channel"),
+    let (c, _, want) = view_against_datafusion(
+        "view_ieee",
+        "per_view.sql",
+        sql,
+        &lines,
+        &[2],
+        "channel, per_view, negative",
     )
     .await;
     assert_eq!(want[0][1], "inf", "{want:?}");
@@ -1901,9 +1904,6 @@ async fn rounding_of_doubles_and_the_types_of_the_view_are_datafusions() {
                extract(hour FROM min(event_time)) AS first_hour, \
                round(avg(payment_amount), 2) AS avg_pay \
                FROM events GROUP BY channel";
-    let engine = KpiEngine::load_dir(&kpi_dir(&[("rounded.sql", sql)]))
-        .await
-        .unwrap();
     let event = |channel: &str, session: u64| {
         format!(
             r#"{{"event_type":"tariff_switch","event_time":"2025-06-01T10:30:00Z","payload":{{"customer_id":"C1","session_id":{session},"channel":"{channel}","tariff_type":"green","payment_amount":1.01}}}}"#
@@ -1915,10 +1915,6 @@ async fn rounding_of_doubles_and_the_types_of_the_view_are_datafusions() {
     lines.push(event("web", 2));
     lines.push(event("app", 2));
     lines.push(event("app", 3));
-    let events = valid_events(&lines);
-    let mut c = setup("view_rounding", &engine).await;
-    stream(&mut c, &engine, &events, &[50, 100]).await;
-
     let columns = [
         "channel",
         "r2",
@@ -1929,12 +1925,13 @@ async fn rounding_of_doubles_and_the_types_of_the_view_are_datafusions() {
         "first_hour",
         "avg_pay",
     ];
-    let want = datafusion_rows(
-        events,
-        &format!(
-            "SELECT {} FROM ({sql}) ORDER BY channel",
-            columns.join(", ")
-        ),
+    let (c, _, want) = view_against_datafusion(
+        "view_rounding",
+        "rounded.sql",
+        sql,
+        &lines,
+        &[50, 100],
+        &columns.join(", "),
     )
     .await;
     // DataFusion's own figures, by hand.
