@@ -739,10 +739,13 @@ async fn run_once(
 /// the pipeline idle.
 const IDLE_PROBE_EVERY: Duration = Duration::from_secs(5);
 
-/// While no batch commits (a quiet topic), asks Postgres every
-/// [`IDLE_PROBE_EVERY`] whether it answers, so that `/readyz` tells of an
-/// outage before a batch meets it; batches tell while they flow. Its own
-/// connection, so that it never waits behind a batch.
+/// While no batch commits (a quiet topic, or batches held up), asks
+/// Postgres every [`IDLE_PROBE_EVERY`] whether it answers, so that
+/// `/readyz` tells of an outage before a batch meets it; batches tell while
+/// they flow. It also ends writers frozen in a COPY that hold others up
+/// ([`sink::Database::end_frozen_copies`]): the consumers they hold are
+/// the ones that stop committing. Its own connection, so that it never
+/// waits behind a batch.
 async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health: Arc<Health>) {
     let mut client: Option<Client> = None;
     let mut tick = tokio::time::interval(IDLE_PROBE_EVERY);
@@ -775,6 +778,7 @@ async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health:
                 }
                 answering = true;
                 health.postgres_ok.store(true, Ordering::Relaxed);
+                end_frozen_copies(&database, &mut client).await;
             }
             Err(e) => {
                 if answering {
@@ -785,6 +789,35 @@ async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health:
                 if let Some(c) = client.take() {
                     database.abandon(c);
                 }
+            }
+        }
+    }
+}
+
+/// [`sink::Database::end_frozen_copies`], with a warning for each session
+/// ended: rare, and an operator wants to know which consumer froze. A
+/// connection that goes unanswered or breaks is given up.
+async fn end_frozen_copies(database: &sink::Database, client: &mut Option<Client>) {
+    let Some(c) = client.as_ref() else { return };
+    match database.end_frozen_copies(c).await {
+        Ok(frozen) => {
+            for f in frozen {
+                tracing::warn!(
+                    pid = f.pid,
+                    application = %f.application,
+                    client = %f.client,
+                    waited_secs = f.waited.as_secs(),
+                    ended = f.ended,
+                    "ended a Postgres session frozen in the middle of a COPY that held other sessions up (a consumer paused or stalled mid-batch; its batch rolls back and is written again)"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot look for sessions frozen in a COPY");
+            if matches!(e, SinkError::Unavailable { .. })
+                && let Some(c) = client.take()
+            {
+                database.abandon(c);
             }
         }
     }

@@ -1657,6 +1657,106 @@ async fn a_shutdown_while_the_stored_offsets_wait_ends_at_once() {
     drop(lock);
 }
 
+/// Regression: a writer frozen in the middle of a COPY (`docker pause`, a
+/// stalled VM) held every consumer that needed its locks for as long as it
+/// was frozen: Postgres ends a session idle inside its transaction, not one
+/// it reads COPY data from. Here the frozen writer is the test's session,
+/// which holds the lock of the row that stores partition 0's offset and
+/// then begins a COPY it never feeds. The held-up consumer now ends it once
+/// it has waited past the writers' bound; a frozen COPY that holds nobody
+/// up is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_frozen_in_a_copy_is_ended_once_it_holds_others_up() {
+    let Named {
+        _cluster: cluster,
+        db,
+        name,
+        mut cfg,
+    } = Named::with_partitions("frozen_copy", 1, &[]).await;
+    cfg.stop_when_caught_up = false;
+    // Frozen after twice the timeout, but never under 10 s.
+    cfg.database.timeout = Duration::from_secs(2);
+    let (topic, group) = (cfg.kafka.topic.clone(), cfg.kafka.group_id.clone());
+    let running = Running::spawn(cfg, Metrics::new());
+    let c = client(&db).await;
+    assert!(start_up_handed_over(&c, &name).await, "start-up ends");
+
+    let pid = |c: tokio_postgres::Client| async move {
+        let pid: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (c, pid)
+    };
+    let (frozen, frozen_pid) = pid(client(&db).await).await;
+    frozen
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO consumer_offsets (group_id, topic, kafka_partition, next_offset) \
+             VALUES ('{group}', '{topic}', 0, 0)"
+        ))
+        .await
+        .unwrap();
+    let copy = "COPY rejected_events FROM STDIN (FORMAT binary)";
+    let _frozen_copy = frozen.copy_in::<_, bytes::Bytes>(copy).await.unwrap();
+    let (alone, alone_pid) = pid(client(&db).await).await;
+    alone.batch_execute("BEGIN").await.unwrap();
+    let _alone_copy = alone.copy_in::<_, bytes::Bytes>(copy).await.unwrap();
+
+    send_raw(
+        &cluster.bootstrap_servers(),
+        &topic,
+        &sample_messages(0..50, 10),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut written = event_rows(&c).await;
+    while written < 50 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        written = event_rows(&c).await;
+    }
+    if written < 50 {
+        // Thaw the frozen writer first, so that the run can stop.
+        drop((_frozen_copy, frozen));
+        running.stop().await;
+        panic!("{written} of 50 events written after 90 s: the frozen COPY was not ended");
+    }
+    let alive = |pid: i32| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT count(*) = 1 FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        }
+    };
+    assert!(
+        !alive(frozen_pid).await,
+        "the frozen COPY that held the batch up is ended"
+    );
+    assert!(
+        alive(alone_pid).await,
+        "a frozen COPY that holds nobody up stays"
+    );
+    let summary = running.stop().await;
+    assert_eq!(summary.events_written, 50);
+    let stored: i64 = c
+        .query_one(
+            "SELECT next_offset FROM consumer_offsets \
+             WHERE group_id = $1 AND topic = $2 AND kafka_partition = 0",
+            &[&group, &topic],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored, 50,
+        "the offset is the batch's, not the frozen session's"
+    );
+}
+
 /// Regression: after a short broker outage, an idle consumer stayed not
 /// ready (`/readyz` 503) until new data arrived: losing every broker was
 /// noted, getting one back was not.

@@ -382,15 +382,71 @@ impl Database {
 
     /// Makes `client` a writer's connection (see [`Database::connect_writer`]).
     pub async fn limit_idle(&self, client: &Client) -> Result<(), SinkError> {
-        let idle = (self.timeout * 2).max(Duration::from_secs(10));
         let set = format!(
             "SET idle_in_transaction_session_timeout = {}",
-            idle.as_millis()
+            self.frozen_after().as_millis()
         );
         self.bounded("setting the session's idle limit", async {
             client.batch_execute(&set).await.map_err(SinkError::from)
         })
         .await
+    }
+
+    /// How long a writer's session may wait on its client inside a
+    /// transaction before it counts as frozen: twice [`Database::timeout`],
+    /// at least 10 s. A live writer bounds each exchange by the timeout.
+    pub fn frozen_after(&self) -> Duration {
+        (self.timeout * 2).max(Duration::from_secs(10))
+    }
+
+    /// Ends, with `pg_terminate_backend`, the sessions of this database that
+    /// have waited on their client in the middle of a binary `COPY ... FROM
+    /// STDIN` for longer than [`Database::frozen_after`] while another
+    /// session waits for their locks; returns them.
+    ///
+    /// That is a writer frozen mid-COPY (`docker pause`, a stalled VM).
+    /// Postgres ends a writer frozen between statements by itself
+    /// ([`Database::connect_writer`]), but not one it reads COPY data from:
+    /// frozen in a KPI merge's staging COPY, it would hold every consumer of
+    /// the database until it thawed. A live writer never waits that long:
+    /// its own bound gives up on the COPY first. Sessions of roles this one
+    /// may not signal are left alone.
+    pub async fn end_frozen_copies(&self, client: &Client) -> Result<Vec<FrozenCopy>, SinkError> {
+        let frozen_secs = self.frozen_after().as_secs_f64();
+        let rows = self
+            .bounded("ending sessions frozen in a COPY", async {
+                client
+                    .query(
+                        "SELECT b.pid, b.application_name, \
+                         coalesce(host(b.client_addr), 'local'), \
+                         extract(epoch FROM now() - b.query_start)::float8, \
+                         pg_terminate_backend(b.pid) \
+                         FROM pg_stat_activity b \
+                         WHERE b.datname = current_database() AND b.pid <> pg_backend_pid() \
+                         AND b.state = 'active' AND b.wait_event = 'ClientRead' \
+                         AND b.query LIKE 'COPY % FROM STDIN (FORMAT binary)' \
+                         AND b.query_start < now() - make_interval(secs => $1) \
+                         AND (pg_has_role(b.usesysid, 'USAGE') \
+                              OR (pg_has_role('pg_signal_backend', 'USAGE') \
+                                  AND NOT (SELECT rolsuper FROM pg_roles WHERE oid = b.usesysid))) \
+                         AND EXISTS (SELECT 1 FROM pg_stat_activity w \
+                                     WHERE b.pid = ANY (pg_blocking_pids(w.pid)))",
+                        &[&frozen_secs],
+                    )
+                    .await
+                    .map_err(SinkError::from)
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| FrozenCopy {
+                pid: r.get(0),
+                application: r.get::<_, Option<String>>(1).unwrap_or_default(),
+                client: r.get(2),
+                waited: Duration::from_secs_f64(r.get::<_, f64>(3).max(0.0)),
+                ended: r.get(4),
+            })
+            .collect())
     }
 
     /// Gives up on a connection whose exchange went unanswered: asks Postgres
@@ -445,6 +501,19 @@ impl Database {
             Err(_) => Err(SinkError::timed_out(what, self.timeout)),
         }
     }
+}
+
+/// A session [`Database::end_frozen_copies`] found frozen in a COPY.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrozenCopy {
+    pub pid: i32,
+    pub application: String,
+    /// The client's address, or `local` for a Unix socket.
+    pub client: String,
+    /// How long it had waited on its client.
+    pub waited: Duration,
+    /// Whether Postgres accepted to end it.
+    pub ended: bool,
 }
 
 impl std::fmt::Debug for Database {
