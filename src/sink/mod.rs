@@ -141,7 +141,7 @@ impl SinkError {
         SinkError::Unavailable {
             kind: "timeout",
             message: format!(
-                "no answer from Postgres within {after:?} while {what}; dropping the connection"
+                "no answer from Postgres within {after:?} while {what} (the server is down or frozen, or another session holds a lock this one waits for); dropping the connection"
             ),
         }
     }
