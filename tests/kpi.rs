@@ -1101,16 +1101,12 @@ async fn a_kpi_never_takes_over_another_applications_view_or_table() {
             "{err}"
         );
         assert!(err.contains("rename the KPI file"), "{err}");
-        let theirs: Vec<String> = c
-            .query(
-                "SELECT column_name::text FROM information_schema.columns WHERE table_name = $1",
-                &[&name],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let theirs = texts(
+            &c,
+            "SELECT column_name::text FROM information_schema.columns WHERE table_name = $1",
+            &[&name],
+        )
+        .await;
         assert_eq!(theirs, ["theirs"], "{name} is left as it was");
     }
     // A KPI's own view is replaced as before when its file changes.

@@ -1603,16 +1603,12 @@ async fn start_ups_connection_takes_the_writers_idle_limit() {
     let running = Running::spawn(cfg, Metrics::new());
     let c = client(&db).await;
     let handed = start_up_handed_over(&c, &name).await;
-    let sessions: Vec<String> = c
-        .query(
-            "SELECT state || ': ' || query FROM pg_stat_activity WHERE application_name = $1",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let sessions = texts(
+        &c,
+        "SELECT state || ': ' || query FROM pg_stat_activity WHERE application_name = $1",
+        &[&name],
+    )
+    .await;
     running.stop().await;
     assert!(
         handed,

@@ -546,23 +546,35 @@ pub fn output_text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 
+/// The first column of every row `sql` returns, as text.
+pub async fn texts(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Vec<String> {
+    c.query(sql, params)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Every row of `relation`, as text, sorted: comparable across databases.
 pub async fn relation_rows(
     c: &tokio_postgres::Client,
     relation: &str,
     skip: &[&str],
 ) -> Vec<String> {
-    let cols: Vec<String> = c
-        .query(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
-            &[&relation],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .filter(|n| !skip.contains(&n.as_str()))
-        .collect();
+    let cols: Vec<String> = texts(
+        c,
+        "SELECT column_name::text FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position",
+        &[&relation],
+    )
+    .await
+    .into_iter()
+    .filter(|n| !skip.contains(&n.as_str()))
+    .collect();
     assert!(!cols.is_empty(), "{relation} has no columns");
     let list = cols
         .iter()
