@@ -806,7 +806,7 @@ async fn end_frozen_copies(database: &sink::Database, client: &mut Option<Client
                     pid = f.pid,
                     application = %f.application,
                     client = %f.client,
-                    waited_secs = f.waited.as_secs(),
+                    copying_for_secs = f.copying_for.as_secs(),
                     ended = f.ended,
                     "ended a Postgres session frozen in the middle of a COPY that held other sessions up (a consumer paused or stalled mid-batch; its batch rolls back and is written again)"
                 );

@@ -443,7 +443,7 @@ impl Database {
                 pid: r.get(0),
                 application: r.get::<_, Option<String>>(1).unwrap_or_default(),
                 client: r.get(2),
-                waited: Duration::from_secs_f64(r.get::<_, f64>(3).max(0.0)),
+                copying_for: Duration::from_secs_f64(r.get::<_, f64>(3).max(0.0)),
                 ended: r.get(4),
             })
             .collect())
@@ -510,8 +510,8 @@ pub struct FrozenCopy {
     pub application: String,
     /// The client's address, or `local` for a Unix socket.
     pub client: String,
-    /// How long it had waited on its client.
-    pub waited: Duration,
+    /// How long its COPY had run.
+    pub copying_for: Duration,
     /// Whether Postgres accepted to end it.
     pub ended: bool,
 }
