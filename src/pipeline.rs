@@ -191,6 +191,39 @@ impl Sample {
 }
 
 #[cfg(test)]
+mod topic_watch_tests {
+    use super::{TOPIC_CHECK_EVERY, TopicWatch};
+    use std::time::Instant;
+
+    #[test]
+    fn a_topic_missed_while_no_partition_is_held_is_back_with_an_assignment() {
+        let t0 = Instant::now();
+        let mut w = TopicWatch::new(t0);
+        let is = |b: bool| move || b;
+        let never = || -> bool { panic!("not asked") };
+        assert_eq!(w.observe(t0, never, never), None, "not yet time to ask");
+        let t1 = t0 + TOPIC_CHECK_EVERY;
+        assert_eq!(w.observe(t1, is(false), is(false)), Some(true), "gone");
+        assert_eq!(w.observe(t1, is(false), never), None, "said once");
+        // A rebalance hands partitions over before the next ask.
+        assert_eq!(w.observe(t1, is(true), never), Some(false), "back");
+        assert_eq!(w.observe(t1, never, never), None);
+        assert_eq!(w.observe(t1 + TOPIC_CHECK_EVERY, is(true), never), None);
+        // Partitions gone again: asked on the clock, as before.
+        let t2 = t1 + TOPIC_CHECK_EVERY * 2;
+        assert_eq!(w.observe(t2, is(false), is(true)), None, "still there");
+        let t3 = t2 + TOPIC_CHECK_EVERY;
+        assert_eq!(w.observe(t3, is(false), is(false)), Some(true));
+        let t4 = t3 + TOPIC_CHECK_EVERY;
+        assert_eq!(
+            w.observe(t4, is(false), is(true)),
+            Some(false),
+            "found again"
+        );
+    }
+}
+
+#[cfg(test)]
 mod sample_tests {
     use super::Sample;
 
@@ -1049,6 +1082,56 @@ const PROGRESS_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// How often a consumer that holds no partition asks whether its topic exists.
 const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(5);
 
+/// Whether the topic exists, as the intake learns it. A consumer holding no
+/// partition may be looking at a topic that is gone (deleted, or a broker
+/// that lost it on a restart): it reads nothing, and must say so and not
+/// report ready. So the broker is asked every [`TOPIC_CHECK_EVERY`] while no
+/// partition is held; while one is, the topic plainly exists.
+struct TopicWatch {
+    missing: bool,
+    checked: Instant,
+}
+
+impl TopicWatch {
+    fn new(now: Instant) -> Self {
+        TopicWatch {
+            missing: false,
+            checked: now,
+        }
+    }
+
+    /// `Some(true)` when the topic has just gone missing, `Some(false)` when
+    /// it has just come back. `holding` says whether a partition is held;
+    /// `exists` asks the broker, only when none is and the last ask is old
+    /// enough. Neither is called on most loops.
+    fn observe(
+        &mut self,
+        now: Instant,
+        holding: impl FnOnce() -> bool,
+        exists: impl FnOnce() -> bool,
+    ) -> Option<bool> {
+        let due = now.duration_since(self.checked) >= TOPIC_CHECK_EVERY;
+        if !due && !self.missing {
+            return None;
+        }
+        let found = if holding() {
+            // Regression: the ask stopped with the first assignment, so a
+            // miss seen while none was held (a broker slow to answer during a
+            // rebalance) kept the consumer not ready for good.
+            true
+        } else if due {
+            self.checked = now;
+            exists()
+        } else {
+            return None;
+        };
+        (found == self.missing).then(|| {
+            self.missing = !found;
+            self.missing
+        })
+    }
+}
+
 /// Messages drained per burst at most, so that the batch deadline and the
 /// progress checks still run every few milliseconds under full load.
 const BURST_MAX: usize = 512;
@@ -1091,8 +1174,7 @@ fn intake(
     let mut dec = BatchDecoder::new(cfg.decode);
     let mut cut = Cutter::new(ownership.generation());
     let mut progress_checked = Instant::now();
-    let mut topic_checked = Instant::now();
-    let mut topic_missing = false;
+    let mut topic = TopicWatch::new(Instant::now());
     let mut last_generation = ownership.generation();
     let mut decode_time = Duration::ZERO;
 
@@ -1162,21 +1244,18 @@ fn intake(
             }
             decode_time += t.elapsed();
         }
-        // A consumer holding no partition may be looking at a topic that is
-        // gone (deleted, or a broker that lost it on a restart): it reads
-        // nothing, and must say so and not report ready. Asked only then.
-        if topic_checked.elapsed() >= TOPIC_CHECK_EVERY && ownership.assigned().is_empty() {
-            topic_checked = Instant::now();
-            let found = source.topic_exists();
-            if !found && !topic_missing {
+        let holding = || !ownership.assigned().is_empty();
+        if let Some(missing) = topic.observe(Instant::now(), holding, || source.topic_exists()) {
+            source.note_topic_found(!missing);
+            if missing {
                 tracing::warn!(
                     topic = %source.topic(),
                     last_client_error = source.last_client_error().as_deref().unwrap_or("none"),
                     "the topic no longer exists on the broker (or the broker does not answer); reading nothing, and not ready, until it is back"
                 );
+            } else {
+                tracing::info!(topic = %source.topic(), "the topic is found on the broker again");
             }
-            topic_missing = !found;
-            source.note_topic_found(found);
         }
         // On a timer, not only when idle: a partition can stall while others
         // keep the poll busy.
