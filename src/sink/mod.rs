@@ -104,14 +104,16 @@ pub enum SinkError {
 }
 
 /// Why a fence met other offsets than this consumer expected. Behind is not
-/// another consumer's doing: its own batch dropped at a rebalance, or a
-/// failover to a replica that had not received the last commits.
+/// another consumer's doing: a batch of its own before this one that did not
+/// commit (it failed, timed out or was dropped at a rebalance), or a failover
+/// to a replica that had not received the last commits.
 fn fence_reason(stored: Option<i64>, expected: Option<i64>) -> &'static str {
     if stored > expected {
         "another consumer has written past it and owns it now"
     } else {
-        "Postgres holds less than this consumer counted on (a batch of its own dropped at a \
-         rebalance, or a failover to a replica that lagged)"
+        "Postgres holds less than this consumer counted on (a batch of its own before this one \
+         did not commit: it failed, timed out or was dropped at a rebalance; or a failover to a \
+         replica that lagged)"
     }
 }
 
