@@ -781,6 +781,7 @@ const IDLE_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// waits behind a batch.
 async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health: Arc<Health>) {
     let mut client: Option<Client> = None;
+    let mut copies = sink::CopyWatch::default();
     let mut tick = tokio::time::interval(IDLE_PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut answering = true;
@@ -811,7 +812,7 @@ async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health:
                 }
                 answering = true;
                 health.postgres_ok.store(true, Ordering::Relaxed);
-                end_frozen_copies(&database, &mut client).await;
+                end_frozen_copies(&database, &mut client, &mut copies).await;
             }
             Err(e) => {
                 if answering {
@@ -830,9 +831,13 @@ async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health:
 /// [`sink::Database::end_frozen_copies`], with a warning for each session
 /// ended: rare, and an operator wants to know which consumer froze. A
 /// connection that goes unanswered or breaks is given up.
-async fn end_frozen_copies(database: &sink::Database, client: &mut Option<Client>) {
+async fn end_frozen_copies(
+    database: &sink::Database,
+    client: &mut Option<Client>,
+    watch: &mut sink::CopyWatch,
+) {
     let Some(c) = client.as_ref() else { return };
-    match database.end_frozen_copies(c).await {
+    match database.end_frozen_copies(c, watch).await {
         Ok(frozen) => {
             for f in frozen {
                 tracing::warn!(

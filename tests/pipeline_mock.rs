@@ -1660,7 +1660,8 @@ async fn a_shutdown_while_the_stored_offsets_wait_ends_at_once() {
 /// which holds the lock of the row that stores partition 0's offset and
 /// then begins a COPY it never feeds. The held-up consumer now ends it once
 /// it has waited past the writers' bound; a frozen COPY that holds nobody
-/// up is left alone.
+/// up, and a slow one that holds someone up but keeps receiving, are left
+/// alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_frozen_in_a_copy_is_ended_once_it_holds_others_up() {
     let Named {
@@ -1698,6 +1699,47 @@ async fn a_writer_frozen_in_a_copy_is_ended_once_it_holds_others_up() {
     let (alone, alone_pid) = pid(client(&db).await).await;
     alone.batch_execute("BEGIN").await.unwrap();
     let _alone_copy = alone.copy_in::<_, bytes::Bytes>(copy).await.unwrap();
+    // A slow COPY that holds another session up but keeps receiving a row
+    // a second is alive, however long it runs.
+    let (slow, slow_pid) = pid(client(&db).await).await;
+    slow.batch_execute("CREATE TABLE slow_copy (n int)")
+        .await
+        .unwrap();
+    slow.batch_execute("BEGIN; LOCK TABLE slow_copy IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let waiter = client(&db).await;
+    let waiting = tokio::spawn(async move {
+        waiter
+            .query_one("SELECT count(*) FROM slow_copy", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+    });
+    let slow_started = std::time::Instant::now();
+    let (stop_feeding, mut feeding) = tokio::sync::watch::channel(false);
+    let feeder = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        let sink = slow
+            .copy_in::<_, bytes::Bytes>("COPY slow_copy FROM STDIN (FORMAT binary)")
+            .await?;
+        let mut sink = std::pin::pin!(sink);
+        sink.send(bytes::Bytes::from_static(
+            b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0",
+        ))
+        .await?;
+        let mut n: i32 = 0;
+        while !*feeding.borrow() {
+            let mut row = vec![0, 1, 0, 0, 0, 4];
+            row.extend_from_slice(&n.to_be_bytes());
+            sink.send(bytes::Bytes::from(row)).await?;
+            n += 1;
+            let _ = tokio::time::timeout(Duration::from_secs(1), feeding.changed()).await;
+        }
+        sink.send(bytes::Bytes::from_static(&[0xff, 0xff])).await?;
+        let copied = sink.finish().await?;
+        slow.batch_execute("COMMIT").await?;
+        Ok::<_, tokio_postgres::Error>(copied)
+    });
 
     send_raw(
         &cluster.bootstrap_servers(),
@@ -1736,6 +1778,16 @@ async fn a_writer_frozen_in_a_copy_is_ended_once_it_holds_others_up() {
         alive(alone_pid).await,
         "a frozen COPY that holds nobody up stays"
     );
+    // Long past the bound, and looked at many times.
+    tokio::time::sleep(Duration::from_secs(25).saturating_sub(slow_started.elapsed())).await;
+    assert!(alive(slow_pid).await, "a COPY that keeps receiving stays");
+    stop_feeding.send(true).unwrap();
+    let copied = feeder
+        .await
+        .unwrap()
+        .expect("the slow COPY ends as it began");
+    assert!(copied >= 20, "{copied} rows in the slow COPY");
+    assert_eq!(waiting.await.unwrap().unwrap(), copied as i64);
     let summary = running.stop().await;
     assert_eq!(summary.events_written, 50);
     let stored: i64 = c

@@ -402,53 +402,96 @@ impl Database {
     }
 
     /// Ends, with `pg_terminate_backend`, the sessions of this database that
-    /// have waited on their client in the middle of a binary `COPY ... FROM
-    /// STDIN` for longer than [`Database::frozen_after`] while another
-    /// session waits for their locks; returns them.
+    /// sit in a binary `COPY ... FROM STDIN`, waiting on their client, while
+    /// another session waits for their locks (at this look or the previous
+    /// one), once their COPY has run for longer than
+    /// [`Database::frozen_after`] and received nothing since the previous
+    /// look (`watch`, a few seconds before); returns them.
     ///
     /// That is a writer frozen mid-COPY (`docker pause`, a stalled VM).
     /// Postgres ends a writer frozen between statements by itself
     /// ([`Database::connect_writer`]), but not one it reads COPY data from:
     /// frozen in a KPI merge's staging COPY, it would hold every consumer of
-    /// the database until it thawed. A live writer never waits that long:
-    /// its own bound gives up on the COPY first. Sessions of roles this one
-    /// may not signal are left alone.
-    pub async fn end_frozen_copies(&self, client: &Client) -> Result<Vec<FrozenCopy>, SinkError> {
-        let frozen_secs = self.frozen_after().as_secs_f64();
+    /// the database until it thawed. A live writer's COPY keeps receiving,
+    /// and gives up at its own bound besides. Progress is read from
+    /// `pg_stat_progress_copy` (Postgres 14 and later; earlier ones fail the
+    /// look and nothing is ended). Sessions of roles this one may not signal
+    /// are left alone.
+    pub async fn end_frozen_copies(
+        &self,
+        client: &Client,
+        watch: &mut CopyWatch,
+    ) -> Result<Vec<FrozenCopy>, SinkError> {
         let rows = self
-            .bounded("ending sessions frozen in a COPY", async {
+            .bounded("looking for sessions frozen in a COPY", async {
                 client
                     .query(
                         "SELECT b.pid, b.application_name, \
                          coalesce(host(b.client_addr), 'local'), \
+                         extract(epoch FROM b.query_start)::float8, \
                          extract(epoch FROM now() - b.query_start)::float8, \
-                         pg_terminate_backend(b.pid) \
-                         FROM pg_stat_activity b \
+                         p.bytes_processed, \
+                         EXISTS (SELECT 1 FROM pg_stat_activity w \
+                                 WHERE b.pid = ANY (pg_blocking_pids(w.pid))) \
+                         FROM pg_stat_activity b JOIN pg_stat_progress_copy p ON p.pid = b.pid \
                          WHERE b.datname = current_database() AND b.pid <> pg_backend_pid() \
                          AND b.state = 'active' AND b.wait_event = 'ClientRead' \
                          AND b.query LIKE 'COPY % FROM STDIN (FORMAT binary)' \
-                         AND b.query_start < now() - make_interval(secs => $1) \
                          AND (pg_has_role(b.usesysid, 'USAGE') \
                               OR (pg_has_role('pg_signal_backend', 'USAGE') \
-                                  AND NOT (SELECT rolsuper FROM pg_roles WHERE oid = b.usesysid))) \
-                         AND EXISTS (SELECT 1 FROM pg_stat_activity w \
-                                     WHERE b.pid = ANY (pg_blocking_pids(w.pid)))",
-                        &[&frozen_secs],
+                                  AND NOT (SELECT rolsuper FROM pg_roles WHERE oid = b.usesysid)))",
+                        &[],
                     )
                     .await
                     .map_err(SinkError::from)
             })
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| FrozenCopy {
-                pid: r.get(0),
-                application: r.get::<_, Option<String>>(1).unwrap_or_default(),
-                client: r.get(2),
-                copying_for: Duration::from_secs_f64(r.get::<_, f64>(3).max(0.0)),
-                ended: r.get(4),
+        let frozen_secs = self.frozen_after().as_secs_f64();
+        let mut seen = HashMap::with_capacity(rows.len());
+        let mut frozen = Vec::new();
+        for r in &rows {
+            let pid: i32 = r.get(0);
+            let copy = (r.get::<_, f64>(3), r.get::<_, i64>(5));
+            let running = r.get::<_, f64>(4);
+            let blocking = r.get::<_, bool>(6);
+            // A waiter that gives up and retries is not always waiting at
+            // the moment of a look: blocking at this one or the last counts.
+            let before = watch.seen.get(&pid);
+            let unchanged = before.is_some_and(|(c, _)| *c == copy);
+            if running > frozen_secs && unchanged && (blocking || before.is_some_and(|(_, b)| *b)) {
+                frozen.push(FrozenCopy {
+                    pid,
+                    application: r.get::<_, Option<String>>(1).unwrap_or_default(),
+                    client: r.get(2),
+                    copying_for: Duration::from_secs_f64(running.max(0.0)),
+                    ended: false,
+                });
+            }
+            seen.insert(pid, (copy, blocking));
+        }
+        watch.seen = seen;
+        if frozen.is_empty() {
+            return Ok(frozen);
+        }
+        let pids: Vec<i32> = frozen.iter().map(|f| f.pid).collect();
+        let ended = self
+            .bounded("ending sessions frozen in a COPY", async {
+                client
+                    .query(
+                        "SELECT pid, pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid",
+                        &[&pids],
+                    )
+                    .await
+                    .map_err(SinkError::from)
             })
-            .collect())
+            .await?;
+        for r in &ended {
+            let pid: i32 = r.get(0);
+            if let Some(f) = frozen.iter_mut().find(|f| f.pid == pid) {
+                f.ended = r.get(1);
+            }
+        }
+        Ok(frozen)
     }
 
     /// Gives up on a connection whose exchange went unanswered: asks Postgres
@@ -503,6 +546,14 @@ impl Database {
             Err(_) => Err(SinkError::timed_out(what, self.timeout)),
         }
     }
+}
+
+/// What [`Database::end_frozen_copies`] saw of each COPY at its last look,
+/// by session: the statement's start, the bytes it had received, and
+/// whether another session waited for its locks.
+#[derive(Debug, Default)]
+pub struct CopyWatch {
+    seen: HashMap<i32, ((f64, i64), bool)>,
 }
 
 /// A session [`Database::end_frozen_copies`] found frozen in a COPY.
