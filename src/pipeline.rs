@@ -840,13 +840,17 @@ async fn end_frozen_copies(
     match database.end_frozen_copies(c, watch).await {
         Ok(frozen) => {
             for f in frozen {
+                let what = if f.ended {
+                    "ended a Postgres session frozen in the middle of a COPY that held other sessions up (a consumer paused or stalled mid-batch; its batch rolls back and is written again)"
+                } else {
+                    "a Postgres session frozen in the middle of a COPY holds other sessions up, and Postgres did not end it"
+                };
                 tracing::warn!(
                     pid = f.pid,
                     application = %f.application,
                     client = %f.client,
                     copying_for_secs = f.copying_for.as_secs(),
-                    ended = f.ended,
-                    "ended a Postgres session frozen in the middle of a COPY that held other sessions up (a consumer paused or stalled mid-batch; its batch rolls back and is written again)"
+                    "{what}"
                 );
             }
         }
