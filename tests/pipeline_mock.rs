@@ -1565,7 +1565,7 @@ async fn large_messages_close_batches_by_bytes() {
 }
 
 /// Whether the run named `name` has ended start-up and given its connection
-/// to a writer lane, within 6 s. Start-up's last statement there is the
+/// to a writer lane, within 30 s. Start-up's last statement there is the
 /// writers' idle limit, and nothing is written without data.
 async fn start_up_handed_over(c: &tokio_postgres::Client, name: &str) -> bool {
     for _ in 0..1500 {
