@@ -1444,10 +1444,7 @@ impl Analysed {
                     // An average of integers is DataFusion's double; the
                     // sum is stored as an exact numeric.
                     if *t == DataType::Float64 {
-                        sum = Expr::Cast(datafusion::logical_expr::Cast::new(
-                            Box::new(sum),
-                            DataType::Float64,
-                        ));
+                        sum = cast(sum, DataType::Float64);
                     }
                     let avg = Expr::BinaryExpr(BinaryExpr::new(
                         Box::new(sum),
@@ -1494,10 +1491,7 @@ impl Analysed {
                                 modulo(modulo(stored + half.clone()) + whole.clone()) - half;
                             cast(wrapped, DataType::Int64)
                         }
-                        t if t.is_integer() => Expr::Cast(datafusion::logical_expr::Cast::new(
-                            Box::new(stored),
-                            t.clone(),
-                        )),
+                        t if t.is_integer() => cast(stored, t.clone()),
                         _ => stored,
                     }
                 }
@@ -1897,23 +1891,16 @@ fn in_zone(
     tz: &std::sync::Arc<str>,
     schema: &datafusion::common::DFSchemaRef,
 ) -> Expr {
-    let cast = Expr::Cast(datafusion::logical_expr::Cast::new(
-        Box::new(e.clone()),
-        DataType::Timestamp(unit, Some(tz.clone())),
-    ));
+    let zoned = cast(e.clone(), DataType::Timestamp(unit, Some(tz.clone())));
     if e.column_refs().is_empty()
-        && let Some(folded) = time_constant(&cast)
+        && let Some(folded) = time_constant(&zoned)
     {
         return folded;
     }
     match e.get_type(schema.as_ref()) {
-        Ok(DataType::Timestamp(..) | DataType::Date32 | DataType::Date64) => pg_timezone(
-            tz,
-            Expr::Cast(datafusion::logical_expr::Cast::new(
-                Box::new(e),
-                DataType::Timestamp(unit, None),
-            )),
-        ),
+        Ok(DataType::Timestamp(..) | DataType::Date32 | DataType::Date64) => {
+            pg_timezone(tz, cast(e, DataType::Timestamp(unit, None)))
+        }
         _ => e,
     }
 }
