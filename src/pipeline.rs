@@ -34,7 +34,7 @@
 //! stop as on shutdown, committing what is in flight, and start again with
 //! the new files from the offsets stored in Postgres.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -777,11 +777,13 @@ const IDLE_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// `/readyz` tells of an outage before a batch meets it; batches tell while
 /// they flow. It also ends writers frozen in a COPY that hold others up
 /// ([`sink::Database::end_frozen_copies`]): the consumers they hold are
-/// the ones that stop committing. Its own connection, so that it never
-/// waits behind a batch.
+/// the ones that stop committing; and it names the holders of the locks its
+/// writers wait for ([`name_lock_holders`]). Its own connection, so that it
+/// never waits behind a batch.
 async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health: Arc<Health>) {
     let mut client: Option<Client> = None;
     let mut copies = sink::CopyWatch::default();
+    let mut waits = HashSet::new();
     let mut tick = tokio::time::interval(IDLE_PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut answering = true;
@@ -813,6 +815,7 @@ async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health:
                 answering = true;
                 health.postgres_ok.store(true, Ordering::Relaxed);
                 end_frozen_copies(&database, &mut client, &mut copies).await;
+                name_lock_holders(&database, &mut client, &mut waits).await;
             }
             Err(e) => {
                 if answering {
@@ -856,6 +859,55 @@ async fn end_frozen_copies(
         }
         Err(e) => {
             tracing::debug!(error = %e, "cannot look for sessions frozen in a COPY");
+            if matches!(e, SinkError::Unavailable { .. })
+                && let Some(c) = client.take()
+            {
+                database.abandon(c);
+            }
+        }
+    }
+}
+
+/// Warns, once per wait, of each writer that has waited for a lock for
+/// longer than [`IDLE_PROBE_EVERY`] (or half the database timeout), naming a session that holds it up
+/// ([`sink::Database::lock_waits`]): the batch only times out and is
+/// retried, and an operator wants to know what to end. `seen` holds the
+/// waits already told, and keeps only those still under way.
+async fn name_lock_holders(
+    database: &sink::Database,
+    client: &mut Option<Client>,
+    seen: &mut HashSet<(i32, u64, i32)>,
+) {
+    let Some(c) = client.as_ref() else { return };
+    // Under the timeout, or a writer that gives up sooner would never be seen.
+    let longer_than = IDLE_PROBE_EVERY.min(database.timeout / 2);
+    match database.lock_waits(c, longer_than).await {
+        Ok(waits) => {
+            let mut now = HashSet::with_capacity(waits.len());
+            for w in waits {
+                let key = (w.pid, w.since.to_bits(), w.holder_pid);
+                if !seen.contains(&key) {
+                    let unseen = || "not visible to this role".to_string();
+                    tracing::warn!(
+                        pid = w.pid,
+                        waiting_secs = w.waiting_for.as_secs(),
+                        tables = w.relations.as_deref().unwrap_or("-"),
+                        mode = w.mode.as_deref().unwrap_or("-"),
+                        holder_pid = w.holder_pid,
+                        holder_application = %w.holder_application.unwrap_or_default(),
+                        holder_user = %w.holder_user.unwrap_or_else(unseen),
+                        holder_client = %w.holder_client.unwrap_or_else(unseen),
+                        holder_state = %w.holder_state.unwrap_or_else(unseen),
+                        holder_transaction_secs = w.holder_in_transaction_for.map(|d| d.as_secs()),
+                        "a writer waits for a lock that another session holds; its batch times out after --db-timeout-secs and is retried until the holder lets go"
+                    );
+                }
+                now.insert(key);
+            }
+            *seen = now;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot look for writers waiting for a lock");
             if matches!(e, SinkError::Unavailable { .. })
                 && let Some(c) = client.take()
             {

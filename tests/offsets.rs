@@ -1,8 +1,10 @@
 //! The offsets a batch stores, against a real Postgres: first writes insert,
 //! later ones advance every partition in one statement, a stale expectation
 //! is fenced, two consumers racing for a new partition never overwrite
-//! each other, and a batch copied while the one before is still open commits
-//! only after it.
+//! each other, a batch copied while the one before is still open commits
+//! only after it, a writer frozen inside its transaction lets go of its
+//! locks, and a writer's long lock wait is told with the session that holds
+//! it.
 
 mod common;
 
@@ -257,4 +259,129 @@ async fn a_writer_frozen_inside_its_transaction_lets_go_of_its_locks() {
     assert_eq!(stored(&admin).await, BTreeMap::from([(0, 5)]));
     // What the frozen one finds when it thaws: its session is gone.
     assert!(frozen.batch_execute("COMMIT").await.is_err());
+}
+
+/// A writer held up by a lock only timed out and was retried; nothing said
+/// who held it. The idle probe's look names the holder of each long wait of
+/// this consumer's sessions (same role, same `application_name`), and
+/// leaves other clients' waits and short ones alone.
+#[tokio::test]
+async fn a_writer_waiting_for_a_lock_is_told_who_holds_it() {
+    let cfg = fresh_db("lock_wait").await;
+    let named = |name: &str| {
+        let mut c = cfg.clone();
+        c.application_name(name);
+        c
+    };
+    let holder = client(&named("nightly-maintenance")).await;
+    holder
+        .batch_execute(
+            "CREATE TABLE held_rows (n int); INSERT INTO held_rows VALUES (1); \
+             CREATE TABLE held_table (n int)",
+        )
+        .await
+        .unwrap();
+    holder
+        .batch_execute(
+            "BEGIN; SELECT n FROM held_rows FOR UPDATE; \
+             LOCK TABLE held_table IN ACCESS EXCLUSIVE MODE",
+        )
+        .await
+        .unwrap();
+    let holder_pid = backend_pid(&holder).await;
+    let waiter = |app: &'static str, sql: &'static str| {
+        let cfg = named(app);
+        async move {
+            let c = client(&cfg).await;
+            let pid = backend_pid(&c).await;
+            let waiting = tokio::spawn(async move { c.batch_execute(sql).await });
+            (pid, waiting)
+        }
+    };
+    let (row_pid, row_wait) = waiter("es-writer", "UPDATE held_rows SET n = 2").await;
+    let (table_pid, table_wait) = waiter("es-writer", "SELECT count(*) FROM held_table").await;
+    let (_, other_wait) = waiter("someone-else", "SELECT count(*) FROM held_table").await;
+
+    let mut db = sink::Database::new(named("es-writer"));
+    db.timeout = std::time::Duration::from_secs(10);
+    let probe = db.connect().await.unwrap();
+    assert_eq!(
+        db.lock_waits(&probe, std::time::Duration::from_secs(60))
+            .await
+            .unwrap(),
+        vec![],
+        "waits shorter than asked are left alone"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let waits = db
+        .lock_waits(&probe, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    let told: Vec<_> = waits
+        .iter()
+        .map(|w| {
+            (
+                w.pid,
+                w.relations.as_deref(),
+                w.holder_pid,
+                w.holder_application.as_deref(),
+                w.holder_state.as_deref(),
+            )
+        })
+        .collect();
+    let mut expected = vec![
+        (
+            row_pid,
+            Some("held_rows"),
+            holder_pid,
+            Some("nightly-maintenance"),
+            Some("idle in transaction"),
+        ),
+        (
+            table_pid,
+            Some("held_table"),
+            holder_pid,
+            Some("nightly-maintenance"),
+            Some("idle in transaction"),
+        ),
+    ];
+    expected.sort_by_key(|e| e.0);
+    assert_eq!(told, expected, "{waits:#?}");
+    for w in &waits {
+        assert!(w.waiting_for >= std::time::Duration::from_secs(1), "{w:?}");
+        assert!(
+            w.holder_in_transaction_for
+                .is_some_and(|t| t >= w.waiting_for),
+            "{w:?}"
+        );
+        // `local` over a Unix socket, else the address.
+        assert!(
+            w.holder_client.as_ref().is_some_and(|c| !c.is_empty()),
+            "{w:?}"
+        );
+    }
+    let modes: Vec<_> = waits.iter().map(|w| w.mode.as_deref()).collect();
+    assert!(
+        modes.contains(&Some("AccessShareLock")),
+        "the table's wait asks for ACCESS SHARE: {modes:?}"
+    );
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    for w in [row_wait, table_wait, other_wait] {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        db.lock_waits(&probe, std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        vec![],
+        "nothing waits once the holder lets go"
+    );
+}
+
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -143,7 +143,7 @@ impl SinkError {
         SinkError::Unavailable {
             kind: "timeout",
             message: format!(
-                "no answer from Postgres within {after:?} while {what} (the server is down or frozen, or another session holds a lock this one waits for); dropping the connection"
+                "no answer from Postgres within {after:?} while {what} (the server is down or frozen, or another session holds a lock this one waits for: a warning of its own names the holder); dropping the connection"
             ),
         }
     }
@@ -494,6 +494,72 @@ impl Database {
         Ok(frozen)
     }
 
+    /// The sessions of this database that run as this role under this
+    /// connection's `application_name` (this consumer's writers, or those of
+    /// consumers configured alike), whose statement has waited for a lock
+    /// for longer than `longer_than`, each with a session that holds it up.
+    ///
+    /// A writer held up by a lock only times out and is retried, which
+    /// counts as `db_errors_total{kind="timeout"}` and says nothing of who
+    /// holds it: a `VACUUM FULL`, a migration, an operator's open
+    /// transaction, or another consumer frozen mid-batch. This names the
+    /// holder while the wait lasts. Fields of sessions of other roles that
+    /// this role may not see (`pg_read_all_stats`) are None.
+    pub async fn lock_waits(
+        &self,
+        client: &Client,
+        longer_than: Duration,
+    ) -> Result<Vec<LockWait>, SinkError> {
+        let rows = self
+            .bounded("looking for writers waiting for a lock", async {
+                client
+                    .query(
+                        "SELECT w.pid, \
+                         extract(epoch FROM w.query_start)::float8, \
+                         extract(epoch FROM now() - w.query_start)::float8, \
+                         (SELECT string_agg(DISTINCT l.relation::regclass::text, ', ') \
+                          FROM pg_locks l WHERE l.pid = w.pid AND l.relation IS NOT NULL \
+                          AND (NOT l.granted OR l.locktype = 'tuple')), \
+                         (SELECT min(l.mode) FROM pg_locks l WHERE l.pid = w.pid AND NOT l.granted), \
+                         b.pid, b.application_name, b.usename::text, \
+                         CASE WHEN b.client_port = -1 THEN 'local' ELSE host(b.client_addr) END, \
+                         b.state, \
+                         extract(epoch FROM now() - b.xact_start)::float8 \
+                         FROM pg_stat_activity w \
+                         CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS h(pid) \
+                         JOIN pg_stat_activity b ON b.pid = h.pid \
+                         WHERE w.datname = current_database() AND w.pid <> pg_backend_pid() \
+                         AND w.usename = current_user \
+                         AND w.application_name = current_setting('application_name') \
+                         AND w.wait_event_type = 'Lock' \
+                         AND w.query_start < now() - make_interval(secs => $1) \
+                         ORDER BY w.pid, b.pid",
+                        &[&longer_than.as_secs_f64()],
+                    )
+                    .await
+                    .map_err(SinkError::from)
+            })
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LockWait {
+                pid: r.get(0),
+                since: r.get(1),
+                waiting_for: Duration::from_secs_f64(r.get::<_, f64>(2).max(0.0)),
+                relations: r.get(3),
+                mode: r.get(4),
+                holder_pid: r.get(5),
+                holder_application: r.get(6),
+                holder_user: r.get(7),
+                holder_client: r.get(8),
+                holder_state: r.get(9),
+                holder_in_transaction_for: r
+                    .get::<_, Option<f64>>(10)
+                    .map(|s| Duration::from_secs_f64(s.max(0.0))),
+            })
+            .collect())
+    }
+
     /// Gives up on a connection whose exchange went unanswered: asks Postgres
     /// to cancel what it runs there, then lets the connection go.
     ///
@@ -567,6 +633,32 @@ pub struct FrozenCopy {
     pub copying_for: Duration,
     /// Whether Postgres accepted to end it.
     pub ended: bool,
+}
+
+/// A writer waiting for a lock, and a session that holds it up (see
+/// [`Database::lock_waits`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LockWait {
+    pub pid: i32,
+    /// When the waiting statement began (epoch seconds): with `pid` and the
+    /// holder, it tells one wait from the next.
+    pub since: f64,
+    /// How long the waiting statement has run.
+    pub waiting_for: Duration,
+    /// The tables whose locks it waits for, when Postgres names them (a
+    /// row's lock is waited for as the holder's transaction, and the row's
+    /// table shows as the tuple lock it holds meanwhile).
+    pub relations: Option<String>,
+    /// The lock mode it asks for.
+    pub mode: Option<String>,
+    pub holder_pid: i32,
+    pub holder_application: Option<String>,
+    pub holder_user: Option<String>,
+    /// The holder's address, or `local` for a Unix socket.
+    pub holder_client: Option<String>,
+    /// `active`, `idle in transaction` and so on.
+    pub holder_state: Option<String>,
+    pub holder_in_transaction_for: Option<Duration>,
 }
 
 impl std::fmt::Debug for Database {
