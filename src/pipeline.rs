@@ -1775,7 +1775,7 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
             validate_time,
         } = computed;
         let fault_now = cfg.fault.filter(|f| f.batch == seq).map(|f| f.point);
-        let kpi_writes;
+        let mut kpi_writes;
         let kpi_time;
         // A batch whose COMMIT failed: it may have landed (see `commit_batch`).
         let mut in_doubt: Option<Committed> = None;
@@ -1813,6 +1813,11 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
             };
             kpi_time = outcome.time + t.elapsed();
             let _ = baton.wait_for(|done| *done + 1 >= seq).await;
+            // Computed before a batch ahead of this one had a KPI's rows
+            // refused (see below).
+            if let Some(engine) = kpis {
+                kpi_writes.retain(|w| !engine.is_disabled_named(&w.def.name));
+            }
             let stale = note_failures(ctx, outcome.failures);
             match copied {
                 Some(Ok(copied)) => {
@@ -1951,6 +1956,25 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                     // lagging replica): forget what we remembered as stored.
                     members.clear();
                     break None;
+                }
+                // The same rows would fail every retry, and hold the
+                // partition for good: the batch goes on without the KPI,
+                // which is disabled and marked stale, as when it fails in
+                // DataFusion. The transaction rolled back; the connection
+                // is sound.
+                Err(SinkError::KpiRefused { kpi, message }) => {
+                    if let Some(engine) = kpis {
+                        engine.disable(&kpi);
+                    }
+                    kpi_writes.retain(|w| w.def.name != kpi);
+                    members.clear();
+                    note_failures(
+                        ctx,
+                        vec![crate::kpi::KpiFailure {
+                            kpi,
+                            error: message,
+                        }],
+                    );
                 }
                 Err(e) => {
                     members.clear();

@@ -277,6 +277,121 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
     );
 }
 
+/// Regression: a KPI whose keys, for some events, outgrew what the unique
+/// index over them takes (about 2.7 kB; three 790-byte fields under
+/// `--max-field-bytes 800` and a key joining two of them) had its merge
+/// refused by Postgres on every retry, counted as Postgres away: the
+/// partition stalled for good, its valid events and every other KPI with it.
+/// Now that KPI is disabled and marked stale, as when it fails in
+/// DataFusion, the batch commits without it, and the next start says what
+/// to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_whose_keys_postgres_refuses_is_disabled_not_retried_forever() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 1);
+    // Incompressible text, so that Postgres cannot squeeze it into the index.
+    let mut seed: u64 = 7;
+    let mut noise = |len: usize| -> String {
+        (0..len)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(seed >> 33) as usize % 36])
+            })
+            .collect()
+    };
+    let mut messages = sample_messages(0..100, 10);
+    for i in 0..3 {
+        let line = format!(
+            r#"{{"event_type":"view_tariffs","event_time":"2025-06-01T10:{i:02}:00Z","payload":{{"customer_id":"{}","session_id":{i},"channel":"{}","tariff_type":"{}"}}}}"#,
+            noise(790),
+            noise(790),
+            noise(790)
+        );
+        messages.push(Some(line.into_bytes()));
+    }
+    messages.extend(sample_messages(103..200, 10));
+    send_raw(&brokers, &topic, &messages);
+
+    let dir = scratch_dir().join(unique("kpis"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("by_type.sql"),
+        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("segments.sql"),
+        "SELECT customer_id, channel, tariff_type, concat(channel, '/', tariff_type) AS segment, \
+         count(*) AS n FROM events GROUP BY 1, 2, 3, 4",
+    )
+    .unwrap();
+    let db = fresh_db("wide_keys").await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.rules.max_field_bytes = 800;
+    cfg.kpi = Some(energy_stream::kpi::KpiConfig {
+        dir,
+        memory_limit: 256 << 20,
+    });
+    let metrics = Metrics::new();
+    let summary = run_within(
+        cfg.clone(),
+        metrics.clone(),
+        Duration::from_secs(120),
+        "the run catches up: the refused KPI holds nothing up",
+    )
+    .await
+    .expect("a KPI Postgres refuses does not stop the pipeline");
+    assert_eq!(summary.events_written, 200);
+
+    let c = client(&db).await;
+    assert_eq!(event_rows(&c).await, 200);
+    let by_type: i64 = c
+        .query_one("SELECT sum(n)::bigint FROM by_type", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_type, 200, "the other KPI saw every event");
+    let hash: String = c
+        .query_one(
+            "SELECT sql_hash FROM kpi_registry WHERE name = 'segments'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hash, "stale");
+    let text = metrics.render();
+    assert!(
+        text.contains("energy_stream_kpi_failures_total{kpi=\"segments\"} 1"),
+        "{text}"
+    );
+    // The KPI's fault, not Postgres being away.
+    assert!(
+        !text.contains("energy_stream_db_errors_total{kind=\"query\"} 1"),
+        "{text}"
+    );
+
+    // The next start rebuilds the stale KPI from `events` and meets the same
+    // rows: it stops, naming the KPI and what to change.
+    let msg = run_refused(
+        cfg,
+        Duration::from_secs(60),
+        "the stale KPI cannot be rebuilt as it is",
+    )
+    .await;
+    assert!(
+        msg.contains("KPI segments")
+            && msg.contains("segments.sql")
+            && msg.contains("too long")
+            && msg.contains("left(x, 100)"),
+        "{msg}"
+    );
+}
+
 /// A LATIN1 database refuses characters outside Latin-1 (SQLSTATE 22P05) on
 /// every retry, which would stall the partition that carries one: `run`
 /// refuses such a database at start, before creating anything in it.

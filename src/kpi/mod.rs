@@ -304,6 +304,23 @@ impl KpiEngine {
         self.disabled.lock().expect("not poisoned")[idx]
     }
 
+    /// Stops computing the KPI called `name` (its rows failed in Postgres);
+    /// false when it was disabled already, or is not one of these.
+    pub fn disable(&self, name: &str) -> bool {
+        let Some(i) = self.kpis.iter().position(|k| k.def.name == name) else {
+            return false;
+        };
+        !std::mem::replace(&mut self.disabled.lock().expect("not poisoned")[i], true)
+    }
+
+    /// Whether the KPI called `name` is disabled.
+    pub fn is_disabled_named(&self, name: &str) -> bool {
+        self.kpis
+            .iter()
+            .position(|k| k.def.name == name)
+            .is_some_and(|i| self.is_disabled(i))
+    }
+
     /// Runs one KPI's plans on `events`.
     pub async fn compute_one(
         &self,
@@ -425,10 +442,40 @@ pub async fn write(
             }
         }
         sink::copy_in(tx, &step.copy_sql, &step.batch).await?;
-        let n = tx.execute_typed(&step.merge_sql, &[]).await?;
+        let n = tx
+            .execute_typed(&step.merge_sql, &[])
+            .await
+            .map_err(|e| refused(&w.def, e))?;
         merged.push((w.def.name.clone(), n));
     }
     Ok(merged)
+}
+
+/// A KPI merge's error: [`SinkError::KpiRefused`] when Postgres refuses
+/// the rows themselves (SQLSTATE classes 22, data exceptions, and 54,
+/// program limits), which no retry can change; else as any write error.
+fn refused(def: &KpiDef, e: tokio_postgres::Error) -> SinkError {
+    let Some(code) = e.code() else {
+        return e.into();
+    };
+    let class = &code.code()[..2];
+    if class != "22" && class != "54" {
+        return e.into();
+    }
+    let message = e
+        .as_db_error()
+        .map_or_else(|| e.to_string(), |db| db.message().to_string());
+    let hint = if *code == tokio_postgres::error::SqlState::PROGRAM_LIMIT_EXCEEDED {
+        " — a key of this KPI is too long for the unique index over its keys (all keys \
+         together must stay under about 2.7 kB): group by a shorter expression (`left(x, 100)`), \
+         or lower --max-field-bytes"
+    } else {
+        ""
+    };
+    SinkError::KpiRefused {
+        kpi: def.name.clone(),
+        message: format!("{message}{hint}"),
+    }
 }
 
 /// The indexes of a KPI's count(DISTINCT) measures, in measure order.
@@ -1133,7 +1180,16 @@ pub async fn backfill(
             Writers::Exclusive { generation },
             &mut pending,
         )
-        .await?;
+        .await
+        .map_err(|e| match e {
+            SinkError::KpiRefused { kpi, message } => SinkError::Fatal(format!(
+                "KPI {kpi}: Postgres refuses the rows its backfill computes from `events`: \
+                 {message}. Fix {file}, or delete it and run `energy-stream migrate` to retire \
+                 the KPI",
+                file = file.display()
+            )),
+            e => e,
+        })?;
         members.commit(pending);
     }
     let mut swap = drop_tables_sql(&tx, def, "").await?;

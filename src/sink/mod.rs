@@ -101,6 +101,12 @@ pub enum SinkError {
         .0.join(", ")
     )]
     KpisDiffer(Vec<String>),
+    /// Postgres refused a KPI's rows for what they hold: a key past the size
+    /// its unique index can take, a value outside its column's range. The
+    /// same rows fail every retry, so the pipeline disables that KPI and
+    /// writes the batch without it, as for a KPI that fails in DataFusion.
+    #[error("KPI {kpi}: Postgres refuses its rows: {message}")]
+    KpiRefused { kpi: String, message: String },
 }
 
 /// Why a fence met other offsets than this consumer expected. Behind is not
@@ -153,6 +159,9 @@ impl SinkError {
             SinkError::Unavailable { kind, .. } => kind,
             SinkError::Fenced { .. } | SinkError::Duplicate(_) => "fenced",
             SinkError::Fatal(_) | SinkError::KpisDiffer(_) => "fatal",
+            // The SQL's own error, not Postgres being away; counted as the
+            // KPI's failure by the pipeline.
+            SinkError::KpiRefused { .. } => "query",
         }
     }
 }
