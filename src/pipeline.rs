@@ -1920,6 +1920,22 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                         .inc();
                     break None;
                 }
+                // A batch of an assignment given up meanwhile (a rebalance,
+                // or the resync after a fence of an earlier batch, whose
+                // expectations this one's chain on): its fence says nothing
+                // of what is owned now. Another resync would throw away
+                // what was read since the last one, the first batch of
+                // which would have committed; the next would then be
+                // fenced, and so on, for as long as the timing held.
+                Err(SinkError::Fenced { .. } | SinkError::Duplicate(_))
+                    if ownership.generation() != batch.generation =>
+                {
+                    metrics
+                        .batches_discarded
+                        .with_label_values(&["rebalance"])
+                        .inc();
+                    break None;
+                }
                 Err(e @ (SinkError::Fenced { .. } | SinkError::Duplicate(_))) => {
                     metrics.db_errors.with_label_values(&[e.kind()]).inc();
                     if let SinkError::Duplicate(message) = &e {
@@ -1952,6 +1968,10 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                         .inc();
                     tracing::warn!(error = %e, "batch fenced off; re-reading offsets from Postgres");
                     ownership.request_resync();
+                    // The batches read after this one expect what it would
+                    // have stored: given up at once, not each fenced in turn
+                    // before the intake gets to the resync.
+                    ownership.give_up_batches();
                     // Postgres may hold less than we think (a failover to a
                     // lagging replica): forget what we remembered as stored.
                     members.clear();

@@ -367,6 +367,14 @@ impl Ownership {
         self.resync.store(true, Ordering::SeqCst);
     }
 
+    /// Gives up every batch cut so far, as a new assignment does: the writer
+    /// drops them instead of writing them, and the intake the one it builds.
+    /// For the writer, once a batch is fenced: those after it chain on it.
+    /// The intake's positions stay until the resync asked for before this.
+    pub fn give_up_batches(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
     }

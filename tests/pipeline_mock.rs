@@ -392,6 +392,70 @@ async fn a_kpi_whose_keys_postgres_refuses_is_disabled_not_retried_forever() {
     );
 }
 
+/// Regression: a batch of an assignment already given up (cut before a
+/// rebalance or a resync) was fenced before its generation was looked at,
+/// and its fence asked for one more resync. That threw away the batches read
+/// since the last one, the first of which would have committed, so the next
+/// was fenced in turn, and so on: a partition made no progress for as long
+/// as the timing held (seen with three consumers on tansu). Here Postgres
+/// loses the consumer's last commits (a failover to a lagging replica,
+/// played by deleting them) while batches queue behind a lock: one resync
+/// must do, and every event is then written again, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_of_a_batch_already_given_up_asks_for_no_resync() {
+    let (first, n) = (640, 4000);
+    let Named {
+        _cluster,
+        db,
+        name: _,
+        mut cfg,
+    } = Named::with_partitions("fence_loop", 1, &sample_messages(0..first, 30)).await;
+    cfg.stop_when_caught_up = false;
+    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+    let group = cfg.kafka.group_id.clone();
+    let metrics = Metrics::new();
+    let running = Running::spawn(cfg, metrics.clone());
+    wait_until(
+        &db,
+        &format!("SELECT count(*) = {first} FROM events"),
+        "the first batches",
+    )
+    .await;
+    // The next batches queue behind the lock: their fences wait.
+    let lost = client(&db).await;
+    lost.batch_execute("BEGIN; LOCK TABLE consumer_offsets IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    send_raw(&brokers, &topic, &sample_messages(first..n, 30));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lost.batch_execute(&format!(
+        "DELETE FROM events; DELETE FROM rejected_events; \
+         DELETE FROM consumer_offsets WHERE group_id = '{group}'; COMMIT"
+    ))
+    .await
+    .unwrap();
+    let c = client(&db).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while event_rows(&c).await < n as i64 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fenced = metrics.db_errors.with_label_values(&["fenced"]).get();
+    let given_up = metrics
+        .batches_discarded
+        .with_label_values(&["rebalance"])
+        .get();
+    let rows = event_rows(&c).await;
+    running.stop().await;
+    assert_eq!(
+        rows, n as i64,
+        "every event written again ({fenced} fences)"
+    );
+    // The first fence is the lost commits'; the batches queued behind it
+    // are given up without fences of their own.
+    assert_eq!(fenced, 1, "one fence, one resync ({given_up} given up)");
+    assert!(given_up >= 1, "batches were queued behind the fenced one");
+}
+
 /// A LATIN1 database refuses characters outside Latin-1 (SQLSTATE 22P05) on
 /// every retry, which would stall the partition that carries one: `run`
 /// refuses such a database at start, before creating anything in it.
