@@ -36,6 +36,19 @@ pub struct MessageMeta {
     pub timestamp_ms: Option<i64>,
 }
 
+/// The last Kafka timestamp taken as one: 9999-12-31T23:59:59.999Z.
+const KAFKA_TIME_MAX_MS: i64 = 253_402_300_799_999;
+
+/// A message's Kafka timestamp as the pipeline keeps it (the `kafka_timestamp`
+/// column, end-to-end latency): None unless it lies between 1970 and the end
+/// of year 9999. Kafka's brokers refuse other values from producers (-1
+/// means none), but a broker that stores them as sent (tansu) hands them
+/// on, and Postgres refuses a time before 4714 BC: such a message failed its
+/// batch's COPY on every retry, and held its partition for good.
+pub fn kafka_time_ms(ms: Option<i64>) -> Option<i64> {
+    ms.filter(|ms| (0..=KAFKA_TIME_MAX_MS).contains(ms))
+}
+
 /// Settings that decode needs; part of [`crate::config`].
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeConfig {
@@ -129,7 +142,7 @@ impl BatchDecoder {
         self.partition.append_value(meta.partition);
         self.offset.append_value(meta.offset);
         self.kafka_ts
-            .append_option(meta.timestamp_ms.map(|ms| ms.saturating_mul(1000)));
+            .append_option(kafka_time_ms(meta.timestamp_ms).map(|ms| ms * 1000));
         self.raw.append_option(payload);
         match decode_one(payload, self.cfg.max_message_bytes) {
             Ok(row) => {
@@ -957,6 +970,62 @@ mod tests {
         // Fractions round half up to the microsecond.
         assert_eq!(parse_event_time("2025-06-01T09:59:59.9999995Z"), Some(utc));
         assert_eq!(parse_event_time("2025-06-01T10:00:00.0000004Z"), Some(utc));
+    }
+
+    /// Regression: a Kafka timestamp before 4714 BC (tansu stores what a
+    /// producer sends) went to Postgres, which refused the batch on every
+    /// retry; i64::MIN wrapped into year 294247. Out of 1970..=9999, none.
+    #[test]
+    fn implausible_kafka_timestamps_are_none() {
+        let stamps = [
+            Some(-300_000_000_000_000),
+            Some(i64::MIN),
+            Some(-1),
+            Some(0),
+            Some(1_700_000_000_000),
+            Some(KAFKA_TIME_MAX_MS),
+            Some(KAFKA_TIME_MAX_MS + 1),
+            Some(i64::MAX),
+            None,
+        ];
+        let line: &[u8] = br#"{"event_type":"user_login","event_time":"2025-06-01T10:00:00Z","payload":{"customer_id":"C1","session_id":1,"channel":"web_portal"}}"#;
+        let b = decode_batch(
+            DecodeConfig::default(),
+            stamps.iter().enumerate().map(|(i, &timestamp_ms)| {
+                (
+                    Some(line),
+                    MessageMeta {
+                        partition: 0,
+                        offset: i as i64,
+                        timestamp_ms,
+                    },
+                )
+            }),
+        );
+        let ts = b
+            .column_by_name(crate::event::col::KAFKA_TIMESTAMP)
+            .unwrap();
+        let ts = ts.as_primitive::<TimestampMicrosecondType>();
+        let got: Vec<Option<i64>> = (0..ts.len())
+            .map(|i| ts.is_valid(i).then(|| ts.value(i)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                None,
+                None,
+                None,
+                Some(0),
+                Some(1_700_000_000_000_000),
+                Some(KAFKA_TIME_MAX_MS * 1000),
+                None,
+                None,
+                None
+            ]
+        );
+        // The event itself is valid: only its Kafka time is dropped.
+        let reasons = b.column_by_name("reason").unwrap();
+        assert_eq!(reasons.null_count(), stamps.len());
     }
 
     fn meta(offset: i64) -> MessageMeta {

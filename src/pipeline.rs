@@ -1441,7 +1441,9 @@ impl Cutter {
         if offset >= last.0 {
             *last = (offset, ts_ms, row);
         }
-        if let Some(ts) = ts_ms {
+        // The raw timestamp above, which the next assignment compares with
+        // the log's; only a plausible one for latency.
+        if let Some(ts) = crate::decode::kafka_time_ms(ts_ms) {
             self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
         }
     }

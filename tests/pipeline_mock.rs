@@ -456,6 +456,53 @@ async fn a_fence_of_a_batch_already_given_up_asks_for_no_resync() {
     assert!(given_up >= 1, "batches were queued behind the fenced one");
 }
 
+/// Regression: a message whose Kafka timestamp Postgres cannot store (before
+/// 4714 BC; a broker such as tansu keeps what the producer sent) failed its
+/// batch's COPY on every retry, counted as Postgres away: nothing of the
+/// partition was written again. Such a timestamp now reads as none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_timestamp_postgres_cannot_store_holds_nothing_up() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 1);
+    send_raw(&brokers, &topic, &sample_messages(0..20, 5));
+    send_stamped(
+        &brokers,
+        &topic,
+        &sample_messages(20..21, 5),
+        Some(-300_000_000_000_000),
+    );
+    send_raw(&brokers, &topic, &sample_messages(21..40, 5));
+    let db = fresh_db("kafka_ts").await;
+    let cfg = pipeline_config(&brokers, &topic, db.clone());
+    let summary = run_within(
+        cfg,
+        Metrics::new(),
+        Duration::from_secs(60),
+        "the run catches up within 60 s",
+    )
+    .await
+    .expect("no error");
+    assert_eq!(summary.events_written, 40);
+    let c = client(&db).await;
+    let stamps: Vec<(i64, bool)> = c
+        .query(
+            "SELECT kafka_offset, kafka_timestamp IS NULL FROM events ORDER BY kafka_offset",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected: Vec<(i64, bool)> = (0..40).map(|o| (o, o == 20)).collect();
+    assert_eq!(
+        stamps, expected,
+        "only the implausible timestamp is dropped"
+    );
+}
+
 /// A LATIN1 database refuses characters outside Latin-1 (SQLSTATE 22P05) on
 /// every retry, which would stall the partition that carries one: `run`
 /// refuses such a database at start, before creating anything in it.
