@@ -239,7 +239,9 @@ pub struct RunArgs {
     /// Do not apply migrations at start.
     #[arg(long, env = "NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_migrate: bool,
-    /// Exit once every assigned partition is consumed to its end and committed.
+    /// Exit once every assigned partition is consumed to its end and
+    /// committed, or once no partition has been assigned for 10 s while
+    /// other members of the group own every one.
     #[arg(long)]
     pub stop_when_caught_up: bool,
     /// On SIGTERM/SIGINT, how long to keep trying to commit in-flight batches.

@@ -1140,6 +1140,10 @@ const MEMBERS_CAP: usize = 2_000_000;
 /// high watermark (stall detection, and "caught up" for `stop_when_caught_up`).
 const PROGRESS_CHECK_EVERY: Duration = Duration::from_millis(500);
 
+/// How long a `stop_when_caught_up` run given no partition waits for a
+/// rebalance to give it some before it stops.
+const IDLE_STOP_AFTER: Duration = Duration::from_secs(10);
+
 /// How often a consumer that holds no partition asks whether its topic exists.
 const TOPIC_CHECK_EVERY: Duration = Duration::from_secs(5);
 
@@ -1331,23 +1335,45 @@ fn intake(
                     return Err(e.into());
                 }
             };
-            if caught_up && cfg.stop_when_caught_up && dec.is_empty() {
-                tracing::info!("caught up with every assigned partition");
-                // Other members of the group own the rest: live ones, or
-                // dead ones the broker has not expired yet, whose partitions
-                // nobody reads meanwhile. Either way this run did not load
-                // the whole topic, and a batch job should hear it.
-                if let Some(unowned) = source.unowned_partitions().filter(|u| !u.is_empty()) {
-                    tracing::warn!(
-                        topic = %source.topic(),
-                        group = %cfg.kafka.group_id,
-                        partitions = ?unowned,
-                        "stopping while other members of the group own these partitions: this run did not read them. \
-                         If no other consumer runs, they belong to members that died and that the broker has not expired yet \
-                         (session.timeout.ms); run again once it has"
-                    );
+            if cfg.stop_when_caught_up && dec.is_empty() {
+                // Given no partition, there is nothing to catch up with: once
+                // the broker lists the topic's partitions, all of them other
+                // members'. Not at once, so that a rebalance under way can
+                // end first.
+                let left_out = !caught_up
+                    && ownership
+                        .idle_for()
+                        .is_some_and(|idle| idle >= IDLE_STOP_AFTER);
+                let unowned = (caught_up || left_out)
+                    .then(|| source.unowned_partitions())
+                    .flatten()
+                    .filter(|u| !u.is_empty());
+                if caught_up || (left_out && unowned.is_some()) {
+                    if caught_up {
+                        tracing::info!("caught up with every assigned partition");
+                    } else {
+                        tracing::info!(
+                            waited_secs = IDLE_STOP_AFTER.as_secs(),
+                            "no partition assigned: other members of the group own every partition"
+                        );
+                    }
+                    // Other members of the group own the rest: live ones, or
+                    // dead ones the broker has not expired yet, whose
+                    // partitions nobody reads meanwhile. Either way this run
+                    // did not load the whole topic, and a batch job should
+                    // hear it.
+                    if let Some(unowned) = unowned {
+                        tracing::warn!(
+                            topic = %source.topic(),
+                            group = %cfg.kafka.group_id,
+                            partitions = ?unowned,
+                            "stopping while other members of the group own these partitions: this run did not read them. \
+                             If no other consumer runs, they belong to members that died and that the broker has not expired yet \
+                             (session.timeout.ms); run again once it has"
+                        );
+                    }
+                    ownership.request_stop();
                 }
-                ownership.request_stop();
             }
         }
         if ownership.generation() != last_generation {

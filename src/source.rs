@@ -148,6 +148,10 @@ pub struct Ownership {
     cursors: Mutex<HashMap<i32, Cursor>>,
     resync: AtomicBool,
     stop: AtomicBool,
+    /// Since when the last assignment has been an empty one (the group's
+    /// other members own every partition); None while one is held, before
+    /// the first, and between a revocation and the next.
+    idle_since: Mutex<Option<Instant>>,
 }
 
 /// Where a partition's delivery stands, so that the source hands on each
@@ -355,7 +359,21 @@ impl Ownership {
             cursors: Mutex::new(HashMap::new()),
             resync: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            idle_since: Mutex::new(None),
         }
+    }
+
+    /// How long the last assignment, an empty one, has stood (see
+    /// `idle_since`).
+    pub fn idle_for(&self) -> Option<Duration> {
+        self.idle_since
+            .lock()
+            .expect("idle lock")
+            .map(|t| t.elapsed())
+    }
+
+    fn note_idle(&self, idle: bool) {
+        *self.idle_since.lock().expect("idle lock") = idle.then(Instant::now);
     }
 
     pub fn generation(&self) -> u64 {
@@ -479,6 +497,9 @@ impl SourceContext {
     /// partition count, which is what tells a member the group left idle
     /// (no lag series, nothing to commit) from one keeping up.
     fn own(&self, positions: HashMap<i32, Option<i64>>, verify: &HashMap<i32, LastWritten>) {
+        // Idle only by an assignment given empty (see the rebalance
+        // callback), not by a revocation or an error.
+        self.ownership.note_idle(false);
         let count = positions.len() as i64;
         self.ownership.reassign(positions, verify);
         self.metrics.assigned_partitions.set(count);
@@ -611,6 +632,7 @@ impl ConsumerContext for SourceContext {
                     tracing::info!(partitions = ?numbers, stored_offsets = ?from, "partitions assigned; resuming from offsets stored in Postgres");
                 }
                 self.own(positions, &verify);
+                self.ownership.note_idle(numbers.is_empty());
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }

@@ -503,6 +503,48 @@ async fn a_kafka_timestamp_postgres_cannot_store_holds_nothing_up() {
     );
 }
 
+/// Regression: a `--stop-when-caught-up` run that joined a group whose other
+/// members own every partition (more members than partitions) waited for an
+/// assignment for ever. It stops once it has held no partition for 10 s,
+/// saying which partitions the others own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_to_the_end_given_no_partition_stops() {
+    let Named {
+        _cluster,
+        db,
+        name: _,
+        mut cfg,
+    } = Named::with_partitions("left_out", 1, &sample_messages(0..100, 10)).await;
+    let mut late = cfg.clone();
+    cfg.stop_when_caught_up = false;
+    let owner = Running::spawn(cfg, Metrics::new());
+    wait_until(
+        &db,
+        "SELECT count(*) = 100 FROM events",
+        "the owner's events",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    late.stop_when_caught_up = true;
+    let ended = tokio::time::timeout(
+        Duration::from_secs(60),
+        pipeline::run(late, Metrics::new(), std::future::pending()),
+    )
+    .await;
+    let took = started.elapsed();
+    // Stopped first, so that a failure below ends the test.
+    let owned = owner.stop().await;
+    let summary = ended
+        .expect("a run given no partition stops within 60 s")
+        .expect("no error");
+    assert_eq!(summary.events_written + summary.rejected, 0);
+    assert!(
+        took >= Duration::from_secs(10),
+        "not before it has waited for a rebalance: {took:?}"
+    );
+    assert_eq!(owned.events_written, 100);
+}
+
 /// A LATIN1 database refuses characters outside Latin-1 (SQLSTATE 22P05) on
 /// every retry, which would stall the partition that carries one: `run`
 /// refuses such a database at start, before creating anything in it.
