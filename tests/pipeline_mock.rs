@@ -190,6 +190,52 @@ async fn valid_and_invalid_messages_land_exactly_once_with_reasons() {
     assert_eq!(rows_after, rows);
 }
 
+/// The healthy KPI beside a failing one in the KPI-failure tests.
+const BY_TYPE: (&str, &str) = (
+    "by_type.sql",
+    "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+);
+
+/// After a run of `n` events in which KPI `failed` failed on a batch: the
+/// healthy `by_type` saw every event, `failed` is marked stale for the next
+/// start to rebuild, and its failure is counted once.
+async fn assert_kpi_given_up(
+    c: &tokio_postgres::Client,
+    metrics: &Metrics,
+    failed: &str,
+    n: usize,
+) {
+    assert_eq!(event_rows(c).await, n as i64);
+    let by_type: i64 = c
+        .query_one("SELECT sum(n)::bigint FROM by_type", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_type, n as i64, "the healthy KPI saw every batch");
+    let hash: String = c
+        .query_one(
+            "SELECT sql_hash FROM kpi_registry WHERE name = $1",
+            &[&failed],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hash, "stale", "the next start rebuilds it");
+    let text = metrics.render();
+    assert!(
+        text.contains(&format!(
+            "energy_stream_kpi_failures_total{{kpi=\"{failed}\"}} 1"
+        )),
+        "{text}"
+    );
+    // Regression: a KPI that never failed had no failures series at all,
+    // so `rate(...)` over it was empty rather than 0.
+    assert!(
+        text.contains("energy_stream_kpi_failures_total{kpi=\"by_type\"} 0"),
+        "{text}"
+    );
+}
+
 /// A KPI that blows DataFusion's memory pool on a batch is stopped, logged,
 /// disabled and marked stale; the pipeline goes on and loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,23 +247,15 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
     let n = 600;
     send_raw(&brokers, &topic, &sample_messages(0..n, 40));
 
-    let dir = scratch_dir().join(unique("kpis"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("by_type.sql"),
-        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
-    )
-    .unwrap();
     // Every row adds a 20 kB distinct value: far beyond a 1 MiB pool.
-    std::fs::write(
-        dir.join("bomb.sql"),
-        "SELECT customer_id, count(DISTINCT concat(session_id, repeat('x', 20000))) AS n FROM events GROUP BY customer_id",
-    )
-    .unwrap();
-    let kpi_cfg = energy_stream::kpi::KpiConfig {
-        dir,
-        memory_limit: 1 << 20,
-    };
+    let mut kpi_cfg = kpi_dir(&[
+        BY_TYPE,
+        (
+            "bomb.sql",
+            "SELECT customer_id, count(DISTINCT concat(session_id, repeat('x', 20000))) AS n FROM events GROUP BY customer_id",
+        ),
+    ]);
+    kpi_cfg.memory_limit = 1 << 20;
     // What stops it is the memory pool, not some other error.
     let engine = energy_stream::kpi::KpiEngine::load_dir(&kpi_cfg)
         .await
@@ -249,32 +287,7 @@ async fn a_kpi_that_exceeds_its_memory_pool_is_disabled_not_fatal() {
     .expect("a failing KPI does not stop the pipeline");
     assert_eq!(summary.events_written, n as u64);
 
-    let c = client(&db).await;
-    let events = event_rows(&c).await;
-    assert_eq!(events, n as i64);
-    let by_type: i64 = c
-        .query_one("SELECT sum(n)::bigint FROM by_type", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(by_type, n as i64, "the healthy KPI saw every batch");
-    let hash: String = c
-        .query_one("SELECT sql_hash FROM kpi_registry WHERE name = 'bomb'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(hash, "stale", "the next start rebuilds it");
-    let text = metrics.render();
-    assert!(
-        text.contains("energy_stream_kpi_failures_total{kpi=\"bomb\"} 1"),
-        "{text}"
-    );
-    // Regression: a KPI that never failed had no failures series at all,
-    // so `rate(...)` over it was empty rather than 0.
-    assert!(
-        text.contains("energy_stream_kpi_failures_total{kpi=\"by_type\"} 0"),
-        "{text}"
-    );
+    assert_kpi_given_up(&client(&db).await, &metrics, "bomb", n).await;
 }
 
 /// Regression: a KPI whose keys, for some events, outgrew what the unique
@@ -316,26 +329,18 @@ async fn a_kpi_whose_keys_postgres_refuses_is_disabled_not_retried_forever() {
     messages.extend(sample_messages(103..200, 10));
     send_raw(&brokers, &topic, &messages);
 
-    let dir = scratch_dir().join(unique("kpis"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("by_type.sql"),
-        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("segments.sql"),
-        "SELECT customer_id, channel, tariff_type, concat(channel, '/', tariff_type) AS segment, \
-         count(*) AS n FROM events GROUP BY 1, 2, 3, 4",
-    )
-    .unwrap();
+    let kpi_cfg = kpi_dir(&[
+        BY_TYPE,
+        (
+            "segments.sql",
+            "SELECT customer_id, channel, tariff_type, concat(channel, '/', tariff_type) AS segment, \
+             count(*) AS n FROM events GROUP BY 1, 2, 3, 4",
+        ),
+    ]);
     let db = fresh_db("wide_keys").await;
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());
     cfg.rules.max_field_bytes = 800;
-    cfg.kpi = Some(energy_stream::kpi::KpiConfig {
-        dir,
-        memory_limit: 256 << 20,
-    });
+    cfg.kpi = Some(kpi_cfg);
     let metrics = Metrics::new();
     let summary = run_within(
         cfg.clone(),
@@ -347,33 +352,10 @@ async fn a_kpi_whose_keys_postgres_refuses_is_disabled_not_retried_forever() {
     .expect("a KPI Postgres refuses does not stop the pipeline");
     assert_eq!(summary.events_written, 200);
 
-    let c = client(&db).await;
-    assert_eq!(event_rows(&c).await, 200);
-    let by_type: i64 = c
-        .query_one("SELECT sum(n)::bigint FROM by_type", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(by_type, 200, "the other KPI saw every event");
-    let hash: String = c
-        .query_one(
-            "SELECT sql_hash FROM kpi_registry WHERE name = 'segments'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(hash, "stale");
-    let text = metrics.render();
-    assert!(
-        text.contains("energy_stream_kpi_failures_total{kpi=\"segments\"} 1"),
-        "{text}"
-    );
-    // The KPI's fault, not Postgres being away.
-    assert!(
-        !text.contains("energy_stream_db_errors_total{kind=\"query\"} 1"),
-        "{text}"
-    );
+    assert_kpi_given_up(&client(&db).await, &metrics, "segments", 200).await;
+    // The KPI's fault, not Postgres being away: no write was retried.
+    assert_eq!(metrics.db_errors.with_label_values(&["query"]).get(), 0);
+    assert_eq!(metrics.retries.get(), 0);
 
     // The next start rebuilds the stale KPI from `events` and meets the same
     // rows: it stops, naming the KPI and what to change.
