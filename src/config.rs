@@ -381,6 +381,10 @@ pub struct PipelineConfig {
     /// How often to look at the KPI files for changes while running; None
     /// reads them at start only.
     pub kpi_watch: Option<Duration>,
+    /// How long after a revocation without a new assignment the consumer
+    /// says the group's rebalance is stuck and stops being ready (60 s; not
+    /// a flag: tests shorten it).
+    pub rebalance_limit: Duration,
     /// Fault injection for the crash tests; None in production.
     pub fault: Option<Fault>,
 }
@@ -441,6 +445,7 @@ impl PipelineConfig {
             progress_interval: Duration::from_secs(10),
             kpi: None,
             kpi_watch: None,
+            rebalance_limit: Duration::from_secs(60),
             fault: None,
         }
     }

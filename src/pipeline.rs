@@ -1335,6 +1335,7 @@ fn intake(
                     return Err(e.into());
                 }
             };
+            source.note_if_stuck(cfg.rebalance_limit);
             if cfg.stop_when_caught_up && dec.is_empty() {
                 // Given no partition, there is nothing to catch up with: once
                 // the broker lists the topic's partitions, all of them other

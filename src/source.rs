@@ -152,6 +152,9 @@ pub struct Ownership {
     /// other members own every partition); None while one is held, before
     /// the first, and between a revocation and the next.
     idle_since: Mutex<Option<Instant>>,
+    /// Since when the consumer has waited for an assignment, from joining
+    /// the group or from a revocation (a rebalance under way); None otherwise.
+    revoked_since: Mutex<Option<Instant>>,
 }
 
 /// Where a partition's delivery stands, so that the source hands on each
@@ -360,7 +363,22 @@ impl Ownership {
             resync: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             idle_since: Mutex::new(None),
+            revoked_since: Mutex::new(None),
         }
+    }
+
+    /// How long the consumer has waited for an assignment since it joined
+    /// the group or last had its partitions revoked; None once one came (an
+    /// empty one too).
+    pub fn revoked_for(&self) -> Option<Duration> {
+        self.revoked_since
+            .lock()
+            .expect("revoked lock")
+            .map(|t| t.elapsed())
+    }
+
+    fn note_revoked(&self, revoked: bool) {
+        *self.revoked_since.lock().expect("revoked lock") = revoked.then(Instant::now);
     }
 
     /// How long the last assignment, an empty one, has stood (see
@@ -633,6 +651,10 @@ impl ConsumerContext for SourceContext {
                 }
                 self.own(positions, &verify);
                 self.ownership.note_idle(numbers.is_empty());
+                self.ownership.note_revoked(false);
+                if !self.health.in_group.swap(true, Ordering::Relaxed) {
+                    tracing::info!("the group has assigned partitions again");
+                }
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }
@@ -641,6 +663,7 @@ impl ConsumerContext for SourceContext {
                 // Logged once the gate is taken: no commit of these partitions
                 // lands after this line (the rebalance storm test relies on it).
                 self.own(HashMap::new(), &HashMap::new());
+                self.ownership.note_revoked(true);
                 let mut numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 numbers.sort_unstable();
                 tracing::info!(
@@ -660,6 +683,7 @@ impl ConsumerContext for SourceContext {
             other => {
                 tracing::error!(error = ?other, "rebalance error; dropping the assignment");
                 self.own(HashMap::new(), &HashMap::new());
+                self.ownership.note_revoked(true);
                 let _ = consumer.unassign();
             }
         }
@@ -1047,7 +1071,35 @@ impl KafkaSource {
 
     pub fn subscribe(&self) -> Result<(), SourceError> {
         self.consumer.subscribe(&[&self.topic])?;
+        // The first assignment is waited for as one after a revocation.
+        self.ownership.note_revoked(true);
         Ok(())
+    }
+
+    /// A rebalance that does not end leaves the consumer reading nothing, in
+    /// silence, and ready as far as Postgres and the broker go. Once `limit`
+    /// has passed since the last revocation without an assignment, this says
+    /// so and makes the consumer not ready until one comes; then says it again
+    /// after each further `limit`. Kafka waits up to the members'
+    /// `max.poll.interval.ms` for each to rejoin; tansu, paused past the
+    /// session timeout, waited until another member joined.
+    pub fn note_if_stuck(&self, limit: Duration) {
+        if !self.ownership.revoked_for().is_some_and(|w| w >= limit) {
+            return;
+        }
+        tracing::warn!(
+            waited_secs = limit.as_secs(),
+            topic = %self.topic,
+            "no assignment from the group since joining it or since the last revocation: its rebalance has not ended \
+             (a member that does not rejoin, or a broker that lost the group); reading nothing, and not ready, \
+             until it ends. A new member's join can end it: restarting this consumer joins as one"
+        );
+        self.consumer
+            .context()
+            .health
+            .in_group
+            .store(false, Ordering::Relaxed);
+        self.ownership.note_revoked(true);
     }
 
     /// Polls until a message to hand on, an end of partition, or `timeout`.

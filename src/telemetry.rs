@@ -408,6 +408,9 @@ pub struct Health {
     pub topic_ok: AtomicBool,
     /// False from a failed batch write until the next successful commit.
     pub committing: AtomicBool,
+    /// False while a revocation has gone without a new assignment for too
+    /// long (a rebalance that does not end), until one comes.
+    pub in_group: AtomicBool,
 }
 
 impl Default for Health {
@@ -417,6 +420,7 @@ impl Default for Health {
             kafka_ok: AtomicBool::new(false),
             topic_ok: AtomicBool::new(true),
             committing: AtomicBool::new(true),
+            in_group: AtomicBool::new(true),
         }
     }
 }
@@ -427,6 +431,7 @@ impl Health {
             && self.kafka_ok.load(Ordering::Relaxed)
             && self.topic_ok.load(Ordering::Relaxed)
             && self.committing.load(Ordering::Relaxed)
+            && self.in_group.load(Ordering::Relaxed)
     }
 }
 

@@ -11,7 +11,7 @@ use energy_stream::pipeline;
 use energy_stream::source::KafkaConfig;
 use energy_stream::telemetry::Metrics;
 use rdkafka::mocking::MockCluster;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 fn pipeline_config(brokers: &str, topic: &str, db: tokio_postgres::Config) -> PipelineConfig {
     let mut cfg = PipelineConfig::new(
@@ -669,7 +669,6 @@ async fn a_commit_whose_reply_is_lost_is_counted_once_and_not_rewritten() {
 /// the partition unread. It must wait while the errors last, then read it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_whose_fetches_fail_is_not_reported_caught_up() {
-    use rdkafka::types::RDKafkaApiKey;
     let cluster = MockCluster::new(1).unwrap();
     let brokers = cluster.bootstrap_servers();
     let topic = unique("fetcherr");
@@ -2053,6 +2052,59 @@ async fn a_writer_frozen_in_a_copy_is_ended_once_it_holds_others_up() {
         stored, 50,
         "the offset is the batch's, not the frozen session's"
     );
+}
+
+/// Regression: a consumer whose partitions were revoked and whose rejoin
+/// never completed (tansu, paused past the session timeout) read nothing
+/// for good, stayed ready, and said nothing. It now says so once the wait
+/// passes the limit, and is not ready until the group assigns again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_that_does_not_end_makes_the_consumer_not_ready() {
+    let Named {
+        _cluster: cluster,
+        db,
+        mut cfg,
+        ..
+    } = Named::with_partitions("stuckjoin", 1, &sample_messages(0..50, 10)).await;
+    cfg.stop_when_caught_up = false;
+    let addr = format!("127.0.0.1:{}", free_port());
+    cfg.metrics_addr = Some(addr.parse().unwrap());
+    let (topic, brokers) = (cfg.kafka.topic.clone(), cfg.kafka.brokers.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
+        let _ = stop_rx.await;
+    }));
+    let wait_for = |want: bool, limit: u64, what: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(limit);
+            while ready(&addr) != want {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    wait_until(&db, "SELECT count(*) = 50 FROM events", "the first events").await;
+    wait_for(true, 60, "ready once committing").await;
+
+    // The coordinator asks for a rejoin, and then refuses every join.
+    cluster.request_errors(
+        RDKafkaApiKey::JoinGroup,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 500],
+    );
+    cluster.request_errors(
+        RDKafkaApiKey::Heartbeat,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 1],
+    );
+    wait_for(false, 60, "not ready while the rebalance does not end").await;
+    cluster.clear_request_errors(RDKafkaApiKey::JoinGroup);
+    wait_for(true, 60, "ready again once the group assigns").await;
+    send_raw(&brokers, &topic, &sample_messages(50..80, 10));
+    wait_until(&db, "SELECT count(*) = 80 FROM events", "reading again").await;
+
+    stop_tx.send(()).unwrap();
+    let summary = run.await.unwrap().expect("a clean stop");
+    assert_eq!(summary.events_written, 80);
 }
 
 /// Regression: after a short broker outage, an idle consumer stayed not
