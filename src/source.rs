@@ -1084,7 +1084,7 @@ impl KafkaSource {
     /// `max.poll.interval.ms` for each to rejoin; tansu, paused past the
     /// session timeout, waited until another member joined.
     pub fn note_if_stuck(&self, limit: Duration) {
-        if !self.ownership.revoked_for().is_some_and(|w| w >= limit) {
+        if self.ownership.revoked_for().is_none_or(|w| w < limit) {
             return;
         }
         tracing::warn!(
