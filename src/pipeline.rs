@@ -1032,6 +1032,29 @@ async fn prepare(
 
     at("checking the consumer group and the topic");
     sink::check_single_group(&client, &cfg.kafka.group_id, &cfg.kafka.topic).await?;
+    // Before anything else changes the registry: the files deleted while
+    // this process ran are no longer maintained, and files that lack a KPI
+    // the database maintains are refused as they are.
+    if !retire.is_empty() {
+        at("retiring deleted KPIs");
+        let retired = crate::kpi::retire(&client, retire).await?;
+        if !retired.is_empty() {
+            tracing::info!(
+                ?retired,
+                "KPI files deleted: retired, their tables and views stay as they are, no longer updated"
+            );
+        }
+    }
+    at("checking the KPI files against the database");
+    let names: Vec<&str> = engine
+        .iter()
+        .flat_map(|e| e.defs())
+        .map(|d| d.name.as_str())
+        .collect();
+    let missing = crate::kpi::not_computed(&client, &names).await?;
+    if !missing.is_empty() {
+        return Err(SinkError::KpisDiffer(missing).into());
+    }
     let kpis = match engine {
         Some(engine) => {
             at("installing KPIs (with any backfills)");
@@ -1047,16 +1070,6 @@ async fn prepare(
         }
         None => None,
     };
-    if !retire.is_empty() {
-        at("retiring deleted KPIs");
-        let retired = crate::kpi::retire(&client, retire).await?;
-        if !retired.is_empty() {
-            tracing::info!(
-                ?retired,
-                "KPI files deleted: retired, their tables and views stay as they are, no longer updated"
-            );
-        }
-    }
     // Refuse before reading anything: the first batch would be refused anyway.
     let known: Vec<(&str, &str)> = kpis
         .iter()

@@ -918,12 +918,43 @@ async fn a_consumer_without_a_kpi_another_installed_stops_instead_of_leaving_it_
         "nothing committed without by_channel"
     );
 
-    // Started again with the old files: refused before reading anything.
-    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
-    cfg.kafka.group_id = group.clone();
-    cfg.kpi = Some(old.clone());
-    let err = run_refused(cfg, Duration::from_secs(60), "old files refused at start").await;
-    assert!(err.contains("by_channel (not computed here)"), "{err}");
+    // Started again with the old files, or from a stray directory: refused
+    // before reading anything, and before changing the registry (a stray
+    // file's KPI, installed first, stopped the consumers that ran the right
+    // files).
+    let registry = || async {
+        texts(
+            &c,
+            "SELECT name || ' ' || sql_hash FROM kpi_registry ORDER BY name",
+            &[],
+        )
+        .await
+    };
+    let before = registry().await;
+    let stray = kpi_dir(&[(
+        "zz_stray.sql",
+        "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+    )]);
+    for (files, lacks) in [(&old, "by_channel"), (&stray, "by_type")] {
+        let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+        cfg.kafka.group_id = group.clone();
+        cfg.kpi = Some(files.clone());
+        let err = run_refused(cfg, Duration::from_secs(60), "wrong files refused at start").await;
+        assert!(
+            err.contains(&format!("{lacks} (not computed here)")),
+            "{err}"
+        );
+        assert_eq!(registry().await, before, "the registry is as it was");
+    }
+    let stray_tables: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE '%zz_stray%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stray_tables, 0, "nothing of the stray file was created");
 
     // With the new files it catches up, and every KPI equals its recomputation.
     let mut cfg = pipeline_config(&brokers, &topic, db.clone());

@@ -946,6 +946,27 @@ pub async fn unmaintained(
         .collect())
 }
 
+/// The KPIs `kpi_registry` maintains (live: not stale or retired) that
+/// `names` lacks, each named as [`unmaintained`] names it. A start whose
+/// files lack one is refused before it installs anything: installed first,
+/// a stray directory's files, or an old copy of the files, changed the
+/// registry and stopped the consumers that ran the right ones.
+pub async fn not_computed(
+    client: &impl tokio_postgres::GenericClient,
+    names: &[&str],
+) -> Result<Vec<String>, SinkError> {
+    let rows = client
+        .query(
+            "SELECT name FROM kpi_registry WHERE sql_hash <> ALL($1) AND name <> ALL($2) ORDER BY name",
+            &[&vec![STALE_HASH, RETIRED_HASH], &names],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| format!("{} (not computed here)", r.get::<_, &str>(0)))
+        .collect())
+}
+
 /// Marks the KPIs in `kpi_registry` that `engine` has no file for as retired,
 /// so that consumers without them may write; returns their names. `migrate`
 /// calls this with the files it installed.
