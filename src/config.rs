@@ -107,8 +107,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.6)]
     pub min_ratio: f64,
     /// Afterwards, stream at 10% of the measured rate for this many seconds and
-    /// report end-to-end latency (0 skips it).
-    #[arg(long, default_value_t = 0)]
+    /// report end-to-end latency (0 skips it; at most 86400).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=DAY_SECS))]
     pub latency_secs: u64,
     /// Partitions of the bench topic.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..))]
@@ -206,8 +206,10 @@ pub struct RunArgs {
     /// A micro-batch closes at this many messages...
     #[arg(long, env = "BATCH_MAX_ROWS", default_value_t = 20_000)]
     pub batch_max_rows: usize,
-    /// ...or this many milliseconds after its first message, whichever comes first.
-    #[arg(long, env = "BATCH_MAX_WAIT_MS", default_value_t = 500)]
+    /// ...or this many milliseconds after its first message, whichever comes
+    /// first (0 to 3600000).
+    #[arg(long, env = "BATCH_MAX_WAIT_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub batch_max_wait_ms: u64,
     /// ...or once its messages add up to this many bytes. It bounds memory
     /// when messages are large; events of a few hundred bytes fill
@@ -219,9 +221,10 @@ pub struct RunArgs {
     /// Loopback by default; the container image sets 0.0.0.0:9898.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9898")]
     pub metrics_addr: String,
-    /// Messages larger than this are rejected as too_large.
-    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
-    pub max_message_bytes: usize,
+    /// Messages larger than this are rejected as too_large (1 to 1 GiB).
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    pub max_message_bytes: u64,
     /// Events before this instant are rejected (event_time_too_old).
     #[arg(long, env = "MIN_EVENT_TIME", default_value = "2000-01-01T00:00:00Z", value_parser = parse_start)]
     pub min_event_time: DateTime<Utc>,
@@ -244,17 +247,20 @@ pub struct RunArgs {
     /// other members of the group own every one.
     #[arg(long)]
     pub stop_when_caught_up: bool,
-    /// On SIGTERM/SIGINT, how long to keep trying to commit in-flight batches.
-    #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    /// On SIGTERM/SIGINT, how long to keep trying to commit in-flight
+    /// batches (0 to 86400).
+    #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=DAY_SECS))]
     pub drain_timeout_secs: u64,
     /// How long Postgres may leave a connection attempt, a batch's COPY,
     /// merges or COMMIT, or the read of the stored offsets unanswered before
     /// it counts as away: the connection is dropped and the batch retried on
     /// a new one. Start-up work (migrations, KPI backfills) is not bounded,
     /// though a shutdown ends it at once, and a connection whose host is gone
-    /// fails within about a minute (TCP keepalives; see the README).
+    /// fails within about a minute (TCP keepalives; see the README). 1 to
+    /// 86400: Postgres' idle limit, twice this, must fit its settings.
     #[arg(long, env = "DB_TIMEOUT_SECS", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=DAY_SECS))]
     pub db_timeout_secs: u64,
     /// Directory of KPI files (*.sql), each computed on every batch. Default:
     /// ./queries when it exists; without it, no KPIs are computed (logged).
@@ -269,11 +275,13 @@ pub struct RunArgs {
     pub kpi_memory_mb: u64,
     /// Seconds between looks at the KPI directory for added, changed or
     /// deleted files, which restart the pipeline in-process with them; 0 turns
-    /// the watch off (files are then read at start only).
-    #[arg(long, env = "KPI_WATCH_SECS", default_value_t = 5)]
+    /// the watch off (files are then read at start only); at most 86400.
+    #[arg(long, env = "KPI_WATCH_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=DAY_SECS))]
     pub kpi_watch_secs: u64,
-    /// Seconds between progress log lines.
-    #[arg(long, env = "PROGRESS_INTERVAL_SECS", default_value_t = 10)]
+    /// Seconds between progress log lines (0 to 86400; 0 counts as 1).
+    #[arg(long, env = "PROGRESS_INTERVAL_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=DAY_SECS))]
     pub progress_interval_secs: u64,
 }
 
@@ -645,6 +653,11 @@ impl KafkaArgs {
 /// it leaves chrono's range.
 const MAX_FUTURE_SECS_LIMIT: i64 = 100 * 366 * 86_400;
 
+/// The longest a duration flag in seconds may be: longer ones overflowed
+/// the clock or Postgres' settings (`--db-timeout-secs` past about 12 days
+/// made every batch fail, as Postgres refused the writers' idle limit).
+const DAY_SECS: u64 = 86_400;
+
 /// Where `run` and `produce` serve metrics unless told otherwise: loopback,
 /// so a laptop does not expose them; the container image sets 0.0.0.0:9898.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
@@ -753,7 +766,7 @@ impl RunArgs {
         cfg.database.ca_file = self.db.ca_file()?;
         cfg.database.timeout = Duration::from_secs(self.db_timeout_secs);
         cfg.decode = DecodeConfig {
-            max_message_bytes: self.max_message_bytes,
+            max_message_bytes: usize::try_from(self.max_message_bytes).unwrap_or(usize::MAX),
         };
         cfg.rules = ValidationRules {
             min_event_time: self.min_event_time,
@@ -1157,6 +1170,56 @@ mod tests {
             .expect_err("0 is refused")
             .to_string();
         assert!(err.contains("--batch-max-bytes"), "{err}");
+    }
+
+    /// Regression: duration flags had no upper bound. `--db-timeout-secs
+    /// 1073742` made Postgres refuse the writers' idle limit, so every batch
+    /// failed for ever; larger values, and a huge `--progress-interval-secs`,
+    /// panicked (exit 101). `--max-message-bytes 0` rejected every event.
+    #[test]
+    fn duration_and_size_flags_are_bounded() {
+        let run = |flag: &str, v: &str| {
+            Cli::try_parse_from([
+                "energy-stream",
+                "run",
+                "--database-url",
+                "postgres://u@h/db",
+                &format!("{flag}={v}"),
+            ])
+            .map(|c| c.command)
+        };
+        let refused = [
+            ("--db-timeout-secs", "86401"),
+            ("--db-timeout-secs", "1073742"),
+            ("--db-timeout-secs", "10000000000000000000"),
+            ("--drain-timeout-secs", "86401"),
+            ("--kpi-watch-secs", "86401"),
+            ("--progress-interval-secs", "18446744073709551615"),
+            ("--batch-max-wait-ms", "3600001"),
+            ("--max-message-bytes", "0"),
+            ("--max-message-bytes", "1073741825"),
+        ];
+        for (flag, v) in refused {
+            let err = run(flag, v).expect_err(v).to_string();
+            assert!(err.contains(flag), "{flag}={v}: {err}");
+        }
+        let accepted = [
+            ("--db-timeout-secs", "86400"),
+            ("--drain-timeout-secs", "0"),
+            ("--kpi-watch-secs", "0"),
+            ("--progress-interval-secs", "86400"),
+            ("--batch-max-wait-ms", "0"),
+            ("--max-message-bytes", "1"),
+        ];
+        for (flag, v) in accepted {
+            let Ok(Command::Run(args)) = run(flag, v) else {
+                panic!("{flag}={v} is accepted")
+            };
+            let cfg = args.to_config(true, Vec::new()).unwrap();
+            // The longest timeout still gives Postgres an idle limit it takes
+            // (at most 2^31 - 1 ms).
+            assert!(cfg.database.frozen_after().as_millis() <= i32::MAX as u128);
+        }
     }
 
     /// Regression: a `--max-future-secs` past chrono's range panicked, at
