@@ -76,6 +76,26 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let rt = runtime()?;
             rt.block_on(async {
+                // Before anything changes: a directory that does not load
+                // (run from elsewhere than the repo) stopped `migrate` after
+                // the schema and before the grants.
+                let engine = if args.no_kpis {
+                    None
+                } else {
+                    let dir = &args.queries.queries_dir;
+                    let engine = crate::kpi::KpiEngine::load_dir(&crate::kpi::KpiConfig {
+                        dir: dir.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "nothing was changed: the KPI files of {} do not load (give --queries-dir, or --no-kpis for the schema and grants only)",
+                            dir.display()
+                        )
+                    })?;
+                    Some(engine)
+                };
                 let mut client = database.connect().await?;
                 crate::sink::migrate::check_roles(
                     &client,
@@ -89,12 +109,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     listed(&report.applied),
                     report.already
                 );
-                if !args.no_kpis {
-                    let engine = crate::kpi::KpiEngine::load_dir(&crate::kpi::KpiConfig {
-                        dir: args.queries.queries_dir.clone(),
-                        ..Default::default()
-                    })
-                    .await?;
+                if let Some(engine) = engine {
                     let kpis = crate::kpi::install(&mut client, &engine).await?;
                     println!(
                         "KPIs: {} installed, {} (re)computed from events{}",

@@ -504,6 +504,42 @@ async fn verify_leaves_a_database_without_the_schema_as_it_was() {
     }
 }
 
+/// Regression: `migrate` run where its default `queries` directory does not
+/// exist applied the schema, then failed on the directory before the grants:
+/// the app role could not run. It now changes nothing and says what to give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_without_its_kpi_directory_changes_nothing() {
+    let db = common::fresh_db("migrate_nodir").await;
+    let url = common::db_url_with_password(&db);
+    let elsewhere = common::scratch_dir().join("no_queries_here");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .arg("migrate")
+        .current_dir(&elsewhere)
+        .env("DATABASE_URL", &url)
+        .env_remove("QUERIES_DIR")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = common::output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("nothing was changed") && text.contains("--queries-dir"),
+        "{text}"
+    );
+    let tables: i64 = common::client(&db)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "migrate created tables: {text}");
+}
+
 /// Regression: `check` said "0 KPI file(s) OK" for a directory without KPI
 /// files, passed over `Revenue.SQL` without a word (it is never read), and
 /// listed unaliased measures as view columns such as `count(*)` that every
