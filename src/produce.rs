@@ -490,6 +490,9 @@ pub fn produce(
             let line = line.unwrap_or_else(|lossy| lossy);
             let key = match checked {
                 Ok(k) => k,
+                // Recorded and counted by the first pass: `--loop` wrote
+                // the same lines again on every pass.
+                Err(_) if passes > 1 => continue,
                 Err(reason) => {
                     summary.bad_lines += 1;
                     metrics
@@ -929,6 +932,40 @@ mod tests {
         let cfg = replay(cluster.bootstrap_servers(), "big", input, &dir);
         let summary = produce_once(&cfg).unwrap();
         assert_eq!((summary.sent, summary.failed, summary.bad_lines), (2, 0, 0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Regression: `--loop` wrote the input's bad lines to the bad-lines
+    /// file, and counted them, again on every pass.
+    #[test]
+    fn a_looped_input_records_its_bad_lines_once() {
+        let dir = std::env::temp_dir().join(format!("es-produce-loopbad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("loopbad", 1, 1).unwrap();
+        let cfg = ProduceConfig {
+            repeat: true,
+            ..replay(
+                cluster.bootstrap_servers(),
+                "loopbad",
+                dir.join("mixed.jsonl"),
+                &dir,
+            )
+        };
+        let good = "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{}}\n";
+        std::fs::write(&cfg.input, format!("{good}not json\n{good}[1]\n")).unwrap();
+        let stop = AtomicBool::new(false);
+        let summary = std::thread::scope(|s| {
+            let run = s.spawn(|| produce(&cfg, &stop, Metrics::new(), Arc::default()));
+            // Long enough for several passes, of two lines sent each.
+            std::thread::sleep(Duration::from_millis(500));
+            stop.store(true, Ordering::Relaxed);
+            run.join().unwrap().unwrap()
+        });
+        assert!(summary.sent >= 4, "more than one pass: {summary:?}");
+        assert_eq!(summary.bad_lines, 2, "{summary:?}");
+        let bad = std::fs::read_to_string(&cfg.bad_lines).unwrap();
+        assert_eq!(bad.lines().count(), 2, "{bad}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
