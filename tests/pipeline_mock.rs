@@ -2118,16 +2118,19 @@ async fn a_rebalance_that_does_not_end_makes_the_consumer_not_ready() {
     wait_until(&db, "SELECT count(*) = 50 FROM events", "the first events").await;
     wait_for(true, 60, "ready once committing").await;
 
-    // The coordinator asks for a rejoin, and then refuses every join.
+    // The coordinator asks for a rejoin, and then refuses every join (more
+    // refusals than librdkafka's retries can use up meanwhile). On a busy
+    // machine the revocation came about a minute later (CI, and three runs
+    // at once here), hence the long wait below.
     cluster.request_errors(
         RDKafkaApiKey::JoinGroup,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 500],
+        &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 100_000],
     );
     cluster.request_errors(
         RDKafkaApiKey::Heartbeat,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 1],
     );
-    wait_for(false, 60, "not ready while the rebalance does not end").await;
+    wait_for(false, 120, "not ready while the rebalance does not end").await;
     cluster.clear_request_errors(RDKafkaApiKey::JoinGroup);
     wait_for(true, 60, "ready again once the group assigns").await;
     send_raw(&brokers, &topic, &sample_messages(50..80, 10));
