@@ -2120,8 +2120,8 @@ async fn a_rebalance_that_does_not_end_makes_the_consumer_not_ready() {
 
     // The coordinator asks for a rejoin, and then refuses every join (more
     // refusals than librdkafka's retries can use up meanwhile). On a busy
-    // machine the revocation came about a minute later (CI, and three runs
-    // at once here), hence the long wait below.
+    // machine (CI, or three runs at once) the consumer turned not ready
+    // about a minute after the refusals began, hence the long wait below.
     cluster.request_errors(
         RDKafkaApiKey::JoinGroup,
         &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 100_000],
