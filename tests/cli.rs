@@ -492,15 +492,7 @@ async fn verify_leaves_a_database_without_the_schema_as_it_was() {
             text.contains("energy-stream migrate"),
             "{cmd} says what to run: {text}"
         );
-        let tables: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(tables, 0, "{cmd} created tables: {text}");
+        assert_eq!(schema_tables(&c).await, 0, "{cmd} created tables: {text}");
     }
 }
 
@@ -528,16 +520,19 @@ async fn migrate_without_its_kpi_directory_changes_nothing() {
         text.contains("nothing was changed") && text.contains("--queries-dir"),
         "{text}"
     );
-    let tables: i64 = common::client(&db)
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(tables, 0, "migrate created tables: {text}");
+    let c = common::client(&db).await;
+    assert_eq!(schema_tables(&c).await, 0, "migrate created tables: {text}");
+}
+
+/// How many tables the database's current schema holds.
+async fn schema_tables(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// Regression: `check` said "0 KPI file(s) OK" for a directory without KPI

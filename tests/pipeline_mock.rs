@@ -2085,60 +2085,103 @@ async fn a_writer_frozen_in_a_copy_is_ended_once_it_holds_others_up() {
     );
 }
 
+/// A pipeline that keeps running on a one-partition [`Named`] database,
+/// serving `/readyz`, once it has stored the first 50 sample messages.
+struct Served {
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    db: tokio_postgres::Config,
+    brokers: String,
+    topic: String,
+    addr: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    run: tokio::task::JoinHandle<Result<pipeline::RunSummary, pipeline::PipelineError>>,
+}
+
+impl Served {
+    async fn start(prefix: &str, tune: impl FnOnce(&mut PipelineConfig)) -> Served {
+        let Named {
+            _cluster: cluster,
+            db,
+            mut cfg,
+            ..
+        } = Named::with_partitions(prefix, 1, &sample_messages(0..50, 10)).await;
+        cfg.stop_when_caught_up = false;
+        let addr = format!("127.0.0.1:{}", free_port());
+        cfg.metrics_addr = Some(addr.parse().unwrap());
+        tune(&mut cfg);
+        let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
+            let _ = stopped.await;
+        }));
+        wait_until(&db, "SELECT count(*) = 50 FROM events", "the first events").await;
+        let served = Served {
+            cluster,
+            db,
+            brokers,
+            topic,
+            addr,
+            stop,
+            run,
+        };
+        served.wait_ready(true, 60, "ready once committing").await;
+        served
+    }
+
+    /// Waits up to `secs` for `/readyz` to say `want`; panics with `what`.
+    async fn wait_ready(&self, want: bool, secs: u64, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        while ready(&self.addr) != want {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn stop(self) -> pipeline::RunSummary {
+        self.stop.send(()).unwrap();
+        self.run.await.unwrap().expect("a clean stop")
+    }
+}
+
 /// Regression: a consumer whose partitions were revoked and whose rejoin
 /// never completed (tansu, paused past the session timeout) read nothing
 /// for good, stayed ready, and said nothing. It now says so once the wait
 /// passes the limit, and is not ready until the group assigns again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_that_does_not_end_makes_the_consumer_not_ready() {
-    let Named {
-        _cluster: cluster,
-        db,
-        mut cfg,
-        ..
-    } = Named::with_partitions("stuckjoin", 1, &sample_messages(0..50, 10)).await;
-    cfg.stop_when_caught_up = false;
-    let addr = format!("127.0.0.1:{}", free_port());
-    cfg.metrics_addr = Some(addr.parse().unwrap());
-    let (topic, brokers) = (cfg.kafka.topic.clone(), cfg.kafka.brokers.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
-        let _ = stop_rx.await;
-    }));
-    let wait_for = |want: bool, limit: u64, what: &'static str| {
-        let addr = addr.clone();
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(limit);
-            while ready(&addr) != want {
-                assert!(std::time::Instant::now() < deadline, "{what}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    wait_until(&db, "SELECT count(*) = 50 FROM events", "the first events").await;
-    wait_for(true, 60, "ready once committing").await;
-
+    let served = Served::start("stuckjoin", |cfg| {
+        cfg.rebalance_limit = Duration::from_secs(5);
+    })
+    .await;
     // The coordinator asks for a rejoin, and then refuses every join (more
     // refusals than librdkafka's retries can use up meanwhile). On a busy
     // machine (CI, or three runs at once) the consumer turned not ready
     // about a minute after the refusals began, hence the long wait below.
-    cluster.request_errors(
+    served.cluster.request_errors(
         RDKafkaApiKey::JoinGroup,
         &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 100_000],
     );
-    cluster.request_errors(
+    served.cluster.request_errors(
         RDKafkaApiKey::Heartbeat,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 1],
     );
-    wait_for(false, 120, "not ready while the rebalance does not end").await;
-    cluster.clear_request_errors(RDKafkaApiKey::JoinGroup);
-    wait_for(true, 60, "ready again once the group assigns").await;
-    send_raw(&brokers, &topic, &sample_messages(50..80, 10));
-    wait_until(&db, "SELECT count(*) = 80 FROM events", "reading again").await;
-
-    stop_tx.send(()).unwrap();
-    let summary = run.await.unwrap().expect("a clean stop");
-    assert_eq!(summary.events_written, 80);
+    served
+        .wait_ready(false, 120, "not ready while the rebalance does not end")
+        .await;
+    served
+        .cluster
+        .clear_request_errors(RDKafkaApiKey::JoinGroup);
+    served
+        .wait_ready(true, 60, "ready again once the group assigns")
+        .await;
+    send_raw(&served.brokers, &served.topic, &sample_messages(50..80, 10));
+    wait_until(
+        &served.db,
+        "SELECT count(*) = 80 FROM events",
+        "reading again",
+    )
+    .await;
+    assert_eq!(served.stop().await.events_written, 80);
 }
 
 /// Regression: after a short broker outage, an idle consumer stayed not
@@ -2146,55 +2189,20 @@ async fn a_rebalance_that_does_not_end_makes_the_consumer_not_ready() {
 /// noted, getting one back was not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_again_once_the_broker_is_back_without_new_data() {
-    let Named {
-        _cluster: cluster,
-        db,
-        mut cfg,
-        ..
-    } = Named::with_partitions("brokerback", 1, &sample_messages(0..50, 10)).await;
-    cfg.stop_when_caught_up = false;
-    let addr = format!("127.0.0.1:{}", free_port());
-    cfg.metrics_addr = Some(addr.parse().unwrap());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(pipeline::run(cfg, Metrics::new(), async {
-        let _ = stop_rx.await;
-    }));
-    let wait_for = |want: bool, what: &'static str| {
-        let addr = addr.clone();
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while ready(&addr) != want {
-                assert!(std::time::Instant::now() < deadline, "{what}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    let c = client(&db).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    // The table appears once the run has migrated the database.
-    while c
-        .query_one("SELECT count(*) FROM events", &[])
-        .await
-        .map_or(0, |r| r.get::<_, i64>(0))
-        < 50
-    {
-        assert!(std::time::Instant::now() < deadline, "the events land");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    wait_for(true, "ready once committing").await;
-
-    cluster.broker_down(1).unwrap();
-    wait_for(false, "not ready while the broker is away").await;
-    cluster.broker_up(1).unwrap();
-    wait_for(
-        true,
-        "ready again once the broker is back, with nothing new to read",
-    )
-    .await;
-
-    stop_tx.send(()).unwrap();
-    let summary = run.await.unwrap().expect("a clean stop");
-    assert_eq!(summary.events_written, 50);
+    let served = Served::start("brokerback", |_| {}).await;
+    served.cluster.broker_down(1).unwrap();
+    served
+        .wait_ready(false, 60, "not ready while the broker is away")
+        .await;
+    served.cluster.broker_up(1).unwrap();
+    served
+        .wait_ready(
+            true,
+            60,
+            "ready again once the broker is back, with nothing new to read",
+        )
+        .await;
+    assert_eq!(served.stop().await.events_written, 50);
 }
 
 /// Regression: a member the group left without partitions reported nothing
