@@ -1078,9 +1078,9 @@ impl KafkaSource {
 
     /// A rebalance that does not end leaves the consumer reading nothing, in
     /// silence, and ready as far as Postgres and the broker go. Once `limit`
-    /// has passed since the last revocation without an assignment, this says
-    /// so and makes the consumer not ready until one comes; then says it again
-    /// after each further `limit`. Kafka waits up to the members'
+    /// has passed since joining the group or since the last revocation
+    /// without an assignment, this says so and makes the consumer not ready
+    /// until one comes; then says it again after each further `limit`. Kafka waits up to the members'
     /// `max.poll.interval.ms` for each to rejoin; tansu, paused past the
     /// session timeout, waited until another member joined.
     pub fn note_if_stuck(&self, limit: Duration) {

@@ -305,7 +305,8 @@ impl KpiEngine {
     }
 
     /// Stops computing the KPI called `name` (its rows failed in Postgres);
-    /// false when it was disabled already, or is not one of these.
+    /// false when it was disabled already, or is not one of these (the
+    /// caller needs no answer: the writer drops its rows either way).
     pub fn disable(&self, name: &str) -> bool {
         let Some(i) = self.kpis.iter().position(|k| k.def.name == name) else {
             return false;
