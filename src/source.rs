@@ -151,10 +151,25 @@ pub struct Ownership {
     /// Since when the last assignment has been an empty one (the group's
     /// other members own every partition); None while one is held, before
     /// the first, and between a revocation and the next.
-    idle_since: Mutex<Option<Instant>>,
+    idle_since: Since,
     /// Since when the consumer has waited for an assignment, from joining
     /// the group or from a revocation (a rebalance under way); None otherwise.
-    revoked_since: Mutex<Option<Instant>>,
+    revoked_since: Since,
+}
+
+/// Since when a condition has held; None while it does not.
+#[derive(Default)]
+struct Since(Mutex<Option<Instant>>);
+
+impl Since {
+    /// Starts the clock when `holds`, stops it otherwise.
+    fn set(&self, holds: bool) {
+        *self.0.lock().expect("since lock") = holds.then(Instant::now);
+    }
+
+    fn elapsed(&self) -> Option<Duration> {
+        self.0.lock().expect("since lock").map(|t| t.elapsed())
+    }
 }
 
 /// Where a partition's delivery stands, so that the source hands on each
@@ -362,8 +377,8 @@ impl Ownership {
             cursors: Mutex::new(HashMap::new()),
             resync: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-            idle_since: Mutex::new(None),
-            revoked_since: Mutex::new(None),
+            idle_since: Since::default(),
+            revoked_since: Since::default(),
         }
     }
 
@@ -371,27 +386,13 @@ impl Ownership {
     /// the group or last had its partitions revoked; None once one came (an
     /// empty one too).
     pub fn revoked_for(&self) -> Option<Duration> {
-        self.revoked_since
-            .lock()
-            .expect("revoked lock")
-            .map(|t| t.elapsed())
-    }
-
-    fn note_revoked(&self, revoked: bool) {
-        *self.revoked_since.lock().expect("revoked lock") = revoked.then(Instant::now);
+        self.revoked_since.elapsed()
     }
 
     /// How long the last assignment, an empty one, has stood (see
     /// `idle_since`).
     pub fn idle_for(&self) -> Option<Duration> {
-        self.idle_since
-            .lock()
-            .expect("idle lock")
-            .map(|t| t.elapsed())
-    }
-
-    fn note_idle(&self, idle: bool) {
-        *self.idle_since.lock().expect("idle lock") = idle.then(Instant::now);
+        self.idle_since.elapsed()
     }
 
     pub fn generation(&self) -> u64 {
@@ -517,7 +518,7 @@ impl SourceContext {
     fn own(&self, positions: HashMap<i32, Option<i64>>, verify: &HashMap<i32, LastWritten>) {
         // Idle only by an assignment given empty (see the rebalance
         // callback), not by a revocation or an error.
-        self.ownership.note_idle(false);
+        self.ownership.idle_since.set(false);
         let count = positions.len() as i64;
         self.ownership.reassign(positions, verify);
         self.metrics.assigned_partitions.set(count);
@@ -650,8 +651,8 @@ impl ConsumerContext for SourceContext {
                     tracing::info!(partitions = ?numbers, stored_offsets = ?from, "partitions assigned; resuming from offsets stored in Postgres");
                 }
                 self.own(positions, &verify);
-                self.ownership.note_idle(numbers.is_empty());
-                self.ownership.note_revoked(false);
+                self.ownership.idle_since.set(numbers.is_empty());
+                self.ownership.revoked_since.set(false);
                 if !self.health.in_group.swap(true, Ordering::Relaxed) {
                     tracing::info!("the group has assigned partitions again");
                 }
@@ -663,7 +664,7 @@ impl ConsumerContext for SourceContext {
                 // Logged once the gate is taken: no commit of these partitions
                 // lands after this line (the rebalance storm test relies on it).
                 self.own(HashMap::new(), &HashMap::new());
-                self.ownership.note_revoked(true);
+                self.ownership.revoked_since.set(true);
                 let mut numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 numbers.sort_unstable();
                 tracing::info!(
@@ -683,7 +684,7 @@ impl ConsumerContext for SourceContext {
             other => {
                 tracing::error!(error = ?other, "rebalance error; dropping the assignment");
                 self.own(HashMap::new(), &HashMap::new());
-                self.ownership.note_revoked(true);
+                self.ownership.revoked_since.set(true);
                 let _ = consumer.unassign();
             }
         }
@@ -1072,7 +1073,7 @@ impl KafkaSource {
     pub fn subscribe(&self) -> Result<(), SourceError> {
         self.consumer.subscribe(&[&self.topic])?;
         // The first assignment is waited for as one after a revocation.
-        self.ownership.note_revoked(true);
+        self.ownership.revoked_since.set(true);
         Ok(())
     }
 
@@ -1099,7 +1100,7 @@ impl KafkaSource {
             .health
             .in_group
             .store(false, Ordering::Relaxed);
-        self.ownership.note_revoked(true);
+        self.ownership.revoked_since.set(true);
     }
 
     /// Polls until a message to hand on, an end of partition, or `timeout`.
