@@ -304,22 +304,21 @@ impl KpiEngine {
         self.disabled.lock().expect("not poisoned")[idx]
     }
 
-    /// Stops computing the KPI called `name` (its rows failed in Postgres);
-    /// false when it was disabled already, or is not one of these (the
-    /// caller needs no answer: the writer drops its rows either way).
-    pub fn disable(&self, name: &str) -> bool {
-        let Some(i) = self.kpis.iter().position(|k| k.def.name == name) else {
-            return false;
-        };
-        !std::mem::replace(&mut self.disabled.lock().expect("not poisoned")[i], true)
+    /// Stops computing the KPI called `name` (its rows failed in Postgres),
+    /// if it is one of these.
+    pub fn disable(&self, name: &str) {
+        if let Some(i) = self.index_of(name) {
+            self.disabled.lock().expect("not poisoned")[i] = true;
+        }
     }
 
     /// Whether the KPI called `name` is disabled.
     pub fn is_disabled_named(&self, name: &str) -> bool {
-        self.kpis
-            .iter()
-            .position(|k| k.def.name == name)
-            .is_some_and(|i| self.is_disabled(i))
+        self.index_of(name).is_some_and(|i| self.is_disabled(i))
+    }
+
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.kpis.iter().position(|k| k.def.name == name)
     }
 
     /// Runs one KPI's plans on `events`.
@@ -923,13 +922,8 @@ pub async fn unmaintained(
     known: &[(&str, &str)],
     given_up: &[String],
 ) -> Result<Vec<String>, SinkError> {
-    let rows = client
-        .query(
-            "SELECT name, sql_hash FROM kpi_registry WHERE sql_hash <> ALL($1) ORDER BY name",
-            &[&vec![STALE_HASH, RETIRED_HASH]],
-        )
-        .await?;
-    Ok(rows
+    Ok(live_kpis(client)
+        .await?
         .iter()
         .filter_map(|r| {
             let (name, hash): (&str, &str) = (r.get(0), r.get(1));
@@ -941,10 +935,27 @@ pub async fn unmaintained(
             match known.iter().find(|(n, _)| *n == name) {
                 Some((_, h)) if *h == hash => None,
                 Some(_) => Some(format!("{name} (another definition)")),
-                None => Some(format!("{name} (not computed here)")),
+                None => Some(not_computed_here(name)),
             }
         })
         .collect())
+}
+
+/// The KPIs `kpi_registry` maintains (live: not stale or retired), as rows
+/// of name and SQL hash, by name.
+async fn live_kpis(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<tokio_postgres::Row>, SinkError> {
+    Ok(client
+        .query(
+            "SELECT name, sql_hash FROM kpi_registry WHERE sql_hash <> ALL($1) ORDER BY name",
+            &[&vec![STALE_HASH, RETIRED_HASH]],
+        )
+        .await?)
+}
+
+fn not_computed_here(name: &str) -> String {
+    format!("{name} (not computed here)")
 }
 
 /// The KPIs `kpi_registry` maintains (live: not stale or retired) that
@@ -956,15 +967,12 @@ pub async fn not_computed(
     client: &impl tokio_postgres::GenericClient,
     names: &[&str],
 ) -> Result<Vec<String>, SinkError> {
-    let rows = client
-        .query(
-            "SELECT name FROM kpi_registry WHERE sql_hash <> ALL($1) AND name <> ALL($2) ORDER BY name",
-            &[&vec![STALE_HASH, RETIRED_HASH], &names],
-        )
-        .await?;
-    Ok(rows
+    Ok(live_kpis(client)
+        .await?
         .iter()
-        .map(|r| format!("{} (not computed here)", r.get::<_, &str>(0)))
+        .map(|r| r.get::<_, &str>(0))
+        .filter(|name| !names.contains(name))
+        .map(not_computed_here)
         .collect())
 }
 
