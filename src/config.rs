@@ -736,9 +736,13 @@ pub fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>, String> {
         Ok(mut addrs) => addrs
             .next()
             .map(Some)
-            .ok_or_else(|| format!("invalid metrics address {s:?}: it resolves to no address")),
+            .ok_or_else(|| {
+                format!(
+                    "invalid metrics address {s:?} (--metrics-addr, METRICS_ADDR): it resolves to no address"
+                )
+            }),
         Err(e) => Err(format!(
-            "invalid metrics address {s:?}: {e} (expected host:port or off)"
+            "invalid metrics address {s:?} (--metrics-addr, METRICS_ADDR): {e} (expected host:port or off)"
         )),
     }
 }
@@ -813,6 +817,58 @@ impl RunArgs {
 pub fn flag_in_argv(args: &[String], flag: &str) -> bool {
     args.iter()
         .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+}
+
+/// Parses the command line. clap names only the flag of a value it refuses,
+/// so a value that came from the environment (its flag absent from `args`)
+/// gets a tip naming the variable: `BATCH_MAX_ROWS=abc` otherwise reads as if
+/// `--batch-max-rows` had been given. `env_set` says whether a variable is
+/// set (the process environment in `main`).
+pub fn parse_cli(
+    args: Vec<std::ffi::OsString>,
+    env_set: impl Fn(&str) -> bool,
+) -> Result<Cli, clap::Error> {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let mut err = match Cli::try_parse_from(&args) {
+        Ok(cli) => return Ok(cli),
+        Err(e) => e,
+    };
+    // "--batch-max-rows <BATCH_MAX_ROWS>"
+    let Some(ContextValue::String(invalid)) = err.get(ContextKind::InvalidArg) else {
+        return Err(err);
+    };
+    let Some(long) = invalid
+        .split_whitespace()
+        .next()
+        .and_then(|f| f.strip_prefix("--"))
+        .map(str::to_string)
+    else {
+        return Err(err);
+    };
+    let text: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if flag_in_argv(&text, &format!("--{long}")) {
+        return Err(err);
+    }
+    let cmd = Cli::command();
+    let var = std::iter::once(&cmd)
+        .chain(cmd.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(long.as_str()))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned());
+    if let Some(var) = var.filter(|v| env_set(v)) {
+        err.insert(
+            ContextKind::Suggested,
+            ContextValue::StyledStrs(vec![
+                format!("the value comes from the environment variable {var}").into(),
+            ]),
+        );
+    }
+    Err(err)
 }
 
 /// `generate --start`: an RFC 3339 instant, or a date (`2025-06-01`) for
@@ -1170,6 +1226,26 @@ mod tests {
             .expect_err("0 is refused")
             .to_string();
         assert!(err.contains("--batch-max-bytes"), "{err}");
+    }
+
+    /// A value refused from a flag is not blamed on the environment, even
+    /// when the flag's variable is set too (the flag wins). The variable's
+    /// own case runs the binary: `tests/cli.rs`.
+    #[test]
+    fn a_refused_flag_value_is_not_blamed_on_the_environment() {
+        for argv in [&["--batch-max-rows", "abc"][..], &["--batch-max-rows=abc"]] {
+            let args = ["energy-stream", "run"]
+                .iter()
+                .chain(argv)
+                .map(std::ffi::OsString::from)
+                .collect();
+            let err = parse_cli(args, |_| true)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("--batch-max-rows"), "{err}");
+            assert!(!err.contains("environment variable"), "{err}");
+        }
     }
 
     /// Regression: duration flags had no upper bound. `--db-timeout-secs

@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use energy_stream::config::Cli;
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = energy_stream::config::parse_cli(std::env::args_os().collect(), |var| {
+        std::env::var_os(var).is_some()
+    })
+    .unwrap_or_else(|e| e.exit());
     let json = cli.log_json;
     energy_stream::telemetry::init_logging(json);
     match energy_stream::cli::run(cli) {

@@ -1006,6 +1006,31 @@ fn switches_in_the_environment_take_1_and_0() {
     }
 }
 
+/// Regression: a bad value in an environment variable was reported with the
+/// flag's name only (`invalid value 'abc' for '--batch-max-rows'`), and a
+/// bad METRICS_ADDR with neither: the operator looked for a flag nobody gave.
+#[test]
+fn a_bad_value_from_the_environment_names_its_variable() {
+    let refused = |var: &str, value: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .arg("run")
+            .env(var, value)
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} is refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused("BATCH_MAX_ROWS", "abc");
+    assert!(
+        err.contains("--batch-max-rows") && err.contains("environment variable BATCH_MAX_ROWS"),
+        "{err}"
+    );
+    let err = refused("METRICS_ADDR", "nonsense");
+    assert!(err.contains("METRICS_ADDR"), "{err}");
+}
+
 /// `energy-stream <args…>` against `url` with `dir` as its KPI directory.
 fn kpi_command(url: &str, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_energy-stream"))
