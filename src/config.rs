@@ -1239,10 +1239,7 @@ mod tests {
                 .chain(argv)
                 .map(std::ffi::OsString::from)
                 .collect();
-            let err = parse_cli(args, |_| true)
-                .err()
-                .expect("refused")
-                .to_string();
+            let err = parse_cli(args, |_| true).expect_err("refused").to_string();
             assert!(err.contains("--batch-max-rows"), "{err}");
             assert!(!err.contains("environment variable"), "{err}");
         }
