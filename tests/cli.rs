@@ -524,6 +524,33 @@ async fn migrate_without_its_kpi_directory_changes_nothing() {
     assert_eq!(schema_tables(&c).await, 0, "migrate created tables: {text}");
 }
 
+/// Regression: a migration refused by the database (here a type named
+/// `events` that the table's own row type collides with) ended `migrate`
+/// with "postgres unavailable (query)", an outage that was not one. It now
+/// says Postgres refused the statement, with the SQLSTATE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_the_database_refuses_is_not_called_an_outage() {
+    let db = common::fresh_db("migrate_refused").await;
+    let c = common::client(&db).await;
+    c.batch_execute("CREATE TYPE events AS (x int)")
+        .await
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["migrate", "--no-kpis"])
+        .env("DATABASE_URL", common::db_url_with_password(&db))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = common::output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(!text.contains("unavailable"), "{text}");
+    assert!(
+        text.contains("postgres refused the statement") && text.contains("(SQLSTATE 42"),
+        "{text}"
+    );
+}
+
 /// How many tables the database's current schema holds.
 async fn schema_tables(c: &tokio_postgres::Client) -> i64 {
     c.query_one(

@@ -69,8 +69,10 @@ pub struct BatchWrite<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// Postgres is down, restarting, or the connection broke: back off and retry
-    /// the same batch. Nothing was committed.
-    #[error("postgres unavailable ({kind}): {message}")]
+    /// the same batch. Nothing was committed. Kind "query" is an error the
+    /// statement raised with no class that says Postgres is away; a batch
+    /// retries it too, but it is not worded as an outage.
+    #[error("{}", unavailable_text(kind, message))]
     Unavailable { kind: &'static str, message: String },
     /// Another consumer has advanced this partition since we read its offset:
     /// our copy of it is stale. Drop in-flight work and re-read the offsets.
@@ -107,6 +109,14 @@ pub enum SinkError {
     /// writes the batch without it, as for a KPI that fails in DataFusion.
     #[error("KPI {kpi}: Postgres refuses its rows: {message}")]
     KpiRefused { kpi: String, message: String },
+}
+
+fn unavailable_text(kind: &str, message: &str) -> String {
+    if kind == "query" {
+        format!("postgres refused the statement: {message}")
+    } else {
+        format!("postgres unavailable ({kind}): {message}")
+    }
 }
 
 /// Why a fence met other offsets than this consumer expected. Behind is not
@@ -254,7 +264,13 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
         "40" => "conflict",
         "53" => "resources",
         "55" => "lock",
-        _ => "query",
+        // The code, for the operator to look the error up by.
+        _ => {
+            return SinkError::Unavailable {
+                kind: "query",
+                message: format!("{message} (SQLSTATE {c})"),
+            };
+        }
     };
     SinkError::Unavailable { kind, message }
 }
