@@ -237,6 +237,24 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         "{}",
         output_text(&o)
     );
+    // Regression: the new KPI's view took the default privileges meant for
+    // tables (INSERT and UPDATE for the app role); views are only read.
+    for (role, privilege, held) in [
+        (&app, "SELECT", true),
+        (&app, "INSERT", false),
+        (&app, "UPDATE", false),
+        (&reader, "SELECT", true),
+    ] {
+        let has: bool = c
+            .query_one(
+                "SELECT has_table_privilege($1, 'channel_events', $2)",
+                &[role, &privilege],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(has, held, "{role} {privilege} on the new KPI's view");
+    }
     let more: Vec<Option<Vec<u8>>> = (0..50)
         .map(|i| Some(event("user_logout", "late", i, 5).into_bytes()))
         .collect();

@@ -656,9 +656,22 @@ fn view_source(def: &KpiDef, suffix: &str) -> String {
 }
 
 /// The view users query: keys, outputs, updated_at.
+///
+/// `migrate`'s default privileges give the app role INSERT and UPDATE on
+/// every table the owner creates, for the state tables a backfill swaps in;
+/// Postgres applies them to views too. A view is only read, so a new one
+/// keeps SELECT alone for every role but its owner, as the views of the
+/// first `migrate` have.
 pub fn create_view_sql(def: &KpiDef) -> String {
     let mut sql = format!(
-        "DROP VIEW IF EXISTS {name};\nCREATE VIEW {name} AS SELECT {}, updated_at FROM {};\n",
+        "DROP VIEW IF EXISTS {name};\nCREATE VIEW {name} AS SELECT {}, updated_at FROM {};\n\
+         DO $$DECLARE g text; BEGIN \
+           FOR g IN SELECT DISTINCT a.grantee::regrole::text \
+                    FROM pg_class c, aclexplode(c.relacl) a \
+                    WHERE c.oid = '{name}'::regclass AND a.grantee NOT IN (0, c.relowner) \
+                      AND a.privilege_type <> 'SELECT' \
+           LOOP EXECUTE format('REVOKE INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER ON {name} FROM %s', g); \
+           END LOOP; END$$;\n",
         view_columns(def),
         view_source(def, ""),
         name = quote(&def.name)
