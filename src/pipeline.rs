@@ -550,6 +550,7 @@ async fn run_kpi_sets(
                     );
                     continue;
                 }
+                metrics.db_errors.with_label_values(&["fatal"]).inc();
                 return Err(SinkError::KpisDiffer(kpis).into());
             }
             Err(PipelineError::KpiInstall(e)) if previous.is_some() && !stopping => {
@@ -2267,13 +2268,20 @@ fn record_commit(
 }
 
 fn on_db_error(e: &SinkError, metrics: &Metrics, health: &Health) -> Result<(), PipelineError> {
+    if let SinkError::KpisDiffer(kpis) = e {
+        // Not a database error: the caller reloads the KPI files (a KPI
+        // rollout does this on every consumer but the one that installed
+        // it), and the batch is read again. Counted as fatal only if the
+        // caller stops on it.
+        metrics
+            .batches_discarded
+            .with_label_values(&["kpis_changed"])
+            .inc();
+        return Err(PipelineError::Sink(SinkError::KpisDiffer(kpis.clone())));
+    }
     metrics.db_errors.with_label_values(&[e.kind()]).inc();
     if !e.is_retryable() {
-        return Err(PipelineError::Sink(match e {
-            // The one the caller acts on: it reloads the KPI files.
-            SinkError::KpisDiffer(kpis) => SinkError::KpisDiffer(kpis.clone()),
-            _ => SinkError::Fatal(e.to_string()),
-        }));
+        return Err(PipelineError::Sink(SinkError::Fatal(e.to_string())));
     }
     health.postgres_ok.store(false, Ordering::Relaxed);
     health.committing.store(false, Ordering::Relaxed);

@@ -220,7 +220,7 @@ impl Metrics {
             batches_discarded: counter_vec(
                 &r,
                 BATCHES_DISCARDED,
-                "Batches dropped uncommitted because their partitions moved (rebalance, fencing).",
+                "Batches dropped uncommitted, to be read again: their partitions moved (rebalance, fenced), or another consumer changed the KPIs under them (kpis_changed).",
                 &["cause"],
             ),
             kafka_errors: counter_vec(
@@ -273,7 +273,7 @@ impl Metrics {
             self.db_errors.with_label_values(&[k]);
         }
         self.db_errors.with_label_values(&[DB_IDLE_CLOSED]);
-        for c in ["rebalance", "fenced"] {
+        for c in ["rebalance", "fenced", "kpis_changed"] {
             self.batches_discarded.with_label_values(&[c]);
         }
         for k in kafka_error::ALL {

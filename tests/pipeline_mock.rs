@@ -834,7 +834,12 @@ async fn a_kpi_edited_back_and_forth_does_not_stop_a_consumer() {
         .await
         .unwrap();
     send_raw(&brokers, &topic, &sample_messages(300..600, 40));
-    let refused = || metrics.db_errors.with_label_values(&["fatal"]).get();
+    let refused = || {
+        metrics
+            .batches_discarded
+            .with_label_values(&["kpis_changed"])
+            .get()
+    };
     if !counted(refused, 1).await {
         fail(
             running,
@@ -861,6 +866,9 @@ async fn a_kpi_edited_back_and_forth_does_not_stop_a_consumer() {
     .await;
     let summary = running.stop().await;
     assert_eq!(summary.events_written, 600);
+    // Regression: the hand-over counted as db_errors_total{kind="fatal"},
+    // so every KPI rollout showed on the ops dashboard as a fatal error.
+    assert_eq!(metrics.db_errors.with_label_values(&["fatal"]).get(), 0);
     assert_eq!(
         energy_stream::kpi::verify(&mut other, &engine_v1, None)
             .await
