@@ -472,6 +472,7 @@ pub fn produce(
             }
             if last_report.elapsed() >= Duration::from_secs(1) {
                 report_deliveries(producer.context(), &mut reported);
+                flush_bad_lines(&mut bad_out, &bad_path)?;
                 last_report = Instant::now();
             }
             let line = match line {
@@ -559,6 +560,10 @@ pub fn produce(
             }
             offered += 1;
         }
+        // A looped or live run may go on for days: what it refused is in
+        // the file by the end of each pass and within a second, not only
+        // at exit.
+        flush_bad_lines(&mut bad_out, &bad_path)?;
         if !cfg.repeat {
             break;
         }
@@ -578,12 +583,7 @@ pub fn produce(
             break;
         }
     }
-    if let Some(mut o) = bad_out {
-        o.flush().map_err(|source| ProduceError::BadLines {
-            path: bad_path.clone(),
-            source,
-        })?;
-    }
+    flush_bad_lines(&mut bad_out, &bad_path)?;
     producer.flush(Duration::from_secs(60))?;
     let ctx = producer.context();
     if let Some(e) = read_failed {
@@ -723,6 +723,17 @@ fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Resu
                 .map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         )
     }))
+}
+
+/// Writes out the refused lines buffered so far.
+fn flush_bad_lines(out: &mut Option<BufWriter<File>>, path: &str) -> Result<(), ProduceError> {
+    match out {
+        Some(o) => o.flush().map_err(|source| ProduceError::BadLines {
+            path: path.to_string(),
+            source,
+        }),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -955,13 +966,18 @@ mod tests {
         let good = "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{}}\n";
         std::fs::write(&cfg.input, format!("{good}not json\n{good}[1]\n")).unwrap();
         let stop = AtomicBool::new(false);
-        let summary = std::thread::scope(|s| {
+        let (summary, while_running) = std::thread::scope(|s| {
             let run = s.spawn(|| produce(&cfg, &stop, Metrics::new(), Arc::default()));
             // Long enough for several passes, of two lines sent each.
             std::thread::sleep(Duration::from_millis(500));
+            // Regression: the file was written only at exit, so a looped or
+            // live producer's file was never complete while it ran.
+            let while_running = std::fs::read_to_string(&cfg.bad_lines).unwrap_or_default();
+            assert!(!run.is_finished(), "still looping");
             stop.store(true, Ordering::Relaxed);
-            run.join().unwrap().unwrap()
+            (run.join().unwrap().unwrap(), while_running)
         });
+        assert_eq!(while_running.lines().count(), 2, "{while_running:?}");
         assert!(summary.sent >= 4, "more than one pass: {summary:?}");
         assert_eq!(summary.bad_lines, 2, "{summary:?}");
         let bad = std::fs::read_to_string(&cfg.bad_lines).unwrap();
