@@ -97,6 +97,7 @@ fn benches(c: &mut Criterion) {
                         kpis: &writes,
                         members: &members,
                         stale_kpis: &[],
+                        claim: false,
                         abort_mid_copy: false,
                     };
                     let mut prepared = sink::prepare(&mut client, &write).await.unwrap();

@@ -37,7 +37,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -1605,6 +1605,9 @@ struct WriterCtx<'a> {
     metrics: &'a Metrics,
     health: &'a Health,
     members: crate::kpi::Memberships,
+    /// A batch of this run has committed: later ones need not claim the
+    /// database again (see [`sink::CLAIM_LOCK`]).
+    claimed: AtomicBool,
     /// The computed batches and the number of the last one taken.
     rx: tokio::sync::Mutex<(mpsc::Receiver<Computed>, u64)>,
     /// The number of the last batch that committed or was given up.
@@ -1690,6 +1693,7 @@ impl<'a> WriterCtx<'a> {
             kpis,
             members: &self.members,
             stale_kpis,
+            claim: !self.claimed.load(Ordering::Relaxed),
             abort_mid_copy: fault_now == Some(FaultPoint::MidCopy),
         }
     }
@@ -1738,6 +1742,7 @@ async fn writer(
         metrics,
         health,
         members: crate::kpi::Memberships::new(MEMBERS_CAP),
+        claimed: AtomicBool::new(false),
         rx: tokio::sync::Mutex::new((rx, 0)),
         done: tokio::sync::watch::channel(0).0,
         state: std::sync::Mutex::new(WriterState {
@@ -2201,6 +2206,7 @@ fn record_commit(
     done: Committed,
 ) {
     ctx.members.commit(done.pending);
+    ctx.claimed.store(true, Ordering::Relaxed);
     let metrics = ctx.metrics;
     let mut state = ctx.state.lock().unwrap();
     state.unmarked_stale.clear();

@@ -118,6 +118,7 @@ async fn prepare_with<'c>(
         kpis: &writes,
         members,
         stale_kpis: &[],
+        claim: false,
         abort_mid_copy: false,
     };
     sink::prepare(client, &write).await.unwrap()

@@ -46,6 +46,7 @@ fn write<'a>(
         kpis: &[],
         members,
         stale_kpis: &[],
+        claim: false,
         abort_mid_copy: false,
     }
 }

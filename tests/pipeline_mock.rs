@@ -792,6 +792,95 @@ async fn rows_another_topic_wrote_are_refused_not_retried_forever() {
     assert!(groups.is_empty(), "no offsets stored: {groups:?}");
 }
 
+/// Regression: the start-up check that a database holds one topic reads
+/// `consumer_offsets` and holds nothing, so two runs of different topics
+/// started together on a fresh database both passed it, and both committed
+/// where their rows did not collide: two topics mixed in `events`, and every
+/// later start of either was refused. A run's first batch now checks again
+/// under an advisory lock. The test holds both first batches at their
+/// offsets (a SHARE lock on `consumer_offsets`) so that both have passed
+/// the start-up check, then lets them go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_topics_started_together_do_not_both_get_in() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    // Rows that do not collide: topic a fills partition 0, topic b partition 1.
+    let (a, b) = (unique("race_a"), unique("race_b"));
+    mock_topic(&cluster, &a, 1);
+    mock_topic(&cluster, &b, 2);
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for (topic, partition) in [(&a, 0), (&b, 1)] {
+        for m in sample_messages(0..50, 10).into_iter().flatten() {
+            producer
+                .send(
+                    BaseRecord::<(), _>::to(topic)
+                        .partition(partition)
+                        .payload(&m),
+                )
+                .unwrap();
+        }
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let db = fresh_db("race_topics").await;
+    energy_stream::sink::migrate::migrate(&mut client(&db).await)
+        .await
+        .unwrap();
+
+    let held = client(&db).await;
+    held.batch_execute("BEGIN; LOCK TABLE consumer_offsets IN SHARE MODE")
+        .await
+        .unwrap();
+    let runs: Vec<_> = [&a, &b]
+        .into_iter()
+        .map(|topic| {
+            let cfg = pipeline_config(&brokers, topic, db.clone());
+            tokio::spawn(pipeline::run(cfg, Metrics::new(), std::future::pending()))
+        })
+        .collect();
+    // Both first batches wait: on the offsets' table, or (with the fix) one
+    // of them on the advisory lock the other holds.
+    let c = client(&db).await;
+    let waiting = || async {
+        c.query_one(
+            "SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted \
+             AND (locktype = 'advisory' OR relation = 'consumer_offsets'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while waiting().await < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let both_waited = waiting().await >= 2;
+    held.batch_execute("COMMIT").await.unwrap();
+    let mut outcomes = Vec::new();
+    for run in runs {
+        outcomes.push(
+            tokio::time::timeout(Duration::from_secs(60), run)
+                .await
+                .expect("each run ends")
+                .unwrap(),
+        );
+    }
+    assert!(both_waited, "both first batches were held at their offsets");
+    let topics = texts(&c, "SELECT DISTINCT topic FROM consumer_offsets", &[]).await;
+    assert_eq!(topics.len(), 1, "one topic in the database: {topics:?}");
+    assert_eq!(event_rows(&c).await, 50, "{outcomes:?}");
+    let refused: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert_eq!(refused.len(), 1, "{outcomes:?}");
+    assert!(refused[0].contains("cannot take topic"), "{}", refused[0]);
+}
+
 /// Regression: a KPI file edited back and forth in a directory two consumers
 /// share stopped one of them for good: the other had installed a version
 /// the files no longer held, and by the time this one re-read its files they

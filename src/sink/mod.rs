@@ -61,9 +61,21 @@ pub struct BatchWrite<'a> {
     /// KPIs that failed on this batch: marked stale in `kpi_registry` in the
     /// same transaction, so the next start rebuilds them from `events`.
     pub stale_kpis: &'a [String],
+    /// This run has committed no batch yet: the transaction checks again,
+    /// under [`CLAIM_LOCK`], that the database holds no other topic or group
+    /// (see [`check_single_group`]).
+    pub claim: bool,
     /// Crash-test hook: abort the process halfway through the events COPY.
     pub abort_mid_copy: bool,
 }
+
+/// The transaction-scoped advisory lock under which a run's first batch
+/// checks that the database is its topic's and group's alone. The check at
+/// start holds nothing: two runs of different topics started together on a
+/// fresh database both passed it and both committed, mixing two topics in
+/// `events`. Taken once per run, so consumers of one group do not
+/// serialise their batches on it.
+pub const CLAIM_LOCK: i64 = 0x656e_6572_6779; // "energy"
 
 /// Sink errors carry the retry decision.
 #[derive(Debug, thiserror::Error)]
@@ -772,7 +784,7 @@ pub async fn check_encoding(client: &Client) -> Result<(), SinkError> {
 /// or offsets the first one has not reached, mix with its rows for good
 /// (`events` has no topic column), and the KPIs would count both.
 pub async fn check_single_group(
-    client: &Client,
+    client: &impl GenericClient,
     group_id: &str,
     topic: &str,
 ) -> Result<(), SinkError> {
@@ -891,6 +903,13 @@ impl<'c> Copied<'c> {
     /// so two consumers never deadlock), merge the KPIs, store the offsets.
     pub async fn finish(self, batch: &BatchWrite<'_>) -> Result<Prepared<'c>, SinkError> {
         let Copied { tx, copy } = self;
+        if batch.claim {
+            // Before the fence, which locks offset rows: a run waiting here
+            // holds only the new rows it copied.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK])
+                .await?;
+            check_single_group(&tx, batch.group_id, batch.topic).await?;
+        }
         fence_offsets(&tx, batch).await?;
         // Before the merges: tables of another definition would fail them
         // with a misleading error.
