@@ -74,8 +74,9 @@ pub struct BatchWrite<'a> {
 /// start holds nothing: two runs of different topics started together on a
 /// fresh database both passed it and both committed, mixing two topics in
 /// `events`. Taken once per run, so consumers of one group do not
-/// serialise their batches on it.
-pub const CLAIM_LOCK: i64 = 0x656e_6572_6779; // "energy"
+/// serialise their batches on it. Not migrations' lock, which a run's
+/// start-up takes.
+pub const CLAIM_LOCK: i64 = migrate::LOCK_KEY + 1;
 
 /// Sink errors carry the retry decision.
 #[derive(Debug, thiserror::Error)]
