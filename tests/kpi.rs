@@ -698,6 +698,33 @@ async fn prototype_views_are_exact_and_time_based() {
         .unwrap()
         .get(0);
     assert_eq!(days, 2);
+
+    // Regression: the views bucketed by the reading session's time zone,
+    // not by UTC as they say: in New York the 00:00Z reading fell on
+    // 31 May, and at +05:45 every hour moved.
+    for zone in ["America/New_York", "Asia/Kathmandu"] {
+        c.batch_execute(&format!("SET TIME ZONE '{zone}'"))
+            .await
+            .unwrap();
+        let days = texts(
+            &c,
+            "SELECT day::text || ' ' || events FROM daily_energy_summary ORDER BY day",
+            &[],
+        )
+        .await;
+        assert_eq!(days, ["2025-06-01 4", "2025-06-02 1"], "{zone}");
+        let hours = texts(
+            &c,
+            "SELECT to_char(hour AT TIME ZONE 'UTC', 'MM-DD HH24:MI') FROM rolling_24h_metrics ORDER BY hour",
+            &[],
+        )
+        .await;
+        assert_eq!(
+            hours,
+            ["06-01 00:00", "06-01 01:00", "06-01 02:00", "06-02 06:00"],
+            "{zone}"
+        );
+    }
 }
 
 /// An engine of one shipped file, from a directory of its own.

@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "005_offset_fingerprint.sql",
         include_str!("../../sql/005_offset_fingerprint.sql"),
     ),
+    (
+        6,
+        "006_prototype_views_utc.sql",
+        include_str!("../../sql/006_prototype_views_utc.sql"),
+    ),
 ];
 
 /// The advisory lock migrations take: an arbitrary constant shared by every
