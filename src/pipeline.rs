@@ -270,6 +270,14 @@ pub enum PipelineError {
     KpiInstall(SinkError),
     #[error("the intake thread failed: {0}")]
     Intake(String),
+    /// `stop_when_caught_up`, and the group assigned nothing for the
+    /// rebalance limit.
+    #[error(
+        "no assignment from consumer group {group} for {waited:?} since joining it: its rebalance has not ended \
+         (a member that does not rejoin, or a broker that lost the group), so this run to the end cannot read; \
+         nothing was committed meanwhile. Run again later, or with another --group-id if members of this group no longer run"
+    )]
+    NoAssignment { group: String, waited: Duration },
 }
 
 struct PgOffsetLoader {
@@ -1349,6 +1357,20 @@ fn intake(
                     return Err(e.into());
                 }
             };
+            // A run to the end that the group gives nothing to read (its
+            // rebalance does not end) would wait for ever: a batch job
+            // should fail instead. Before the note, which restarts the clock.
+            if cfg.stop_when_caught_up
+                && ownership
+                    .revoked_for()
+                    .is_some_and(|w| w >= cfg.rebalance_limit)
+            {
+                ownership.request_stop();
+                return Err(PipelineError::NoAssignment {
+                    group: cfg.kafka.group_id.clone(),
+                    waited: cfg.rebalance_limit,
+                });
+            }
             source.note_if_stuck(cfg.rebalance_limit);
             if cfg.stop_when_caught_up && dec.is_empty() {
                 // Given no partition, there is nothing to catch up with: once

@@ -2292,6 +2292,27 @@ async fn a_rebalance_that_does_not_end_makes_the_consumer_not_ready() {
     assert_eq!(served.stop().await.events_written, 80);
 }
 
+/// Regression: a `--stop-when-caught-up` run that the group never gave an
+/// assignment (tansu keeping members SIGKILLed minutes before) waited for
+/// ever. It now fails once the rebalance limit has passed without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_to_the_end_that_the_group_never_assigns_fails() {
+    let Named {
+        _cluster: cluster,
+        db,
+        mut cfg,
+        ..
+    } = Named::with_partitions("never_assigned", 1, &sample_messages(0..20, 5)).await;
+    cluster.request_errors(
+        RDKafkaApiKey::JoinGroup,
+        &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 100_000],
+    );
+    cfg.rebalance_limit = Duration::from_secs(5);
+    let err = run_refused(cfg, Duration::from_secs(120), "a run never assigned fails").await;
+    assert!(err.contains("no assignment from consumer group"), "{err}");
+    assert_eq!(event_rows(&client(&db).await).await, 0);
+}
+
 /// Regression: after a short broker outage, an idle consumer stayed not
 /// ready (`/readyz` 503) until new data arrived: losing every broker was
 /// noted, getting one back was not.
