@@ -505,17 +505,7 @@ async fn migrate_without_its_kpi_directory_changes_nothing() {
     let url = common::db_url_with_password(&db);
     let elsewhere = common::scratch_dir().join("no_queries_here");
     std::fs::create_dir_all(&elsewhere).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-        .arg("migrate")
-        .current_dir(&elsewhere)
-        .env("DATABASE_URL", &url)
-        .env_remove("QUERIES_DIR")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = common::output_text(&out);
-    assert!(!out.status.success(), "{text}");
+    let text = failed_migrate(&url, &[], &elsewhere);
     assert!(
         text.contains("nothing was changed") && text.contains("--queries-dir"),
         "{text}"
@@ -535,20 +525,34 @@ async fn a_migration_the_database_refuses_is_not_called_an_outage() {
     c.batch_execute("CREATE TYPE events AS (x int)")
         .await
         .unwrap();
+    let text = failed_migrate(
+        &common::db_url_with_password(&db),
+        &["--no-kpis"],
+        &common::scratch_dir(),
+    );
+    assert!(!text.contains("unavailable"), "{text}");
+    assert!(
+        text.contains("postgres refused the statement") && text.contains("(SQLSTATE 42"),
+        "{text}"
+    );
+}
+
+/// `energy-stream migrate <args>` against `url`, run in `dir` without
+/// QUERIES_DIR, which must fail: its output.
+fn failed_migrate(url: &str, args: &[&str], dir: &std::path::Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-        .args(["migrate", "--no-kpis"])
-        .env("DATABASE_URL", common::db_url_with_password(&db))
+        .arg("migrate")
+        .args(args)
+        .current_dir(dir)
+        .env("DATABASE_URL", url)
+        .env_remove("QUERIES_DIR")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let text = common::output_text(&out);
     assert!(!out.status.success(), "{text}");
-    assert!(!text.contains("unavailable"), "{text}");
-    assert!(
-        text.contains("postgres refused the statement") && text.contains("(SQLSTATE 42"),
-        "{text}"
-    );
+    text
 }
 
 /// How many tables the database's current schema holds.
