@@ -270,8 +270,8 @@ pub enum PipelineError {
     KpiInstall(SinkError),
     #[error("the intake thread failed: {0}")]
     Intake(String),
-    /// `stop_when_caught_up`, and the group assigned nothing for the
-    /// rebalance limit.
+    /// `stop_when_caught_up`, and the group assigned nothing since the run
+    /// joined it, for twice the rebalance limit.
     #[error(
         "no assignment from consumer group {group} for {waited:?} since joining it: its rebalance has not ended \
          (a member that does not rejoin, or a broker that lost the group), so this run to the end cannot read; \
@@ -1357,18 +1357,21 @@ fn intake(
                     return Err(e.into());
                 }
             };
-            // A run to the end that the group gives nothing to read (its
-            // rebalance does not end) would wait for ever: a batch job
-            // should fail instead. Before the note, which restarts the clock.
+            // A run to the end that the group never gives anything to read
+            // (tansu keeping dead members) would wait for ever: a batch job
+            // should fail instead. Only before a first assignment, and at
+            // twice the limit: after a revocation tansu was seen to answer
+            // a lone member only after about a minute, and that run then
+            // finished.
             if cfg.stop_when_caught_up
                 && ownership
-                    .revoked_for()
-                    .is_some_and(|w| w >= cfg.rebalance_limit)
+                    .unassigned_for()
+                    .is_some_and(|w| w >= 2 * cfg.rebalance_limit)
             {
                 ownership.request_stop();
                 return Err(PipelineError::NoAssignment {
                     group: cfg.kafka.group_id.clone(),
-                    waited: cfg.rebalance_limit,
+                    waited: 2 * cfg.rebalance_limit,
                 });
             }
             source.note_if_stuck(cfg.rebalance_limit);

@@ -2294,7 +2294,7 @@ async fn a_rebalance_that_does_not_end_makes_the_consumer_not_ready() {
 
 /// Regression: a `--stop-when-caught-up` run that the group never gave an
 /// assignment (tansu keeping members SIGKILLed minutes before) waited for
-/// ever. It now fails once the rebalance limit has passed without one.
+/// ever. It now fails once twice the rebalance limit has passed without one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_to_the_end_that_the_group_never_assigns_fails() {
     let Named {
