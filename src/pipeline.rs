@@ -1363,15 +1363,14 @@ fn intake(
             // twice the limit: after a revocation tansu was seen to answer
             // a lone member only after about a minute, and that run then
             // finished.
+            let first_limit = 2 * cfg.rebalance_limit;
             if cfg.stop_when_caught_up
-                && ownership
-                    .unassigned_for()
-                    .is_some_and(|w| w >= 2 * cfg.rebalance_limit)
+                && ownership.unassigned_for().is_some_and(|w| w >= first_limit)
             {
                 ownership.request_stop();
                 return Err(PipelineError::NoAssignment {
                     group: cfg.kafka.group_id.clone(),
-                    waited: 2 * cfg.rebalance_limit,
+                    waited: first_limit,
                 });
             }
             source.note_if_stuck(cfg.rebalance_limit);

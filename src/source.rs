@@ -155,12 +155,10 @@ pub struct Ownership {
     /// Since when the consumer has waited for an assignment, from joining
     /// the group or from a revocation (a rebalance under way); None otherwise.
     revoked_since: Since,
-    /// The group has answered with an assignment (an empty one too) since
-    /// this consumer joined it.
-    assigned_once: AtomicBool,
-    /// Since the subscription (the stuck-rebalance note restarts
-    /// `revoked_since`, not this).
-    joined_since: Since,
+    /// Since the subscription, until the group's first assignment (an
+    /// empty one too). Unlike `revoked_since`, neither a revocation nor the
+    /// stuck-rebalance note starts it again.
+    unassigned_since: Since,
 }
 
 /// Since when a condition has held; None while it does not.
@@ -385,8 +383,7 @@ impl Ownership {
             stop: AtomicBool::new(false),
             idle_since: Since::default(),
             revoked_since: Since::default(),
-            assigned_once: AtomicBool::new(false),
-            joined_since: Since::default(),
+            unassigned_since: Since::default(),
         }
     }
 
@@ -400,10 +397,7 @@ impl Ownership {
     /// How long the consumer has waited for its first assignment since it
     /// joined the group; None once one came (an empty one too).
     pub fn unassigned_for(&self) -> Option<Duration> {
-        if self.assigned_once.load(Ordering::SeqCst) {
-            return None;
-        }
-        self.joined_since.elapsed()
+        self.unassigned_since.elapsed()
     }
 
     /// How long the last assignment, an empty one, has stood (see
@@ -670,7 +664,7 @@ impl ConsumerContext for SourceContext {
                 self.own(positions, &verify);
                 self.ownership.idle_since.set(numbers.is_empty());
                 self.ownership.revoked_since.set(false);
-                self.ownership.assigned_once.store(true, Ordering::SeqCst);
+                self.ownership.unassigned_since.set(false);
                 if !self.health.in_group.swap(true, Ordering::Relaxed) {
                     tracing::info!("the group has assigned partitions again");
                 }
@@ -1092,7 +1086,7 @@ impl KafkaSource {
         self.consumer.subscribe(&[&self.topic])?;
         // The first assignment is waited for as one after a revocation.
         self.ownership.revoked_since.set(true);
-        self.ownership.joined_since.set(true);
+        self.ownership.unassigned_since.set(true);
         Ok(())
     }
 

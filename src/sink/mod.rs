@@ -277,13 +277,14 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
         "40" => "conflict",
         "53" => "resources",
         "55" => "lock",
-        // The code, for the operator to look the error up by.
-        _ => {
-            return SinkError::Unavailable {
-                kind: "query",
-                message: format!("{message} (SQLSTATE {c})"),
-            };
-        }
+        _ => "query",
+    };
+    // The code, for the operator to look the error up by: the classes above
+    // say what went wrong, a query's error may not.
+    let message = if kind == "query" {
+        format!("{message} (SQLSTATE {c})")
+    } else {
+        message
     };
     SinkError::Unavailable { kind, message }
 }
