@@ -391,7 +391,8 @@ pub struct PipelineConfig {
     pub kpi_watch: Option<Duration>,
     /// How long after a revocation without a new assignment the consumer
     /// says the group's rebalance is stuck and stops being ready (60 s; not
-    /// a flag: tests shorten it).
+    /// a flag: tests shorten it). A `stop_when_caught_up` run that has had
+    /// no assignment since joining fails at twice this.
     pub rebalance_limit: Duration,
     /// Fault injection for the crash tests; None in production.
     pub fault: Option<Fault>,
