@@ -349,8 +349,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     for n in &report.not_verified {
                         println!("{}: not verified: {}", n.kpi, n.reason);
                     }
-                    let (rows, kpis) = (report.mismatches.len(), report.not_verified.len());
-                    if rows == 0 && kpis == 0 {
+                    let (keys, kpis) = (report.differing_keys, report.not_verified.len());
+                    if keys == 0 && kpis == 0 {
                         match &args.kpi {
                             Some(k) => println!("verify: {k} equals its recomputation over events"),
                             None => println!(
@@ -359,14 +359,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                         Ok(ExitCode::SUCCESS)
                     } else if kpis == 0 {
-                        println!("verify: {rows} mismatching row(s)");
+                        println!("verify: {keys} key(s) differ");
                         Ok(ExitCode::FAILURE)
                     } else {
                         // Exit 1 as for differences: what was asked to be
                         // checked was not shown to be right.
-                        let others = match rows {
+                        let others = match keys {
                             0 => String::new(),
-                            n => format!(", and {n} mismatching row(s) in the others"),
+                            n => format!(", and {n} key(s) differ in the others"),
                         };
                         println!(
                             "verify: {kpis} KPI(s) not verified (the database does not hold them as their files define them){others}"

@@ -650,9 +650,9 @@ impl KafkaArgs {
     }
 }
 
-/// The largest `--max-future-secs`: 100 years, far below where a time plus
-/// it leaves chrono's range.
-const MAX_FUTURE_SECS_LIMIT: i64 = 100 * 366 * 86_400;
+/// The largest `--max-future-secs`: 100 years of 365.25 days, as the README
+/// says, far below where a time plus it leaves chrono's range.
+const MAX_FUTURE_SECS_LIMIT: i64 = 100 * 36_525 * 864;
 
 /// The longest a duration flag in seconds may be: longer ones overflowed
 /// the clock or Postgres' settings (`--db-timeout-secs` past about 12 days
@@ -1310,15 +1310,17 @@ mod tests {
             ])
             .map(|c| c.command)
         };
-        for bad in ["10000000000000", "9223372036854775807", "-1"] {
+        // Regression: the bound was 100 * 366 days, more than the
+        // README's 100 years.
+        for bad in ["3155760001", "10000000000000", "9223372036854775807", "-1"] {
             let err = run(bad).expect_err(bad).to_string();
             assert!(err.contains("--max-future-secs"), "{err}");
         }
-        let Ok(Command::Run(args)) = run("3153600000") else {
+        let Ok(Command::Run(args)) = run("3155760000") else {
             panic!("100 years is accepted")
         };
         let cfg = args.to_config(true, Vec::new()).unwrap();
-        assert_eq!(cfg.rules.max_future, TimeDelta::seconds(3_153_600_000));
+        assert_eq!(cfg.rules.max_future, TimeDelta::seconds(3_155_760_000));
     }
 
     /// A bench of no events has no rate to report and no offsets to wait

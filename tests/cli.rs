@@ -1336,3 +1336,37 @@ async fn verify_says_which_kpis_are_not_installed_as_their_files_say() {
     kpi_ok(&url, &installed.dir, &["verify"]);
     drop(c);
 }
+
+/// Regression: `verify`'s summary counted printed lines as "mismatching
+/// row(s)", so a key whose values differ (printed once as recomputed and
+/// once as streamed) counted twice. It counts keys, as the README says.
+/// More events than one chunk of `verify`'s read (50 000), with customers
+/// in several chunks each, so a chunk left out, or a customer counted once
+/// per chunk, would show as a difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_counts_the_keys_that_differ() {
+    let kpis = common::kpi_dir(&[(
+        "by_channel.sql",
+        "SELECT channel, count(*) AS n, count(DISTINCT customer_id) AS customers \
+         FROM events GROUP BY channel",
+    )]);
+    let (db, c) = db_with_events("verifykeys", 120_000).await;
+    let url = common::db_url_with_password(&db);
+    kpi_ok(&url, &kpis.dir, &["migrate"]);
+    kpi_ok(&url, &kpis.dir, &["verify"]);
+    // One key's value changed (two lines), one key only streamed (one line).
+    c.batch_execute(
+        "UPDATE kpi_state_by_channel SET m0 = m0 + 1 WHERE k0 = 'web_portal';
+         INSERT INTO kpi_state_by_channel (k0, m0, m1) VALUES ('fax', 1, 1);",
+    )
+    .await
+    .unwrap();
+    let out = kpi_command(&url, &kpis.dir, &["verify"]);
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let lines = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(lines("by_channel: recomputed "), 1, "{text}");
+    assert_eq!(lines("by_channel: streamed "), 2, "{text}");
+    assert!(text.contains("verify: 2 key(s) differ"), "{text}");
+    drop(c);
+}
