@@ -1368,5 +1368,15 @@ async fn verify_counts_the_keys_that_differ() {
     assert_eq!(lines("by_channel: recomputed "), 1, "{text}");
     assert_eq!(lines("by_channel: streamed "), 2, "{text}");
     assert!(text.contains("verify: 2 key(s) differ"), "{text}");
+    // Its recomputation went to temporary tables, gone with it.
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'kpi\\_%$n%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
     drop(c);
 }

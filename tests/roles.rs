@@ -210,6 +210,18 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
     ] {
         refused(&r, sql).await;
     }
+    // `verify` only reads (its recomputation goes to temporary tables), so
+    // the read-only role can check the KPIs.
+    let o = energy_stream(
+        &db_url_with_password(&read_cfg),
+        &["verify", "--queries-dir", q],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("every KPI equals its recomputation"),
+        "{}",
+        output_text(&o)
+    );
     // The prototype's views are readable too.
     r.query_one("SELECT count(*) FROM daily_energy_summary", &[])
         .await

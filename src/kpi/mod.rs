@@ -272,8 +272,7 @@ impl KpiEngine {
 
     /// Runs every KPI's plans on `events` (in [`event_schema`]).
     pub async fn compute(&self, events: &RecordBatch) -> datafusion::error::Result<Vec<KpiDelta>> {
-        self.compute_some(0..self.kpis.len(), std::slice::from_ref(events))
-            .await
+        self.compute_some(0..self.kpis.len(), events).await
     }
 
     /// Computes every KPI still enabled, each on its own: a KPI that fails
@@ -328,30 +327,19 @@ impl KpiEngine {
         idx: usize,
         events: &RecordBatch,
     ) -> datafusion::error::Result<Vec<KpiDelta>> {
-        self.compute_some(idx..idx + 1, std::slice::from_ref(events))
-            .await
-    }
-
-    /// Runs one KPI's plans on the events of several batches at once, as
-    /// if they were one, without copying them into one.
-    pub async fn compute_one_over(
-        &self,
-        idx: usize,
-        events: &[RecordBatch],
-    ) -> datafusion::error::Result<Vec<KpiDelta>> {
         self.compute_some(idx..idx + 1, events).await
     }
 
     async fn compute_some(
         &self,
         which: std::ops::Range<usize>,
-        events: &[RecordBatch],
+        events: &RecordBatch,
     ) -> datafusion::error::Result<Vec<KpiDelta>> {
         let mut out = Vec::with_capacity(which.len());
-        if events.iter().all(|b| b.num_rows() == 0) {
+        if events.num_rows() == 0 {
             return Ok(out);
         }
-        self.slot.set(events.to_vec());
+        self.slot.set(vec![events.clone()]);
         let result = async {
             for i in which {
                 let k = &self.kpis[i];
@@ -1156,6 +1144,70 @@ async fn relations_exist(client: &Client, def: &KpiDef) -> Result<bool, SinkErro
     Ok(missing == 0)
 }
 
+/// Recomputes KPIs `which` from `events` into their tables of `suffix`, in
+/// one pass over `events`, chunk by chunk through the plans and merges that
+/// batches use, so that memory stays bounded by a chunk and the members
+/// held, whatever `events` holds. `what` names the caller in errors. Returns
+/// the events read and the generation of the membership logs' last rows.
+async fn recompute_into(
+    tx: &Transaction<'_>,
+    engine: &KpiEngine,
+    which: &[usize],
+    suffix: &str,
+    what: &str,
+) -> Result<(u64, i64), SinkError> {
+    let portal = tx.bind(EVENTS_SELECT, &[]).await?;
+    let mut events = 0u64;
+    // The tables' only writer: each chunk is one generation of their logs.
+    let members = Memberships::new(BACKFILL_MEMBERS_CAP);
+    let mut generation = 0i64;
+    loop {
+        let rows = tx.query_portal(&portal, CHUNK_ROWS).await?;
+        if rows.is_empty() {
+            break;
+        }
+        events += rows.len() as u64;
+        generation += 1;
+        let batch = events_from_rows(&rows)?;
+        drop(rows);
+        let mut deltas = Vec::with_capacity(which.len());
+        for &idx in which {
+            deltas.extend(
+                engine
+                    .compute_one(idx, &batch)
+                    .await
+                    .map_err(|e| compute_err(engine, idx, what, e))?,
+            );
+        }
+        let mut pending = Pending::default();
+        write(
+            tx,
+            &members,
+            &engine.writes(deltas),
+            suffix,
+            Writers::Exclusive { generation },
+            &mut pending,
+        )
+        .await
+        .map_err(|e| match e {
+            SinkError::KpiRefused { kpi, message } => {
+                let file = match engine.index_of(&kpi) {
+                    Some(idx) => engine.file(idx).display().to_string(),
+                    None => "its file".into(),
+                };
+                SinkError::Fatal(format!(
+                    "KPI {kpi}: Postgres refuses the rows {what} computes from `events`: \
+                     {message}. Fix {file}, or delete it and run `energy-stream migrate` to \
+                     retire the KPI"
+                ))
+            }
+            e => e,
+        })?;
+        members.commit(pending);
+    }
+    Ok((events, generation))
+}
+
 /// Recomputes KPI `idx` from `events` (Postgres → Arrow → the same plan →
 /// the same merge) into fresh tables, then swaps them in, all in one
 /// transaction: readers see the old version until it commits, and writers of
@@ -1209,44 +1261,7 @@ pub async fn backfill(
         .map_err(|e| install_err(def, file, "its new tables", e))?;
     // Before the backfill's work, not at the swap after it.
     check_view(&tx, def, new).await?;
-    let portal = tx.bind(EVENTS_SELECT, &[]).await?;
-    let mut events = 0u64;
-    // The new tables' only writer: each chunk is one generation of its logs.
-    let members = Memberships::new(BACKFILL_MEMBERS_CAP);
-    let mut generation = 0i64;
-    loop {
-        let rows = tx.query_portal(&portal, CHUNK_ROWS).await?;
-        if rows.is_empty() {
-            break;
-        }
-        events += rows.len() as u64;
-        generation += 1;
-        let batch = events_from_rows(&rows)?;
-        let deltas = engine
-            .compute_one(idx, &batch)
-            .await
-            .map_err(|e| compute_err(engine, idx, "its backfill", e))?;
-        let mut pending = Pending::default();
-        write(
-            &tx,
-            &members,
-            &engine.writes(deltas),
-            new,
-            Writers::Exclusive { generation },
-            &mut pending,
-        )
-        .await
-        .map_err(|e| match e {
-            SinkError::KpiRefused { kpi, message } => SinkError::Fatal(format!(
-                "KPI {kpi}: Postgres refuses the rows its backfill computes from `events`: \
-                 {message}. Fix {file}, or delete it and run `energy-stream migrate` to retire \
-                 the KPI",
-                file = file.display()
-            )),
-            e => e,
-        })?;
-        members.commit(pending);
-    }
+    let (events, generation) = recompute_into(&tx, engine, &[idx], new, "its backfill").await?;
     let mut swap = drop_tables_sql(&tx, def, "").await?;
     swap.push_str(&format!("DROP VIEW IF EXISTS {};\n", quote(&def.name)));
     let state = state_table(def, "");
@@ -1288,10 +1303,10 @@ pub async fn backfill(
 const NEW_SUFFIX: &str = "$n";
 
 /// Every table, index and constraint name a backfill of `def` creates, under
-/// [`NEW_SUFFIX`] and after the swap, and the temporary tables of `verify`
-/// and of the batch merge.
+/// [`NEW_SUFFIX`] (as `verify` does, in its temporary tables) and after the
+/// swap, and the temporary table of the batch merge.
 fn created_names(def: &KpiDef) -> Vec<String> {
-    let mut names = vec![format!("verify_{}_main", def.name), stage_name(def, "main")];
+    let mut names = vec![stage_name(def, "main")];
     for suffix in [NEW_SUFFIX, ""] {
         let state = state_table(def, suffix);
         names.push(format!("{state}_keys"));
@@ -1303,7 +1318,6 @@ fn created_names(def: &KpiDef) -> Vec<String> {
             names.push(t);
         }
     }
-    names.extend((0..def.sets.len()).map(|i| format!("verify_{}_s{i}", def.name)));
     names
 }
 
@@ -1530,130 +1544,60 @@ pub async fn verify_report(
         tx.commit().await?;
         return Ok(report);
     }
-    // Read in chunks, so that only the events' Arrow columns are held, not
-    // Postgres' rows of all of them too (1 M events: 300 MB instead of 640).
-    let portal = tx.bind(EVENTS_SELECT, &[]).await?;
-    let mut all = Vec::new();
-    loop {
-        let rows = tx.query_portal(&portal, CHUNK_ROWS).await?;
-        if rows.is_empty() {
-            break;
-        }
-        all.push(events_from_rows(&rows)?);
+    // The KPIs are recomputed, in one pass over `events`, into temporary
+    // tables of their own layout, as a backfill would, and each is compared
+    // with its state table: memory stays that of a chunk, however many
+    // events there are. `pg_temp` first makes the
+    // unqualified names the merge uses create and find the temporary tables
+    // (so a reader role can verify, and nothing is left behind).
+    tx.batch_execute(
+        "SELECT set_config('search_path', 'pg_temp, ' || current_setting('search_path'), true)",
+    )
+    .await?;
+    let new = NEW_SUFFIX;
+    for &idx in &compared {
+        tx.batch_execute(&create_tables_sql(engine.def(idx), new))
+            .await?;
     }
+    recompute_into(&tx, engine, &compared, new, "verify").await?;
     let out = &mut report.mismatches;
     for idx in compared {
         let def = engine.def(idx);
-        let delta = engine
-            .compute_one_over(idx, &all)
-            .await
-            .map_err(|e| compute_err(engine, idx, "verify", e))?;
         let keys = key_list(def);
-        let main_cols = col_defs(def.partial_cols().iter());
-        let exp_main = format!("verify_{}_main", def.name);
-        tx.batch_execute(&format!(
-            "CREATE TEMP TABLE {exp_main} ({main_cols}) ON COMMIT DROP"
-        ))
-        .await?;
         let mut ctes = Vec::new();
-        let mut joins = String::new();
-        let mut select: Vec<String> = def
-            .keys
-            .iter()
-            .map(|k| format!("e.{}", quote(&k.col.name)))
-            .collect();
-        let mut actual: Vec<String> = def.keys.iter().map(|k| quote(&k.col.name)).collect();
+        let mut cols: Vec<String> = def.keys.iter().map(|k| quote(&k.col.name)).collect();
         // How each measure column of both sides must agree.
         let mut agree: Vec<String> = Vec::new();
-        // No events: no delta, and every membership table stays empty.
-        let (partial, distinct): (_, Vec<(usize, Option<RecordBatch>)>) =
-            match delta.into_iter().next() {
-                Some(d) => (
-                    Some(d.partial),
-                    d.distinct.into_iter().map(|(s, b)| (s, Some(b))).collect(),
-                ),
-                None => (None, (0..def.sets.len()).map(|s| (s, None)).collect()),
-            };
-        if let Some(p) = partial.filter(|p| p.num_rows() > 0) {
-            sink::copy_in(
-                &tx,
-                &format!("COPY {exp_main} FROM STDIN (FORMAT binary)"),
-                &p,
-            )
-            .await?;
+        for (m, c) in def
+            .measures
+            .iter()
+            .flat_map(|m| m.cols.iter().map(move |c| (m, c)))
+        {
+            let n = quote(&c.name);
+            agree.push(if c.pg_type == "double precision" {
+                // A float sum depends on how the events were split into
+                // batches (addition is not associative in floating point),
+                // so streamed and recomputed may differ in the last digits;
+                // anything beyond that is a real difference.
+                format!(
+                    "(x.{n} IS NOT DISTINCT FROM y.{n} OR abs(x.{n} - y.{n}) <= {FLOAT_TOLERANCE} * greatest(abs(x.{n}), abs(y.{n})))"
+                )
+            } else if m.func == Func::Sum && c.data_type == DataType::Int64 {
+                // DataFusion's integer sum of a chunk's events wraps past
+                // 2^63; the stored one is exact (the view wraps it).
+                format!(
+                    "(x.{n} IS NOT DISTINCT FROM y.{n} OR mod(x.{n} - y.{n}, 18446744073709551616) = 0)"
+                )
+            } else {
+                format!("x.{n} IS NOT DISTINCT FROM y.{n}")
+            });
+            cols.push(n);
         }
-        for (s, batch) in &distinct {
-            let set = &def.sets[*s];
-            let t = format!("verify_{}_s{s}", def.name);
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE {t} ({}) ON COMMIT DROP",
-                col_defs(set_cols(def, *s).iter())
-            ))
-            .await?;
-            if let Some(batch) = batch.as_ref().filter(|b| b.num_rows() > 0) {
-                sink::copy_in(&tx, &format!("COPY {t} FROM STDIN (FORMAT binary)"), batch).await?;
-            }
-            let counts: Vec<String> = set
-                .measures
-                .iter()
-                .enumerate()
-                .map(|(j, m)| {
-                    format!(
-                        "count(*) FILTER (WHERE f & {} <> 0)::bigint AS n{m}",
-                        1i64 << j
-                    )
-                })
-                .collect();
-            ctes.push(format!(
-                "d{s} AS (SELECT {keys}, {} FROM {t} GROUP BY {keys})",
-                counts.join(", ")
-            ));
-            let on: Vec<String> = def
-                .keys
-                .iter()
-                .map(|k| {
-                    let c = quote(&k.col.name);
-                    format!("e.{c} IS NOT DISTINCT FROM d{s}.{c}")
-                })
-                .collect();
-            joins.push_str(&format!(" LEFT JOIN d{s} ON {}", on.join(" AND ")));
-        }
-        for (i, m) in def.measures.iter().enumerate() {
-            for c in &m.cols {
-                let n = quote(&c.name);
-                if m.func == Func::CountDistinct {
-                    let s = def
-                        .sets
-                        .iter()
-                        .position(|set| set.measures.contains(&i))
-                        .expect("every distinct measure is in a set");
-                    select.push(format!("coalesce(d{s}.n{i}, 0) AS {n}"));
-                } else {
-                    select.push(format!("e.{n}"));
-                }
-                agree.push(if c.pg_type == "double precision" {
-                    // A float sum depends on how the events were split into
-                    // batches (addition is not associative in floating
-                    // point), so streamed and recomputed may differ in the
-                    // last digits; anything beyond that is a real difference.
-                    format!(
-                        "(x.{n} IS NOT DISTINCT FROM y.{n} OR abs(x.{n} - y.{n}) <= {FLOAT_TOLERANCE} * greatest(abs(x.{n}), abs(y.{n})))"
-                    )
-                } else if m.func == Func::Sum && c.data_type == DataType::Int64 {
-                    // DataFusion's integer sum of all events at once wraps
-                    // past 2^63; the stored one is exact (the view wraps it).
-                    format!(
-                        "(x.{n} IS NOT DISTINCT FROM y.{n} OR mod(x.{n} - y.{n}, 18446744073709551616) = 0)"
-                    )
-                } else {
-                    format!("x.{n} IS NOT DISTINCT FROM y.{n}")
-                });
-                actual.push(n);
-            }
-        }
+        let actual = cols;
         ctes.push(format!(
-            "expected AS (SELECT {} FROM {exp_main} e{joins})",
-            select.join(", ")
+            "expected AS (SELECT {} FROM {})",
+            actual.join(", "),
+            state_table(def, new)
         ));
         ctes.push(format!(
             "actual AS (SELECT {} FROM {})",
@@ -1701,7 +1645,8 @@ pub async fn verify_report(
             }
         }
     }
-    tx.commit().await?;
+    // Nothing to keep: the recomputed tables go with the transaction.
+    tx.rollback().await?;
     Ok(report)
 }
 
