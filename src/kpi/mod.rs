@@ -1547,9 +1547,13 @@ pub async fn verify_report(
     // The KPIs are recomputed, in one pass over `events`, into temporary
     // tables of their own layout, as a backfill would, and each is compared
     // with its state table: memory stays that of a chunk, however many
-    // events there are. `pg_temp` first makes the
-    // unqualified names the merge uses create and find the temporary tables
-    // (so a reader role can verify, and nothing is left behind).
+    // events there are. What differs is what streaming did to the tables
+    // (a batch lost or merged twice, members remembered from a transaction
+    // that rolled back), since the chunks cut `events` elsewhere than the
+    // batches did; that the merge itself computes what DataFusion does is
+    // the golden tests' part. `pg_temp` first makes the unqualified names
+    // the merge uses create and find the temporary tables (so a read-only
+    // role can verify, and nothing is left behind).
     tx.batch_execute(
         "SELECT set_config('search_path', 'pg_temp, ' || current_setting('search_path'), true)",
     )
@@ -1565,7 +1569,7 @@ pub async fn verify_report(
         let def = engine.def(idx);
         let keys = key_list(def);
         let mut ctes = Vec::new();
-        let mut cols: Vec<String> = def.keys.iter().map(|k| quote(&k.col.name)).collect();
+        let mut actual: Vec<String> = def.keys.iter().map(|k| quote(&k.col.name)).collect();
         // How each measure column of both sides must agree.
         let mut agree: Vec<String> = Vec::new();
         for (m, c) in def
@@ -1583,17 +1587,17 @@ pub async fn verify_report(
                     "(x.{n} IS NOT DISTINCT FROM y.{n} OR abs(x.{n} - y.{n}) <= {FLOAT_TOLERANCE} * greatest(abs(x.{n}), abs(y.{n})))"
                 )
             } else if m.func == Func::Sum && c.data_type == DataType::Int64 {
-                // DataFusion's integer sum of a chunk's events wraps past
-                // 2^63; the stored one is exact (the view wraps it).
+                // DataFusion's integer sum wraps past 2^63 within a batch
+                // or a chunk, so the two sides may wrap at different points;
+                // both are right modulo 2^64 (the view wraps the same way).
                 format!(
                     "(x.{n} IS NOT DISTINCT FROM y.{n} OR mod(x.{n} - y.{n}, 18446744073709551616) = 0)"
                 )
             } else {
                 format!("x.{n} IS NOT DISTINCT FROM y.{n}")
             });
-            cols.push(n);
+            actual.push(n);
         }
-        let actual = cols;
         ctes.push(format!(
             "expected AS (SELECT {} FROM {})",
             actual.join(", "),
