@@ -1340,9 +1340,11 @@ async fn verify_says_which_kpis_are_not_installed_as_their_files_say() {
 /// Regression: `verify`'s summary counted printed lines as "mismatching
 /// row(s)", so a key whose values differ (printed once as recomputed and
 /// once as streamed) counted twice. It counts keys, as the README says.
-/// More events than one chunk of `verify`'s read (50 000), with customers
-/// in several chunks each, so a chunk left out, or a customer counted once
-/// per chunk, would show as a difference.
+/// More events than one chunk of the recomputation (50 000), with customers
+/// in several chunks each. `migrate`'s backfill and `verify` share that
+/// recomputation, so the stored values are also checked against Postgres'
+/// own counts: a chunk left out, or a customer counted once per chunk,
+/// would show there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_counts_the_keys_that_differ() {
     let kpis = common::kpi_dir(&[(
@@ -1353,6 +1355,29 @@ async fn verify_counts_the_keys_that_differ() {
     let (db, c) = db_with_events("verifykeys", 120_000).await;
     let url = common::db_url_with_password(&db);
     kpi_ok(&url, &kpis.dir, &["migrate"]);
+    let rows = |sql: &'static str| {
+        let c = &c;
+        async move {
+            c.query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        r.get::<_, i64>(1),
+                        r.get::<_, i64>(2),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let stored = rows("SELECT channel, n, customers FROM by_channel ORDER BY 1").await;
+    let want = rows(
+        "SELECT channel, count(*), count(DISTINCT customer_id) FROM events GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(stored, want);
     kpi_ok(&url, &kpis.dir, &["verify"]);
     // One key's value changed (two lines), one key only streamed (one line).
     c.batch_execute(
