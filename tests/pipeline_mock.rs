@@ -374,6 +374,73 @@ async fn a_kpi_whose_keys_postgres_refuses_is_disabled_not_retried_forever() {
     );
 }
 
+/// Regression: Postgres refused some KPI rows at the COPY into the staging
+/// table (text holding U+0000, a time before 4713 BC), or met one key twice
+/// in one merge (NaN and -NaN, two groups for DataFusion and one for
+/// Postgres' index). Only errors of the merge statement itself disabled the
+/// KPI, so these were retried every few seconds for good, holding every
+/// event of the partition back. Each KPI is now disabled on its own while
+/// the batches commit, and the next start's rebuild names the KPI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kpi_rows_refused_at_the_staging_copy_or_merged_twice_are_disabled() {
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = unique("events");
+    mock_topic(&cluster, &topic, 1);
+    send_raw(&brokers, &topic, &sample_messages(0..200, 10));
+    let bad = [
+        (
+            "nul_key.sql",
+            "SELECT concat(channel, chr(0)) AS k, count(*) AS n FROM events GROUP BY 1",
+        ),
+        (
+            "ancient.sql",
+            "SELECT date_trunc('day', event_time) - INTERVAL '2500000 days' AS k, count(*) AS n \
+             FROM events GROUP BY 1",
+        ),
+        (
+            "nan_keys.sql",
+            "SELECT CASE WHEN session_id % 2 = 0 THEN CAST('NaN' AS DOUBLE) \
+             ELSE -CAST('NaN' AS DOUBLE) END AS k, count(*) AS n FROM events GROUP BY 1",
+        ),
+    ];
+    let mut files = vec![BY_TYPE];
+    files.extend(bad);
+    let db = fresh_db("refused_at_copy").await;
+    let mut cfg = pipeline_config(&brokers, &topic, db.clone());
+    cfg.kpi = Some(kpi_dir(&files));
+    let metrics = Metrics::new();
+    let summary = run_within(
+        cfg.clone(),
+        metrics.clone(),
+        Duration::from_secs(120),
+        "the run catches up: the refused KPIs hold nothing up",
+    )
+    .await
+    .expect("KPIs Postgres refuses do not stop the pipeline");
+    assert_eq!(summary.events_written, 200);
+    let c = client(&db).await;
+    for (file, _) in bad {
+        assert_kpi_given_up(&c, &metrics, file.trim_end_matches(".sql"), 200).await;
+    }
+    assert_eq!(metrics.db_errors.with_label_values(&["query"]).get(), 0);
+    assert_eq!(metrics.retries.get(), 0);
+
+    let msg = run_refused(
+        cfg,
+        Duration::from_secs(60),
+        "the stale KPIs cannot be rebuilt",
+    )
+    .await;
+    assert!(
+        bad.iter().any(
+            |(file, _)| msg.contains(&format!("KPI {}", file.trim_end_matches(".sql")))
+                && msg.contains(file)
+        ),
+        "{msg}"
+    );
+}
+
 /// Regression: a batch of an assignment already given up (cut before a
 /// rebalance or a resync) was fenced before its generation was looked at,
 /// and its fence asked for one more resync. That threw away the batches read

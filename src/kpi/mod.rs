@@ -441,7 +441,10 @@ pub async fn write(
                     .await?
             }
         }
-        sink::copy_in(tx, &step.copy_sql, &step.batch).await?;
+        // Postgres checks the keys' values as they arrive in the staging
+        // table (U+0000 in text, a time before 4713 BC): refused there, not
+        // only at the merge.
+        sink::copy_in_judged(tx, &step.copy_sql, &step.batch, |e| refused(&w.def, e)).await?;
         let n = tx
             .execute_typed(&step.merge_sql, &[])
             .await
@@ -453,13 +456,18 @@ pub async fn write(
 
 /// A KPI merge's error: [`SinkError::KpiRefused`] when Postgres refuses
 /// the rows themselves (SQLSTATE classes 22, data exceptions, and 54,
-/// program limits), which no retry can change; else as any write error.
+/// program limits), or meets one of their keys twice in one merge (21000:
+/// keys DataFusion keeps apart and Postgres' index does not, such as NaN
+/// and -NaN), which no retry can change; else as any write error.
 fn refused(def: &KpiDef, e: tokio_postgres::Error) -> SinkError {
     let Some(code) = e.code() else {
         return e.into();
     };
     let class = &code.code()[..2];
-    if class != "22" && class != "54" {
+    if class != "22"
+        && class != "54"
+        && *code != tokio_postgres::error::SqlState::CARDINALITY_VIOLATION
+    {
         return e.into();
     }
     let message = e

@@ -1079,7 +1079,7 @@ async fn copy_events(
         "COPY events ({}) FROM STDIN (FORMAT binary)",
         columns.join(", ")
     );
-    copy_batch(tx, &sql, events, abort_mid_copy).await
+    copy_batch(tx, &sql, events, abort_mid_copy, SinkError::from).await
 }
 
 /// Streams `batch` as COPY BINARY into the statement `sql`.
@@ -1088,7 +1088,19 @@ pub async fn copy_in(
     sql: &str,
     batch: &RecordBatch,
 ) -> Result<(), SinkError> {
-    copy_batch(tx, sql, batch, false).await
+    copy_batch(tx, sql, batch, false, SinkError::from).await
+}
+
+/// [`copy_in`], with Postgres' errors sorted by `judge`: a KPI's rows may be
+/// refused at the COPY itself (a key Postgres cannot store), which no retry
+/// changes, so the caller tells that apart from Postgres being away.
+pub async fn copy_in_judged(
+    tx: &Transaction<'_>,
+    sql: &str,
+    batch: &RecordBatch,
+    judge: impl Fn(tokio_postgres::Error) -> SinkError,
+) -> Result<(), SinkError> {
+    copy_batch(tx, sql, batch, false, judge).await
 }
 
 /// [`copy_in`], with the crash tests' "killed inside the COPY": when
@@ -1099,10 +1111,11 @@ async fn copy_batch(
     sql: &str,
     batch: &RecordBatch,
     abort_halfway: bool,
+    judge: impl Fn(tokio_postgres::Error) -> SinkError,
 ) -> Result<(), SinkError> {
     let mut buf = BytesMut::new();
     copy::encode_batch(batch, &mut buf).map_err(|e| SinkError::Fatal(e.to_string()))?;
-    let sink = tx.copy_in(sql).await?;
+    let sink = tx.copy_in(sql).await.map_err(&judge)?;
     let mut sink = pin!(sink);
     let mut data = buf.freeze();
     if abort_halfway {
@@ -1114,9 +1127,9 @@ async fn copy_batch(
     // One chunk per 4 MiB keeps the socket busy without a second full copy.
     while !data.is_empty() {
         let chunk = data.split_to(data.len().min(4 << 20));
-        sink.send(chunk).await?;
+        sink.send(chunk).await.map_err(&judge)?;
     }
-    sink.as_mut().finish().await?;
+    sink.as_mut().finish().await.map_err(&judge)?;
     Ok(())
 }
 
