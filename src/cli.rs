@@ -17,6 +17,10 @@ fn env_vars() -> Vec<(String, String)> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // KPI plans run here batch by batch, and evaluating an expression
+        // recurses once per level: 2 MiB is too little for the deepest a
+        // KPI file may hold (see `kpi::PLANNING_STACK`).
+        .thread_stack_size(crate::kpi::EXECUTION_STACK)
         .build()
         .context("cannot start the async runtime")
 }

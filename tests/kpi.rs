@@ -2046,3 +2046,49 @@ async fn comments_and_layout_of_a_kpi_file_do_not_rebuild_it() {
         assert_ne!(engine.identity(), first.identity(), "{other}");
     }
 }
+
+/// Regression: a KPI file was planned on the calling thread, and planning
+/// recurses once per operator of a chain such as `x + 1 + 1 ...`: `run`
+/// reloading a file of about 150 chained operators on a runtime worker
+/// (2 MiB of stack) aborted the whole process, and `check` aborted at about
+/// 800. Files are now planned on a thread of their own, and a file too long
+/// for it is refused by its count of tokens, before anything recurses.
+#[tokio::test]
+async fn the_deepest_expression_a_kpi_may_hold_plans_and_runs_and_a_longer_one_is_refused() {
+    let cap = kpi::plan::MAX_KPI_TOKENS;
+    let (head, tail) = (
+        "SELECT channel, sum(energy_consumed",
+        ") AS n FROM events GROUP BY channel",
+    );
+    // 14 tokens around the chain, and each `+ 1` is two more.
+    let terms = (cap - 14) / 2;
+    let sql = format!("{head}{}{tail}", " + 1".repeat(terms));
+    let engine = KpiEngine::from_sources(vec![("deep.sql".into(), sql)], 64 << 20)
+        .await
+        .expect("the deepest chain the cap allows plans");
+    // Its plan runs on a thread with the stack the runtime's workers get.
+    let events = mixed_events(400, 9, 1);
+    let rows = std::thread::Builder::new()
+        .stack_size(kpi::EXECUTION_STACK)
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let deltas = rt.block_on(engine.compute(&events)).unwrap();
+            deltas.iter().map(|d| d.partial.num_rows()).sum::<usize>()
+        })
+        .unwrap()
+        .join()
+        .expect("the deep plan runs within the workers' stack");
+    assert!(rows > 0, "one row per channel");
+
+    let over = format!("{head}{}{tail}", " + 1".repeat(terms + 1));
+    let msg = refusal(&over).await;
+    assert!(
+        msg.contains("bad_kpi.sql")
+            && msg.contains(&format!("a query of {} tokens", 14 + 2 * (terms + 1)))
+            && msg.contains(&format!("at most {cap} tokens"))
+            && msg.contains("split the KPI into several files"),
+        "{msg}"
+    );
+}

@@ -121,7 +121,17 @@ pub enum KpiLoadError {
     Invalid(#[from] KpiError),
     #[error("{count} KPI file(s) are invalid:\n{list}")]
     Many { count: usize, list: String },
+    #[error("cannot start planning the KPI files: {0}")]
+    Planner(String),
 }
+
+/// The stack KPI files are planned on: the deepest expression that
+/// [`plan::MAX_KPI_TOKENS`] allows plans within it, in debug builds too
+/// (`tests/kpi.rs`). Only the pages touched are ever resident.
+pub const PLANNING_STACK: usize = 256 << 20;
+
+/// The stack of the threads that execute KPI plans, for the same reason.
+pub const EXECUTION_STACK: usize = 32 << 20;
 
 impl KpiEngine {
     fn context(memory_limit: usize, slot: &Arc<slot::Slot>) -> SessionContext {
@@ -171,8 +181,33 @@ impl KpiEngine {
         Self::from_sources(sources, cfg.memory_limit).await
     }
 
-    /// Plans KPI sources given as (file path, SQL).
+    /// Plans KPI sources given as (file path, SQL), on a thread of its own
+    /// with a stack of [`PLANNING_STACK`]: DataFusion's planner and the
+    /// analysis here recurse once per level of an expression, and a
+    /// runtime worker's 2 MiB overflowed (an abort, not an error) at about 150
+    /// chained operators, in `run` reloading a file that `check` accepted.
     pub async fn from_sources(
+        sources: Vec<(std::path::PathBuf, String)>,
+        memory_limit: usize,
+    ) -> Result<KpiEngine, KpiLoadError> {
+        let (done, planned) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("kpi-planner".into())
+            .stack_size(PLANNING_STACK)
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .map_err(|e| KpiLoadError::Planner(e.to_string()))
+                    .and_then(|rt| rt.block_on(Self::plan_sources(sources, memory_limit)));
+                let _ = done.send(result);
+            })
+            .map_err(|e| KpiLoadError::Planner(e.to_string()))?;
+        planned.await.map_err(|_| {
+            KpiLoadError::Planner("the planning thread ended without a result".into())
+        })?
+    }
+
+    async fn plan_sources(
         sources: Vec<(std::path::PathBuf, String)>,
         memory_limit: usize,
     ) -> Result<KpiEngine, KpiLoadError> {

@@ -307,6 +307,25 @@ fn canonical(sql: &str) -> String {
     words.join(" ")
 }
 
+/// The most tokens a KPI file may hold: over six times the largest shipped
+/// file, and few enough that its deepest expression plans within
+/// [`super::PLANNING_STACK`] and runs within the runtime's worker stacks.
+pub const MAX_KPI_TOKENS: usize = 2_000;
+
+/// The tokens of `sql` without spacing and comments; `None` when it does not
+/// tokenize, which the parser then reports.
+fn token_count(sql: &str) -> Option<usize> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize().ok()?;
+    Some(
+        tokens
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_) | Token::EOF))
+            .count(),
+    )
+}
+
 /// The optional header: leading `--` comment lines.
 fn description(sql: &str) -> Option<String> {
     let lines: Vec<&str> = sql
@@ -463,6 +482,21 @@ pub async fn analyse(
         return Err(c.err(
             format!("the name {name}"),
             format!("names starting with {p} are the pipeline's or Postgres' own; rename the file"),
+        ));
+    }
+    // Each operator of a chain such as `a + b + c ...` nests one level deeper
+    // in every tree DataFusion and this module walk, recursively: a long
+    // enough file overflows the stack, which aborts the process (a running
+    // `run` that reloads it included). Counting tokens is flat, so it can
+    // refuse such a file first.
+    if let Some(n) = token_count(sql).filter(|&n| n > MAX_KPI_TOKENS) {
+        return Err(c.err(
+            format!("a query of {n} tokens"),
+            format!(
+                "a KPI file may hold at most {MAX_KPI_TOKENS} tokens (words, numbers, operators), \
+                 since a longer expression can exhaust the stack while it is planned; split the \
+                 KPI into several files"
+            ),
         ));
     }
     let options = SQLOptions::new()
