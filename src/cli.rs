@@ -350,15 +350,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     for m in &report.mismatches {
                         println!("{}: {} {}", m.kpi, m.side, m.row);
                     }
-                    for n in &report.not_verified {
+                    for n in report.not_verified.iter().chain(&report.without_file) {
                         println!("{}: not verified: {}", n.kpi, n.reason);
                     }
-                    let (keys, kpis) = (report.differing_keys, report.not_verified.len());
+                    let (keys, kpis) = (
+                        report.differing_keys,
+                        report.not_verified.len() + report.without_file.len(),
+                    );
                     if keys == 0 && kpis == 0 {
                         match &args.kpi {
                             Some(k) => println!("verify: {k} equals its recomputation over events"),
+                            None if engine.is_empty() => println!(
+                                "verify: nothing to verify: no KPI file in {}, and the database maintains no KPI",
+                                args.queries.queries_dir.display()
+                            ),
                             None => println!(
-                                "verify: every KPI equals its recomputation over events"
+                                "verify: every KPI ({}) equals its recomputation over events",
+                                engine.len()
                             ),
                         }
                         Ok(ExitCode::SUCCESS)
@@ -373,12 +381,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             n => format!(", and {n} key(s) differ in the others"),
                         };
                         println!(
-                            "verify: {kpis} KPI(s) not verified (the database does not hold them as their files define them){others}"
+                            "verify: {kpis} KPI(s) not verified (the database does not hold them as the files given define them){others}"
                         );
                         Ok(ExitCode::FAILURE)
                     }
                 } else {
                     let names: Vec<String> = engine.defs().map(|d| d.name.clone()).collect();
+                    if names.is_empty() {
+                        println!(
+                            "backfill: nothing to backfill: no KPI file in {}",
+                            args.queries.queries_dir.display()
+                        );
+                    }
                     for (i, name) in names.iter().enumerate() {
                         if args.kpi.as_ref().is_some_and(|k| k != name) {
                             continue;

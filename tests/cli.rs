@@ -1334,7 +1334,48 @@ async fn verify_says_which_kpis_are_not_installed_as_their_files_say() {
 
     // With the files it was installed from, it passes.
     kpi_ok(&url, &installed.dir, &["verify"]);
+
+    // Regression: pointed at a directory that lacks some of the KPIs the
+    // database maintains, or at an empty one, it said every KPI equals its
+    // recomputation and exited 0, having recomputed nothing of them.
+    let some = common::kpi_dir(&[(
+        "same.sql",
+        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type",
+    )]);
+    let none = common::kpi_dir(&[]);
+    for (dir, missing) in [
+        (&some.dir, vec!["by_channel"]),
+        (&none.dir, vec!["by_channel", "same"]),
+    ] {
+        let out = kpi_command(&url, dir, &["verify"]);
+        let text = common::output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        for kpi in &missing {
+            assert!(
+                line_of(&text, kpi)
+                    .contains("the database maintains it, but no file given defines it"),
+                "{text}"
+            );
+        }
+        assert!(
+            !text.contains("gone: not verified"),
+            "a retired KPI is not maintained: {text}"
+        );
+        assert!(
+            text.contains(&format!("verify: {} KPI(s) not verified", missing.len())),
+            "{text}"
+        );
+    }
+    // One KPI asked for still looks at that one only.
+    kpi_ok(&url, &some.dir, &["verify", "--kpi", "same"]);
     drop(c);
+}
+
+fn line_of(text: &str, kpi: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{kpi}: not verified: ")))
+        .unwrap_or_else(|| panic!("no line for {kpi}: {text}"))
+        .to_string()
 }
 
 /// Regression: `verify`'s summary counted printed lines as "mismatching

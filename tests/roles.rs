@@ -218,7 +218,7 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
     );
     assert!(o.status.success(), "{}", output_text(&o));
     assert!(
-        output_text(&o).contains("every KPI equals its recomputation"),
+        output_text(&o).contains(") equals its recomputation over events"),
         "{}",
         output_text(&o)
     );

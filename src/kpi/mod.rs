@@ -1483,6 +1483,11 @@ pub struct VerifyReport {
     /// How many keys (of all compared KPIs) differ.
     pub differing_keys: usize,
     pub not_verified: Vec<NotVerified>,
+    /// KPIs the database maintains (in `kpi_registry`, not retired) that no
+    /// file given defines, so nothing recomputed them: without this, a
+    /// `verify` pointed at the wrong or an empty directory said that every
+    /// KPI was right. Only filled when every KPI is asked for.
+    pub without_file: Vec<NotVerified>,
 }
 
 /// [`verify_report`], for callers that expect every KPI installed as its
@@ -1569,6 +1574,22 @@ pub async fn verify_report(
             .map(|r| (r.get::<_, &str>(1), r.get::<_, &str>(2)))
     };
     let mut report = VerifyReport::default();
+    if only.is_none() {
+        for r in &registry {
+            let (name, hash): (&str, &str) = (r.get(0), r.get(1));
+            if hash != RETIRED_HASH && engine.index_of(name).is_none() {
+                report.without_file.push(NotVerified {
+                    kpi: name.to_string(),
+                    reason: "the database maintains it, but no file given defines it, so \
+                             nothing recomputed it; verify with the files it was installed \
+                             from (--queries-dir), or delete its file and run `energy-stream \
+                             migrate` with the rest to retire it"
+                        .into(),
+                });
+            }
+        }
+        report.without_file.sort_by(|a, b| a.kpi.cmp(&b.kpi));
+    }
     let mut compared = Vec::new();
     for idx in 0..engine.len() {
         let def = engine.def(idx);
