@@ -283,6 +283,71 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         "backfilled by the owner, then merged by the app"
     );
 
+    // Regression: the same role could be given both, and a role given
+    // read-only after it was the app role kept its writes.
+    let o = energy_stream(
+        &owner_url,
+        &[
+            "migrate",
+            "--queries-dir",
+            q,
+            "--grant-app",
+            &app,
+            "--grant-read",
+            &app,
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        output_text(&o).contains("the same role")
+            && output_text(&o).contains("nothing was changed"),
+        "{}",
+        output_text(&o)
+    );
+    let o = energy_stream(
+        &owner_url,
+        &["migrate", "--queries-dir", q, "--grant-read", &app],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    for (relation, privilege, held) in [
+        ("events", "SELECT", true),
+        ("events", "INSERT", false),
+        ("consumer_offsets", "UPDATE", false),
+        ("kpi_state_channel_events", "INSERT", false),
+    ] {
+        let has: bool = r
+            .query_one(
+                "SELECT has_table_privilege($1, $2, $3)",
+                &[&app, &relation, &privilege],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            has, held,
+            "{app} given read-only: {privilege} on {relation}"
+        );
+    }
+    refused(&c, "INSERT INTO rejected_events (topic) VALUES ('x')").await;
+    // The default privileges went too: a table the owner creates later is
+    // only readable.
+    std::fs::write(
+        queries.join("later.sql"),
+        "SELECT event_type, count(*) AS n FROM events GROUP BY event_type\n",
+    )
+    .unwrap();
+    let o = energy_stream(&owner_url, &["migrate", "--queries-dir", q]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    let has: bool = r
+        .query_one(
+            "SELECT has_table_privilege($1, 'kpi_state_later', 'INSERT')",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!has, "no write on a table created after the demotion");
+
     drop((c, r));
     let _ = std::fs::remove_dir_all(&queries);
     tokio::time::sleep(Duration::from_millis(100)).await;

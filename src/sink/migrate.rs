@@ -179,6 +179,15 @@ pub const CORE_RELATIONS: &[&str] = &[
 /// Refuses a role to grant to that does not exist (or has no name), before
 /// anything is migrated or backfilled, rather than after.
 pub async fn check_roles(client: &Client, roles: &[Option<&str>]) -> Result<(), SinkError> {
+    if let [Some(app), Some(read)] = roles
+        && app == read
+    {
+        return Err(SinkError::Fatal(format!(
+            "the same role {app:?} for --grant-app and --grant-read: a read-only role that may \
+             write is not read-only; give the dashboards a role of their own (README: Roles); \
+             nothing was changed"
+        )));
+    }
     for role in roles.iter().flatten() {
         if role.trim().is_empty() {
             return Err(SinkError::Fatal(
@@ -238,9 +247,22 @@ pub async fn grant(
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let s = crate::kpi::plan::quote(&schema);
+    // Each role gets exactly its privileges: what it held before goes first
+    // (in the same transaction), so a role that was the app role and is
+    // now given read-only keeps no write, and an app role given DELETE by
+    // hand loses it.
     let mut sql = String::new();
+    let reset = |sql: &mut String, r: &str| {
+        for (rel, _) in &relations {
+            sql.push_str(&format!("REVOKE ALL ON {rel} FROM {r};\n"));
+        }
+        sql.push_str(&format!(
+            "ALTER DEFAULT PRIVILEGES IN SCHEMA {s} REVOKE ALL ON TABLES FROM {r};\n"
+        ));
+    };
     if let Some(app) = app {
         let r = crate::kpi::plan::quote(app);
+        reset(&mut sql, &r);
         sql.push_str(&format!("GRANT USAGE ON SCHEMA {s} TO {r};\n"));
         for (rel, table) in &relations {
             let privileges = if *table && rel != "schema_migrations" {
@@ -256,6 +278,7 @@ pub async fn grant(
     }
     if let Some(read) = read {
         let r = crate::kpi::plan::quote(read);
+        reset(&mut sql, &r);
         sql.push_str(&format!("GRANT USAGE ON SCHEMA {s} TO {r};\n"));
         for (rel, _) in &relations {
             sql.push_str(&format!("GRANT SELECT ON {rel} TO {r};\n"));
