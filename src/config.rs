@@ -47,6 +47,8 @@ pub enum ConfigError {
         env = .0.to_uppercase().replace('.', "_")
     )]
     SecretKafkaOption(String),
+    #[error("refusing Kafka option {key}: {why}")]
+    OwnedKafkaOption { key: String, why: &'static str },
     #[error("--batch-max-rows must be at least 1")]
     BatchRows,
     #[error("both {0} and {0}_FILE are set: set only one of them")]
@@ -581,6 +583,57 @@ fn is_secret_key(key: &str) -> bool {
         || k == "sasl.oauthbearer.config"
 }
 
+/// librdkafka options that energy-stream sets itself and that its
+/// guarantees rest on, with what to use instead. Applied after them, a
+/// user's value silently won: `group.id` joined another Kafka group than the
+/// one whose offsets Postgres holds and the logs named, and
+/// `auto.offset.reset=latest` would skip a new partition's first messages.
+const OWNED_KAFKA_OPTIONS: &[(&str, &str)] = &[
+    (
+        "bootstrap.servers",
+        "give the brokers with --brokers (KAFKA_BROKERS)",
+    ),
+    (
+        "metadata.broker.list",
+        "give the brokers with --brokers (KAFKA_BROKERS)",
+    ),
+    (
+        "group.id",
+        "give the consumer group with --group-id (GROUP_ID)",
+    ),
+    (
+        "enable.auto.commit",
+        "the pipeline commits offsets itself, to Postgres with each batch and then to the group",
+    ),
+    (
+        "enable.auto.offset.store",
+        "the pipeline commits offsets itself, to Postgres with each batch and then to the group",
+    ),
+    (
+        "auto.offset.reset",
+        "a partition without an offset stored in Postgres is read from its first message, so that nothing is skipped",
+    ),
+    (
+        "enable.partition.eof",
+        "the pipeline needs the end-of-partition events to know when it is caught up",
+    ),
+    (
+        "isolation.level",
+        "only messages of committed Kafka transactions are read, so that an aborted one is never stored",
+    ),
+];
+
+fn owned_kafka_option(key: &str) -> Result<(), ConfigError> {
+    let k = key.trim().to_ascii_lowercase();
+    match OWNED_KAFKA_OPTIONS.iter().find(|(o, _)| *o == k) {
+        Some((o, why)) => Err(ConfigError::OwnedKafkaOption {
+            key: o.to_string(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The librdkafka options that `KAFKA_OPT_*` variables in `env` give
 /// (`KAFKA_OPT_SASL_MECHANISM=PLAIN` → `sasl.mechanism=PLAIN`; a `_FILE`
 /// suffix reads the value from that file), sorted by key.
@@ -601,7 +654,9 @@ pub fn kafka_env_options(
         if !seen.insert(base.to_string()) {
             return Err(ConfigError::KafkaOptionTwice(format!("KAFKA_OPT_{base}")));
         }
-        from_env.push((base.to_lowercase().replace('_', "."), value));
+        let key = base.to_lowercase().replace('_', ".");
+        owned_kafka_option(&key)?;
+        from_env.push((key, value));
     }
     from_env.sort();
     Ok(from_env)
@@ -628,6 +683,7 @@ impl KafkaArgs {
             if is_secret_key(k) {
                 return Err(ConfigError::SecretKafkaOption(k.trim().to_string()));
             }
+            owned_kafka_option(k)?;
             flags.push((k.trim().to_string(), v.to_string()));
         }
         let mut from_env = kafka_env_options(env)?;
@@ -1421,6 +1477,54 @@ mod tests {
         for k in ["sasl.mechanism", "security.protocol", "ssl.ca.location"] {
             assert!(!is_secret_key(k), "{k}");
         }
+    }
+
+    #[test]
+    fn options_the_pipeline_sets_itself_are_refused() {
+        // Regression: applied after the pipeline's own, these silently won
+        // (another Kafka group than the logs and Postgres' offsets named).
+        for kv in [
+            "group.id=other",
+            "GROUP.ID=other",
+            "bootstrap.servers=127.0.0.1:1",
+            "enable.auto.commit=true",
+            "auto.offset.reset=latest",
+            "isolation.level=read_uncommitted",
+        ] {
+            let cli = Cli::parse_from(["energy-stream", "run", "--kafka-option", kv]);
+            let Command::Run(args) = cli.command else {
+                panic!()
+            };
+            let e = args.kafka.options(Vec::new()).unwrap_err().to_string();
+            let key = kv.split('=').next().unwrap().to_ascii_lowercase();
+            assert!(
+                e.starts_with(&format!("refusing Kafka option {key}: ")),
+                "{e}"
+            );
+        }
+        let e = kafka_env_options(vec![("KAFKA_OPT_GROUP_ID".into(), "other".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--group-id (GROUP_ID)"), "{e}");
+        // Other options still pass, from either side.
+        let cli = Cli::parse_from([
+            "energy-stream",
+            "run",
+            "--kafka-option",
+            "session.timeout.ms=30000",
+        ]);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            args.kafka
+                .options(vec![("KAFKA_OPT_FETCH_WAIT_MAX_MS".into(), "50".into())])
+                .unwrap(),
+            vec![
+                ("fetch.wait.max.ms".to_string(), "50".to_string()),
+                ("session.timeout.ms".to_string(), "30000".to_string())
+            ]
+        );
     }
 
     #[test]
