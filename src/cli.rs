@@ -106,6 +106,22 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &[args.grant_app.as_deref(), args.grant_read.as_deref()],
                 )
                 .await?;
+                // Regression: an empty directory (a volume not mounted)
+                // retired every KPI, while `run` refuses such a start.
+                if let Some(engine) = &engine
+                    && engine.is_empty()
+                    && !args.retire_all
+                {
+                    let live = crate::kpi::maintained(&client).await?;
+                    if !live.is_empty() {
+                        anyhow::bail!(
+                            "nothing was changed: {} holds no KPI file, and the database maintains {} KPI(s) ({}), which migrate would retire; point --queries-dir at the KPI files, or give --retire-all to retire every KPI on purpose (--no-kpis does the schema and grants only)",
+                            args.queries.queries_dir.display(),
+                            live.len(),
+                            live.join(", ")
+                        );
+                    }
+                }
                 let report = crate::sink::migrate::migrate(&mut client).await?;
                 println!(
                     "migrations: {} applied{}, {} already in place",

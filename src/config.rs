@@ -139,6 +139,11 @@ pub struct MigrateArgs {
     /// Only the schema; leave KPI tables to `run` (single-role set-ups).
     #[arg(long)]
     pub no_kpis: bool,
+    /// Let a --queries-dir that holds no KPI file retire every KPI the
+    /// database maintains. Without it that is refused: an empty or missing
+    /// mount looks the same as deleting every file on purpose.
+    #[arg(long, conflicts_with = "no_kpis")]
+    pub retire_all: bool,
     /// Role that runs the pipeline: gets SELECT, INSERT and UPDATE on the
     /// pipeline's tables (also on tables created later), nothing else. The
     /// role must exist.

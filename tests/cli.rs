@@ -1368,6 +1368,30 @@ async fn verify_says_which_kpis_are_not_installed_as_their_files_say() {
     }
     // One KPI asked for still looks at that one only.
     kpi_ok(&url, &some.dir, &["verify", "--kpi", "same"]);
+
+    // Regression: `migrate` from that empty directory (a volume not mounted)
+    // retired every KPI. It is refused, changing nothing, unless asked for.
+    let out = kpi_command(&url, &none.dir, &["migrate"]);
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("nothing was changed")
+            && text.contains("holds no KPI file")
+            && text.contains("2 KPI(s) (by_channel, same)")
+            && text.contains("--retire-all"),
+        "{text}"
+    );
+    kpi_ok(&url, &installed.dir, &["verify"]);
+    kpi_ok(&url, &none.dir, &["migrate", "--retire-all"]);
+    let retired: i64 = c
+        .query_one(
+            "SELECT count(*) FROM kpi_registry WHERE sql_hash = 'retired'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(retired, 3, "by_channel and same, and gone before them");
     drop(c);
 }
 

@@ -1010,6 +1010,23 @@ async fn live_kpis(
         .await?)
 }
 
+/// The KPIs the database maintains (live in `kpi_registry`), none before
+/// the schema exists.
+pub async fn maintained(client: &Client) -> Result<Vec<String>, SinkError> {
+    let schema: bool = client
+        .query_one("SELECT to_regclass('kpi_registry') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !schema {
+        return Ok(Vec::new());
+    }
+    Ok(live_kpis(client)
+        .await?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect())
+}
+
 fn not_computed_here(name: &str) -> String {
     format!("{name} (not computed here)")
 }
