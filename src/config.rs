@@ -49,8 +49,6 @@ pub enum ConfigError {
     SecretKafkaOption(String),
     #[error("refusing Kafka option {key}: {why}")]
     OwnedKafkaOption { key: String, why: &'static str },
-    #[error("--batch-max-rows must be at least 1")]
-    BatchRows,
     #[error("both {0} and {0}_FILE are set: set only one of them")]
     KafkaOptionTwice(String),
 }
@@ -211,8 +209,9 @@ pub struct RunArgs {
     #[arg(long, env = "GROUP_ID", default_value = "energy-stream", value_parser = non_empty("a consumer group name"))]
     pub group_id: String,
     /// A micro-batch closes at this many messages...
-    #[arg(long, env = "BATCH_MAX_ROWS", default_value_t = 20_000)]
-    pub batch_max_rows: usize,
+    #[arg(long, env = "BATCH_MAX_ROWS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_max_rows: u64,
     /// ...or this many milliseconds after its first message, whichever comes
     /// first (0 to 3600000).
     #[arg(long, env = "BATCH_MAX_WAIT_MS", default_value_t = 500,
@@ -789,8 +788,16 @@ fn non_empty(what: &'static str) -> impl Fn(&str) -> Result<String, String> + Cl
 
 /// "off" or an address.
 pub fn parse_metrics_addr(s: &str) -> Result<Option<SocketAddr>, String> {
-    if s.eq_ignore_ascii_case("off") || s.is_empty() {
+    if s.eq_ignore_ascii_case("off") {
         return Ok(None);
+    }
+    // An empty value turned the endpoints off without a word, and with them
+    // the health check a container relies on.
+    if s.trim().is_empty() {
+        return Err(
+            "empty metrics address (--metrics-addr, METRICS_ADDR): give host:port, or off to serve nothing"
+                .into(),
+        );
     }
     use std::net::ToSocketAddrs;
     // A host name (localhost:9898) too, not only an IP; its first address.
@@ -815,9 +822,6 @@ impl RunArgs {
         database_from_argv: bool,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<PipelineConfig> {
-        if self.batch_max_rows == 0 {
-            return Err(ConfigError::BatchRows.into());
-        }
         let database = self.db.require(database_from_argv)?;
         let env: Vec<(String, String)> = env.into_iter().collect();
         let fault = env
@@ -839,7 +843,7 @@ impl RunArgs {
             max_future: TimeDelta::seconds(self.max_future_secs),
             max_field_bytes: usize::from(self.max_field_bytes),
         };
-        cfg.batch_max_rows = self.batch_max_rows;
+        cfg.batch_max_rows = usize::try_from(self.batch_max_rows).unwrap_or(usize::MAX);
         cfg.batch_max_wait = Duration::from_millis(self.batch_max_wait_ms);
         cfg.batch_max_bytes = usize::try_from(self.batch_max_bytes).unwrap_or(usize::MAX);
         cfg.migrate = !self.no_migrate;
@@ -855,6 +859,8 @@ impl RunArgs {
                 let d = PathBuf::from("queries");
                 if d.is_dir() {
                     Some(d)
+                } else if self.no_kpis {
+                    None
                 } else {
                     tracing::warn!(
                         "no ./queries directory and no --queries-dir: computing no KPIs"

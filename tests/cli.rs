@@ -1060,6 +1060,18 @@ fn a_bad_value_from_the_environment_names_its_variable() {
     );
     let err = refused("METRICS_ADDR", "nonsense");
     assert!(err.contains("METRICS_ADDR"), "{err}");
+    // Regression: 0 was refused in the flag's name alone, and an empty
+    // METRICS_ADDR turned /metrics, /healthz and /readyz off without a word.
+    let err = refused("BATCH_MAX_ROWS", "0");
+    assert!(
+        err.contains("--batch-max-rows") && err.contains("environment variable BATCH_MAX_ROWS"),
+        "{err}"
+    );
+    let err = refused("METRICS_ADDR", "");
+    assert!(
+        err.contains("empty metrics address") && err.contains("METRICS_ADDR"),
+        "{err}"
+    );
 }
 
 /// `energy-stream <args…>` against `url` with `dir` as its KPI directory.
