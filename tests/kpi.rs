@@ -2092,3 +2092,22 @@ async fn the_deepest_expression_a_kpi_may_hold_plans_and_runs_and_a_longer_one_i
         "{msg}"
     );
 }
+
+/// Regression: a KPI file saved with a UTF-8 byte-order mark (Windows
+/// editors) was refused for its first character, which nobody can see.
+#[tokio::test]
+async fn a_kpi_file_with_a_byte_order_mark_loads() {
+    let cfg = kpi_dir(&[(
+        "bom.sql",
+        "\u{feff}-- counts per channel\nSELECT channel, count(*) AS n FROM events GROUP BY channel",
+    )]);
+    let engine = KpiEngine::load_dir(&cfg)
+        .await
+        .expect("the mark is not SQL");
+    assert_eq!(engine.def(0).name, "bom");
+    assert_eq!(
+        engine.def(0).description.as_deref(),
+        Some("counts per channel")
+    );
+    std::fs::remove_dir_all(&cfg.dir).unwrap();
+}

@@ -176,6 +176,12 @@ impl KpiEngine {
                 path: f.display().to_string(),
                 source,
             })?;
+            // Editors on Windows start UTF-8 files with a byte-order mark,
+            // which the SQL tokenizer refused as an unknown character.
+            let sql = match sql.strip_prefix('\u{feff}') {
+                Some(rest) => rest.to_string(),
+                None => sql,
+            };
             sources.push((f, sql));
         }
         Self::from_sources(sources, cfg.memory_limit).await
