@@ -127,8 +127,10 @@ async fn owner_migrates_app_only_writes_rows_reader_only_reads() {
         ],
     );
     assert!(!o.status.success());
+    // The hint quotes the name, so that it can be pasted as it is.
     assert!(
-        output_text(&o).contains("role \"no_such_role_x1\" does not exist"),
+        output_text(&o).contains("role \"no_such_role_x1\" does not exist")
+            && output_text(&o).contains("CREATE ROLE \"no_such_role_x1\" LOGIN"),
         "{}",
         output_text(&o)
     );

@@ -203,7 +203,8 @@ pub async fn check_roles(client: &Client, roles: &[Option<&str>]) -> Result<(), 
             .get(0);
         if !exists {
             return Err(SinkError::Fatal(format!(
-                "role {role:?} does not exist: create it first (CREATE ROLE {role} LOGIN; README: Roles); nothing was changed"
+                "role {role:?} does not exist: create it first (CREATE ROLE {} LOGIN; README: Roles); nothing was changed",
+                crate::kpi::plan::quote(role)
             )));
         }
     }
