@@ -1346,6 +1346,7 @@ fn intake(
         }
         // On a timer, not only when idle: a partition can stall while others
         // keep the poll busy.
+        let mut last_batch_now = false;
         if progress_checked.elapsed() >= PROGRESS_CHECK_EVERY {
             progress_checked = Instant::now();
             let caught_up = match source.check_progress(PROGRESS_CHECK_EVERY) {
@@ -1374,6 +1375,10 @@ fn intake(
                 });
             }
             source.note_if_stuck(cfg.rebalance_limit);
+            // A run to the end cuts its last, partial batch once nothing more
+            // is coming, rather than waiting out --batch-max-wait-ms (which
+            // may be an hour) for messages that will not come.
+            last_batch_now = cfg.stop_when_caught_up && caught_up && !dec.is_empty();
             if cfg.stop_when_caught_up && dec.is_empty() {
                 // Given no partition, there is nothing to catch up with: once
                 // the broker lists the topic's partitions, all of them other
@@ -1427,7 +1432,7 @@ fn intake(
         let due = cut
             .first_at
             .is_some_and(|t| t.elapsed() >= cfg.batch_max_wait);
-        if full || due {
+        if full || due || last_batch_now {
             let b = cut.cut(&mut dec, &ownership, decode_time);
             decode_time = Duration::ZERO;
             metrics.events_consumed.inc_by(b.decoded.num_rows() as u64);

@@ -374,6 +374,32 @@ async fn a_kpi_whose_keys_postgres_refuses_is_disabled_not_retried_forever() {
     );
 }
 
+/// Regression: a run to the end held its last, partial batch until
+/// --batch-max-wait-ms ran out, since it looked for the end only with no
+/// batch open: with the hour the flag allows, a batch job ran for an hour.
+/// It now cuts that batch once every partition is consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_to_the_end_does_not_wait_out_the_batch_linger() {
+    let Named {
+        _cluster,
+        db,
+        name: _,
+        mut cfg,
+    } = Named::new("linger_end", &sample_messages(0..30, 5)).await;
+    assert!(cfg.stop_when_caught_up);
+    cfg.batch_max_wait = Duration::from_secs(3600);
+    let summary = run_within(
+        cfg,
+        Metrics::new(),
+        Duration::from_secs(60),
+        "a run to the end stops once caught up, not an hour later",
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.events_written, 30);
+    assert_eq!(event_rows(&client(&db).await).await, 30);
+}
+
 /// Regression: Postgres refused some KPI rows at the COPY into the staging
 /// table (text holding U+0000, a time before 4713 BC), or met one key twice
 /// in one merge (NaN and -NaN, two groups for DataFusion and one for
