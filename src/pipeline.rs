@@ -278,6 +278,18 @@ pub enum PipelineError {
          nothing was committed meanwhile. Run again later, or with another --group-id if members of this group no longer run"
     )]
     NoAssignment { group: String, waited: Duration },
+    /// `stop_when_caught_up`, and the topic was not found (or the broker
+    /// not reached) for twice the rebalance limit since the start.
+    #[error(
+        "topic {topic} not found on the broker for {waited:?} (or the broker is unreachable; last client error: {last_error}), \
+         so this run to the end has nothing to read; nothing was committed. Create the topic (`energy-stream produce` creates it), \
+         or check --brokers and --topic"
+    )]
+    TopicNotFound {
+        topic: String,
+        waited: Duration,
+        last_error: String,
+    },
 }
 
 struct PgOffsetLoader {
@@ -1232,12 +1244,26 @@ fn intake(
     rt: &tokio::runtime::Handle,
 ) -> Result<(), PipelineError> {
     let ownership = source.ownership();
+    let started = Instant::now();
     let mut waited = Instant::now();
     let mut warned_missing = false;
     while !source.topic_exists() {
         source.note_topic_found(false);
         if ownership.stop_requested() {
             return Ok(());
+        }
+        // A run to the end is a batch job: waiting for ever on a topic that
+        // is not there (a typo, the wrong broker) hid the mistake, and
+        // SIGTERM then ended it with exit 0. The same bound as for a group
+        // that never assigns.
+        let limit = 2 * cfg.rebalance_limit;
+        if cfg.stop_when_caught_up && started.elapsed() >= limit {
+            ownership.request_stop();
+            return Err(PipelineError::TopicNotFound {
+                topic: source.topic().to_string(),
+                waited: limit,
+                last_error: source.last_client_error().unwrap_or_else(|| "none".into()),
+            });
         }
         source.serve_events();
         if !warned_missing || waited.elapsed() > Duration::from_secs(30) {

@@ -400,6 +400,33 @@ async fn a_run_to_the_end_does_not_wait_out_the_batch_linger() {
     assert_eq!(event_rows(&client(&db).await).await, 30);
 }
 
+/// Regression: a run to the end waited for ever for a topic that is not
+/// there (a typo, the wrong broker), logging every 30 s, and SIGTERM then
+/// ended it with exit 0. It fails after twice the rebalance limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_to_the_end_of_a_missing_topic_fails() {
+    let cluster = MockCluster::new(1).unwrap();
+    let topic = unique("never_created");
+    let db = fresh_db("missing_topic").await;
+    let mut cfg = pipeline_config(&cluster.bootstrap_servers(), &topic, db.clone());
+    assert!(cfg.stop_when_caught_up);
+    cfg.rebalance_limit = Duration::from_secs(2);
+    let e = run_within(
+        cfg,
+        Metrics::new(),
+        Duration::from_secs(60),
+        "a run to the end of a missing topic ends",
+    )
+    .await
+    .expect_err("nothing to read is a failure");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("topic {topic} not found on the broker for 4s"))
+            && msg.contains("nothing was committed"),
+        "{msg}"
+    );
+}
+
 /// Regression: Postgres refused some KPI rows at the COPY into the staging
 /// table (text holding U+0000, a time before 4713 BC), or met one key twice
 /// in one merge (NaN and -NaN, two groups for DataFusion and one for
