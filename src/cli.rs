@@ -100,7 +100,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     })?;
                     Some(engine)
                 };
-                let mut client = database.connect().await?;
+                // The target named: "connection refused" alone does not say
+                // which of several databases an operator meant.
+                let mut client = database
+                    .connect()
+                    .await
+                    .with_context(|| format!("cannot connect to {database}"))?;
                 crate::sink::migrate::check_roles(
                     &client,
                     &[args.grant_app.as_deref(), args.grant_read.as_deref()],
@@ -343,7 +348,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 {
                     anyhow::bail!("no KPI named {k} in {}", args.queries.queries_dir.display());
                 }
-                let mut client = database.connect().await?;
+                // The target named: "connection refused" alone does not say
+                // which of several databases an operator meant.
+                let mut client = database
+                    .connect()
+                    .await
+                    .with_context(|| format!("cannot connect to {database}"))?;
                 // Pointed at the wrong database (a mistyped DATABASE_URL),
                 // neither may leave energy-stream's schema there. `backfill`
                 // applies the migrations a schema it finds may lack.

@@ -1074,6 +1074,32 @@ fn a_bad_value_from_the_environment_names_its_variable() {
     );
 }
 
+/// Regression: `migrate`, `verify` and `backfill` said "connection refused"
+/// without saying which database they tried; they name it now, without
+/// its password.
+#[test]
+fn a_database_that_cannot_be_reached_is_named() {
+    let queries = concat!(env!("CARGO_MANIFEST_DIR"), "/queries");
+    for command in ["migrate", "verify", "backfill"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args([command, "--queries-dir", queries])
+            .env(
+                "DATABASE_URL",
+                "postgres://nobody:pw-secret-9@127.0.0.1:1/nowhere_db",
+            )
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = common::output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{command}: {text}");
+        assert!(
+            text.contains("cannot connect to postgres://nobody@127.0.0.1:1/nowhere_db"),
+            "{command}: {text}"
+        );
+        assert!(!text.contains("pw-secret-9"), "{command}: {text}");
+    }
+}
+
 /// `energy-stream <args…>` against `url` with `dir` as its KPI directory.
 fn kpi_command(url: &str, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_energy-stream"))
