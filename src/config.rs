@@ -528,10 +528,11 @@ impl DbArgs {
                 // tokio-postgres says "invalid connection string" and keeps
                 // which option and why in the source; it names options, never
                 // their values.
-                ConfigError::BadDatabaseUrl(match std::error::Error::source(&e) {
+                let why = match std::error::Error::source(&e) {
                     Some(why) => format!("{e}: {why}"),
                     None => e.to_string(),
-                })
+                };
+                ConfigError::BadDatabaseUrl(format!("{why}{}", url_hint(&url, &why)))
             })?;
         if from_argv && self.database_url.is_some() && config.get_password().is_some() {
             return Err(ConfigError::PasswordInArgv);
@@ -572,6 +573,27 @@ impl DbArgs {
 
     pub fn require(&self, from_argv: bool) -> Result<tokio_postgres::Config, ConfigError> {
         self.resolve(from_argv)?.ok_or(ConfigError::NoDatabase)
+    }
+}
+
+/// What to do about a database URL that does not parse, for the mistakes
+/// its parser's words do not explain. Never quotes the URL.
+fn url_hint(url: &str, why: &str) -> &'static str {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if scheme
+        .as_deref()
+        .is_some_and(|s| s != "postgres" && s != "postgresql")
+    {
+        " — expected a postgres:// or postgresql:// URL"
+    } else if why.contains("sslmode") {
+        " — sslmode may be disable, prefer or require; to verify the server's certificate \
+         (libpq's verify-ca and verify-full), use sslmode=require with --database-ca-file \
+         (DATABASE_CA_FILE)"
+    } else if why.contains("option `port`") || why.contains("option `host`") {
+        " — if the password holds @, :, / or #, percent-encode them (%40, %3A, %2F, %23), or put \
+         the password in DATABASE_PASSWORD_FILE"
+    } else {
+        ""
     }
 }
 
@@ -1488,6 +1510,28 @@ mod tests {
         for k in ["sasl.mechanism", "security.protocol", "ssl.ca.location"] {
             assert!(!is_secret_key(k), "{k}");
         }
+    }
+
+    #[test]
+    fn database_urls_that_do_not_parse_say_what_to_do() {
+        let refused = |url: &str| {
+            let cli = Cli::parse_from(["energy-stream", "verify", "--database-url", url]);
+            let Command::Verify(args) = cli.command else {
+                panic!()
+            };
+            // As from DATABASE_URL, where a password may be.
+            let e = args.db.resolve(false).unwrap_err().to_string();
+            assert!(!e.contains("s3cr"), "no password in {e}");
+            e
+        };
+        assert!(
+            refused("mysql://u:s3cr@h/db").contains("expected a postgres:// or postgresql:// URL")
+        );
+        assert!(refused("postgres://u@h/db?sslmode=verify-full").contains("--database-ca-file"));
+        assert!(
+            refused("postgres://es_owner:s3cr@ss:w/rd%20#@127.0.0.1:55503/energy")
+                .contains("percent-encode")
+        );
     }
 
     #[test]
