@@ -1100,6 +1100,59 @@ fn a_database_that_cannot_be_reached_is_named() {
     }
 }
 
+/// Regression: `sslmode=require` against a server that does not offer TLS
+/// was retried for ever by `run` ("cannot reach Postgres; retrying"), while
+/// a wrong password, just as permanent, stopped it at once. The stand-in
+/// server answers every SSLRequest with 'N', as Postgres with `ssl = off`.
+#[test]
+fn tls_required_of_a_server_without_it_stops_the_run() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 8];
+            if stream.read_exact(&mut request).is_ok() {
+                let _ = stream.write_all(b"N");
+            }
+        }
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args([
+            "run",
+            "--no-kpis",
+            "--metrics-addr",
+            "off",
+            "--brokers",
+            "127.0.0.1:1",
+        ])
+        .env(
+            "DATABASE_URL",
+            format!("postgres://nobody@127.0.0.1:{port}/energy?sslmode=require"),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("run still retrying a server that will never offer TLS");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("server does not support TLS") && text.contains("sslmode=prefer"),
+        "{text}"
+    );
+}
+
 /// `energy-stream <args…>` against `url` with `dir` as its KPI directory.
 fn kpi_command(url: &str, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_energy-stream"))

@@ -216,6 +216,14 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
             };
             return SinkError::Fatal(format!("{message} — {hint}"));
         }
+        // `sslmode=require` against a server without TLS: as permanent as a
+        // wrong password, so retrying for ever only hid it.
+        if message.contains("server does not support TLS") {
+            return SinkError::Fatal(format!(
+                "{message} — DATABASE_URL asks for TLS (sslmode=require) and this server does \
+                 not offer it: turn ssl on in the server, or use sslmode=prefer"
+            ));
+        }
         // No SQLSTATE: the socket closed, the server vanished, or connecting failed.
         return SinkError::Unavailable {
             kind: "connection",
