@@ -28,6 +28,10 @@ pub enum ConfigError {
         "no database configured: set DATABASE_URL (or DATABASE_URL_FILE), e.g. postgres://user@localhost:5432/energy"
     )]
     NoDatabase,
+    #[error(
+        "both DATABASE_URL and DATABASE_URL_FILE (or --database-url-file) are set: set only one of them"
+    )]
+    DatabaseUrlTwice,
     #[error("invalid database URL: {0}")]
     BadDatabaseUrl(String),
     #[error(
@@ -514,6 +518,10 @@ impl DbArgs {
     /// was typed on the command line (as opposed to taken from DATABASE_URL).
     pub fn resolve(&self, from_argv: bool) -> Result<Option<tokio_postgres::Config>, ConfigError> {
         let url = match (&self.database_url, &self.database_url_file) {
+            // Both from the environment (or the file's flag against the
+            // URL's variable): which one meant the database is a guess, and
+            // the URL silently won.
+            (Some(_), Some(_)) if !from_argv => return Err(ConfigError::DatabaseUrlTwice),
             (Some(u), _) => Some(u.clone()),
             (None, Some(f)) => Some(read_secret_file("DATABASE_URL_FILE", f)?),
             (None, None) => None,
@@ -1510,6 +1518,31 @@ mod tests {
         for k in ["sasl.mechanism", "security.protocol", "ssl.ca.location"] {
             assert!(!is_secret_key(k), "{k}");
         }
+    }
+
+    #[test]
+    fn a_database_url_and_its_file_together_are_refused() {
+        let file = std::env::temp_dir().join(format!("es-url-{}", std::process::id()));
+        std::fs::write(&file, "postgres://u@file-host/db").unwrap();
+        let f = file.to_str().unwrap();
+        let cli = Cli::parse_from([
+            "energy-stream",
+            "verify",
+            "--database-url",
+            "postgres://u@env-host/db",
+            "--database-url-file",
+            f,
+        ]);
+        let Command::Verify(args) = cli.command else {
+            panic!()
+        };
+        // Regression: from the environment, the URL silently won.
+        let e = args.db.resolve(false).unwrap_err().to_string();
+        assert!(e.contains("set only one of them"), "{e}");
+        // Typed on the command line, the URL wins over the environment.
+        let c = args.db.resolve(true).unwrap().unwrap();
+        assert_eq!(c.get_hosts().len(), 1);
+        std::fs::remove_file(&file).unwrap();
     }
 
     #[test]
