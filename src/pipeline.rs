@@ -1510,6 +1510,10 @@ fn hand_on(
     }
 }
 
+/// Kafka timestamps before this (2000-01-01, the default
+/// `--min-event-time`) do not count for end-to-end latency.
+const LATENCY_FLOOR_MS: i64 = 946_684_800_000;
+
 /// Tracks what the batch being built covers, and cuts it.
 struct Cutter {
     generation: u64,
@@ -1538,8 +1542,10 @@ impl Cutter {
             *last = (offset, ts_ms, row);
         }
         // The raw timestamp above, which the next assignment compares with
-        // the log's; only a plausible one for latency.
-        if let Some(ts) = crate::decode::kafka_time_ms(ts_ms) {
+        // the log's; only a plausible one for latency. A producer may set
+        // any time, and 0 usually means "not set": one such message among
+        // fresh ones made its whole batch's latency 57 years.
+        if let Some(ts) = crate::decode::kafka_time_ms(ts_ms).filter(|&ts| ts >= LATENCY_FLOOR_MS) {
             self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
         }
     }
@@ -2412,5 +2418,31 @@ impl Progress {
             elapsed_secs = format!("{secs:.1}"),
             "pipeline stopped; everything consumed is committed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: one message with Kafka timestamp 0 among fresh ones set
+    /// its batch's end-to-end latency to the time since 1970.
+    #[test]
+    fn implausibly_old_kafka_timestamps_do_not_count_for_latency() {
+        let now = Instant::now();
+        let fresh = 1_796_000_000_000;
+        let mut cut = Cutter::new(0);
+        cut.note(0, 0, Some(fresh), 0, now);
+        cut.note(0, 1, Some(0), 1, now);
+        cut.note(1, 0, Some(LATENCY_FLOOR_MS - 1), 2, now);
+        assert_eq!(cut.oldest_ts_ms, Some(fresh));
+        cut.note(1, 1, Some(fresh - 3_600_000), 3, now);
+        assert_eq!(
+            cut.oldest_ts_ms,
+            Some(fresh - 3_600_000),
+            "an old message still counts"
+        );
+        // The raw timestamp is still kept for the log's fingerprint.
+        assert_eq!(cut.last[&0], (1, Some(0), 1));
     }
 }
