@@ -310,6 +310,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "  note: column \"{o}\" must be quoted to be read (no alias, or not a lowercase name); `... AS some_name` gives it a name that needs no quotes"
                     );
                 }
+                // `SELECT user FROM kpi` reads the current user, not the
+                // column, and `SELECT order FROM kpi` does not parse.
+                for o in outputs.iter().filter(|o| {
+                    plain_identifier(o) && crate::kpi::plan::PG_RESERVED_WORDS.contains(o)
+                }) {
+                    println!(
+                        "  note: column {o} is a reserved word in Postgres' SQL and must be quoted to be read (\"{o}\"); `... AS another_name` avoids that"
+                    );
+                }
                 // Postgres cuts identifiers to 63 bytes without a word.
                 for o in outputs
                     .iter()

@@ -596,8 +596,8 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
     std::fs::write(
         dir.join("by_channel.sql"),
         "SELECT channel, count(*), sum(energy_consumed) AS kwh, count(*) AS \"Events\", \
-         sum(payment_amount) FILTER (WHERE event_type = 'bill_payment') \
-         FROM events GROUP BY channel",
+         sum(payment_amount) FILTER (WHERE event_type = 'bill_payment'), \
+         min(session_id) AS \"user\" FROM events GROUP BY channel",
     )
     .unwrap();
     let out = check();
@@ -624,6 +624,12 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
     );
     assert!(
         text.contains("longer than Postgres' 63-byte names"),
+        "{text}"
+    );
+    // Regression: a column named after a reserved word passed without a
+    // note, and `SELECT user FROM by_channel` read the current user.
+    assert!(
+        text.contains("column user is a reserved word in Postgres' SQL and must be quoted"),
         "{text}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

@@ -169,7 +169,7 @@ const RESERVED_PREFIXES: &[&str] = &["kpi_state_", "kpi_members_", "pg_"];
 /// type but not a table (`pg_get_keywords()`, categories R and T, Postgres
 /// 15, and `system_user` from 16): a view of such a name cannot be read
 /// without quotes.
-const PG_RESERVED_WORDS: &[&str] = &[
+pub const PG_RESERVED_WORDS: &[&str] = &[
     "all",
     "analyse",
     "analyze",
