@@ -484,6 +484,35 @@ async fn unsupported_files_are_refused_with_what_to_write_instead() {
         assert!(!msg.contains("SQL error: SQL error"), "{msg}");
         assert!(!msg.contains("ValueWithSpan"), "no parser internals: {msg}");
     }
+    // Regression: `check` said OK to these, and installing them failed.
+    let keys: Vec<String> = (0..33)
+        .map(|i| format!("session_id + {i} AS k{i}"))
+        .collect();
+    let positions: Vec<String> = (1..=33).map(|i| i.to_string()).collect();
+    let many_keys = format!(
+        "SELECT {}, count(*) AS n FROM events GROUP BY {}",
+        keys.join(", "),
+        positions.join(", ")
+    );
+    for (sql, want) in [
+        (many_keys.as_str(), "33 GROUP BY keys"),
+        (
+            "SELECT channel AS \"\", count(*) AS n FROM events GROUP BY 1",
+            "an output with an empty name",
+        ),
+    ] {
+        let msg = refusal(sql).await;
+        assert!(msg.contains(want) && msg.contains(" — "), "{sql}\n→ {msg}");
+    }
+    // 32 keys are Postgres' limit, and fine.
+    let keys32 = format!(
+        "SELECT {}, count(*) AS n FROM events GROUP BY {}",
+        keys[..32].join(", "),
+        positions[..32].join(", ")
+    );
+    KpiEngine::from_sources(vec![("keys32.sql".into(), keys32)], 64 << 20)
+        .await
+        .expect("32 keys");
 }
 
 /// Regression: a KPI file that is not UTF-8 was reported as the directory,

@@ -624,6 +624,19 @@ pub async fn analyse(
         &mut keys,
     )?;
 
+    // Postgres' own limit, found by `check` rather than by the install
+    // after it said OK: the state table's unique index over the keys. (Its
+    // 1600 columns a table are out of reach within MAX_KPI_TOKENS.)
+    if keys.len() > PG_INDEX_MAX_KEYS {
+        return Err(c.err(
+            format!("{} GROUP BY keys", keys.len()),
+            format!(
+                "Postgres' index over a KPI's keys takes at most {PG_INDEX_MAX_KEYS}; group by \
+                 fewer, or split the KPI into several files"
+            ),
+        ));
+    }
+
     Ok(KpiDef {
         name: name.to_string(),
         description: description(sql),
@@ -1626,6 +1639,12 @@ impl Analysed {
                 .expr_to_sql(&rewritten)
                 .map_err(|e| c.err(format!("the expression {name}: {e}"), SHAPE))?
                 .to_string();
+            if name.is_empty() {
+                return Err(c.err(
+                    "an output with an empty name (AS \"\")",
+                    "Postgres has no empty column names; give the column a name",
+                ));
+            }
             if name == "updated_at" {
                 return Err(c.err(
                     "an output named updated_at",
@@ -1654,6 +1673,9 @@ impl Analysed {
         Ok(outputs)
     }
 }
+
+/// Columns in one index (INDEX_MAX_KEYS), as Postgres is built.
+const PG_INDEX_MAX_KEYS: usize = 32;
 
 /// The bytes Postgres keeps of a name (NAMEDATALEN - 1); it cuts a longer
 /// one without an error, and two cut names can then meet.
