@@ -349,6 +349,8 @@ fn url_of(cfg: &tokio_postgres::Config) -> String {
             .collect::<String>()
     };
     let host = match cfg.get_hosts().first() {
+        // An IPv6 address must be bracketed, or its colons read as the port's.
+        Some(tokio_postgres::config::Host::Tcp(h)) if h.contains(':') => format!("[{h}]"),
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
         Some(tokio_postgres::config::Host::Unix(p)) => enc(&p.display().to_string()),
@@ -359,8 +361,28 @@ fn url_of(cfg: &tokio_postgres::Config) -> String {
         .get_password()
         .map(|p| format!(":{}", enc(&String::from_utf8_lossy(p))))
         .unwrap_or_default();
+    // The settings that change how the children reach the server: without
+    // them a bench given `sslmode=require` ran its `run` and `migrate` as
+    // `prefer`, and lost `options` (a search_path, say).
+    let mut params = Vec::new();
+    match cfg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => params.push("sslmode=disable".to_string()),
+        tokio_postgres::config::SslMode::Require => params.push("sslmode=require".to_string()),
+        _ => {}
+    }
+    if let Some(o) = cfg.get_options() {
+        params.push(format!("options={}", enc(o)));
+    }
+    if cfg.get_target_session_attrs() == tokio_postgres::config::TargetSessionAttrs::ReadWrite {
+        params.push("target_session_attrs=read-write".into());
+    }
+    let query = if params.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", params.join("&"))
+    };
     format!(
-        "postgres://{}{password}@{host}:{}/{}",
+        "postgres://{}{password}@{host}:{}/{}{query}",
         enc(user),
         cfg.get_ports().first().copied().unwrap_or(5432),
         cfg.get_dbname().unwrap_or("postgres")
@@ -785,6 +807,30 @@ mod tests {
         let back: tokio_postgres::Config = url.parse().unwrap();
         assert_eq!(back.get_password(), Some(&b"p@ss:w/rd"[..]));
         assert_eq!(back.get_user(), Some("app user"));
+
+        // Regression: only host, port, user, password and database were
+        // kept, so the children lost sslmode and options, and an IPv6 host
+        // did not parse.
+        let mut c: tokio_postgres::Config =
+            "postgres://u@[::1]:5433/db?sslmode=require&options=-c%20search_path%3Dbench&target_session_attrs=read-write"
+                .parse()
+                .unwrap();
+        c.password("pw");
+        let back: tokio_postgres::Config = url_of(&c).parse().unwrap();
+        assert_eq!(
+            back.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        assert_eq!(back.get_options(), Some("-c search_path=bench"));
+        assert_eq!(
+            back.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(
+            back.get_hosts(),
+            &[tokio_postgres::config::Host::Tcp("::1".into())]
+        );
+        assert_eq!(back.get_ports(), &[5433]);
     }
 
     /// Regression: two benches started in the same second shared a database
