@@ -2140,3 +2140,42 @@ async fn a_kpi_file_with_a_byte_order_mark_loads() {
     );
     std::fs::remove_dir_all(&cfg.dir).unwrap();
 }
+
+/// Regression: Postgres' `concat` writes a boolean as `t` or `f`, so a view
+/// column `concat('b=', count(*) > 5)` read `b=t` where DataFusion computes
+/// `b=true` (and `verify`, which compares the stored parts, could not tell).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn booleans_made_text_by_concat_read_as_datafusion_writes_them() {
+    let sql = "SELECT channel, concat('b=', count(*) > 2) AS x, \
+               concat_ws('/', max(session_id) > 3, count(*)) AS y, \
+               concat(min(session_id) > 100, '') AS z \
+               FROM events GROUP BY channel";
+    let lines: Vec<String> = (0..7)
+        .map(|i| {
+            event("user_login", "C1", i as i64, i as u32)
+                .replace("web_portal", if i < 3 { "app" } else { "web" })
+        })
+        .collect();
+    let (c, _, want) = view_against_datafusion(
+        "bool_concat",
+        "bool_concat.sql",
+        sql,
+        &lines,
+        &[3, 4],
+        "channel, x, y, z",
+    )
+    .await;
+    let rows = c
+        .query(
+            "SELECT channel, x, y, z FROM bool_concat ORDER BY channel",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| (0..4).map(|i| r.get::<_, String>(i)).collect())
+        .collect();
+    assert_eq!(got, want);
+    assert!(got.iter().any(|r| r[1] == "b=true"), "{got:?}");
+}

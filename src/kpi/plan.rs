@@ -1318,6 +1318,26 @@ impl Analysed {
                     _ if let Some(divided) = ieee_division(&x, schema) => {
                         return Ok(Transformed::yes(divided));
                     }
+                    // Postgres' concat writes a boolean as t or f, and its
+                    // cast to text (which `||` uses) as true or false, as
+                    // DataFusion writes it everywhere.
+                    Expr::ScalarFunction(f)
+                        if matches!(f.name(), "concat" | "concat_ws")
+                            && f.args.iter().any(|a| {
+                                matches!(a.get_type(schema.as_ref()), Ok(DataType::Boolean))
+                            }) =>
+                    {
+                        let mut f = f.clone();
+                        f.args = f
+                            .args
+                            .iter()
+                            .map(|a| match a.get_type(schema.as_ref()) {
+                                Ok(DataType::Boolean) => cast(a.clone(), DataType::Utf8),
+                                _ => a.clone(),
+                            })
+                            .collect();
+                        return Ok(Transformed::yes(Expr::ScalarFunction(f)));
+                    }
                     Expr::ScalarFunction(f) if f.name() == "to_char" => {
                         refused = Some(c.err(
                             format!("to_char in {name}, which the view computes"),
