@@ -2179,3 +2179,41 @@ async fn booleans_made_text_by_concat_read_as_datafusion_writes_them() {
     assert_eq!(got, want);
     assert!(got.iter().any(|r| r[1] == "b=true"), "{got:?}");
 }
+
+/// Regression: DataFusion's planner expands coalesce (and nvl, nvl2,
+/// ifnull) into its arguments more than once, so nesting doubled its work
+/// each level: 22 levels in a file of 351 bytes took gigabytes and aborted
+/// `check`, and a running `run` that reloaded the file. Deep nesting is
+/// refused before planning; the allowed depth plans.
+#[tokio::test]
+async fn deeply_nested_coalesce_is_refused_before_it_is_planned() {
+    let nested = |depth: usize, f: &str| {
+        let mut e = "energy_consumed".to_string();
+        for _ in 0..depth {
+            e = format!("{f}({e}, 0)");
+        }
+        format!("SELECT channel, sum({e}) AS x FROM events GROUP BY 1")
+    };
+    let max = kpi::plan::MAX_NULL_FUNCTION_DEPTH;
+    for f in ["coalesce", "NVL", "ifnull"] {
+        let msg = refusal(&nested(22, f)).await;
+        assert!(
+            msg.contains("nested 22 deep") && msg.contains("coalesce(a, b, c, 0)"),
+            "{msg}"
+        );
+    }
+    KpiEngine::from_sources(vec![("ok.sql".into(), nested(max, "coalesce"))], 64 << 20)
+        .await
+        .expect("the allowed depth plans");
+    // Side by side is not nesting.
+    let wide = format!(
+        "SELECT channel, {} FROM events GROUP BY 1",
+        (0..12)
+            .map(|i| format!("sum(coalesce(energy_consumed, {i})) AS c{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    KpiEngine::from_sources(vec![("wide.sql".into(), wide)], 64 << 20)
+        .await
+        .expect("twelve coalesces side by side");
+}

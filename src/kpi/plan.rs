@@ -312,6 +312,47 @@ fn canonical(sql: &str) -> String {
 /// [`super::PLANNING_STACK`] and runs within the runtime's worker stacks.
 pub const MAX_KPI_TOKENS: usize = 2_000;
 
+/// How deep calls of `coalesce`, `nvl`, `nvl2` and `ifnull` may nest.
+pub const MAX_NULL_FUNCTION_DEPTH: usize = 8;
+
+/// The deepest nesting of calls of `coalesce`, `nvl`, `nvl2` or `ifnull`
+/// in `sql`, from its tokens (flat, so that it cannot recurse); `None`
+/// when it does not tokenize.
+fn null_function_depth(sql: &str) -> Option<usize> {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize().ok()?;
+    let tokens: Vec<&Token> = tokens
+        .iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    // Per open parenthesis, whether it opened one of those calls.
+    let mut open: Vec<bool> = Vec::new();
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for (i, t) in tokens.iter().enumerate() {
+        match t {
+            Token::LParen => {
+                let call = i > 0
+                    && matches!(tokens[i - 1], Token::Word(w) if w.quote_style.is_none()
+                        && matches!(w.value.to_ascii_lowercase().as_str(),
+                            "coalesce" | "nvl" | "nvl2" | "ifnull"));
+                if call {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                open.push(call);
+            }
+            Token::RParen => {
+                if open.pop() == Some(true) {
+                    depth -= 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(deepest)
+}
+
 /// The tokens of `sql` without spacing and comments; `None` when it does not
 /// tokenize, which the parser then reports.
 fn token_count(sql: &str) -> Option<usize> {
@@ -489,6 +530,18 @@ pub async fn analyse(
     // enough file overflows the stack, which aborts the process (a running
     // `run` that reloads it included). Counting tokens is flat, so it can
     // refuse such a file first.
+    // DataFusion's planner expands each of these into its arguments more
+    // than once, so its work doubles with each level of nesting: 22 levels
+    // of `coalesce(coalesce(…, 0), 0)` took gigabytes, in a file of 351 bytes.
+    if let Some(depth) = null_function_depth(sql).filter(|&d| d > MAX_NULL_FUNCTION_DEPTH) {
+        return Err(c.err(
+            format!("coalesce, nvl, nvl2 or ifnull nested {depth} deep"),
+            format!(
+                "at most {MAX_NULL_FUNCTION_DEPTH} levels, since planning doubles its work with \
+                 each; give one coalesce all the arguments instead: coalesce(a, b, c, 0)"
+            ),
+        ));
+    }
     if let Some(n) = token_count(sql).filter(|&n| n > MAX_KPI_TOKENS) {
         return Err(c.err(
             format!("a query of {n} tokens"),
