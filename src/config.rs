@@ -139,7 +139,7 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub queries: QueriesArgs,
     /// Only the schema; leave KPI tables to `run` (single-role set-ups).
-    #[arg(long)]
+    #[arg(long, env = "NO_KPIS", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_kpis: bool,
     /// Let a --queries-dir that holds no KPI file retire every KPI the
     /// database maintains. Without it that is refused: an empty or missing
@@ -542,6 +542,21 @@ impl DbArgs {
                 };
                 ConfigError::BadDatabaseUrl(format!("{why}{}", url_hint(&url, &why)))
             })?;
+        // A password with an unencoded @ parses: the URL's first @ ends the
+        // user part, so the rest of the password becomes part of the host,
+        // which every log line names. No host name holds an @.
+        if config
+            .get_hosts()
+            .iter()
+            .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(h) if h.contains('@')))
+        {
+            return Err(ConfigError::BadDatabaseUrl(
+                "its host holds an @ (not shown here): if the password holds @, :, / or #, \
+                 percent-encode them (%40, %3A, %2F, %23), or put the password in \
+                 DATABASE_PASSWORD_FILE"
+                    .into(),
+            ));
+        }
         if from_argv && self.database_url.is_some() && config.get_password().is_some() {
             return Err(ConfigError::PasswordInArgv);
         }
@@ -1565,6 +1580,10 @@ mod tests {
             refused("postgres://es_owner:s3cr@ss:w/rd%20#@127.0.0.1:55503/energy")
                 .contains("percent-encode")
         );
+        // Regression: this one parsed, with "s3cr@h2" taken into the host,
+        // which the logs and errors then named.
+        let e = refused("postgres://u:pw@s3cr@h2:5432/db");
+        assert!(e.contains("percent-encode") && !e.contains("h2"), "{e}");
     }
 
     #[test]

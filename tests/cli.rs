@@ -1159,6 +1159,25 @@ fn tls_required_of_a_server_without_it_stops_the_run() {
     );
 }
 
+/// Regression: `migrate` read `--no-kpis` but not NO_KPIS, which the README
+/// lists for it, so NO_KPIS=1 with --retire-all retired every KPI.
+#[test]
+fn migrate_reads_no_kpis_from_the_environment() {
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["migrate", "--retire-all"])
+        .env("NO_KPIS", "1")
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = common::output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("--retire-all") && text.contains("--no-kpis"),
+        "{text}"
+    );
+}
+
 /// `energy-stream <args…>` against `url` with `dir` as its KPI directory.
 fn kpi_command(url: &str, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_energy-stream"))
