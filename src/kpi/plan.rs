@@ -342,11 +342,8 @@ fn null_function_depth(sql: &str) -> Option<usize> {
                 }
                 open.push(call);
             }
-            Token::RParen => {
-                if open.pop() == Some(true) {
-                    depth -= 1;
-                }
-            }
+            // The guard pops for every `)`, whichever arm then runs.
+            Token::RParen if open.pop() == Some(true) => depth -= 1,
             _ => {}
         }
     }
