@@ -16,6 +16,8 @@ use datafusion::logical_expr::{
     cast, lit, when,
 };
 use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 use datafusion::sql::unparser::Unparser;
 use datafusion::sql::unparser::dialect::PostgreSqlDialect;
 
@@ -288,17 +290,14 @@ pub fn hash(sql: &str) -> String {
 /// folds those), so that editing them does not rebuild the KPI. Strings,
 /// numbers and quoted names stay as written.
 fn canonical(sql: &str) -> String {
-    use datafusion::sql::sqlparser::dialect::GenericDialect;
-    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
-    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).tokenize() else {
+    let Some(tokens) = significant_tokens(sql) else {
         return sql.to_string();
     };
     let mut words: Vec<String> = tokens
         .iter()
-        .filter_map(|t| match t {
-            Token::Whitespace(_) | Token::EOF => None,
-            Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_lowercase()),
-            t => Some(t.to_string()),
+        .map(|t| match t {
+            Token::Word(w) if w.quote_style.is_none() => w.value.to_lowercase(),
+            t => t.to_string(),
         })
         .collect();
     while words.last().is_some_and(|w| w == ";") {
@@ -315,17 +314,21 @@ pub const MAX_KPI_TOKENS: usize = 2_000;
 /// How deep calls of `coalesce`, `nvl`, `nvl2` and `ifnull` may nest.
 pub const MAX_NULL_FUNCTION_DEPTH: usize = 8;
 
-/// The deepest nesting of calls of `coalesce`, `nvl`, `nvl2` or `ifnull`
-/// in `sql`, from its tokens (flat, so that it cannot recurse); `None`
-/// when it does not tokenize.
-fn null_function_depth(sql: &str) -> Option<usize> {
-    use datafusion::sql::sqlparser::dialect::GenericDialect;
-    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+/// The tokens of `sql` without spacing, comments and the end marker;
+/// `None` when it does not tokenize, which the parser then reports.
+fn significant_tokens(sql: &str) -> Option<Vec<Token>> {
     let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize().ok()?;
-    let tokens: Vec<&Token> = tokens
-        .iter()
-        .filter(|t| !matches!(t, Token::Whitespace(_)))
-        .collect();
+    Some(
+        tokens
+            .into_iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_) | Token::EOF))
+            .collect(),
+    )
+}
+
+/// The deepest nesting of calls of `coalesce`, `nvl`, `nvl2` or `ifnull`
+/// among `tokens` (flat, so that it cannot recurse).
+fn null_function_depth(tokens: &[Token]) -> usize {
     // Per open parenthesis, whether it opened one of those calls.
     let mut open: Vec<bool> = Vec::new();
     let (mut depth, mut deepest) = (0usize, 0usize);
@@ -333,7 +336,7 @@ fn null_function_depth(sql: &str) -> Option<usize> {
         match t {
             Token::LParen => {
                 let call = i > 0
-                    && matches!(tokens[i - 1], Token::Word(w) if w.quote_style.is_none()
+                    && matches!(&tokens[i - 1], Token::Word(w) if w.quote_style.is_none()
                         && matches!(w.value.to_ascii_lowercase().as_str(),
                             "coalesce" | "nvl" | "nvl2" | "ifnull"));
                 if call {
@@ -347,21 +350,7 @@ fn null_function_depth(sql: &str) -> Option<usize> {
             _ => {}
         }
     }
-    Some(deepest)
-}
-
-/// The tokens of `sql` without spacing and comments; `None` when it does not
-/// tokenize, which the parser then reports.
-fn token_count(sql: &str) -> Option<usize> {
-    use datafusion::sql::sqlparser::dialect::GenericDialect;
-    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
-    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize().ok()?;
-    Some(
-        tokens
-            .iter()
-            .filter(|t| !matches!(t, Token::Whitespace(_) | Token::EOF))
-            .count(),
-    )
+    deepest
 }
 
 /// The optional header: leading `--` comment lines.
@@ -522,15 +511,15 @@ pub async fn analyse(
             format!("names starting with {p} are the pipeline's or Postgres' own; rename the file"),
         ));
     }
-    // Each operator of a chain such as `a + b + c ...` nests one level deeper
-    // in every tree DataFusion and this module walk, recursively: a long
-    // enough file overflows the stack, which aborts the process (a running
-    // `run` that reloads it included). Counting tokens is flat, so it can
-    // refuse such a file first.
+    // Both checks read the tokens, which is flat, so that they refuse a file
+    // before anything recurses over it. A file that does not tokenize is
+    // the parser's to report.
+    let tokens = significant_tokens(sql).unwrap_or_default();
     // DataFusion's planner expands each of these into its arguments more
     // than once, so its work doubles with each level of nesting: 22 levels
     // of `coalesce(coalesce(…, 0), 0)` took gigabytes, in a file of 351 bytes.
-    if let Some(depth) = null_function_depth(sql).filter(|&d| d > MAX_NULL_FUNCTION_DEPTH) {
+    let depth = null_function_depth(&tokens);
+    if depth > MAX_NULL_FUNCTION_DEPTH {
         return Err(c.err(
             format!("coalesce, nvl, nvl2 or ifnull nested {depth} deep"),
             format!(
@@ -539,7 +528,12 @@ pub async fn analyse(
             ),
         ));
     }
-    if let Some(n) = token_count(sql).filter(|&n| n > MAX_KPI_TOKENS) {
+    // Each operator of a chain such as `a + b + c ...` nests one level deeper
+    // in every tree DataFusion and this module walk, recursively: a long
+    // enough file overflows the stack, which aborts the process (a running
+    // `run` that reloads it included).
+    let n = tokens.len();
+    if n > MAX_KPI_TOKENS {
         return Err(c.err(
             format!("a query of {n} tokens"),
             format!(
