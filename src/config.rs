@@ -550,12 +550,9 @@ impl DbArgs {
             .iter()
             .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(h) if h.contains('@')))
         {
-            return Err(ConfigError::BadDatabaseUrl(
-                "its host holds an @ (not shown here): if the password holds @, :, / or #, \
-                 percent-encode them (%40, %3A, %2F, %23), or put the password in \
-                 DATABASE_PASSWORD_FILE"
-                    .into(),
-            ));
+            return Err(ConfigError::BadDatabaseUrl(format!(
+                "its host holds an @ (not shown here){PASSWORD_ENCODING_HINT}"
+            )));
         }
         if from_argv && self.database_url.is_some() && config.get_password().is_some() {
             return Err(ConfigError::PasswordInArgv);
@@ -599,6 +596,10 @@ impl DbArgs {
     }
 }
 
+/// What to do when a password's own characters end the URL's user part.
+const PASSWORD_ENCODING_HINT: &str = " — if the password holds @, :, / or #, percent-encode them \
+     (%40, %3A, %2F, %23), or put the password in DATABASE_PASSWORD_FILE";
+
 /// What to do about a database URL that does not parse, for the mistakes
 /// its parser's words do not explain. Never quotes the URL.
 fn url_hint(url: &str, why: &str) -> &'static str {
@@ -613,8 +614,7 @@ fn url_hint(url: &str, why: &str) -> &'static str {
          (libpq's verify-ca and verify-full), use sslmode=require with --database-ca-file \
          (DATABASE_CA_FILE)"
     } else if why.contains("option `port`") || why.contains("option `host`") {
-        " — if the password holds @, :, / or #, percent-encode them (%40, %3A, %2F, %23), or put \
-         the password in DATABASE_PASSWORD_FILE"
+        PASSWORD_ENCODING_HINT
     } else {
         ""
     }
