@@ -55,6 +55,10 @@ pub enum ConfigError {
     OwnedKafkaOption { key: String, why: &'static str },
     #[error("both {0} and {0}_FILE are set: set only one of them")]
     KafkaOptionTwice(String),
+    #[error(
+        "--database-ca-file (DATABASE_CA_FILE) is set but the database URL says sslmode=disable, so the server's certificate would never be checked: use sslmode=require, or drop the CA file"
+    )]
+    CaFileWithoutTls,
 }
 
 #[derive(Debug, Parser)]
@@ -560,6 +564,18 @@ impl DbArgs {
         if let Some(f) = &self.database_password_file {
             config.password(read_secret_file("DATABASE_PASSWORD_FILE", f)?);
         }
+        // A CA file says the server must be verified; with TLS off it was
+        // silently ignored and the connection went out in clear text.
+        if self.database_ca_file.is_some()
+            && config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable
+        {
+            return Err(ConfigError::CaFileWithoutTls);
+        }
+        // Nor may sslmode=prefer, the default, fall back to clear text
+        // against a server without TLS when a CA file asks for verification.
+        if self.database_ca_file.is_some() {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
         if config.get_application_name().is_none() {
             config.application_name("energy-stream");
         }
@@ -655,6 +671,11 @@ const OWNED_KAFKA_OPTIONS: &[(&str, &str)] = &[
         "the pipeline commits offsets itself, to Postgres with each batch and then to the group",
     ),
     (
+        // The legacy topic-level name of enable.auto.commit.
+        "auto.commit.enable",
+        "the pipeline commits offsets itself, to Postgres with each batch and then to the group",
+    ),
+    (
         "enable.auto.offset.store",
         "the pipeline commits offsets itself, to Postgres with each batch and then to the group",
     ),
@@ -674,6 +695,10 @@ const OWNED_KAFKA_OPTIONS: &[(&str, &str)] = &[
 
 fn owned_kafka_option(key: &str) -> Result<(), ConfigError> {
     let k = key.trim().to_ascii_lowercase();
+    // librdkafka reads `topic.auto.offset.reset` as the topic setting
+    // `auto.offset.reset`; `topic.metadata.*` are global settings of their
+    // own, none of them owned.
+    let k = k.strip_prefix("topic.").unwrap_or(&k);
     match OWNED_KAFKA_OPTIONS.iter().find(|(o, _)| *o == k) {
         Some((o, why)) => Err(ConfigError::OwnedKafkaOption {
             key: o.to_string(),
@@ -1504,6 +1529,23 @@ mod tests {
             db("  ", None).require(false),
             Err(ConfigError::NoDatabase)
         ));
+        // Regression: a CA file with sslmode=disable was silently ignored.
+        let err = db(
+            "postgres://u@h/db?sslmode=disable",
+            Some("/nonexistent/ca.pem"),
+        )
+        .require(false)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sslmode=disable"), "{err}");
+        let with_ca = db("postgres://u@h/db", Some("/x.pem"))
+            .require(false)
+            .unwrap();
+        assert_eq!(
+            with_ca.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require,
+            "a CA file never falls back to clear text"
+        );
         let err = db("postgres://u@h/db", Some("/nonexistent/ca.pem"))
             .ca_file()
             .unwrap_err()
@@ -1597,6 +1639,9 @@ mod tests {
             "enable.auto.commit=true",
             "auto.offset.reset=latest",
             "isolation.level=read_uncommitted",
+            // Regression: the topic-level spellings slipped past.
+            "topic.auto.offset.reset=latest",
+            "auto.commit.enable=true",
         ] {
             let cli = Cli::parse_from(["energy-stream", "run", "--kafka-option", kv]);
             let Command::Run(args) = cli.command else {
@@ -1604,6 +1649,7 @@ mod tests {
             };
             let e = args.kafka.options(Vec::new()).unwrap_err().to_string();
             let key = kv.split('=').next().unwrap().to_ascii_lowercase();
+            let key = key.strip_prefix("topic.").unwrap_or(&key);
             assert!(
                 e.starts_with(&format!("refusing Kafka option {key}: ")),
                 "{e}"

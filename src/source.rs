@@ -937,9 +937,9 @@ pub enum SourceError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     #[error(
-        "partition.assignment.strategy=cooperative-sticky is not supported: ownership is versioned per (eager) rebalance; use range or roundrobin"
+        "{0} is not supported: ownership is versioned per (eager) rebalance; use the classic group protocol with the range or roundrobin assignor"
     )]
-    Cooperative,
+    Cooperative(&'static str),
 }
 
 impl KafkaSource {
@@ -991,12 +991,7 @@ impl KafkaSource {
         for (k, v) in &cfg.options {
             c.set(k, v);
         }
-        // Ownership is versioned per rebalance, which needs the eager protocol.
-        if c.get("partition.assignment.strategy")
-            .is_some_and(|s| s.contains("cooperative"))
-        {
-            return Err(SourceError::Cooperative);
-        }
+        eager_rebalances(&c)?;
         c.set_log_level(RDKafkaLogLevel::Warning);
         let consumer: BaseConsumer<SourceContext> = c
             .create_with_context(ctx)
@@ -1486,9 +1481,51 @@ impl KafkaSource {
     }
 }
 
+/// Ownership is versioned per rebalance, which needs eager rebalances:
+/// every partition revoked, then all assigned anew. Both the
+/// cooperative-sticky assignor and the KIP-848 consumer protocol (librdkafka
+/// 2.4+) hand partitions over one at a time.
+fn eager_rebalances(c: &ClientConfig) -> Result<(), SourceError> {
+    if c.get("partition.assignment.strategy")
+        .is_some_and(|s| s.to_ascii_lowercase().contains("cooperative"))
+    {
+        return Err(SourceError::Cooperative(
+            "partition.assignment.strategy=cooperative-sticky",
+        ));
+    }
+    if c.get("group.protocol")
+        .is_some_and(|p| !p.trim().eq_ignore_ascii_case("classic"))
+    {
+        return Err(SourceError::Cooperative("group.protocol=consumer"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_eager_rebalances_are_accepted() {
+        let with = |k: &str, v: &str| {
+            let mut c = ClientConfig::new();
+            c.set(k, v);
+            eager_rebalances(&c)
+        };
+        assert!(eager_rebalances(&ClientConfig::new()).is_ok());
+        assert!(with("partition.assignment.strategy", "range,roundrobin").is_ok());
+        assert!(with("group.protocol", "classic").is_ok());
+        let e = with("partition.assignment.strategy", "cooperative-sticky").unwrap_err();
+        assert!(e.to_string().contains("cooperative-sticky"), "{e}");
+        // Regression: the KIP-848 protocol, which also rebalances partition
+        // by partition, was let through.
+        let e = with("group.protocol", "consumer").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("group.protocol=consumer is not supported"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn lag_is_unknown_until_both_ends_are_known() {
