@@ -2105,6 +2105,24 @@ async fn lane(ctx: &WriterCtx<'_>, mut client: Option<Client>) -> Result<(), Pip
                         }],
                     );
                 }
+                // Retired by `migrate` meanwhile: left as they are, as
+                // retired KPIs stay, while this process goes on with the
+                // rest. Not stale: the registry keeps saying retired, so
+                // only a start that has the file again rebuilds the KPI.
+                Err(SinkError::KpisRetired(retired)) => {
+                    tracing::warn!(
+                        kpis = ?retired,
+                        "KPIs retired by `energy-stream migrate` while this consumer ran: it stops \
+                         maintaining them; delete their files, or the next start rebuilds them"
+                    );
+                    for kpi in &retired {
+                        if let Some(engine) = kpis {
+                            engine.disable(kpi);
+                        }
+                    }
+                    kpi_writes.retain(|w| !retired.contains(&w.def.name));
+                    members.clear();
+                }
                 Err(e) => {
                     members.clear();
                     forget_after_error(&e, &mut client, &cfg.database);

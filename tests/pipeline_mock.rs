@@ -494,6 +494,84 @@ async fn kpi_rows_refused_at_the_staging_copy_or_merged_twice_are_disabled() {
     );
 }
 
+/// Regression: `migrate` run with fewer KPI files retired the missing KPIs,
+/// but a consumer that had started with their files kept merging into them:
+/// a retired KPI's tables, which stay as they are, went on changing. The
+/// consumer now leaves them alone from the first batch after the retirement,
+/// and keeps the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kpi_retired_while_a_consumer_runs_is_left_as_it_is() {
+    let (first, n) = (100, 300);
+    let Named {
+        _cluster,
+        db,
+        name: _,
+        mut cfg,
+    } = Named::with_partitions("retired_live", 1, &sample_messages(0..first, 10)).await;
+    cfg.stop_when_caught_up = false;
+    let by_channel = (
+        "by_channel.sql",
+        "SELECT channel, count(*) AS n FROM events GROUP BY channel",
+    );
+    cfg.kpi = Some(kpi_dir(&[BY_TYPE, by_channel]));
+    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+    let metrics = Metrics::new();
+    let running = Running::spawn(cfg.clone(), metrics.clone());
+    wait_until(
+        &db,
+        &format!("SELECT count(*) = {first} FROM events"),
+        "the first batches",
+    )
+    .await;
+    // What `migrate` from a directory with by_type.sql alone does.
+    let c = client(&db).await;
+    let only_by_type = energy_stream::kpi::KpiEngine::load_dir(&kpi_dir(&[BY_TYPE]))
+        .await
+        .unwrap();
+    let retired = energy_stream::kpi::retire_missing(&c, &only_by_type)
+        .await
+        .unwrap();
+    assert_eq!(retired, ["by_channel"]);
+    send_raw(&brokers, &topic, &sample_messages(first..n, 10));
+    wait_until(
+        &db,
+        &format!("SELECT count(*) = {n} FROM events"),
+        "the events sent after the retirement",
+    )
+    .await;
+    let sum = |table: &'static str| {
+        let c = &c;
+        async move {
+            c.query_one(&format!("SELECT sum(n)::bigint FROM {table}"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    // The batch that wrote the last events has committed its KPI rows too.
+    assert_eq!(sum("by_type").await, n as i64, "the kept KPI goes on");
+    assert_eq!(
+        sum("by_channel").await,
+        first as i64,
+        "the retired KPI stays as it was when retired"
+    );
+    let hash: String = c
+        .query_one(
+            "SELECT sql_hash FROM kpi_registry WHERE name = 'by_channel'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        hash,
+        energy_stream::kpi::RETIRED_HASH,
+        "still retired, not stale"
+    );
+    assert_eq!(metrics.retries.get(), 0);
+    running.stop().await;
+}
+
 /// Regression: a batch of an assignment already given up (cut before a
 /// rebalance or a resync) was fenced before its generation was looked at,
 /// and its fence asked for one more resync. That threw away the batches read

@@ -1003,6 +1003,25 @@ pub async fn unmaintained(
         .collect())
 }
 
+/// Which of `names` `kpi_registry` says are retired: `migrate` retired them
+/// while this process, which still has their files, was running. Its
+/// batches must leave them as they are, or a retired KPI's tables went on
+/// changing for as long as the consumers that started before it ran.
+pub async fn retired(
+    client: &impl tokio_postgres::GenericClient,
+    names: &[&str],
+) -> Result<Vec<String>, SinkError> {
+    Ok(client
+        .query(
+            "SELECT name FROM kpi_registry WHERE sql_hash = $1 AND name = ANY($2) ORDER BY name",
+            &[&RETIRED_HASH, &names],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// The KPIs `kpi_registry` maintains (live: not stale or retired), as rows
 /// of name and SQL hash, by name.
 async fn live_kpis(

@@ -122,6 +122,14 @@ pub enum SinkError {
     /// writes the batch without it, as for a KPI that fails in DataFusion.
     #[error("KPI {kpi}: Postgres refuses its rows: {message}")]
     KpiRefused { kpi: String, message: String },
+    /// `migrate` retired these KPIs (their files were deleted) while this
+    /// process, which computes them, ran: the batch goes on without them,
+    /// as retired KPIs stay as they are.
+    #[error(
+        "KPIs retired by `energy-stream migrate` while this consumer ran: {}; it stops maintaining them",
+        .0.join(", ")
+    )]
+    KpisRetired(Vec<String>),
 }
 
 fn unavailable_text(kind: &str, message: &str) -> String {
@@ -185,6 +193,8 @@ impl SinkError {
             // The SQL's own error, not Postgres being away; counted as the
             // KPI's failure by the pipeline.
             SinkError::KpiRefused { .. } => "query",
+            // Not an error of Postgres: the pipeline goes on without them.
+            SinkError::KpisRetired(_) => "retired",
         }
     }
 }
@@ -935,6 +945,11 @@ impl<'c> Copied<'c> {
             let short = crate::kpi::unmaintained(&tx, &known, batch.stale_kpis).await?;
             if !short.is_empty() {
                 return Err(SinkError::KpisDiffer(short));
+            }
+            let names: Vec<&str> = known.iter().map(|(n, _)| *n).collect();
+            let retired = crate::kpi::retired(&tx, &names).await?;
+            if !retired.is_empty() {
+                return Err(SinkError::KpisRetired(retired));
             }
         }
         let start = Instant::now();
