@@ -335,10 +335,25 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "no KPI files (*.sql) in {}: nothing to check",
                     args.queries_dir.display()
                 );
-            } else {
-                println!("{} KPI file(s) OK", engine.len());
+                return Ok(ExitCode::SUCCESS);
             }
-            Ok(ExitCode::SUCCESS)
+            // Planning does not evaluate the SQL: an expression that fails
+            // on every row, such as to_timestamp('now'), passed and then
+            // disabled its KPI at the first batch of `run`.
+            let (_, failures) = rt.block_on(engine.compute_tolerant(&sample_events()?));
+            if failures.is_empty() {
+                println!("{} KPI file(s) OK", engine.len());
+                return Ok(ExitCode::SUCCESS);
+            }
+            for f in &failures {
+                let file = args.queries_dir.join(format!("{}.sql", f.kpi));
+                eprintln!(
+                    "error: {}: fails on {SAMPLE_EVENTS} sample events (every type and channel), as it would at the first batch of `run`: {}",
+                    file.display(),
+                    f.error
+                );
+            }
+            Ok(ExitCode::FAILURE)
         }
         Command::Backfill(args) | Command::Verify(args) => {
             let database = crate::sink::Database {
@@ -518,4 +533,41 @@ fn listed(names: &[String]) -> String {
     } else {
         format!(" ({})", names.join(", "))
     }
+}
+
+/// How many generated events `check` runs the KPIs on.
+const SAMPLE_EVENTS: u64 = 500;
+
+/// Valid events of every type and channel, from `generate`'s default data
+/// set, decoded and validated as `run` would.
+fn sample_events() -> anyhow::Result<datafusion::arrow::record_batch::RecordBatch> {
+    let cfg = crate::generate::GenerateConfig {
+        events: SAMPLE_EVENTS,
+        ..Default::default()
+    };
+    let mut lines = Vec::new();
+    crate::generate::generate(&cfg, &mut lines)?;
+    let decoded = crate::decode::decode_batch(
+        crate::decode::DecodeConfig::default(),
+        lines
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .enumerate()
+            .map(|(i, l)| {
+                (
+                    Some(l),
+                    crate::decode::MessageMeta {
+                        partition: 0,
+                        offset: i as i64,
+                        timestamp_ms: None,
+                    },
+                )
+            }),
+    );
+    let validated = crate::validate::validate(
+        &decoded,
+        &crate::validate::ValidationRules::default(),
+        chrono::Utc::now(),
+    )?;
+    Ok(validated.valid)
 }

@@ -632,6 +632,22 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
         text.contains("column user is a reserved word in Postgres' SQL and must be quoted"),
         "{text}"
     );
+    // Regression: an expression that fails on every row planned, so `check`
+    // passed it, and `run` disabled the KPI at its first batch.
+    std::fs::write(
+        dir.join("clock.sql"),
+        "SELECT channel, max(to_timestamp('now')) AS latest FROM events GROUP BY channel",
+    )
+    .unwrap();
+    let out = check();
+    let text = common::output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("clock.sql: fails on 500 sample events")
+            && text.contains("Error parsing timestamp from 'now'"),
+        "{text}"
+    );
+    assert!(!text.contains("by_channel.sql: fails"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
