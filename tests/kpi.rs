@@ -500,6 +500,21 @@ async fn unsupported_files_are_refused_with_what_to_write_instead() {
             "SELECT channel AS \"\", count(*) AS n FROM events GROUP BY 1",
             "an output with an empty name",
         ),
+        // Regressions: an aggregate as a GROUP BY key gave DataFusion's
+        // "expanding wildcard" (by position), "duplicate field name" (by
+        // expression), or a dump of the aggregate's signature (in a key).
+        (
+            "SELECT channel, count(*) AS n FROM events GROUP BY 2",
+            "a SELECT column that is neither a GROUP BY key nor inside an aggregate",
+        ),
+        (
+            "SELECT channel, max(session_id) AS n FROM events GROUP BY max(session_id), 1",
+            "an aggregate in GROUP BY (max(session_id))",
+        ),
+        (
+            "SELECT channel, sum(energy_consumed) + 1 AS n FROM events GROUP BY 1, 2",
+            "an aggregate in GROUP BY (sum(",
+        ),
     ] {
         let msg = refusal(sql).await;
         assert!(msg.contains(want) && msg.contains(" — "), "{sql}\n→ {msg}");

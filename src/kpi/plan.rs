@@ -326,6 +326,21 @@ fn significant_tokens(sql: &str) -> Option<Vec<Token>> {
     )
 }
 
+/// Whether the SQL text `expr` calls one of DataFusion's aggregate functions.
+fn calls_an_aggregate(expr: &str) -> bool {
+    let aggregates = datafusion::functions_aggregate::all_default_aggregate_functions();
+    let is_aggregate = |name: &str| {
+        aggregates
+            .iter()
+            .any(|a| a.name() == name || a.aliases().iter().any(|x| x == name))
+    };
+    let tokens = significant_tokens(expr).unwrap_or_default();
+    tokens.windows(2).any(|w| {
+        matches!(w, [Token::Word(f), Token::LParen]
+            if f.quote_style.is_none() && is_aggregate(&f.value.to_ascii_lowercase()))
+    })
+}
+
 /// The deepest nesting of calls of `coalesce`, `nvl`, `nvl2` or `ifnull`
 /// among `tokens` (flat, so that it cannot recurse).
 fn null_function_depth(tokens: &[Token]) -> usize {
@@ -575,6 +590,14 @@ pub async fn analyse(
             format!("{SHAPE}; group by something, e.g. date_trunc('day', event_time)"),
         ));
     }
+    // Planned, but not executable: DataFusion's physical planner then
+    // failed with a dump of the aggregate's whole signature.
+    if let Some(g) = agg.group_expr.iter().find(|g| {
+        g.exists(|e| Ok(matches!(e, Expr::AggregateFunction(_))))
+            .unwrap_or(false)
+    }) {
+        return Err(c.err(format!("an aggregate in GROUP BY ({g})"), GROUP_BY_KEYS));
+    }
     if agg
         .group_expr
         .iter()
@@ -709,6 +732,11 @@ fn member_col(c: &Ctx<'_>, plan: &LogicalPlan) -> Result<StateCol, KpiError> {
     })
 }
 
+/// How GROUP BY must name a KPI's keys.
+const GROUP_BY_KEYS: &str = "every SELECT column is either a key, listed in GROUP BY by its \
+     expression, alias or position (counted from 1), or an aggregate such as count(*); GROUP BY \
+     lists the keys only, never an aggregate";
+
 fn classify_sql_error(c: &Ctx<'_>, sql: &str, msg: &str) -> KpiError {
     if let Some(e) = classify_statement(c, sql) {
         return e;
@@ -730,6 +758,14 @@ fn classify_sql_error(c: &Ctx<'_>, sql: &str, msg: &str) -> KpiError {
         c.err(
             format!("a table other than events ({})", first_line(msg)),
             "KPIs read only the `events` micro-batch",
+        )
+    } else if lower.contains("must be in group by") {
+        // DataFusion's text speaks of "expanding wildcard" where there is
+        // none, and a GROUP BY position that points at an aggregate leaves
+        // the real key in SELECT alone.
+        c.err(
+            "a SELECT column that is neither a GROUP BY key nor inside an aggregate",
+            GROUP_BY_KEYS,
         )
     } else if lower.contains("single sql statement") {
         c.err("more than one statement", "one SELECT per file")
@@ -783,6 +819,15 @@ fn classify_statement(c: &Ctx<'_>, sql: &str) -> Option<KpiError> {
                 {
                     Some(construct_join(c))
                 }
+                // DataFusion names the aggregate in GROUP BY and the one in
+                // SELECT alike, and says only that two fields clash.
+                SetExpr::Select(s) => match &s.group_by {
+                    datafusion::sql::sqlparser::ast::GroupByExpr::Expressions(keys, _) => keys
+                        .iter()
+                        .find(|k| calls_an_aggregate(&k.to_string()))
+                        .map(|k| c.err(format!("an aggregate in GROUP BY ({k})"), GROUP_BY_KEYS)),
+                    _ => None,
+                },
                 _ => None,
             },
             _ => None,
