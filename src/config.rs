@@ -185,8 +185,9 @@ pub struct DbArgs {
     /// A file holding the database password, applied to the URL.
     #[arg(long, env = "DATABASE_PASSWORD_FILE")]
     pub database_password_file: Option<PathBuf>,
-    /// CA certificate(s) to verify the server against when TLS is on
-    /// (sslmode=prefer/require). Without it TLS encrypts but does not verify.
+    /// CA certificate(s) to verify the server against. With it the connection
+    /// needs TLS (sslmode=prefer acts as require; disable is refused).
+    /// Without it TLS encrypts but does not verify.
     #[arg(long, env = "DATABASE_CA_FILE")]
     pub database_ca_file: Option<PathBuf>,
 }

@@ -1296,7 +1296,9 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
                CAST(max(event_time) AS DATE) AS last_date, \
                date_trunc('hour', min(event_time)) AS first_hour, \
                CAST(max(event_time) AS TIMESTAMP) AS last_wall, \
-               max(event_time) + INTERVAL '6 months' AS half_year_on \
+               max(event_time) + INTERVAL '6 months' AS half_year_on, \
+               date_trunc('day', to_timestamp(max(session_id) + 1748807999)) AS epoch_day, \
+               to_timestamp(max(session_id) + 1748807999) AS epoch_wall \
                FROM events GROUP BY event_type";
     let engine = KpiEngine::load_dir(&kpi_dir(&[("last_seen.sql", sql)]))
         .await
@@ -1311,7 +1313,8 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
     // The latest type's row: each type has its own last event.
     let read = "SELECT extract(epoch FROM last_day)::bigint, last_hour::int, \
                 last_date::text, extract(epoch FROM first_hour)::bigint, last_wall::text, \
-                extract(epoch FROM half_year_on)::bigint FROM last_seen \
+                extract(epoch FROM half_year_on)::bigint, \
+                epoch_day::text || ' ' || epoch_wall::text FROM last_seen \
                 ORDER BY half_year_on DESC LIMIT 1";
     for zone in ["UTC", "Asia/Kathmandu", "America/Los_Angeles"] {
         c.batch_execute(&format!("SET TIME ZONE '{zone}'"))
@@ -1322,6 +1325,14 @@ async fn time_functions_in_the_view_are_utc_whatever_the_session_zone() {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
             .collect();
+        // Regression: Postgres' to_timestamp(double) is a timestamptz, read
+        // (and cut by date_trunc) on the session's wall clock; DataFusion's
+        // is the UTC wall clock. 2025-06-01 20:00 UTC is June 2 in Kathmandu.
+        let epoch: String = rows[0].get(6);
+        assert_eq!(
+            epoch, "2025-06-01 00:00:00 2025-06-01 20:00:00",
+            "to_timestamp read in {zone}"
+        );
         // Six months on crosses Los Angeles' change to winter time: in
         // UTC it is 2025-12-01 21:09, an hour before that zone's answer.
         assert_eq!(

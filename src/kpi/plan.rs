@@ -1718,6 +1718,16 @@ impl Analysed {
                                 .end()?
                         }));
                     }
+                    // Postgres' to_timestamp(double) is a timestamptz, which
+                    // a session shows, and date_trunc cuts, on its own wall
+                    // clock; DataFusion's (no time_zone is configured) is the
+                    // UTC wall clock, without a zone.
+                    if let Expr::ScalarFunction(f) = &x
+                        && f.name() == "to_timestamp"
+                        && f.args.len() == 1
+                    {
+                        return Ok(Transformed::yes(pg_timezone("UTC", x.clone())));
+                    }
                     // log(b, x) outside its domain reads NULL (log(1, x)
                     // divides by ln(1) = 0 in Postgres).
                     if let Expr::ScalarFunction(f) = &x
