@@ -280,8 +280,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => {
             let rt = runtime()?;
+            let queries_dir = &args.queries.queries_dir;
+            // Resolved first: a bad DATABASE_URL is refused before any output.
+            let database = match args.db.resolve(db_in_argv)? {
+                Some(config) => Some(crate::sink::Database {
+                    ca_file: args.db.ca_file()?,
+                    ..crate::sink::Database::new(config)
+                }),
+                None => None,
+            };
             let cfg = crate::kpi::KpiConfig {
-                dir: args.queries_dir.clone(),
+                dir: queries_dir.clone(),
                 ..Default::default()
             };
             let engine = rt.block_on(crate::kpi::KpiEngine::load_dir(&cfg))?;
@@ -333,7 +342,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if engine.is_empty() {
                 println!(
                     "no KPI files (*.sql) in {}: nothing to check",
-                    args.queries_dir.display()
+                    queries_dir.display()
                 );
                 return Ok(ExitCode::SUCCESS);
             }
@@ -341,19 +350,44 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // on every row, such as to_timestamp('now'), passed and then
             // disabled its KPI at the first batch of `run`.
             let (_, failures) = rt.block_on(engine.compute_tolerant(&sample_events()?));
-            if failures.is_empty() {
-                println!("{} KPI file(s) OK", engine.len());
-                return Ok(ExitCode::SUCCESS);
-            }
+            let mut ok = true;
             for f in &failures {
-                let file = args.queries_dir.join(format!("{}.sql", f.kpi));
+                ok = false;
+                let file = queries_dir.join(format!("{}.sql", f.kpi));
                 eprintln!(
                     "error: {}: fails on {SAMPLE_EVENTS} sample events (every type and channel), as it would at the first batch of `run`: {}",
                     file.display(),
                     f.error
                 );
             }
-            Ok(ExitCode::FAILURE)
+            match &database {
+                Some(database) => {
+                    let refused = rt.block_on(async {
+                        let mut client = database
+                            .connect()
+                            .await
+                            .with_context(|| format!("cannot connect to {database} to plan the KPIs' views (unset DATABASE_URL to check without a database)"))?;
+                        anyhow::Ok(crate::kpi::check_views(&mut client, &engine).await?)
+                    })?;
+                    for (kpi, why) in &refused {
+                        ok = false;
+                        let file = queries_dir.join(format!("{kpi}.sql"));
+                        eprintln!("error: {}: {why}", file.display());
+                    }
+                    if ok {
+                        println!("views planned in {database}");
+                    }
+                }
+                None => println!(
+                    "note: no database given, so the views were not planned in Postgres; with DATABASE_URL set, `check` also finds functions Postgres lacks"
+                ),
+            }
+            if ok {
+                println!("{} KPI file(s) OK", engine.len());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::FAILURE)
+            }
         }
         Command::Backfill(args) | Command::Verify(args) => {
             let database = crate::sink::Database {

@@ -88,8 +88,8 @@ pub enum Command {
     Produce(ProduceArgs),
     /// The newcomer's tour: in-process Kafka, a local Postgres, sample data, one summary.
     Demo(DemoArgs),
-    /// Parse and plan every KPI file; print keys, measures, merge rules and tables.
-    Check(QueriesArgs),
+    /// Parse, plan and trial-run every KPI file (and plan its view in Postgres when a database is given); print keys, measures, merge rules and tables.
+    Check(CheckArgs),
     /// Recompute KPIs from the events table into fresh tables and swap them in.
     Backfill(KpiDbArgs),
     /// Recompute KPIs from the events table and diff them with the streamed tables.
@@ -158,6 +158,17 @@ pub struct MigrateArgs {
     /// Read-only role (dashboards): gets SELECT only. The role must exist.
     #[arg(long, env = "READ_ROLE")]
     pub grant_read: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub queries: QueriesArgs,
+    /// With a database (optional), each KPI's view is also planned in
+    /// Postgres, in a transaction that is rolled back, so that functions
+    /// Postgres lacks are found before a start.
+    #[command(flatten)]
+    pub db: DbArgs,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -578,6 +578,8 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
     let check = || {
         Command::new(env!("CARGO_BIN_EXE_energy-stream"))
             .args(["check", "--queries-dir", dir.to_str().unwrap()])
+            .env_remove("DATABASE_URL")
+            .env_remove("DATABASE_URL_FILE")
             .output()
             .unwrap()
     };
@@ -648,6 +650,73 @@ fn check_says_what_it_did_not_read_and_which_columns_need_a_name() {
         "{text}"
     );
     assert!(!text.contains("by_channel.sql: fails"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Regression: a KPI using a function Postgres lacks (`signum`) passed
+/// `check`, whose planning is DataFusion's, and failed at the start. Given a
+/// database, `check` plans each view there, in a transaction it rolls back,
+/// with the TEMP privilege alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_with_a_database_plans_the_views_in_postgres() {
+    let db = common::fresh_db("check_views").await;
+    let dir = common::scratch_dir().join("check_views");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("fine.sql"),
+        "SELECT channel, count(DISTINCT customer_id) AS customers FROM events GROUP BY channel",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("sign.sql"),
+        "SELECT channel, signum(max(session_id)) AS s FROM events GROUP BY channel",
+    )
+    .unwrap();
+    let check = |url: Option<String>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_energy-stream"));
+        cmd.args(["check", "--queries-dir", dir.to_str().unwrap()])
+            .env_remove("DATABASE_URL_FILE");
+        match url {
+            Some(u) => cmd.env("DATABASE_URL", u),
+            None => cmd.env_remove("DATABASE_URL"),
+        };
+        let out = cmd.output().unwrap();
+        (out.status.success(), common::output_text(&out))
+    };
+    let (ok, text) = check(None);
+    assert!(
+        ok,
+        "without a database, DataFusion's planning passes it: {text}"
+    );
+    assert!(text.contains("no database given"), "{text}");
+
+    let (ok, text) = check(Some(common::db_url_with_password(&db)));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("sign.sql: KPI sign: Postgres cannot compute its view: function signum"),
+        "{text}"
+    );
+    assert!(!text.contains("fine.sql:"), "{text}");
+    let c = common::client(&db).await;
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'kpi_%' AND relpersistence <> 't'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "nothing is left in the database");
+
+    std::fs::remove_file(dir.join("sign.sql")).unwrap();
+    let (ok, text) = check(Some(common::db_url_with_password(&db)));
+    assert!(ok && text.contains("views planned in"), "{text}");
+    let (ok, text) = check(Some("postgres://nobody@127.0.0.1:1/none".into()));
+    assert!(
+        !ok && text.contains("unset DATABASE_URL to check without a database"),
+        "{text}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

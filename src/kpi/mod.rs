@@ -767,6 +767,37 @@ async fn check_view(tx: &Transaction<'_>, def: &KpiDef, suffix: &str) -> Result<
     }
 }
 
+/// Plans each KPI's view in Postgres (see [`check_view`]) against empty
+/// temporary tables of its layout, in a transaction that is rolled back:
+/// `check` with a database finds the functions Postgres lacks before a
+/// start does. Returns each KPI whose view Postgres cannot compute, with
+/// Postgres' reason. Needs the TEMP privilege only.
+pub async fn check_views(
+    client: &mut Client,
+    engine: &KpiEngine,
+) -> Result<Vec<(String, String)>, SinkError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(
+        "SELECT set_config('search_path', 'pg_temp, ' || current_setting('search_path'), true)",
+    )
+    .await?;
+    let mut refused = Vec::new();
+    for def in engine.defs() {
+        tx.batch_execute(&create_tables_sql(def, CHECK_SUFFIX))
+            .await?;
+        match check_view(&tx, def, CHECK_SUFFIX).await {
+            Ok(()) => {}
+            Err(SinkError::Fatal(why)) => refused.push((def.name.clone(), why)),
+            Err(e) => return Err(e),
+        }
+    }
+    tx.rollback().await?;
+    Ok(refused)
+}
+
+/// The suffix of the temporary tables [`check_views`] plans views against.
+const CHECK_SUFFIX: &str = "_check";
+
 fn stage_name(def: &KpiDef, what: &str) -> String {
     format!("stage_{}_{}_{}", def.name, what, &def.hash[..8])
 }
