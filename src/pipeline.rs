@@ -1298,7 +1298,6 @@ fn intake(
         if stopping {
             if !dec.is_empty() && ownership.generation() == cut.generation {
                 let b = cut.cut(&mut dec, &ownership, decode_time);
-                metrics.events_consumed.inc_by(b.decoded.num_rows() as u64);
                 let _ = tx.blocking_send(b);
             }
             // Leaving the group waits for the writer (see `run`): revoking now
@@ -1461,7 +1460,6 @@ fn intake(
         if full || due || last_batch_now {
             let b = cut.cut(&mut dec, &ownership, decode_time);
             decode_time = Duration::ZERO;
-            metrics.events_consumed.inc_by(b.decoded.num_rows() as u64);
             let dropped = source.take_dropped();
             if dropped > 0 {
                 metrics
@@ -2311,6 +2309,10 @@ fn record_commit(
     }
     let now = Utc::now();
     metrics.batches.inc();
+    // Counted as the batch commits, not as it is read: a batch discarded by
+    // a rebalance or a fence is read again, and its messages were counted
+    // twice (0.26% more than the topic held after one outage).
+    metrics.events_consumed.inc_by(batch.rows as u64);
     metrics.batch_rows.observe(batch.rows as f64);
     metrics.last_commit.set(now.timestamp());
     let summary = &mut state.summary;

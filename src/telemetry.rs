@@ -170,7 +170,11 @@ impl Metrics {
         r.register(Box::new(lag.clone())).expect("unique");
 
         let m = Arc::new(Metrics {
-            events_consumed: counter(&r, EVENTS_CONSUMED, "Messages consumed from Kafka."),
+            events_consumed: counter(
+                &r,
+                EVENTS_CONSUMED,
+                "Messages consumed from Kafka and committed to Postgres, as events or rejects; one re-read after its batch was discarded counts once.",
+            ),
             events_written: counter_vec(
                 &r,
                 EVENTS_WRITTEN,

@@ -634,6 +634,23 @@ async fn a_fence_of_a_batch_already_given_up_asks_for_no_resync() {
     // are given up without fences of their own.
     assert_eq!(fenced, 1, "one fence, one resync ({given_up} given up)");
     assert!(given_up >= 1, "batches were queued behind the fenced one");
+    // Regression: messages were counted as consumed when read, so those of
+    // the discarded batches, read again, counted twice. What is committed
+    // counts: the first batches twice (Postgres lost them), the rest once.
+    let sum = |v: &prometheus::IntCounterVec| -> u64 {
+        use prometheus::core::Collector;
+        v.collect()[0]
+            .get_metric()
+            .iter()
+            .map(|m| m.get_counter().value() as u64)
+            .sum()
+    };
+    assert_eq!(
+        metrics.events_consumed.get(),
+        sum(&metrics.events_written) + sum(&metrics.events_rejected),
+        "consumed is what was written or rejected"
+    );
+    assert_eq!(metrics.events_consumed.get(), (first + n) as u64);
 }
 
 /// Regression: a message whose Kafka timestamp Postgres cannot store (before
