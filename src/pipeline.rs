@@ -919,7 +919,12 @@ async fn name_lock_holders(
                         holder_user = %w.holder_user.unwrap_or_else(unseen),
                         holder_client = %w.holder_client.unwrap_or_else(unseen),
                         holder_state = %w.holder_state.unwrap_or_else(unseen),
-                        holder_transaction_secs = w.holder_in_transaction_for.map(|d| d.as_secs()),
+                        // Left out of the line when unseen, it read as if the
+                        // holder had no transaction open.
+                        holder_transaction_secs = %w
+                            .holder_in_transaction_for
+                            .map(|d| d.as_secs().to_string())
+                            .unwrap_or_else(unseen),
                         "a writer waits for a lock that another session holds; its batch times out after --db-timeout-secs and is retried until the holder lets go"
                     );
                 }

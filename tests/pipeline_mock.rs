@@ -1804,6 +1804,34 @@ async fn fail(running: Running, why: String) -> ! {
     panic!("{why}");
 }
 
+/// Regression: with every connection slot taken, the error was Postgres'
+/// text alone ("too many connections for role"), without what to raise or
+/// how many connections a consumer holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_connection_slot_left_says_what_to_raise() {
+    let db = fresh_db("no_slot").await;
+    let c = client(&db).await;
+    let role = unique("capped").replace('-', "_");
+    c.batch_execute(&format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"))
+        .await
+        .unwrap();
+    let mut capped = db.clone();
+    capped.user(&role);
+    let e = energy_stream::sink::Database::new(capped)
+        .connect()
+        .await
+        .expect_err("the role may not connect");
+    let text = e.to_string();
+    assert_eq!(e.kind(), "resources", "{text}");
+    assert!(
+        text.contains("too many connections for role")
+            && text.contains("CONNECTION LIMIT")
+            && text.contains("up to four"),
+        "{text}"
+    );
+    c.batch_execute(&format!("DROP ROLE {role}")).await.unwrap();
+}
+
 /// Regression: a `statement_timeout` set for the database, and lifted again,
 /// failed every retry until someone killed the pipeline's connections: the
 /// retries ran on the connections that had read the setting when they

@@ -289,6 +289,18 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
             ),
         };
     }
+    // Postgres' own text says only that the slots are taken.
+    if *code == SqlState::TOO_MANY_CONNECTIONS {
+        return SinkError::Unavailable {
+            kind: "resources",
+            message: format!(
+                "{message} (SQLSTATE 53300) — every connection slot allowed is taken \
+                 (max_connections, or the CONNECTION LIMIT of the role or database); each `run` \
+                 holds up to four (two writers, the offset reader, the health probe), so raise \
+                 the limit or end other sessions; retried"
+            ),
+        };
+    }
     let kind = match &c[..2] {
         "08" => "connection",
         "57" => "shutdown",
