@@ -103,6 +103,13 @@ pub enum ProduceError {
     CreateTopic { topic: String, message: String },
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error(
+        "the broker refuses every message of this producer for good ({why}): it fenced the \
+         idempotent producer (a broker that lost its state, or another producer with its id), \
+         and no retry can deliver with it; {sent} delivered, {failed} failed. Start `produce` \
+         again for a new producer (with --input-once it sends the file only into an empty topic)"
+    )]
+    Fenced { why: String, sent: u64, failed: u64 },
     /// Built by [`crate::source::config_error`], without the option's value.
     #[error("invalid Kafka configuration: {0}")]
     Config(String),
@@ -242,6 +249,26 @@ struct DeliveryCounter {
     failures: Mutex<ErrorLog>,
     /// The Kafka client's own errors: a refused broker reports several a second.
     client_errors: Mutex<ErrorLog>,
+    /// Why the broker refuses every message of this producer for good (see
+    /// [`fenced`]); set by the first such delivery report.
+    fenced: Mutex<Option<String>>,
+}
+
+/// Whether a delivery failed because the broker fenced this idempotent
+/// producer: its id or epoch is no longer the broker's (a broker that lost
+/// its state, such as tansu paused past the producer's timeouts). No retry
+/// can deliver with that id again, so every later message failed as well,
+/// while `produce` stayed ready.
+fn fenced(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::Fatal
+        )
+    )
 }
 
 impl DeliveryCounter {
@@ -292,6 +319,13 @@ impl ProducerContext for DeliveryCounter {
                 }
             }
             Err((e, _)) => {
+                if fenced(e) {
+                    self.health.kafka_ok.store(false, Ordering::Relaxed);
+                    self.fenced
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(|| e.to_string());
+                }
                 self.note_failure("delivery", e);
             }
         }
@@ -389,6 +423,7 @@ pub fn produce(
         health,
         failures: Mutex::new(ErrorLog::default()),
         client_errors: Mutex::new(ErrorLog::default()),
+        fenced: Mutex::new(None),
     };
     let mut c = cfg.kafka.client_config();
     c.set("enable.idempotence", "true")
@@ -441,6 +476,7 @@ pub fn produce(
     let mut last_report = Instant::now();
 
     let mut read_failed = None;
+    let mut gave_up = None;
     let mut passes = 0u64;
     'outer: loop {
         if stop.load(Ordering::Relaxed) {
@@ -474,6 +510,10 @@ pub fn produce(
                 report_deliveries(producer.context(), &mut reported);
                 flush_bad_lines(&mut bad_out, &bad_path)?;
                 last_report = Instant::now();
+                if let Some(why) = refused_for_good(&producer) {
+                    gave_up = Some(why);
+                    break 'outer;
+                }
             }
             let line = match line {
                 Ok(line) => line,
@@ -584,8 +624,19 @@ pub fn produce(
         }
     }
     flush_bad_lines(&mut bad_out, &bad_path)?;
-    producer.flush(Duration::from_secs(60))?;
     let ctx = producer.context();
+    // A short replay may finish before the next check; its queue then fails
+    // as the flush waits.
+    let flushed = producer.flush(Duration::from_secs(60));
+    if let Some(why) = gave_up.or_else(|| refused_for_good(&producer)) {
+        report_deliveries(ctx, &mut reported);
+        return Err(ProduceError::Fenced {
+            why,
+            sent: ctx.ok.load(Ordering::Relaxed),
+            failed: ctx.failed.load(Ordering::Relaxed),
+        });
+    }
+    flushed?;
     if let Some(e) = read_failed {
         if offered > 0 {
             tracing::warn!(
@@ -608,6 +659,24 @@ pub fn produce(
         .with_label_values(&["failed"])
         .inc_by(unreported);
     Ok(summary)
+}
+
+/// Why this producer can deliver nothing any more, if so: the broker fenced
+/// it (see [`fenced`]), or librdkafka raised a fatal error.
+fn refused_for_good(producer: &ThreadedProducer<DeliveryCounter>) -> Option<String> {
+    if let Some(why) = producer
+        .context()
+        .fenced
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    {
+        return Some(why);
+    }
+    producer
+        .client()
+        .fatal_error()
+        .map(|(code, reason)| format!("{code:?}: {reason}"))
 }
 
 /// Adds the deliveries since the last call to the metrics.
@@ -757,6 +826,7 @@ mod tests {
             health: Arc::default(),
             failures: Mutex::new(ErrorLog::default()),
             client_errors: Mutex::new(ErrorLog::default()),
+            fenced: Mutex::new(None),
         };
         let e = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
         let logged = (0..1000)
@@ -1049,6 +1119,67 @@ mod tests {
 
         // A pipe that the first pass drained: `tests/cli.rs`
         // (`produce_loops_over_standard_input_once`).
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Regression: once the broker fenced the idempotent producer (seen with
+    /// tansu after a 5-minute pause), every message failed with
+    /// ProducerFenced, for as long as a looped or live replay ran, while
+    /// `produce` said it was ready. It now stops with an error that says so.
+    #[test]
+    fn a_fenced_producer_stops_instead_of_failing_every_message() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let dir = std::env::temp_dir().join(format!("es-produce-fenced-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("fenced", 1, 1).unwrap();
+        let cfg = ProduceConfig {
+            repeat: true,
+            rate: Some(200.0),
+            ..replay(
+                cluster.bootstrap_servers(),
+                "fenced",
+                dir.join("in.jsonl"),
+                &dir,
+            )
+        };
+        std::fs::write(
+            &cfg.input,
+            "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{}}\n".repeat(10),
+        )
+        .unwrap();
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED; 10_000],
+        );
+        // Without the fix the looped replay runs until stopped: stopped
+        // after 60 s, it returned a summary of failures.
+        let stop = Arc::new(AtomicBool::new(false));
+        let timer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                stop.store(true, Ordering::Relaxed);
+            })
+        };
+        let health: Arc<Health> = Arc::default();
+        let outcome = produce(&cfg, &stop, Metrics::new(), health.clone());
+        stop.store(true, Ordering::Relaxed);
+        timer.join().unwrap();
+        let err = outcome.expect_err("a fenced producer stops");
+        let text = err.to_string();
+        assert!(
+            matches!(err, ProduceError::Fenced { sent: 0, .. }),
+            "{text}"
+        );
+        assert!(text.contains("Start `produce` again"), "{text}");
+        assert!(
+            !health.kafka_ok.load(Ordering::Relaxed),
+            "not ready once fenced"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
