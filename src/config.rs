@@ -278,6 +278,17 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(0..=DAY_SECS))]
     pub drain_timeout_secs: u64,
+    /// How long the group may leave this consumer without partitions before
+    /// it acts: with no assignment at all after joining or a revocation (a
+    /// rebalance that does not end), it says so and stops being ready; with
+    /// an empty one while partitions it does not own have messages whose
+    /// stored offsets stand still that long (their owner gone, and still in
+    /// the group), it leaves the group and joins it again. A
+    /// `--stop-when-caught-up` run never given an assignment fails at twice
+    /// this. 1 to 86400.
+    #[arg(long, env = "REBALANCE_LIMIT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=DAY_SECS))]
+    pub rebalance_limit_secs: u64,
     /// How long Postgres may leave a connection attempt, a batch's COPY,
     /// merges or COMMIT, or the read of the stored offsets unanswered before
     /// it counts as away: the connection is dropped and the batch retried on
@@ -416,9 +427,12 @@ pub struct PipelineConfig {
     /// reads them at start only.
     pub kpi_watch: Option<Duration>,
     /// How long after a revocation without a new assignment the consumer
-    /// says the group's rebalance is stuck and stops being ready (60 s; not
-    /// a flag: tests shorten it). A `stop_when_caught_up` run that has had
-    /// no assignment since joining fails at twice this.
+    /// says the group's rebalance is stuck and stops being ready, and how
+    /// long an empty assignment may stand while others' partitions make no
+    /// progress before it joins the group again (`--rebalance-limit-secs`,
+    /// 60 s). A
+    /// `stop_when_caught_up` run that has had no assignment since joining
+    /// fails at twice this.
     pub rebalance_limit: Duration,
     /// Fault injection for the crash tests; None in production.
     pub fault: Option<Fault>,
@@ -931,6 +945,7 @@ impl RunArgs {
         cfg.migrate = !self.no_migrate;
         cfg.stop_when_caught_up = self.stop_when_caught_up;
         cfg.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
+        cfg.rebalance_limit = Duration::from_secs(self.rebalance_limit_secs);
         cfg.metrics_addr = parse_metrics_addr(&self.metrics_addr).map_err(anyhow::Error::msg)?;
         cfg.progress_interval = Duration::from_secs(self.progress_interval_secs.max(1));
         // An explicit directory must exist (the KPI loader says so if not);

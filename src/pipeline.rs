@@ -1405,6 +1405,7 @@ fn intake(
                 });
             }
             source.note_if_stuck(cfg.rebalance_limit);
+            source.rejoin_if_orphaned(cfg.rebalance_limit);
             // A run to the end cuts its last, partial batch once nothing more
             // is coming, rather than waiting out --batch-max-wait-ms (which
             // may be an hour) for messages that will not come.

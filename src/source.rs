@@ -884,6 +884,10 @@ pub struct KafkaSource {
     /// A partition whose log is not the one Postgres counts, found by the
     /// poll; [`KafkaSource::check_progress`] reports it.
     refusal: Mutex<Option<SourceError>>,
+    /// While the assignment is an empty one: when the other members' stored
+    /// offsets were last looked at, and the partitions then behind with
+    /// their stored offsets (see [`KafkaSource::rejoin_if_orphaned`]).
+    orphan_check: Mutex<Option<(Instant, HashMap<i32, i64>)>>,
 }
 
 /// A Kafka timestamp as the error messages show it.
@@ -1004,6 +1008,7 @@ impl KafkaSource {
             topic: cfg.topic.clone(),
             health,
             refusal: Mutex::new(None),
+            orphan_check: Mutex::new(None),
         })
     }
 
@@ -1085,13 +1090,99 @@ impl KafkaSource {
         Ok(())
     }
 
+    /// A member given an empty assignment waits for the members that own the
+    /// partitions. When one of them is dead and the broker never takes its
+    /// partitions back (tansu, when a consumer killed with SIGKILL was
+    /// started again within its session timeout: the new one got nothing,
+    /// and read nothing for as long as it ran), the stored offsets stop
+    /// while messages wait. So once the assignment has been empty for
+    /// `limit`, this looks every `limit` at the partitions that have
+    /// messages past their offset stored in Postgres; when one of them has
+    /// not moved since the last look, it leaves the group and joins it
+    /// again, which starts a rebalance, as a restart would. A live owner
+    /// that keeps up moves its offsets, and one held up (a Postgres lock)
+    /// only goes through a rebalance.
+    pub fn rejoin_if_orphaned(&self, limit: Duration) {
+        let mut check = self.orphan_check.lock().expect("orphan check");
+        if self.ownership.idle_for().is_none_or(|idle| idle < limit) {
+            *check = None;
+            return;
+        }
+        if check.as_ref().is_some_and(|(at, _)| at.elapsed() < limit) {
+            return;
+        }
+        // Not knowing (Postgres or the broker away), nothing is concluded.
+        let Some(behind) = self.behind() else {
+            return;
+        };
+        let stuck: Vec<i32> = match check.take() {
+            Some((_, before)) => {
+                let mut stuck: Vec<i32> = behind
+                    .iter()
+                    .filter(|(p, next)| before.get(p) == Some(next))
+                    .map(|(p, _)| *p)
+                    .collect();
+                stuck.sort_unstable();
+                stuck
+            }
+            None => Vec::new(),
+        };
+        if stuck.is_empty() {
+            *check = Some((Instant::now(), behind));
+            return;
+        }
+        tracing::warn!(
+            partitions = ?stuck,
+            waited_secs = limit.as_secs(),
+            "the group gave this consumer no partition, and these partitions have messages that no \
+             member has committed for that long (their owner is probably gone, and the broker \
+             kept it in the group): leaving the group and joining it again, to start a rebalance"
+        );
+        self.rejoin();
+    }
+
+    /// Leaves the group and joins it again, as a restart would: a join
+    /// starts a rebalance. Unlike [`KafkaSource::subscribe`], the clock of a
+    /// run to the end that never had an assignment (`unassigned_since`)
+    /// goes on.
+    fn rejoin(&self) {
+        self.consumer.unsubscribe();
+        if let Err(e) = self.consumer.subscribe(&[&self.topic]) {
+            tracing::error!(error = %e, "subscribing again failed");
+        }
+        self.ownership.idle_since.set(false);
+        self.ownership.revoked_since.set(true);
+    }
+
+    /// The topic's partitions with messages past their offset stored in
+    /// Postgres, with that offset (0 when none is stored: from the log's
+    /// start); None when the broker or Postgres does not answer.
+    fn behind(&self) -> Option<HashMap<i32, i64>> {
+        let stored = self.consumer.context().loader.load().ok()?;
+        let mut behind = HashMap::new();
+        for p in self.partitions()? {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, p, Duration::from_secs(5))
+                .ok()?;
+            let next = stored.get(&p).map_or(low, |s| s.next);
+            if high > next {
+                behind.insert(p, next);
+            }
+        }
+        Some(behind)
+    }
+
     /// A rebalance that does not end leaves the consumer reading nothing, in
     /// silence, and ready as far as Postgres and the broker go. Once `limit`
     /// has passed since joining the group or since the last revocation
     /// without an assignment, this says so and makes the consumer not ready
     /// until one comes; then says it again after each further `limit`. Kafka waits up to the members'
     /// `max.poll.interval.ms` for each to rejoin; tansu, paused past the
-    /// session timeout, waited until another member joined.
+    /// session timeout, waited until another member joined. (Leaving and
+    /// joining again here did not end it on tansu after a SIGKILL: the
+    /// group then gave an empty assignment, which
+    /// [`KafkaSource::rejoin_if_orphaned`] deals with.)
     pub fn note_if_stuck(&self, limit: Duration) {
         if self.ownership.revoked_for().is_none_or(|w| w < limit) {
             return;

@@ -376,6 +376,73 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     verify_ok(&url, &[]);
 }
 
+/// Regression: a consumer started again at once after a SIGKILL, within the
+/// dead one's session timeout, got an empty assignment from tansu, which
+/// kept the dead member and its partitions: it read nothing for as long as
+/// it ran (3 minutes 40 in the probe), ready all along. Once the partitions'
+/// stored offsets stand still while messages wait, it leaves the group and
+/// joins it again, which gives it the partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_left_out_by_a_dead_member_joins_again() {
+    let broker = Broker::get();
+    let topic = unique("orphaned");
+    let input = generate(60_000, 0.0, 5);
+    create_topic(&broker.brokers, &topic, 6);
+    let producer = produce_command(&broker.brokers, &topic, &input, 1000)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = fresh_db("orphaned").await;
+    let url = db_url(&db);
+    let group = unique("g");
+    let c = client(&db).await;
+    // librdkafka's default session timeout, as in the probe.
+    let session = ["--kafka-option", "session.timeout.ms=10000"];
+    let mut dead = spawn_run(&broker.brokers, &topic, &group, &url, &session);
+    wait_for_new_rows(&c, 0, Instant::now()).await;
+    // As in the probe: a member that has run for a while, killed, and
+    // started again 2 s later.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    dead.kill().unwrap(); // SIGKILL: no LeaveGroup
+    dead.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut again = spawn_run(
+        &broker.brokers,
+        &topic,
+        &group,
+        &url,
+        &[&session[..], &["--rebalance-limit-secs", "3"]].concat(),
+    );
+    let before = row_count(&c).await;
+    let started = Instant::now();
+    while row_count(&c).await < before + 1000 && started.elapsed() < Duration::from_secs(90) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = row_count(&c).await;
+    // A clean stop leaves the group, so the run to the end below joins at once.
+    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
+    again.wait().unwrap();
+    assert!(
+        after >= before + 1000,
+        "the consumer started after the kill wrote {} rows in 90 s",
+        after - before
+    );
+    let out = producer.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "produce: {summary}");
+    run_to_end(
+        &broker.brokers,
+        &topic,
+        &group,
+        &url,
+        &[],
+        Duration::from_secs(120),
+    );
+    check_exactly_once(&db, &topic, &group, sent_count(&summary), &input).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waits_for_a_missing_topic_then_drains_on_sigterm() {
     let broker = Broker::get();
