@@ -1155,8 +1155,8 @@ impl KafkaSource {
     }
 
     /// The topic's partitions with messages past their offset stored in
-    /// Postgres, with that offset (0 when none is stored: from the log's
-    /// start); None when the broker or Postgres does not answer.
+    /// Postgres, with that offset (the log's start when none is stored);
+    /// None when the broker or Postgres does not answer.
     fn behind(&self) -> Option<HashMap<i32, i64>> {
         let stored = self.consumer.context().loader.load().ok()?;
         let mut behind = HashMap::new();

@@ -86,6 +86,43 @@ fn produce_command(brokers: &str, topic: &str, input: &Path, rate: u32) -> Comma
     c
 }
 
+/// A fresh topic of 6 partitions that `produce` fills, at `rate` a second,
+/// with the events `generate` writes for (count, bad ratio, seed), and a
+/// fresh database and consumer group to read it into.
+struct Feed {
+    topic: String,
+    input: PathBuf,
+    producer: Child,
+    db: tokio_postgres::Config,
+    url: String,
+    group: String,
+    c: tokio_postgres::Client,
+}
+
+async fn feed(brokers: &str, prefix: &str, events: (u64, f64, u64), rate: u32) -> Feed {
+    let topic = unique(prefix);
+    let input = generate(events.0, events.1, events.2);
+    create_topic(brokers, &topic, 6);
+    let producer = produce_command(brokers, &topic, &input, rate)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = fresh_db(prefix).await;
+    let url = db_url(&db);
+    let c = client(&db).await;
+    Feed {
+        topic,
+        input,
+        producer,
+        db,
+        url,
+        group: unique("g"),
+        c,
+    }
+}
+
 fn spawn_run(brokers: &str, topic: &str, group: &str, db: &str, extra: &[&str]) -> Child {
     spawn_run_with(brokers, topic, group, db, extra, None)
 }
@@ -281,22 +318,17 @@ async fn row_count(c: &tokio_postgres::Client) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let broker = Broker::get();
-    let topic = unique("crash");
-    let input = generate(200_000, 0.01, 11);
-    create_topic(&broker.brokers, &topic, 6);
     // Events keep arriving while the consumer is killed again and again.
-    let producer = produce_command(&broker.brokers, &topic, &input, 1000)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-
-    let db = fresh_db("crash").await;
-    let url = db_url(&db);
-    let group = unique("g");
+    let Feed {
+        topic,
+        input,
+        producer,
+        db,
+        url,
+        group,
+        c,
+    } = feed(&broker.brokers, "crash", (200_000, 0.01, 11), 1000).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
-    let c = client(&db).await;
     let mut progress = Vec::new();
     let mut aborted = 0;
     for kill in 0..20 {
@@ -385,19 +417,15 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_left_out_by_a_dead_member_joins_again() {
     let broker = Broker::get();
-    let topic = unique("orphaned");
-    let input = generate(60_000, 0.0, 5);
-    create_topic(&broker.brokers, &topic, 6);
-    let producer = produce_command(&broker.brokers, &topic, &input, 1000)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let db = fresh_db("orphaned").await;
-    let url = db_url(&db);
-    let group = unique("g");
-    let c = client(&db).await;
+    let Feed {
+        topic,
+        input,
+        producer,
+        db,
+        url,
+        group,
+        c,
+    } = feed(&broker.brokers, "orphaned", (60_000, 0.0, 5), 1000).await;
     // librdkafka's default session timeout, as in the probe.
     let session = ["--kafka-option", "session.timeout.ms=10000"];
     let mut dead = spawn_run(&broker.brokers, &topic, &group, &url, &session);
@@ -650,19 +678,15 @@ async fn readme_adding_a_kpi_example() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_batch_ten_times_is_clean_and_exact() {
     let broker = Broker::get();
-    let topic = unique("term");
-    let input = generate(40_000, 0.01, 13);
-    create_topic(&broker.brokers, &topic, 6);
-    let producer = produce_command(&broker.brokers, &topic, &input, 1000)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let db = fresh_db("term").await;
-    let url = db_url(&db);
-    let group = unique("g");
-    let c = client(&db).await;
+    let Feed {
+        topic,
+        input,
+        producer,
+        db,
+        url,
+        group,
+        c,
+    } = feed(&broker.brokers, "term", (40_000, 0.01, 13), 1000).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(77);
     for round in 0..10 {
         let mut child = spawn_run(&broker.brokers, &topic, &group, &url, &[]);
