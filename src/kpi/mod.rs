@@ -795,8 +795,10 @@ pub async fn check_views(
     Ok(refused)
 }
 
-/// The suffix of the temporary tables [`check_views`] plans views against.
-const CHECK_SUFFIX: &str = "_check";
+/// The suffix of the temporary tables [`check_views`] plans views against:
+/// as short as [`NEW_SUFFIX`], so that the names of a KPI's longest name fit
+/// Postgres' 63 bytes as theirs do.
+const CHECK_SUFFIX: &str = "$c";
 
 fn stage_name(def: &KpiDef, what: &str) -> String {
     format!("stage_{}_{}_{}", def.name, what, &def.hash[..8])
