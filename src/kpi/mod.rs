@@ -777,10 +777,7 @@ pub async fn check_views(
     engine: &KpiEngine,
 ) -> Result<Vec<(String, String)>, SinkError> {
     let tx = client.transaction().await?;
-    tx.batch_execute(
-        "SELECT set_config('search_path', 'pg_temp, ' || current_setting('search_path'), true)",
-    )
-    .await?;
+    tx.batch_execute(TEMP_TABLES_FIRST).await?;
     let mut refused = Vec::new();
     for def in engine.defs() {
         tx.batch_execute(&create_tables_sql(def, CHECK_SUFFIX))
@@ -794,6 +791,12 @@ pub async fn check_views(
     tx.rollback().await?;
     Ok(refused)
 }
+
+/// Makes the transaction's unqualified names create and find temporary
+/// tables first, so that `check` and `verify` leave nothing behind and need
+/// only TEMP.
+const TEMP_TABLES_FIRST: &str =
+    "SELECT set_config('search_path', 'pg_temp, ' || current_setting('search_path'), true)";
 
 /// The suffix of the temporary tables [`check_views`] plans views against:
 /// as short as [`NEW_SUFFIX`], so that the names of a KPI's longest name fit
@@ -1017,42 +1020,53 @@ pub async fn unmaintained(
     known: &[(&str, &str)],
     given_up: &[String],
 ) -> Result<Vec<String>, SinkError> {
-    Ok(live_kpis(client)
-        .await?
-        .iter()
-        .filter_map(|r| {
-            let (name, hash): (&str, &str) = (r.get(0), r.get(1));
-            if given_up.iter().any(|g| g == name) {
-                return None;
-            }
-            // Said of what this consumer computes, not of its files: one that
-            // could not install a new file (the app role) has the file.
-            match known.iter().find(|(n, _)| *n == name) {
-                Some((_, h)) if *h == hash => None,
-                Some(_) => Some(format!("{name} (another definition)")),
-                None => Some(not_computed_here(name)),
-            }
-        })
-        .collect())
+    Ok(judge(client, known, given_up).await?.short)
 }
 
-/// Which of `names` `kpi_registry` says are retired: `migrate` retired them
-/// while this process, which still has their files, was running. Its
-/// batches must leave them as they are, or a retired KPI's tables went on
-/// changing for as long as the consumers that started before it ran.
-pub async fn retired(
+/// What `kpi_registry` says of the KPIs a process computes, from one read
+/// of it (a batch asks both on its hot path).
+#[derive(Debug, Default)]
+pub struct RegistryVerdict {
+    /// As [`unmaintained`] says.
+    pub short: Vec<String>,
+    /// The KPIs of `known` that `migrate` retired while this process, which
+    /// still has their files, was running. Its batches must leave them as
+    /// they are, or a retired KPI's tables went on changing for as long as
+    /// the consumers that started before it ran.
+    pub retired: Vec<String>,
+}
+
+/// [`unmaintained`], and which of `known` are retired, by name.
+pub async fn judge(
     client: &impl tokio_postgres::GenericClient,
-    names: &[&str],
-) -> Result<Vec<String>, SinkError> {
-    Ok(client
-        .query(
-            "SELECT name FROM kpi_registry WHERE sql_hash = $1 AND name = ANY($2) ORDER BY name",
-            &[&RETIRED_HASH, &names],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+    known: &[(&str, &str)],
+    given_up: &[String],
+) -> Result<RegistryVerdict, SinkError> {
+    let rows = client
+        .query("SELECT name, sql_hash FROM kpi_registry ORDER BY name", &[])
+        .await?;
+    let mut verdict = RegistryVerdict::default();
+    for r in &rows {
+        let (name, hash): (&str, &str) = (r.get(0), r.get(1));
+        // Said of what this consumer computes, not of its files: one that
+        // could not install a new file (the app role) has the file.
+        let computed = known.iter().find(|(n, _)| *n == name);
+        if hash == RETIRED_HASH {
+            if computed.is_some() {
+                verdict.retired.push(name.to_string());
+            }
+            continue;
+        }
+        if hash == STALE_HASH || given_up.iter().any(|g| g == name) {
+            continue;
+        }
+        match computed {
+            Some((_, h)) if *h == hash => {}
+            Some(_) => verdict.short.push(format!("{name} (another definition)")),
+            None => verdict.short.push(not_computed_here(name)),
+        }
+    }
+    Ok(verdict)
 }
 
 /// The KPIs `kpi_registry` maintains (live: not stale or retired), as rows
@@ -1693,10 +1707,7 @@ pub async fn verify_report(
     // the golden tests' part. `pg_temp` first makes the unqualified names
     // the merge uses create and find the temporary tables (so a read-only
     // role can verify, and nothing is left behind).
-    tx.batch_execute(
-        "SELECT set_config('search_path', 'pg_temp, ' || current_setting('search_path'), true)",
-    )
-    .await?;
+    tx.batch_execute(TEMP_TABLES_FIRST).await?;
     let new = NEW_SUFFIX;
     for &idx in &compared {
         tx.batch_execute(&create_tables_sql(engine.def(idx), new))

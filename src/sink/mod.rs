@@ -954,14 +954,12 @@ impl<'c> Copied<'c> {
                 .map(|k| (k.def.name.as_str(), k.def.hash.as_str()))
                 .collect();
             // KPIs this batch marks stale (below) are given up, not short.
-            let short = crate::kpi::unmaintained(&tx, &known, batch.stale_kpis).await?;
-            if !short.is_empty() {
-                return Err(SinkError::KpisDiffer(short));
+            let verdict = crate::kpi::judge(&tx, &known, batch.stale_kpis).await?;
+            if !verdict.short.is_empty() {
+                return Err(SinkError::KpisDiffer(verdict.short));
             }
-            let names: Vec<&str> = known.iter().map(|(n, _)| *n).collect();
-            let retired = crate::kpi::retired(&tx, &names).await?;
-            if !retired.is_empty() {
-                return Err(SinkError::KpisRetired(retired));
+            if !verdict.retired.is_empty() {
+                return Err(SinkError::KpisRetired(verdict.retired));
             }
         }
         let start = Instant::now();
