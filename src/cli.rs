@@ -74,10 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate(args) => {
-            let database = crate::sink::Database {
-                ca_file: args.db.ca_file()?,
-                ..crate::sink::Database::new(args.db.require(db_in_argv)?)
-            };
+            let database = args.db.require_database(db_in_argv)?;
             let rt = runtime()?;
             rt.block_on(async {
                 // Before anything changes: a directory that does not load
@@ -282,13 +279,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let queries_dir = &args.queries.queries_dir;
             // Resolved first: a bad DATABASE_URL is refused before any output.
-            let database = match args.db.resolve(db_in_argv)? {
-                Some(config) => Some(crate::sink::Database {
-                    ca_file: args.db.ca_file()?,
-                    ..crate::sink::Database::new(config)
-                }),
-                None => None,
-            };
+            let database = args.db.database(db_in_argv)?;
             let cfg = crate::kpi::KpiConfig {
                 dir: queries_dir.clone(),
                 ..Default::default()
@@ -390,10 +381,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Backfill(args) | Command::Verify(args) => {
-            let database = crate::sink::Database {
-                ca_file: args.db.ca_file()?,
-                ..crate::sink::Database::new(args.db.require(db_in_argv)?)
-            };
+            let database = args.db.require_database(db_in_argv)?;
             let rt = runtime()?;
             rt.block_on(async {
                 let engine = crate::kpi::KpiEngine::load_dir(&crate::kpi::KpiConfig {

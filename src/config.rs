@@ -636,6 +636,28 @@ impl DbArgs {
     pub fn require(&self, from_argv: bool) -> Result<tokio_postgres::Config, ConfigError> {
         self.resolve(from_argv)?.ok_or(ConfigError::NoDatabase)
     }
+
+    /// The database these settings name, with its CA file; None when none
+    /// is given.
+    pub fn database(&self, from_argv: bool) -> Result<Option<crate::sink::Database>, ConfigError> {
+        let Some(config) = self.resolve(from_argv)? else {
+            return Ok(None);
+        };
+        Ok(Some(crate::sink::Database {
+            ca_file: self.ca_file()?,
+            ..crate::sink::Database::new(config)
+        }))
+    }
+
+    /// [`DbArgs::database`], which must be given. The CA file is read
+    /// first, as before the URL is looked at.
+    pub fn require_database(&self, from_argv: bool) -> Result<crate::sink::Database, ConfigError> {
+        let ca_file = self.ca_file()?;
+        Ok(crate::sink::Database {
+            ca_file,
+            ..crate::sink::Database::new(self.require(from_argv)?)
+        })
+    }
 }
 
 /// What to do when a password's own characters end the URL's user part.
