@@ -462,6 +462,7 @@ async fn run_kpi_sets(
     let mut set = KpiSet::load(cfg).await?;
     let mut previous: Option<KpiSet> = None;
     let mut total = RunSummary::default();
+    let started = Instant::now();
     loop {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let (reload_tx, mut reload_rx) = mpsc::channel::<KpiSet>(1);
@@ -495,6 +496,7 @@ async fn run_kpi_sets(
             metrics,
             health,
             stop_rx,
+            Earlier::of(&total),
             &mut committed,
         ));
         let mut reload = None;
@@ -537,7 +539,10 @@ async fn run_kpi_sets(
                             "KPI files changed: in-flight batches committed; starting again with them"
                         );
                     }
-                    _ => return Ok(total),
+                    _ => {
+                        log_stopped(started, &total);
+                        return Ok(total);
+                    }
                 }
             }
             // Stopped for the new files while Postgres was away: what did not
@@ -672,6 +677,7 @@ async fn run_once(
     metrics: &Arc<Metrics>,
     health: &Arc<Health>,
     stop_rx: tokio::sync::watch::Receiver<bool>,
+    earlier: Earlier,
     committed: &mut RunSummary,
 ) -> Result<RunSummary, PipelineError> {
     let cfg = cfg.clone();
@@ -750,6 +756,7 @@ async fn run_once(
         &metrics,
         &health,
         computed_rx,
+        earlier,
     )
     .await;
     probe.abort();
@@ -1798,6 +1805,7 @@ async fn writer(
     metrics: &Metrics,
     health: &Health,
     rx: mpsc::Receiver<Computed>,
+    earlier: Earlier,
 ) -> (RunSummary, Result<(), PipelineError>) {
     let ctx = WriterCtx {
         cfg,
@@ -1812,7 +1820,7 @@ async fn writer(
         done: tokio::sync::watch::channel(0).0,
         state: std::sync::Mutex::new(WriterState {
             summary: RunSummary::default(),
-            progress: Progress::new(),
+            progress: Progress::new(earlier),
             stop_seen_at: None,
             unmarked_stale: Vec::new(),
         }),
@@ -1852,9 +1860,6 @@ async fn writer(
         () = ticker => unreachable!("the progress clock never stops"),
     };
     let state = ctx.state.into_inner().unwrap_or_else(|e| e.into_inner());
-    if joined.is_ok() {
-        state.progress.finish(&state.summary);
-    }
     (state.summary, joined.map(drop))
 }
 
@@ -2396,24 +2401,44 @@ fn count_by(batch: &RecordBatch, column: &str) -> BTreeMap<String, u64> {
     out
 }
 
+/// What the process committed before this run of the stages: a change of
+/// KPI files starts the stages again, and the progress lines go on counting
+/// from the pipeline's start rather than from the change.
+#[derive(Clone, Copy)]
+struct Earlier {
+    written: u64,
+    rejected: u64,
+    batches: u64,
+}
+
+impl Earlier {
+    fn of(total: &RunSummary) -> Self {
+        Earlier {
+            written: total.events_written,
+            rejected: total.rejected,
+            batches: total.batches,
+        }
+    }
+}
+
 /// Periodic progress lines, on the writer's clock.
 struct Progress {
-    started: Instant,
+    earlier: Earlier,
     last: Instant,
     last_written: u64,
 }
 
 impl Progress {
-    fn new() -> Self {
-        let now = Instant::now();
+    fn new(earlier: Earlier) -> Self {
         Progress {
-            started: now,
-            last: now,
+            earlier,
+            last: Instant::now(),
             last_written: 0,
         }
     }
 
-    /// One progress line: the rate since the last one.
+    /// One progress line: the rate since the last one, the counts since the
+    /// pipeline started.
     fn report(&mut self, s: &RunSummary, metrics: &Metrics) {
         let dt = self.last.elapsed().as_secs_f64();
         let rate = (s.events_written + s.rejected - self.last_written) as f64 / dt;
@@ -2424,9 +2449,9 @@ impl Progress {
             .sum();
         tracing::info!(
             events_per_sec = rate.round() as u64,
-            written = s.events_written,
-            rejected = s.rejected,
-            batches = s.batches,
+            written = self.earlier.written + s.events_written,
+            rejected = self.earlier.rejected + s.rejected,
+            batches = self.earlier.batches + s.batches,
             partitions = metrics.assigned_partitions.get(),
             lag,
             "progress"
@@ -2434,17 +2459,19 @@ impl Progress {
         self.last = Instant::now();
         self.last_written = s.events_written + s.rejected;
     }
+}
 
-    fn finish(&self, s: &RunSummary) {
-        let secs = self.started.elapsed().as_secs_f64();
-        tracing::info!(
-            written = s.events_written,
-            rejected = s.rejected,
-            batches = s.batches,
-            elapsed_secs = format!("{secs:.1}"),
-            "pipeline stopped; everything consumed is committed"
-        );
-    }
+/// The last line of a run that stopped cleanly, with what all its KPI sets
+/// committed.
+fn log_stopped(started: Instant, total: &RunSummary) {
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        written = total.events_written,
+        rejected = total.rejected,
+        batches = total.batches,
+        elapsed_secs = format!("{secs:.1}"),
+        "pipeline stopped; everything consumed is committed"
+    );
 }
 
 #[cfg(test)]

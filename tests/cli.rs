@@ -1008,6 +1008,106 @@ async fn an_idle_run_still_logs_progress_on_its_interval() {
     common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
 }
 
+/// Regression: a change of KPI files starts the stages again, and the
+/// progress lines then counted from the change, while "pipeline stopped;
+/// everything consumed is committed" was logged at the change, mid-run, and
+/// at the end with only what came after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_count_from_the_start_across_a_kpi_reload() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    cluster.create_topic("reload_counts", 1, 1).unwrap();
+    common::send_raw(
+        &brokers,
+        "reload_counts",
+        &common::sample_messages(0..50, 5),
+    );
+    let kpis = common::kpi_dir(&[(
+        "per_channel.sql",
+        "SELECT channel, count(*) AS events FROM events GROUP BY channel",
+    )]);
+    let db = common::fresh_db("reloadcounts").await;
+    let mut child = common::Reaped::new(
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["run", "--metrics-addr", "off", "--kpi-watch-secs", "1"])
+            .args(["--brokers", &brokers, "--topic", "reload_counts"])
+            .args([
+                "--progress-interval-secs",
+                "1",
+                "--batch-max-wait-ms",
+                "100",
+            ])
+            .arg("--queries-dir")
+            .arg(&kpis.dir)
+            .env("DATABASE_URL", common::db_url_with_password(&db))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stderr_lines(&mut child);
+    let mut stopped = Vec::new();
+    let mut note_stop = |l: &str| {
+        if l.contains("pipeline stopped") {
+            stopped.push(l.to_owned());
+        }
+    };
+    line_where(
+        &lines,
+        Duration::from_secs(60),
+        "progress with the first 50",
+        |l| {
+            note_stop(l);
+            l.contains("progress") && l.contains("written=50")
+        },
+    );
+    std::fs::write(
+        kpis.dir.join("per_type.sql"),
+        "SELECT event_type, count(*) AS events FROM events GROUP BY event_type",
+    )
+    .unwrap();
+    line_where(&lines, Duration::from_secs(60), "the reload", |l| {
+        note_stop(l);
+        l.contains("KPI files changed")
+    });
+    common::send_raw(
+        &brokers,
+        "reload_counts",
+        &common::sample_messages(50..80, 5),
+    );
+    let written = |l: &str| -> Option<u64> {
+        let at = l.find("written=")? + "written=".len();
+        l[at..].split(' ').next()?.parse().ok()
+    };
+    let after = line_where(
+        &lines,
+        Duration::from_secs(60),
+        "progress after the reload",
+        |l| {
+            note_stop(l);
+            l.contains("progress") && written(l).is_some_and(|n| n >= 80 || n < 50)
+        },
+    );
+    assert_eq!(
+        written(&after),
+        Some(80),
+        "counts restarted at the reload: {after}"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    line_where(&lines, Duration::from_secs(30), "the last line", |l| {
+        note_stop(l);
+        l.contains("pipeline stopped")
+    });
+    common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
+    assert_eq!(
+        stopped.len(),
+        1,
+        "logged as stopped while it ran on: {stopped:?}"
+    );
+    assert!(stopped[0].contains("written=80"), "{}", stopped[0]);
+}
+
 /// Regression: a KPI that failed on a batch was logged with "fix
 /// queries/<name>.sql first" whatever `--queries-dir` said, so the user was
 /// sent to a file that was not the one running.
