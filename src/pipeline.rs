@@ -814,7 +814,6 @@ async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health:
     let mut waits = HashSet::new();
     let mut tick = tokio::time::interval(IDLE_PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut answering = true;
     loop {
         tick.tick().await;
         let since_commit = Utc::now().timestamp() - metrics.last_commit.get();
@@ -837,20 +836,18 @@ async fn probe_postgres(database: sink::Database, metrics: Arc<Metrics>, health:
         };
         match asked.await {
             Ok(_) => {
-                if !answering {
+                if !health.postgres_ok.swap(true, Ordering::Relaxed) {
                     tracing::info!("Postgres answers again");
                 }
-                answering = true;
-                health.postgres_ok.store(true, Ordering::Relaxed);
                 end_frozen_copies(&database, &mut client, &mut copies).await;
                 name_lock_holders(&database, &mut client, &mut waits).await;
             }
             Err(e) => {
-                if answering {
+                // Once per outage, whoever met it first: a batch's failure
+                // is logged by the writer.
+                if health.postgres_ok.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, db = %database, "Postgres does not answer while no batch is under way; not ready until it does");
                 }
-                answering = false;
-                health.postgres_ok.store(false, Ordering::Relaxed);
                 if let Some(c) = client.take() {
                     database.abandon(c);
                 }
@@ -2305,7 +2302,11 @@ fn record_commit(
     for (kpi, n) in done.merged {
         metrics.kpi_rows_merged.with_label_values(&[&kpi]).inc_by(n);
     }
-    ctx.health.postgres_ok.store(true, Ordering::Relaxed);
+    // The probe only asks while no batch commits, so the end of an outage
+    // that batches retried through is told here.
+    if !ctx.health.postgres_ok.swap(true, Ordering::Relaxed) {
+        tracing::info!("Postgres answers again; the batch retried through the outage is committed");
+    }
     ctx.health.committing.store(true, Ordering::Relaxed);
     for (name, secs) in [
         (stage::COPY, done.copy),

@@ -1108,6 +1108,82 @@ async fn log_lines_count_from_the_start_across_a_kpi_reload() {
     assert!(stopped[0].contains("written=80"), "{}", stopped[0]);
 }
 
+/// Regression: "Postgres answers again" came only from the probe, which asks
+/// while no batch commits, so after an outage that a batch retried through
+/// it was logged at the next idle spell, after the rows were long in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_an_outage_is_logged_when_the_retried_batch_commits() {
+    let pg = std::sync::Arc::new(
+        tokio::task::spawn_blocking(|| {
+            energy_stream::localpg::LocalPostgres::start().expect("postgres")
+        })
+        .await
+        .unwrap(),
+    );
+    let db = common::fresh_db_on(&pg.url(), "answersagain").await;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    cluster.create_topic("answers_again", 1, 1).unwrap();
+    common::send_raw(
+        &brokers,
+        "answers_again",
+        &common::sample_messages(0..50, 5),
+    );
+    let mut child = common::Reaped::new(
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["run", "--metrics-addr", "off", "--no-kpis"])
+            .args(["--brokers", &brokers, "--topic", "answers_again"])
+            .args([
+                "--progress-interval-secs",
+                "1",
+                "--batch-max-wait-ms",
+                "100",
+            ])
+            .env("DATABASE_URL", common::db_url_with_password(&db))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stderr_lines(&mut child);
+    line_where(&lines, Duration::from_secs(60), "the first 50 in", |l| {
+        l.contains("progress") && l.contains("written=50 ")
+    });
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.stop_immediate().unwrap())
+            .await
+            .unwrap();
+    }
+    common::send_raw(
+        &brokers,
+        "answers_again",
+        &common::sample_messages(50..80, 5),
+    );
+    line_where(&lines, Duration::from_secs(60), "the failed batch", |l| {
+        l.contains("Postgres write failed")
+    });
+    {
+        let pg = pg.clone();
+        tokio::task::spawn_blocking(move || pg.start_again().unwrap())
+            .await
+            .unwrap();
+    }
+    let first = line_where(
+        &lines,
+        Duration::from_secs(60),
+        "the end of the outage, or the rows in",
+        |l| l.contains("answers again") || (l.contains("progress") && l.contains("written=80 ")),
+    );
+    assert!(
+        first.contains("answers again"),
+        "the rows were in before the end of the outage was told: {first}"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
+}
+
 /// Regression: a KPI that failed on a batch was logged with "fix
 /// queries/<name>.sql first" whatever `--queries-dir` said, so the user was
 /// sent to a file that was not the one running.
