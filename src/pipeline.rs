@@ -670,6 +670,7 @@ async fn install_refused(
 /// `stop_when_caught_up`, until caught up. KPIs in `retire` were dropped from
 /// the files since the previous run: they are retired after the install.
 /// When it fails, what it committed is added to `committed`.
+#[allow(clippy::too_many_arguments)]
 async fn run_once(
     cfg: &PipelineConfig,
     engine: Option<Arc<KpiEngine>>,
@@ -1410,6 +1411,7 @@ fn intake(
             }
             source.note_if_stuck(cfg.rebalance_limit);
             source.rejoin_if_orphaned(cfg.rebalance_limit);
+            source.compare_group_offsets();
             // A run to the end cuts its last, partial batch once nothing more
             // is coming, rather than waiting out --batch-max-wait-ms (which
             // may be an hour) for messages that will not come.

@@ -703,6 +703,9 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// How long [`KafkaSource::compare_group_offsets`] waits for the broker.
+const GROUP_OFFSETS_LIMIT: Duration = Duration::from_secs(2);
+
 /// A partition's lag: its high watermark less the position, or None while
 /// either is unknown (librdkafka reports -1 and -1001 for those).
 fn partition_lag(high: i64, position: i64) -> Option<i64> {
@@ -888,6 +891,9 @@ pub struct KafkaSource {
     /// offsets were last looked at, and the partitions then behind with
     /// their stored offsets (see [`KafkaSource::rejoin_if_orphaned`]).
     orphan_check: Mutex<Option<(Instant, HashMap<i32, i64>)>>,
+    /// The ownership generation whose assignment was last compared with the
+    /// group's offsets ([`KafkaSource::compare_group_offsets`]).
+    group_compared: AtomicU64,
 }
 
 /// A Kafka timestamp as the error messages show it.
@@ -1009,6 +1015,7 @@ impl KafkaSource {
             health,
             refusal: Mutex::new(None),
             orphan_check: Mutex::new(None),
+            group_compared: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -1139,6 +1146,60 @@ impl KafkaSource {
              kept it in the group): leaving the group and joining it again, to start a rebalance"
         );
         self.rejoin();
+    }
+
+    /// Once per assignment, warns of the assigned partitions whose offset
+    /// committed to the Kafka group is ahead of the one stored in Postgres.
+    /// A consumer copies its offsets to the group only after Postgres has
+    /// committed them, so the group is ahead only when something else
+    /// committed for it: another `run` of the group writing another database
+    /// (each database then gets only part of the topic), an older consumer
+    /// under the same group id, or this database restored from a backup,
+    /// created afresh, or with its offsets removed. Reading goes on from Postgres' offsets in every case;
+    /// the warning says which, so that a split is not found months later.
+    pub fn compare_group_offsets(&self) {
+        let generation = self.ownership.generation();
+        if self.group_compared.swap(generation, Ordering::Relaxed) == generation {
+            return;
+        }
+        let stored = self.ownership.stored_positions();
+        if stored.is_empty() {
+            return;
+        }
+        let group = match self.consumer.committed(GROUP_OFFSETS_LIMIT) {
+            Ok(tpl) => tpl,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the group's committed offsets");
+                return;
+            }
+        };
+        let mut ahead: Vec<(i32, i64, Option<i64>)> = group
+            .elements()
+            .iter()
+            .filter(|el| el.topic() == self.topic)
+            .filter_map(|el| {
+                let Offset::Offset(at) = el.offset() else {
+                    return None;
+                };
+                let db = *stored.get(&el.partition())?;
+                (at > db.unwrap_or(0)).then_some((el.partition(), at, db))
+            })
+            .collect();
+        if ahead.is_empty() {
+            return;
+        }
+        ahead.sort_unstable();
+        tracing::warn!(
+            partitions = ?ahead.iter().map(|a| a.0).collect::<Vec<_>>(),
+            group_offsets = ?ahead.iter().map(|a| a.1).collect::<Vec<_>>(),
+            stored_offsets = ?ahead.iter().map(|a| a.2).collect::<Vec<_>>(),
+            "the Kafka group's committed offsets of these partitions are ahead of the ones stored in Postgres; \
+             reading from Postgres' offsets. Something other than this database's consumers committed for the \
+             group: another run of the same group id writing another database (each database then gets only \
+             part of the topic: give each its own --group-id), an older consumer under this group id, or this \
+             database was restored from a backup, created afresh, or had its stored offsets removed to load \
+             the topic again"
+        );
     }
 
     /// Leaves the group and joins it again, as a restart would: a join
