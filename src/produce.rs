@@ -484,25 +484,35 @@ pub fn produce(
         }
         passes += 1;
         let offered_before = offered;
-        let lines: Box<dyn Iterator<Item = std::io::Result<Line>>> = if skip_input {
+        // Each line with its number in the file, which the bad-lines file
+        // names whatever order the lines are sent in.
+        let numbered = |lines: std::io::Result<_>| {
+            lines.map(|lines: LineIter| {
+                lines
+                    .enumerate()
+                    .map(|(i, line)| line.map(|line| (i as u64 + 1, line)))
+            })
+        };
+        let lines: Box<dyn Iterator<Item = std::io::Result<(u64, Line)>>> = if skip_input {
             Box::new(std::iter::empty())
         } else if cfg.shuffle {
-            let mut all: Vec<Line> = read_lines(&cfg.input)
+            let mut all: Vec<(u64, Line)> = numbered(read_lines(&cfg.input))
                 .map_err(input_err)?
                 .collect::<Result<_, _>>()
                 .map_err(input_err)?;
             all.shuffle(&mut rng);
             Box::new(all.into_iter().map(Ok))
         } else {
-            Box::new(read_lines(&cfg.input).map_err(input_err)?)
+            Box::new(numbered(read_lines(&cfg.input)).map_err(input_err)?)
         };
         let live_after_file = cfg.live && !cfg.repeat;
-        let lines: Box<dyn Iterator<Item = std::io::Result<Line>>> = if live_after_file {
-            Box::new(lines.chain(LiveEvents::new().map(|l| Ok(Ok(l)))))
+        let lines: Box<dyn Iterator<Item = std::io::Result<(u64, Line)>>> = if live_after_file {
+            // Generated here, so never refused: their number is never shown.
+            Box::new(lines.chain(LiveEvents::new().map(|l| Ok((0, Ok(l))))))
         } else {
             lines
         };
-        for (n, line) in lines.enumerate() {
+        for line in lines {
             if stop.load(Ordering::Relaxed) {
                 break 'outer;
             }
@@ -515,7 +525,7 @@ pub fn produce(
                     break 'outer;
                 }
             }
-            let line = match line {
+            let (number, line) = match line {
                 Ok(line) => line,
                 Err(e) => {
                     // Stop reading, but deliver what is queued before failing:
@@ -551,7 +561,8 @@ pub fn produce(
                             )?))
                         }
                     };
-                    let record = serde_json::json!({"line": n + 1, "reason": reason, "text": line});
+                    let record =
+                        serde_json::json!({"line": number, "reason": reason, "text": line});
                     writeln!(out, "{record}").map_err(|source| ProduceError::BadLines {
                         path: bad_path.clone(),
                         source,
@@ -771,7 +782,10 @@ fn same_file(path: &Path, other: &std::fs::Metadata) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.dev() == other.dev() && m.ino() == other.ino())
 }
 
-fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<Line>>> {
+/// What [`read_lines`] gives.
+type LineIter = Box<dyn Iterator<Item = std::io::Result<Line>>>;
+
+fn read_lines(path: &Path) -> std::io::Result<LineIter> {
     let mut first = true;
     // `-` is standard input, as for most tools that read files.
     let input: Box<dyn std::io::Read> = if path == Path::new("-") {
@@ -779,19 +793,19 @@ fn read_lines(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Resu
     } else {
         Box::new(File::open(path)?)
     };
-    Ok(BufReader::new(input).split(b'\n').map(move |bytes| {
-        let mut bytes = bytes?;
-        if bytes.last() == Some(&b'\r') {
-            bytes.pop();
-        }
-        if std::mem::take(&mut first) && bytes.starts_with(b"\xef\xbb\xbf") {
-            bytes.drain(..3);
-        }
-        Ok(
-            String::from_utf8(bytes)
-                .map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-        )
-    }))
+    Ok(Box::new(BufReader::new(input).split(b'\n').map(
+        move |bytes| {
+            let mut bytes = bytes?;
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+            if std::mem::take(&mut first) && bytes.starts_with(b"\xef\xbb\xbf") {
+                bytes.drain(..3);
+            }
+            Ok(String::from_utf8(bytes)
+                .map_err(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        },
+    )))
 }
 
 /// Writes out the refused lines buffered so far.
@@ -875,6 +889,55 @@ mod tests {
             live: false,
             input_once: false,
         }
+    }
+
+    /// Regression: with `--shuffle`, the bad-lines file gave each refused
+    /// line's place in the shuffled order as its `line`, not its line in the
+    /// file.
+    #[test]
+    fn refused_lines_are_numbered_as_in_the_file_when_shuffled() {
+        let dir = std::env::temp_dir().join(format!("es-produce-shuffle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.jsonl");
+        let good = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
+        let mut text = String::new();
+        for n in 1..=40 {
+            text += &match n {
+                5 => "not json at all".to_string(),
+                17 => "[1,2]".to_string(),
+                33 => "{}".to_string(),
+                _ => good.to_string(),
+            };
+            text.push('\n');
+        }
+        std::fs::write(&input, text).unwrap();
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("shuffled", 1, 1).unwrap();
+        let mut cfg = replay(cluster.bootstrap_servers(), "shuffled", input, &dir);
+        cfg.shuffle = true;
+        let summary = produce_once(&cfg).unwrap();
+        assert_eq!((summary.sent, summary.bad_lines), (37, 3));
+        let mut bad: Vec<(u64, String)> = std::fs::read_to_string(dir.join("bad.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["line"].as_u64().unwrap(),
+                    v["text"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        bad.sort();
+        assert_eq!(
+            bad,
+            [
+                (5, "not json at all".to_owned()),
+                (17, "[1,2]".to_owned()),
+                (33, "{}".to_owned())
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A JSONL file with a byte order mark, CRLF line ends and one line that
