@@ -910,6 +910,27 @@ fn stderr_lines(child: &mut common::Reaped) -> std::sync::mpsc::Receiver<String>
     lines
 }
 
+/// `energy-stream run` with `args`, writing the database `db`, and its log
+/// lines as they come.
+fn run_logged(
+    args: &[&str],
+    db: &tokio_postgres::Config,
+) -> (common::Reaped, std::sync::mpsc::Receiver<String>) {
+    let mut child = common::Reaped::new(
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["run", "--metrics-addr", "off"])
+            .args(args)
+            .env("DATABASE_URL", common::db_url_with_password(db))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stderr_lines(&mut child);
+    (child, lines)
+}
+
 /// The first line for which `done` is true, waiting at most `limit`; panics
 /// with every line read when none comes.
 fn line_where(
@@ -979,19 +1000,19 @@ async fn an_idle_run_still_logs_progress_on_its_interval() {
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     cluster.create_topic("idle_progress", 1, 1).unwrap();
     let db = common::fresh_db("idleprogress").await;
-    let mut child = common::Reaped::new(
-        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-            .args(["run", "--metrics-addr", "off", "--no-kpis"])
-            .args(["--brokers", &cluster.bootstrap_servers()])
-            .args(["--topic", "idle_progress", "--progress-interval-secs", "1"])
-            .env("DATABASE_URL", common::db_url_with_password(&db))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let brokers = cluster.bootstrap_servers();
+    let (child, lines) = run_logged(
+        &[
+            "--no-kpis",
+            "--brokers",
+            &brokers,
+            "--topic",
+            "idle_progress",
+            "--progress-interval-secs",
+            "1",
+        ],
+        &db,
     );
-    let lines = stderr_lines(&mut child);
     let mut progress = 0;
     line_where(
         &lines,
@@ -1027,26 +1048,23 @@ async fn log_lines_count_from_the_start_across_a_kpi_reload() {
         "SELECT channel, count(*) AS events FROM events GROUP BY channel",
     )]);
     let db = common::fresh_db("reloadcounts").await;
-    let mut child = common::Reaped::new(
-        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-            .args(["run", "--metrics-addr", "off", "--kpi-watch-secs", "1"])
-            .args(["--brokers", &brokers, "--topic", "reload_counts"])
-            .args([
-                "--progress-interval-secs",
-                "1",
-                "--batch-max-wait-ms",
-                "100",
-            ])
-            .arg("--queries-dir")
-            .arg(&kpis.dir)
-            .env("DATABASE_URL", common::db_url_with_password(&db))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (child, lines) = run_logged(
+        &[
+            "--kpi-watch-secs",
+            "1",
+            "--brokers",
+            &brokers,
+            "--topic",
+            "reload_counts",
+            "--progress-interval-secs",
+            "1",
+            "--batch-max-wait-ms",
+            "100",
+            "--queries-dir",
+            kpis.dir.to_str().unwrap(),
+        ],
+        &db,
     );
-    let lines = stderr_lines(&mut child);
     let mut stopped = Vec::new();
     let mut note_stop = |l: &str| {
         if l.contains("pipeline stopped") {
@@ -1129,24 +1147,20 @@ async fn the_end_of_an_outage_is_logged_when_the_retried_batch_commits() {
         "answers_again",
         &common::sample_messages(0..50, 5),
     );
-    let mut child = common::Reaped::new(
-        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-            .args(["run", "--metrics-addr", "off", "--no-kpis"])
-            .args(["--brokers", &brokers, "--topic", "answers_again"])
-            .args([
-                "--progress-interval-secs",
-                "1",
-                "--batch-max-wait-ms",
-                "100",
-            ])
-            .env("DATABASE_URL", common::db_url_with_password(&db))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (child, lines) = run_logged(
+        &[
+            "--no-kpis",
+            "--brokers",
+            &brokers,
+            "--topic",
+            "answers_again",
+            "--progress-interval-secs",
+            "1",
+            "--batch-max-wait-ms",
+            "100",
+        ],
+        &db,
     );
-    let lines = stderr_lines(&mut child);
     line_where(&lines, Duration::from_secs(60), "the first 50 in", |l| {
         l.contains("progress") && l.contains("written=50 ")
     });
