@@ -756,6 +756,8 @@ async fn a_run_to_the_end_given_no_partition_stops() {
 /// A LATIN1 database refuses characters outside Latin-1 (SQLSTATE 22P05) on
 /// every retry, which would stall the partition that carries one: `run`
 /// refuses such a database at start, before creating anything in it.
+/// Regression: `migrate` installed the schema in it, so the deploy step
+/// passed and the consumers then refused to start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_cannot_store_unicode_is_refused_at_start() {
     let admin: tokio_postgres::Config = server_url().parse().unwrap();
@@ -786,6 +788,20 @@ async fn a_database_that_cannot_store_unicode_is_refused_at_start() {
         .unwrap()
         .get(0);
     assert_eq!(tables, 0, "nothing was created in it");
+    let refused = energy_stream::sink::migrate::migrate(&mut client(&db).await)
+        .await
+        .expect_err("migrate refuses it too");
+    assert!(refused.to_string().contains("LATIN1"), "{refused}");
+    let tables: i64 = client(&db)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "migrate created nothing in it");
 }
 
 /// Regression: consumers starting together on a fresh database raced to

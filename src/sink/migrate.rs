@@ -96,7 +96,11 @@ async fn up_to_date(client: &Client) -> Result<bool, SinkError> {
 }
 
 /// Applies the pending migrations. Fails if an applied migration's file changed.
+/// Refuses a database `run` would refuse ([`super::check_encoding`]) before
+/// changing it: the deploy step is where that is to be found, not the
+/// consumers' start.
 pub async fn migrate(client: &mut Client) -> Result<MigrateReport, SinkError> {
+    super::check_encoding(client).await?;
     client
         .batch_execute("SET client_min_messages = warning")
         .await?;
