@@ -1477,8 +1477,17 @@ fn tls_required_of_a_server_without_it_stops_the_run() {
             }
         }
     });
-    let mut child = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-        .args([
+    // Debian's postgresql package brings this certificate (through ssl-cert).
+    let ca = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    assert!(
+        std::path::Path::new(ca).exists(),
+        "{ca} is missing: apt-get install -y postgresql (ssl-cert) makes it"
+    );
+    // Regression: with a CA file and sslmode=prefer (which the CA file
+    // makes require), the advice was "use sslmode=prefer", as the URL said.
+    for (url_mode, ca_file) in [("require", None), ("prefer", Some(ca))] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_energy-stream"));
+        cmd.args([
             "run",
             "--no-kpis",
             "--metrics-addr",
@@ -1488,28 +1497,33 @@ fn tls_required_of_a_server_without_it_stops_the_run() {
         ])
         .env(
             "DATABASE_URL",
-            format!("postgres://nobody@127.0.0.1:{port}/energy?sslmode=require"),
+            format!("postgres://nobody@127.0.0.1:{port}/energy?sslmode={url_mode}"),
         )
+        .env_remove("DATABASE_CA_FILE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("run still retrying a server that will never offer TLS");
+        .stderr(Stdio::piped());
+        if let Some(ca) = ca_file {
+            cmd.env("DATABASE_CA_FILE", ca);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        let mut child = cmd.spawn().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("run still retrying a server that will never offer TLS");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = common::output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains("server does not support TLS"), "{text}");
+        assert!(text.contains("sslmode=prefer without a CA file"), "{text}");
+        if ca_file.is_some() {
+            assert!(text.contains("--database-ca-file"), "{text}");
+        }
     }
-    let out = child.wait_with_output().unwrap();
-    let text = common::output_text(&out);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(
-        text.contains("server does not support TLS") && text.contains("sslmode=prefer"),
-        "{text}"
-    );
 }
 
 /// Regression: `migrate` read `--no-kpis` but not NO_KPIS, which the README

@@ -230,8 +230,10 @@ pub fn classify(e: &tokio_postgres::Error) -> SinkError {
         // wrong password, so retrying for ever only hid it.
         if message.contains("server does not support TLS") {
             return SinkError::Fatal(format!(
-                "{message} — DATABASE_URL asks for TLS (sslmode=require) and this server does \
-                 not offer it: turn ssl on in the server, or use sslmode=prefer"
+                "{message} — TLS is required (sslmode=require in DATABASE_URL, or a CA file given \
+                 with --database-ca-file / DATABASE_CA_FILE, which requires it whatever the sslmode) \
+                 and this server does not offer it: turn ssl on in the server, or use sslmode=prefer \
+                 without a CA file"
             ));
         }
         // No SQLSTATE: the socket closed, the server vanished, or connecting failed.
