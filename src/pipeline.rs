@@ -1412,6 +1412,7 @@ fn intake(
             source.note_if_stuck(cfg.rebalance_limit);
             source.rejoin_if_orphaned(cfg.rebalance_limit);
             source.compare_group_offsets();
+            source.watch_stalls(cfg.rebalance_limit + cfg.batch_max_wait);
             // A run to the end cuts its last, partial batch once nothing more
             // is coming, rather than waiting out --batch-max-wait-ms (which
             // may be an hour) for messages that will not come.

@@ -894,6 +894,17 @@ pub struct KafkaSource {
     /// The ownership generation whose assignment was last compared with the
     /// group's offsets ([`KafkaSource::compare_group_offsets`]).
     group_compared: AtomicU64,
+    /// See [`KafkaSource::watch_stalls`].
+    stall_check: Mutex<StallCheck>,
+}
+
+/// When the topic's stored offsets were last looked at, the partitions then
+/// behind with their stored offsets, and those found stalled.
+#[derive(Default)]
+struct StallCheck {
+    looked: Option<Instant>,
+    behind: Option<HashMap<i32, i64>>,
+    stalled: Vec<i32>,
 }
 
 /// A Kafka timestamp as the error messages show it.
@@ -1016,6 +1027,7 @@ impl KafkaSource {
             refusal: Mutex::new(None),
             orphan_check: Mutex::new(None),
             group_compared: AtomicU64::new(u64::MAX),
+            stall_check: Mutex::new(StallCheck::default()),
         })
     }
 
@@ -1119,7 +1131,7 @@ impl KafkaSource {
             return;
         }
         // Not knowing (Postgres or the broker away), nothing is concluded.
-        let Some(behind) = self.behind() else {
+        let Some(behind) = self.behind(1) else {
             return;
         };
         let stuck: Vec<i32> = match check.take() {
@@ -1202,6 +1214,65 @@ impl KafkaSource {
         );
     }
 
+    /// Every `every`, finds the topic's partitions, whoever owns them, that
+    /// have messages past their offset stored in Postgres and whose offset
+    /// has not moved since the last look: sets the stalled-partitions gauge,
+    /// and warns when that set changes. Lag is only reported by a
+    /// partition's owner, so a partition held by a member that is gone but
+    /// kept in the group (tansu after a SIGKILL), or by one that is stuck,
+    /// showed nothing anywhere while every live consumer looked healthy.
+    /// Every consumer sees the same partitions, so the alert takes the
+    /// largest count, not the sum. `every` must outlast a batch's linger, or
+    /// a quiet partition waiting for its batch to fill would count.
+    pub fn watch_stalls(&self, every: Duration) {
+        let mut check = self.stall_check.lock().expect("stall check");
+        if check.looked.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        check.looked = Some(Instant::now());
+        // Not knowing (Postgres or the broker away), nothing is concluded;
+        // the next look compares with the last one that answered.
+        // Two offsets at least: Kafka's transactions end a partition with a
+        // commit marker, an offset that is no message, so one offset past
+        // the stored one may be all there is to read.
+        let Some(behind) = self.behind(2) else {
+            return;
+        };
+        let mut stalled: Vec<i32> = match &check.behind {
+            Some(before) => behind
+                .iter()
+                .filter(|(p, next)| before.get(p) == Some(next))
+                .map(|(p, _)| *p)
+                .collect(),
+            None => Vec::new(),
+        };
+        stalled.sort_unstable();
+        check.behind = Some(behind);
+        let metrics = &self.consumer.context().metrics;
+        metrics.stalled_partitions.set(stalled.len() as i64);
+        if stalled == check.stalled {
+            return;
+        }
+        if stalled.is_empty() {
+            tracing::info!(topic = %self.topic, "every partition with messages waiting moves again");
+        } else {
+            let assigned = self.ownership.assigned();
+            let (mine, others): (Vec<i32>, Vec<i32>) =
+                stalled.iter().partition(|p| assigned.contains(p));
+            tracing::warn!(
+                topic = %self.topic,
+                partitions = ?stalled,
+                held_here = ?mine,
+                held_elsewhere = ?others,
+                waited_secs = every.as_secs(),
+                "these partitions have messages waiting, and their offsets stored in Postgres have not moved for that long. \
+                 Held elsewhere: their owner is stuck, or gone while the broker keeps it in the group (restarting a \
+                 consumer starts a rebalance). Held here: see this consumer's errors"
+            );
+        }
+        check.stalled = stalled;
+    }
+
     /// Leaves the group and joins it again, as a restart would: a join
     /// starts a rebalance. Unlike [`KafkaSource::subscribe`], the clock of a
     /// run to the end that never had an assignment (`unassigned_since`)
@@ -1215,10 +1286,10 @@ impl KafkaSource {
         self.ownership.revoked_since.set(true);
     }
 
-    /// The topic's partitions with messages past their offset stored in
-    /// Postgres, with that offset (the log's start when none is stored);
-    /// None when the broker or Postgres does not answer.
-    fn behind(&self) -> Option<HashMap<i32, i64>> {
+    /// The topic's partitions with at least `waiting` offsets past their
+    /// offset stored in Postgres, with that offset (the log's start when
+    /// none is stored); None when the broker or Postgres does not answer.
+    fn behind(&self, waiting: i64) -> Option<HashMap<i32, i64>> {
         let stored = self.consumer.context().loader.load().ok()?;
         let mut behind = HashMap::new();
         for p in self.partitions()? {
@@ -1227,7 +1298,7 @@ impl KafkaSource {
                 .fetch_watermarks(&self.topic, p, Duration::from_secs(5))
                 .ok()?;
             let next = stored.get(&p).map_or(low, |s| s.next);
-            if high > next {
+            if high - next >= waiting {
                 behind.insert(p, next);
             }
         }

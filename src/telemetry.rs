@@ -30,6 +30,7 @@ pub const STAGE_DURATION: &str = "energy_stream_stage_duration_seconds";
 pub const END_TO_END_LATENCY: &str = "energy_stream_end_to_end_latency_seconds";
 pub const CONSUMER_LAG: &str = "energy_stream_consumer_lag";
 pub const ASSIGNED_PARTITIONS: &str = "energy_stream_assigned_partitions";
+pub const STALLED_PARTITIONS: &str = "energy_stream_stalled_partitions";
 pub const DB_ERRORS: &str = "energy_stream_db_errors_total";
 /// The `kind` of [`DB_ERRORS`] for a connection Postgres closed while the
 /// pipeline idled (no statement failed, so no batch was retried).
@@ -91,6 +92,7 @@ pub struct Metrics {
     pub end_to_end_latency: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
+    pub stalled_partitions: IntGauge,
     pub db_errors: IntCounterVec,
     pub retries: IntCounter,
     pub last_commit: IntGauge,
@@ -196,6 +198,11 @@ impl Metrics {
                 &r,
                 ASSIGNED_PARTITIONS,
                 "Kafka partitions assigned to this consumer (0: it reads nothing).",
+            ),
+            stalled_partitions: gauge(
+                &r,
+                STALLED_PARTITIONS,
+                "Partitions of the topic, whoever owns them, with messages past their offset stored in Postgres that did not move over the last check (--rebalance-limit-secs plus --batch-max-wait-ms).",
             ),
             db_errors: counter_vec(
                 &r,

@@ -2634,6 +2634,93 @@ async fn each_consumer_exports_how_many_partitions_it_holds() {
     }
 }
 
+/// A partition held by a member of the group that writes nothing (one gone
+/// but kept in the group by the broker, as tansu keeps a SIGKILLed one, or a
+/// stuck one) showed no lag anywhere, and every live consumer looked
+/// healthy. The consumers now count the topic's partitions whose stored
+/// offsets stand still while messages wait, whoever holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_a_silent_member_holds_are_counted_as_stalled() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let Named {
+        _cluster,
+        db,
+        mut cfg,
+        ..
+    } = Named::new("stalled", &[]).await;
+    cfg.stop_when_caught_up = false;
+    cfg.rebalance_limit = Duration::from_secs(1);
+    let (brokers, topic) = (cfg.kafka.brokers.clone(), cfg.kafka.topic.clone());
+    // A member that polls, so the group keeps it, and writes nothing.
+    let silent: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", &cfg.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .unwrap();
+    silent.subscribe(&[&topic]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let polling = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = silent.poll(Duration::from_millis(100));
+            }
+            silent.unsubscribe();
+            for _ in 0..20 {
+                let _ = silent.poll(Duration::from_millis(100));
+            }
+        })
+    };
+    let metrics = Metrics::new();
+    let running = Running::spawn(cfg, metrics.clone());
+    let held = || metrics.assigned_partitions.get();
+    within(60, "the pipeline holds one partition of two", || {
+        held() == 1
+    })
+    .await;
+    send_raw(&brokers, &topic, &sample_messages(0..200, 20));
+    let stalled = || metrics.stalled_partitions.get();
+    within(
+        60,
+        "the silent member's partition counts as stalled",
+        || stalled() == 1,
+    )
+    .await;
+    let written: i64 = client(&db)
+        .await
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        written > 0 && written < 200,
+        "the pipeline's own partition moved: {written}"
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    polling.join().unwrap();
+    within(
+        60,
+        "the pipeline holds both partitions once it left",
+        || held() == 2,
+    )
+    .await;
+    wait_until(
+        &db,
+        "SELECT count(*) = 200 FROM events",
+        "all 200 once it left",
+    )
+    .await;
+    within(60, "nothing counts as stalled once it moves", || {
+        stalled() == 0
+    })
+    .await;
+    running.stop().await;
+}
+
 /// Regression: a consumer holding no partition whose topic went away
 /// (deleted, or a broker that lost it) said it was ready, and nothing in its
 /// log named the topic. (tansu cannot show this: librdkafka crashes on the
