@@ -48,7 +48,11 @@ pub struct BenchConfig {
 /// What one bench run measured.
 #[derive(Debug, Clone, Default)]
 pub struct BenchReport {
+    /// What was measured on, and how: (what, value) rows printed first.
+    pub context: Vec<(String, String)>,
     pub events: u64,
+    /// How many KPI files `run` computed.
+    pub kpis: usize,
     /// The extra arguments `run` had (e.g. `--no-kpis`), for the report.
     pub run_args: Vec<String>,
     /// From starting `run` until Postgres held its last offsets.
@@ -64,8 +68,12 @@ pub struct BenchReport {
 
 #[derive(Debug, Clone, Default)]
 pub struct LatencyReport {
+    /// The rate asked of the producer: 10% of the measured one.
     pub rate: f64,
     pub secs: u64,
+    /// What the producer sent, and over how long.
+    pub sent: u64,
+    pub sent_secs: f64,
     pub run_summary: String,
     pub peak_rss_mb: f64,
     /// End-to-end latency after the warm-up, from `run`'s histogram.
@@ -199,11 +207,19 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "| measure | value |")?;
         writeln!(f, "|---|---|")?;
+        for (what, value) in &self.context {
+            writeln!(f, "| {what} | {value} |")?;
+        }
         writeln!(f, "| events | {} |", self.events)?;
+        let kpis = match self.kpis {
+            0 => "no KPI".to_string(),
+            1 => "1 KPI file".to_string(),
+            n => format!("{n} KPI files"),
+        };
         let run = if self.run_args.is_empty() {
-            "`run`, defaults, every KPI file".to_string()
+            format!("`run`, defaults, {kpis}")
         } else {
-            format!("`run {}`", self.run_args.join(" "))
+            format!("`run {}`, {kpis}", self.run_args.join(" "))
         };
         writeln!(
             f,
@@ -230,13 +246,19 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(f, "| ratio to A | {:.2} |", self.ratio_a())?;
         writeln!(f, "| ratio to B | {:.2} |", self.ratio_b())?;
-        writeln!(f, "| peak RSS of `run` | {:.0} MB |", self.peak_rss_mb)?;
+        writeln!(f, "| peak RSS of `run` | {:.0} MiB |", self.peak_rss_mb)?;
         writeln!(f, "| `run` summary | {} |", self.run_summary)?;
         if let Some(l) = &self.latency {
             writeln!(
                 f,
-                "| latency run: {:.0} events/s for {} s | {} (peak RSS {:.0} MB) |",
-                l.rate, l.secs, l.run_summary, l.peak_rss_mb
+                "| latency run: {:.0} events/s asked for {} s; {} sent in {:.1} s ({:.0} events/s) | {} (peak RSS {:.0} MiB) |",
+                l.rate,
+                l.secs,
+                l.sent,
+                l.sent_secs,
+                l.sent as f64 / l.sent_secs.max(f64::MIN_POSITIVE),
+                l.run_summary,
+                l.peak_rss_mb
             )?;
             if let Some(s) = &l.steady {
                 writeln!(
@@ -261,8 +283,83 @@ struct RunOutcome {
     elapsed: Duration,
 }
 
-/// Waits for `child`, reading its stdout; returns its peak RSS from wait4.
-fn wait_run(mut child: std::process::Child, started: Instant) -> anyhow::Result<RunOutcome> {
+/// The `run` children alive, so that an interrupted bench stops them
+/// instead of leaving them writing into a database it drops.
+#[derive(Clone, Default)]
+struct Children(Arc<std::sync::Mutex<Vec<libc::pid_t>>>);
+
+impl Children {
+    fn add(&self, pid: libc::pid_t) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(pid);
+    }
+
+    fn remove(&self, pid: libc::pid_t) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != pid);
+    }
+
+    fn alive(&self) -> Vec<libc::pid_t> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// SIGTERM to each (a clean stop: in-flight batches commit), then,
+    /// after `grace`, SIGKILL to those still there. Their waiters reap them.
+    async fn stop(&self, grace: Duration) {
+        for pid in self.alive() {
+            // SAFETY: signalling our own child process, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + grace;
+        while !self.alive().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for pid in self.alive() {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        while !self.alive().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The largest `VmHWM` of the child `pid` seen after its exec, in KiB,
+/// sampled until `done`. wait4's `ru_maxrss` would do, but Linux carries the
+/// high-water mark across exec: a child started while the bench held its
+/// copy of the rows reported the bench's memory (223 MiB against the
+/// child's own 94).
+fn sample_peak_rss(pid: libc::pid_t, done: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        // Before its exec, the child is a copy of this process.
+        let own = std::fs::read("/proc/self/cmdline").unwrap_or_default();
+        while !done.load(Ordering::Relaxed) {
+            let execed =
+                std::fs::read(proc_dir.join("cmdline")).is_ok_and(|c| !c.is_empty() && c != own);
+            if execed
+                && let Ok(status) = std::fs::read_to_string(proc_dir.join("status"))
+                && let Some(kib) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kib);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    })
+}
+
+/// Waits for `child`, reading its stdout; returns its summary and peak RSS.
+fn wait_run(
+    mut child: std::process::Child,
+    started: Instant,
+    children: Children,
+) -> anyhow::Result<RunOutcome> {
     let mut stdout = child.stdout.take().expect("piped stdout");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -270,27 +367,43 @@ fn wait_run(mut child: std::process::Child, started: Instant) -> anyhow::Result<
         s
     });
     let pid = child.id() as libc::pid_t;
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = sample_peak_rss(pid, done.clone());
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 fills it for our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let elapsed = started.elapsed();
+    children.remove(pid);
+    done.store(true, Ordering::Relaxed);
+    let sampled = sampler.join().unwrap_or(0);
     if r != pid {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
     }
     let out = reader.join().unwrap_or_default();
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-        bail!("`run` failed (status {status}); its stdout:\n{out}");
+        use std::os::unix::process::ExitStatusExt;
+        let status = std::process::ExitStatus::from_raw(status);
+        if out.trim().is_empty() {
+            bail!("`run` failed ({status}); its errors are above");
+        }
+        bail!("`run` failed ({status}); its errors are above, and its stdout:\n{out}");
     }
     let summary = out
         .lines()
         .find_map(|l| l.strip_prefix("run summary: "))
         .unwrap_or("(no summary line)")
         .to_string();
+    // ru_maxrss (KiB on Linux) only if no sample came: a `run` too short to
+    // be seen after its exec.
+    let kib = if sampled > 0 {
+        sampled
+    } else {
+        usage.ru_maxrss as u64
+    };
     Ok(RunOutcome {
         summary,
-        // ru_maxrss is in KiB on Linux.
-        peak_rss_mb: usage.ru_maxrss as f64 / 1024.0,
+        peak_rss_mb: kib as f64 / 1024.0,
         elapsed,
     })
 }
@@ -427,6 +540,7 @@ fn spawn_run(
     db_url: &str,
     stop_when_caught_up: bool,
     metrics: Option<std::net::SocketAddr>,
+    children: &Children,
 ) -> anyhow::Result<std::process::Child> {
     let mut c = child(cfg, "run", db_url)?;
     c.args(["--brokers", &cfg.brokers, "--topic", topic])
@@ -437,7 +551,9 @@ fn spawn_run(
         c.arg("--stop-when-caught-up");
     }
     c.stdout(Stdio::piped()).stderr(Stdio::inherit());
-    c.spawn().context("cannot start `run`")
+    let child = c.spawn().context("cannot start `run`")?;
+    children.add(child.id() as libc::pid_t);
+    Ok(child)
 }
 
 /// A checkpoint before each timed phase. The pipeline's million rows and the
@@ -508,11 +624,19 @@ async fn timed_copy(
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Runs the whole race and returns the report; the caller decides on `min_ratio`.
-pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
+/// Runs the whole race and returns the report; the caller decides on
+/// `min_ratio`. None when `interrupted` came first: the `run` children are
+/// stopped, and the database, the generated files and a throwaway server
+/// are removed all the same.
+pub async fn run(
+    cfg: BenchConfig,
+    interrupted: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Option<BenchReport>> {
     // `run` reads the KPI files only after the events are generated and
     // loaded: a wrong directory is refused before that work, not after it.
-    if !cfg.run_args.iter().any(|a| a == "--no-kpis") {
+    let kpis = if cfg.run_args.iter().any(|a| a == "--no-kpis") {
+        0
+    } else {
         crate::kpi::KpiEngine::load_dir(&crate::kpi::KpiConfig {
             dir: cfg.queries_dir.clone(),
             ..Default::default()
@@ -523,8 +647,9 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
                 "the bench runs every KPI of {} (--queries-dir; `-- --no-kpis` runs none)",
                 cfg.queries_dir.display()
             )
-        })?;
-    }
+        })?
+        .len()
+    };
     let mut _local = None;
     let server = match &cfg.database {
         Some(c) => c.clone(),
@@ -540,14 +665,53 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     let stamp = run_stamp();
     let db_name = format!("energy_stream_bench_{stamp}");
     let admin = crate::sink::connect(&server).await?;
+    if _local.is_some() {
+        // The throwaway server is tuned for tests (no fsync). Commits would
+        // then cost the pipeline, which commits every batch, less than a
+        // real server makes them cost, against the ceilings' one commit.
+        admin
+            .batch_execute(
+                "ALTER SYSTEM SET fsync = on; ALTER SYSTEM SET full_page_writes = on; \
+                 SELECT pg_reload_conf()",
+            )
+            .await
+            .context("cannot make the throwaway server durable")?;
+    }
+    let context = context(&cfg, &admin, _local.is_some()).await;
     admin
         .batch_execute(&format!("CREATE DATABASE {db_name}"))
         .await
-        .context("cannot create the bench database")?;
+        .map_err(|e| {
+            let hint = if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                " (the DATABASE_URL role needs CREATEDB, or leave DATABASE_URL unset for a throwaway server)"
+            } else {
+                ""
+            };
+            anyhow::Error::new(e).context(format!("cannot create the bench database{hint}"))
+        })?;
     let dir = std::env::temp_dir().join(format!("energy-stream-bench-{stamp}"));
-    let result = race(&cfg, &server, &admin, &db_name, &stamp, &dir).await;
-    // Whatever happened (an unreachable broker, a failed `run`), leave no
-    // bench database and no generated files behind.
+    let children = Children::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let raced = race(
+        &cfg, &server, &admin, &db_name, &stamp, &dir, &children, &stop,
+    );
+    let result = tokio::select! {
+        r = raced => r.map(|mut report| {
+            report.context = context;
+            report.kpis = kpis;
+            Some(report)
+        }),
+        () = interrupted => {
+            eprintln!("bench: interrupted; stopping `run` and removing what the bench made");
+            Ok(None)
+        }
+    };
+    // The producers (blocking threads) and `run` children end before their
+    // database goes.
+    stop.store(true, Ordering::Relaxed);
+    children.stop(Duration::from_secs(30)).await;
+    // Whatever happened (an unreachable broker, a failed `run`, a Ctrl-C),
+    // leave no bench database and no generated files behind.
     for db in [db_name.clone(), format!("{db_name}_latency")] {
         if let Err(e) = admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
@@ -558,6 +722,85 @@ pub async fn run(cfg: BenchConfig) -> anyhow::Result<BenchReport> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// The machine, the server, the broker and the command, for the report:
+/// BENCHMARKS.md records each run with them.
+async fn context(
+    cfg: &BenchConfig,
+    admin: &tokio_postgres::Client,
+    throwaway: bool,
+) -> Vec<(String, String)> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or("?".into(), |kib| {
+            format!("{:.1} GiB", kib as f64 / 1048576.0)
+        });
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or("?".into(), |k| k.trim().to_string());
+    let postgres = admin
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('fsync'), \
+             current_setting('synchronous_commit'), current_setting('ssl')",
+            &[],
+        )
+        .await
+        .map_or("?".into(), |r| {
+            format!(
+                "{} (fsync {}, synchronous_commit {}, ssl {}){}",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+                if throwaway {
+                    ", a throwaway server the bench started (DATABASE_URL unset)"
+                } else {
+                    ", the DATABASE_URL server"
+                }
+            )
+        });
+    vec![
+        (
+            "date".into(),
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        ),
+        (
+            "command".into(),
+            format!("`{}`", std::env::args().collect::<Vec<_>>().join(" ")),
+        ),
+        (
+            "build".into(),
+            format!(
+                "energy-stream {}{}",
+                env!("CARGO_PKG_VERSION"),
+                if cfg!(debug_assertions) {
+                    ", debug build"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        (
+            "machine".into(),
+            format!("{cpu}, {cores} CPUs, {memory}, Linux {kernel}"),
+        ),
+        ("Postgres".into(), postgres),
+        ("broker".into(), cfg.brokers.clone()),
+    ]
 }
 
 /// Names this bench's database, topic and files. Two benches started in the
@@ -578,6 +821,7 @@ fn run_stamp() -> String {
 }
 
 /// Steps 1 to 5 in the fresh database `db_name`.
+#[allow(clippy::too_many_arguments)]
 async fn race(
     cfg: &BenchConfig,
     server: &tokio_postgres::Config,
@@ -585,6 +829,8 @@ async fn race(
     db_name: &str,
     stamp: &str,
     dir: &std::path::Path,
+    children: &Children,
+    stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<BenchReport> {
     let mut db = server.clone();
     db.dbname(db_name);
@@ -621,10 +867,10 @@ async fn race(
         bad_lines: dir.join("bad-lines.jsonl"),
     };
     let pc = produce_cfg.clone();
-    let produced = tokio::task::spawn_blocking(move || {
-        produce(&pc, &AtomicBool::new(false), Metrics::new(), Arc::default())
-    })
-    .await??;
+    let s = stop.clone();
+    let produced =
+        tokio::task::spawn_blocking(move || produce(&pc, &s, Metrics::new(), Arc::default()))
+            .await??;
     eprintln!("bench: loaded {produced}");
     if produced.sent != cfg.events {
         bail!(
@@ -649,7 +895,7 @@ async fn race(
     // exit is reported too.
     let group = format!("bench-{stamp}");
     let started = Instant::now();
-    let child = spawn_run(cfg, &topic, &group, &db_url, true, None)?;
+    let child = spawn_run(cfg, &topic, &group, &db_url, true, None, children)?;
     let exited = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(watch_offsets(
         db.clone(),
@@ -658,7 +904,8 @@ async fn race(
         started,
         exited.clone(),
     ));
-    let outcome = tokio::task::spawn_blocking(move || wait_run(child, started)).await;
+    let reaper = children.clone();
+    let outcome = tokio::task::spawn_blocking(move || wait_run(child, started, reaper)).await;
     exited.store(true, Ordering::Relaxed);
     let outcome = outcome??;
     let caught_up = watcher.await??;
@@ -698,8 +945,12 @@ async fn race(
     let ceiling_a_secs = timed_copy(&mut client, "bench_ceiling_a", &data).await?;
     checkpoints.take(admin).await?;
     let ceiling_b_secs = timed_copy(&mut client, "bench_ceiling_b", &data).await?;
+    // Not held while the latency run's child is forked.
+    drop(data);
 
     let mut report = BenchReport {
+        context: Vec::new(),
+        kpis: 0,
         events: cfg.events,
         run_args: cfg.run_args.clone(),
         pipeline_secs: caught_up.as_secs_f64(),
@@ -736,12 +987,14 @@ async fn race(
             &url_of(&ldb),
             false,
             Some(metrics_addr),
+            children,
         )?;
         let pid = child.id() as libc::pid_t;
-        let waiter = tokio::task::spawn_blocking(move || wait_run(child, started));
+        let reaper = children.clone();
+        let waiter = tokio::task::spawn_blocking(move || wait_run(child, started, reaper));
         // Let the consumer join before the producer starts.
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let stop = Arc::new(AtomicBool::new(false));
+        let latency_stop = Arc::new(AtomicBool::new(false));
         let pc = ProduceConfig {
             kafka: KafkaConfig {
                 topic,
@@ -751,9 +1004,23 @@ async fn race(
             repeat: true,
             ..produce_cfg.clone()
         };
-        let s = stop.clone();
-        let producer =
-            tokio::task::spawn_blocking(move || produce(&pc, &s, Metrics::new(), Arc::default()));
+        // Stopped at the end of the latency run, or with the bench.
+        let (s, outer) = (latency_stop.clone(), stop.clone());
+        let producer = tokio::task::spawn_blocking(move || {
+            let both = AtomicBool::new(false);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    while !s.load(Ordering::Relaxed) && !outer.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    both.store(true, Ordering::Relaxed);
+                });
+                let produce_started = Instant::now();
+                let sent = produce(&pc, &both, Metrics::new(), Arc::default());
+                // Until the stop, not until the last delivery report.
+                sent.map(|sent| (sent, produce_started.elapsed()))
+            })
+        });
         // A fresh producer's first messages wait for its connection and
         // producer id, and the consumer's first fetches for the group: the
         // steady state is measured after that, from `run`'s own histogram.
@@ -761,8 +1028,8 @@ async fn race(
         tokio::time::sleep(warm_up).await;
         let before = scrape_e2e(metrics_addr).await;
         tokio::time::sleep(Duration::from_secs(cfg.latency_secs) - warm_up).await;
-        stop.store(true, Ordering::Relaxed);
-        producer.await??;
+        latency_stop.store(true, Ordering::Relaxed);
+        let (sent, sent_for) = producer.await??;
         // Give the last batch its linger and commit, then stop `run` cleanly.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = scrape_e2e(metrics_addr).await;
@@ -779,6 +1046,8 @@ async fn race(
         report.latency = Some(LatencyReport {
             rate,
             secs: cfg.latency_secs,
+            sent: sent.sent,
+            sent_secs: sent_for.as_secs_f64(),
             run_summary: outcome.summary,
             peak_rss_mb: outcome.peak_rss_mb,
             steady,
@@ -790,6 +1059,36 @@ async fn race(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: the latency run's peak RSS was the bench's own, which
+    /// Linux carries into a child's `ru_maxrss` across its exec.
+    #[test]
+    fn a_childs_peak_rss_is_its_own_not_its_parents() {
+        // The parent holds 256 MiB, every page touched.
+        let ballast = vec![1u8; 256 << 20];
+        let child = Command::new("sleep").arg("0.5").spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        // Reaped below by wait4, which also gives the kernel's figure.
+        std::mem::forget(child);
+        let done = Arc::new(AtomicBool::new(false));
+        let sampler = sample_peak_rss(pid, done.clone());
+        let mut status = 0;
+        // SAFETY: as in wait_run.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
+        done.store(true, Ordering::Relaxed);
+        let sampled = sampler.join().unwrap();
+        assert!(
+            usage.ru_maxrss as u64 >= 200 << 10,
+            "the kernel's figure carries the parent's {} KiB",
+            usage.ru_maxrss
+        );
+        assert!(
+            sampled > 0 && sampled < 32 << 10,
+            "sleep's own peak, not the parent's: {sampled} KiB"
+        );
+        assert_eq!(ballast[ballast.len() - 1], 1);
+    }
 
     #[test]
     fn child_urls_carry_every_part_encoded() {

@@ -1,6 +1,7 @@
 //! The command-line edge: turns a parsed [`Cli`] into calls on the library,
 //! with `anyhow` errors and exit codes. Signals become shutdown futures here.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,7 +71,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let summary = rt.block_on(crate::pipeline::run(cfg, Metrics::new(), shutdown))?;
             // One line on stdout for scripts (the throughput harness reads it).
-            println!("run summary: {summary}");
+            // A reader gone (a killed harness) is no reason to panic after a
+            // clean stop.
+            let _ = writeln!(std::io::stdout().lock(), "run summary: {summary}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate(args) => {
@@ -494,7 +497,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 queries_dir: args.queries_dir.clone(),
             };
             let rt = runtime()?;
-            let report = rt.block_on(crate::bench::run(cfg.clone()))?;
+            let interrupted = {
+                let _enter = rt.enter();
+                shutdown_signal()
+            };
+            let Some(report) = rt.block_on(crate::bench::run(cfg.clone(), interrupted))? else {
+                // As a shell reports a command ended by SIGINT.
+                return Ok(ExitCode::from(130));
+            };
             println!("{report}");
             if report.ratio_a() < cfg.min_ratio || report.ratio_b() < cfg.min_ratio {
                 println!(

@@ -111,15 +111,16 @@ pub struct BenchArgs {
     /// The CI size: 100 000 events.
     #[arg(long)]
     pub quick: bool,
-    /// Exit 1 when the pipeline's rate is below this fraction of either COPY ceiling.
-    #[arg(long, default_value_t = 0.6)]
+    /// Exit 1 when the pipeline's rate is below this fraction of either COPY
+    /// ceiling (0 to 10; 0 only measures).
+    #[arg(long, default_value_t = 0.6, value_parser = parse_min_ratio)]
     pub min_ratio: f64,
     /// Afterwards, stream at 10% of the measured rate for this many seconds and
     /// report end-to-end latency (0 skips it; at most 86400).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=DAY_SECS))]
     pub latency_secs: u64,
-    /// Partitions of the bench topic.
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..))]
+    /// Partitions of the bench topic (1 to 1000).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub partitions: i32,
     /// KPI files `run` computes.
     #[arg(long, default_value = "queries")]
@@ -127,6 +128,20 @@ pub struct BenchArgs {
     /// Extra arguments for `run`, after `--` (e.g. `-- --batch-max-rows 5000`).
     #[arg(last = true)]
     pub run_args: Vec<String>,
+}
+
+/// `--min-ratio`: a number from 0 to 10. NaN and negative values passed
+/// every run, switching the gate off without a word.
+fn parse_min_ratio(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=10.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{text} is not between 0 and 10"))
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -263,7 +263,7 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
     let server = common::server_url();
     let admin = common::client(&server.parse().unwrap()).await;
     let before = bench_dbs(&admin).await;
-    // No pipeline reaches 1000x a plain COPY: the gate must trip.
+    // No pipeline reaches 10x a plain COPY: the gate must trip.
     let out = bench(
         &server,
         &[
@@ -274,7 +274,7 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
             "--latency-secs",
             "7",
             "--min-ratio",
-            "1000",
+            "10",
             "--brokers",
             &broker.brokers,
         ],
@@ -283,17 +283,25 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
     for row in [
+        "| date | ",
+        "| command | `",
+        "| build | energy-stream ",
+        "| machine | ",
+        "| Postgres | ",
+        "| broker | ",
         "| events | 3000 |",
-        "| pipeline (`run`, defaults, every KPI file, start → last offset committed) |",
+        "KPI files, start → last offset committed) |",
         "| `run` exits on its own (notices it is caught up, leaves the group) | after ",
         "| ceiling A: COPY into `events` clone (PK + BRIN) |",
         "| ceiling B: COPY into same columns, PK only |",
         "| ratio to A |",
         "| ratio to B |",
         "| peak RSS of `run` |",
+        " MiB |",
         "batch_latency_ms_p50=",
         "batch_latency_ms_p99=",
         "| latency run: ",
+        " sent in ",
         "FAIL: the pipeline ran at",
     ] {
         assert!(
@@ -338,6 +346,98 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
         before,
         "the bench database was left on the server"
     );
+}
+
+/// Regression: `--min-ratio NaN` or a negative one passed every run,
+/// switching the gate off without a word.
+#[test]
+fn a_min_ratio_that_cannot_gate_is_refused() {
+    for bad in ["NaN", "-1", "-0.5", "inf", "11", "x"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["bench", &format!("--min-ratio={bad}")])
+            .env_remove("DATABASE_URL")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = common::output_text(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {text}");
+        assert!(text.contains("--min-ratio"), "{bad}: {text}");
+    }
+}
+
+/// Regression: a Ctrl-C or SIGTERM killed the bench at once, leaving its
+/// database, its generated file and its `run` child (still writing).
+#[tokio::test]
+async fn an_interrupted_bench_leaves_nothing_behind() {
+    let _turn = BENCH_DBS.lock().await;
+    let broker = common::Broker::get();
+    let server = common::server_url();
+    let admin = common::client(&server.parse().unwrap()).await;
+    let before = bench_dbs(&admin).await;
+    let mut child = common::Reaped::new(
+        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+            .args(["bench", "--events", "200000", "--partitions", "2"])
+            .args(["--min-ratio", "0", "--brokers", &broker.brokers])
+            .env("DATABASE_URL", &server)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.id();
+    let lines = stderr_lines(&mut child);
+    // Loaded: `migrate` and then `run` come next.
+    line_where(&lines, Duration::from_secs(120), "the load", |l| {
+        l.contains("bench: loaded")
+    });
+    let dir = std::env::temp_dir();
+    let made_here = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("energy-stream-bench-") && name.contains(&format!("_{pid}_"))
+            })
+            .count()
+    };
+    assert_eq!(made_here(), 1, "the bench's files are there while it runs");
+    // Into `run`, when the bench has a child to stop.
+    // Whichever of its threads started them.
+    let children = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !children().split_whitespace().any(|c| {
+        std::fs::read(format!("/proc/{c}/cmdline"))
+            .is_ok_and(|l| l.split(|b| *b == 0).nth(1) == Some(b"run"))
+    }) {
+        assert!(Instant::now() < deadline, "no `run` child came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let run_pids: Vec<String> = children().split_whitespace().map(str::to_owned).collect();
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    line_where(&lines, Duration::from_secs(60), "the interruption", |l| {
+        l.contains("bench: interrupted")
+    });
+    let status = child.into_inner().wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(bench_dbs(&admin).await, before, "its database was dropped");
+    assert_eq!(made_here(), 0, "its files were removed");
+    for p in run_pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "its `run` child {p} is gone"
+        );
+    }
 }
 
 /// The bench takes a checkpoint before each timed phase, which needs
