@@ -669,13 +669,18 @@ pub async fn run(
         // The throwaway server is tuned for tests (no fsync). Commits would
         // then cost the pipeline, which commits every batch, less than a
         // real server makes them cost, against the ceilings' one commit.
-        admin
-            .batch_execute(
-                "ALTER SYSTEM SET fsync = on; ALTER SYSTEM SET full_page_writes = on; \
-                 SELECT pg_reload_conf()",
-            )
-            .await
-            .context("cannot make the throwaway server durable")?;
+        // One statement at a time: ALTER SYSTEM refuses a transaction
+        // block, which several statements in one query make.
+        for sql in [
+            "ALTER SYSTEM SET fsync = on",
+            "ALTER SYSTEM SET full_page_writes = on",
+            "SELECT pg_reload_conf()",
+        ] {
+            admin
+                .batch_execute(sql)
+                .await
+                .context("cannot make the throwaway server durable")?;
+        }
     }
     let context = context(&cfg, &admin, _local.is_some()).await;
     admin
