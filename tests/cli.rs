@@ -348,6 +348,32 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
     );
 }
 
+/// Without DATABASE_URL the bench starts a throwaway server, tuned for tests
+/// without fsync, and turns fsync back on so that commits cost what they
+/// cost on a real server. (The first version of that failed every such
+/// bench at once: ALTER SYSTEM refuses a transaction block.)
+#[test]
+fn a_bench_on_its_own_server_measures_with_fsync_on() {
+    let broker = common::Broker::get();
+    let out = Command::new(env!("CARGO_BIN_EXE_energy-stream"))
+        .args(["bench", "--events", "1000", "--partitions", "1"])
+        .args(["--min-ratio", "0", "--brokers", &broker.brokers])
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = common::output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let postgres = text
+        .lines()
+        .find(|l| l.starts_with("| Postgres | "))
+        .unwrap_or_else(|| panic!("no Postgres row: {text}"));
+    assert!(postgres.contains("fsync on"), "{postgres}");
+    assert!(postgres.contains("throwaway server"), "{postgres}");
+    assert!(text.contains("written=1000 rejected=0"), "{text}");
+}
+
 /// Regression: `--min-ratio NaN` or a negative one passed every run,
 /// switching the gate off without a word.
 #[test]
