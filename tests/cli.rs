@@ -1057,6 +1057,27 @@ fn run_logged(
     (child, lines)
 }
 
+/// Stops a `run` with SIGTERM, as an orchestrator does, and requires a
+/// clean exit.
+fn stop_run(child: common::Reaped) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
+}
+
+/// A MockCluster holding `topic`, and its bootstrap servers.
+fn mock_topic(
+    topic: &str,
+    partitions: i32,
+) -> (
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+) {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic(topic, partitions, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    (cluster, brokers)
+}
+
 /// The first line for which `done` is true, waiting at most `limit`; panics
 /// with every line read when none comes.
 fn line_where(
@@ -1123,10 +1144,8 @@ async fn a_start_up_that_waits_on_postgres_says_what_it_waits_on() {
 /// `--progress-interval-secs` said.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_run_still_logs_progress_on_its_interval() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    cluster.create_topic("idle_progress", 1, 1).unwrap();
+    let (_cluster, brokers) = mock_topic("idle_progress", 1);
     let db = common::fresh_db("idleprogress").await;
-    let brokers = cluster.bootstrap_servers();
     let (child, lines) = run_logged(
         &[
             "--no-kpis",
@@ -1151,8 +1170,7 @@ async fn an_idle_run_still_logs_progress_on_its_interval() {
             progress == 3
         },
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
+    stop_run(child);
 }
 
 /// Regression: a change of KPI files starts the stages again, and the
@@ -1161,9 +1179,7 @@ async fn an_idle_run_still_logs_progress_on_its_interval() {
 /// at the end with only what came after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_count_from_the_start_across_a_kpi_reload() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    cluster.create_topic("reload_counts", 1, 1).unwrap();
+    let (_cluster, brokers) = mock_topic("reload_counts", 1);
     common::send_raw(
         &brokers,
         "reload_counts",
@@ -1265,9 +1281,7 @@ async fn the_end_of_an_outage_is_logged_when_the_retried_batch_commits() {
         .unwrap(),
     );
     let db = common::fresh_db_on(&pg.url(), "answersagain").await;
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    cluster.create_topic("answers_again", 1, 1).unwrap();
+    let (_cluster, brokers) = mock_topic("answers_again", 1);
     common::send_raw(
         &brokers,
         "answers_again",
@@ -1320,8 +1334,7 @@ async fn the_end_of_an_outage_is_logged_when_the_retried_batch_commits() {
         first.contains("answers again"),
         "the rows were in before the end of the outage was told: {first}"
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    common::wait_exit_success(child.into_inner(), Duration::from_secs(20), "run");
+    stop_run(child);
 }
 
 /// Two `run`s of one group id writing different databases split the topic
@@ -1332,9 +1345,7 @@ async fn the_end_of_an_outage_is_logged_when_the_retried_batch_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_read_further_than_the_database_is_warned_of() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    cluster.create_topic("split_group", 2, 1).unwrap();
+    let (_cluster, brokers) = mock_topic("split_group", 2);
     common::send_raw(&brokers, "split_group", &common::sample_messages(0..40, 5));
     let (first, second) = (
         common::fresh_db("splitfirst").await,

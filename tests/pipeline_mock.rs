@@ -778,30 +778,23 @@ async fn a_database_that_cannot_store_unicode_is_refused_at_start() {
         msg.contains("LATIN1") && msg.contains("ENCODING 'UTF8'"),
         "{msg}"
     );
-    let tables: i64 = client(&db)
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(tables, 0, "nothing was created in it");
+    let tables = || async {
+        client(&db)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(tables().await, 0, "nothing was created in it");
     let refused = energy_stream::sink::migrate::migrate(&mut client(&db).await)
         .await
         .expect_err("migrate refuses it too");
     assert!(refused.to_string().contains("LATIN1"), "{refused}");
-    let tables: i64 = client(&db)
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(tables, 0, "migrate created nothing in it");
+    assert_eq!(tables().await, 0, "migrate created nothing in it");
 }
 
 /// Regression: consumers starting together on a fresh database raced to
