@@ -2308,7 +2308,7 @@ fn record_commit(
     // The probe only asks while no batch commits, so the end of an outage
     // that batches retried through is told here.
     if !ctx.health.postgres_ok.swap(true, Ordering::Relaxed) {
-        tracing::info!("Postgres answers again; the batch retried through the outage is committed");
+        tracing::info!("Postgres answers again: a batch committed");
     }
     ctx.health.committing.store(true, Ordering::Relaxed);
     for (name, secs) in [
