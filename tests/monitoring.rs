@@ -161,6 +161,10 @@ fn interval_secs(arg: &str) -> u64 {
     }
 }
 
+/// Marks a variable's custom all value (`allValue`), which [`expand`]
+/// inserts verbatim where Grafana would: a variable set to All.
+const ALL_VALUE: &str = "\u{0}all:";
+
 /// Expands `$__timeFilter`, `$__timeFrom`, `$__timeTo`, `$__timeGroup(Alias)`
 /// and the `$channel` / `$tariff` variables the way Grafana's PostgreSQL
 /// datasource does (time groups become epoch seconds, multi-value variables
@@ -194,14 +198,19 @@ fn expand(sql: &str, range: &Range, vars: &BTreeMap<&str, Vec<String>>) -> Strin
                 }
                 (t, n)
             }
-            v if vars.contains_key(v) => {
-                let list = vars[v]
-                    .iter()
-                    .map(|x| format!("'{}'", x.replace('\'', "''")))
-                    .collect::<Vec<_>>()
-                    .join(",");
-                (list, 0)
-            }
+            v if vars.contains_key(v) => match &vars[v][..] {
+                // A custom all value goes in as it is, unquoted, as Grafana
+                // sends it.
+                [one] if one.starts_with(ALL_VALUE) => (one[ALL_VALUE.len()..].to_string(), 0),
+                values => {
+                    let list = values
+                        .iter()
+                        .map(|x| format!("'{}'", x.replace('\'', "''")))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    (list, 0)
+                }
+            },
             other => panic!("unsupported Grafana macro or variable ${other} in:\n{sql}"),
         };
         out.push_str(&text);
@@ -320,6 +329,7 @@ async fn variable_sets(
     range: &Range,
 ) -> Vec<BTreeMap<&'static str, Vec<String>>> {
     let mut all: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    let mut all_value: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     for v in d["templating"]["list"].as_array().into_iter().flatten() {
         let name = v["name"].as_str().unwrap();
         let name: &'static str = match name {
@@ -352,15 +362,31 @@ async fn variable_sets(
             .collect();
         assert!(!values.is_empty(), "variable {name} has no values");
         all.insert(name, values);
+        all_value.insert(name, vec![format!("{ALL_VALUE}{}", all_value_of(v))]);
     }
-    let mut sets = vec![all.clone()];
+    // All, as Grafana sends it (the custom all value); then one value of
+    // each in turn; then every value picked one by one.
+    let mut sets = vec![all_value];
     for name in all.keys() {
         let mut one = all.clone();
         one.insert(name, vec![all[name][0].clone()]);
         sets.push(one);
     }
     sets.push(all.iter().map(|(k, v)| (*k, vec![v[0].clone()])).collect());
+    sets.push(all);
     sets
+}
+
+/// A variable's custom all value. Without one, Grafana sends All as the
+/// list of the options it loaded, which is empty (`IN ()`, a syntax error)
+/// when the dashboard opens before the first row is committed.
+fn all_value_of(v: &Value) -> String {
+    let name = v["name"].as_str().unwrap_or_default();
+    v["allValue"]
+        .as_str()
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| panic!("variable {name} has no allValue"))
+        .to_string()
 }
 
 /// Runs every PostgreSQL query of every dashboard under every variable set.
@@ -434,6 +460,43 @@ const RANGE: Range = Range {
     from: "2025-06-15T00:00:00Z",
     to: "2025-06-29T00:00:00Z",
 };
+
+/// Regression: the variables' All was the list of options loaded when the
+/// dashboard opened, so a dashboard opened before the pipeline's first
+/// commit sent `IN ()` in every filtered panel until it was reloaded.
+/// Under All, every panel query runs on a database with the schema and the
+/// KPI tables and no row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_postgres_panel_query_runs_before_the_first_row() {
+    let db = load(Vec::new(), "emptypanels").await;
+    let c = client(&db).await;
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (_, d) in dashboards() {
+        let vars: BTreeMap<&str, Vec<String>> = d["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                let name: &str = match v["name"].as_str().unwrap() {
+                    "channel" => "channel",
+                    "tariff" => "tariff",
+                    other => panic!("unexpected template variable {other}"),
+                };
+                (name, vec![format!("{ALL_VALUE}{}", all_value_of(v))])
+            })
+            .collect();
+        for q in queries(&d).into_iter().filter(|q| q.uid == POSTGRES_UID) {
+            let sql = expand(&q.text, &RANGE, &vars);
+            checked += 1;
+            if let Err(e) = run_sql(&c, &sql).await {
+                failures.push(format!("{}: {e}\n{sql}", q.panel));
+            }
+        }
+    }
+    assert!(checked >= 10, "only {checked} Postgres panel queries");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_postgres_panel_query_returns_rows() {
