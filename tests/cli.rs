@@ -161,6 +161,28 @@ fn passwords_never_appear_in_help_or_logs() {
 /// take turns.
 static BENCH_DBS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A bench test's turn on the shared server: the server's URL, a client
+/// on it, and how many bench databases it held when the turn began.
+struct BenchTurn {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+    server: String,
+    admin: tokio_postgres::Client,
+    before: i64,
+}
+
+async fn bench_turn() -> BenchTurn {
+    let turn = BENCH_DBS.lock().await;
+    let server = common::server_url();
+    let admin = common::client(&server.parse().unwrap()).await;
+    let before = bench_dbs(&admin).await;
+    BenchTurn {
+        _turn: turn,
+        server,
+        admin,
+        before,
+    }
+}
+
 /// `energy-stream bench <args>` against the Postgres server at `server`.
 fn bench(server: &str, args: &[&str]) -> std::process::Output {
     bench_with_env(server, &[], args)
@@ -199,19 +221,16 @@ async fn failed_bench_stderr(env: &[(&str, &str)]) -> String {
 
 /// [`failed_bench_stderr`] with extra arguments.
 async fn failed_bench_stderr_with(env: &[(&str, &str)], args: &[&str]) -> String {
-    let _turn = BENCH_DBS.lock().await;
-    let server = common::server_url();
-    let admin = common::client(&server.parse().unwrap()).await;
-    let before = bench_dbs(&admin).await;
+    let turn = bench_turn().await;
     let broker = format!("127.0.0.1:{}", common::free_port());
     let mut all = vec!["--events", "100", "--brokers", &broker];
     all.extend_from_slice(args);
-    let out = bench_with_env(&server, env, &all);
+    let out = bench_with_env(&turn.server, env, &all);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{stderr}");
     assert_eq!(
-        bench_dbs(&admin).await,
-        before,
+        bench_dbs(&turn.admin).await,
+        turn.before,
         "a bench database was left on the server"
     );
     stderr
@@ -258,14 +277,11 @@ async fn the_bench_takes_kafka_options_from_the_environment() {
 /// fails the command (exit 1) when the pipeline is below it.
 #[tokio::test]
 async fn bench_reports_every_figure_and_gates_on_the_ratio() {
-    let _turn = BENCH_DBS.lock().await;
+    let turn = bench_turn().await;
     let broker = common::Broker::get();
-    let server = common::server_url();
-    let admin = common::client(&server.parse().unwrap()).await;
-    let before = bench_dbs(&admin).await;
     // No pipeline reaches 10x a plain COPY: the gate must trip.
     let out = bench(
-        &server,
+        &turn.server,
         &[
             "--events",
             "3000",
@@ -313,7 +329,8 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
         stdout.contains("written=3000 rejected=0"),
         "every generated event is valid and written: {stdout}"
     );
-    let superuser: bool = admin
+    let superuser: bool = turn
+        .admin
         .query_one(
             "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
             &[],
@@ -342,8 +359,8 @@ async fn bench_reports_every_figure_and_gates_on_the_ratio() {
         "caught up after {caught_up} s, exited after {exited} s:\n{stdout}"
     );
     assert_eq!(
-        bench_dbs(&admin).await,
-        before,
+        bench_dbs(&turn.admin).await,
+        turn.before,
         "the bench database was left on the server"
     );
 }
@@ -395,16 +412,13 @@ fn a_min_ratio_that_cannot_gate_is_refused() {
 /// database, its generated file and its `run` child (still writing).
 #[tokio::test]
 async fn an_interrupted_bench_leaves_nothing_behind() {
-    let _turn = BENCH_DBS.lock().await;
+    let turn = bench_turn().await;
     let broker = common::Broker::get();
-    let server = common::server_url();
-    let admin = common::client(&server.parse().unwrap()).await;
-    let before = bench_dbs(&admin).await;
     let mut child = common::Reaped::new(
         Command::new(env!("CARGO_BIN_EXE_energy-stream"))
             .args(["bench", "--events", "200000", "--partitions", "2"])
             .args(["--min-ratio", "0", "--brokers", &broker.brokers])
-            .env("DATABASE_URL", &server)
+            .env("DATABASE_URL", &turn.server)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -456,7 +470,11 @@ async fn an_interrupted_bench_leaves_nothing_behind() {
     });
     let status = child.into_inner().wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    assert_eq!(bench_dbs(&admin).await, before, "its database was dropped");
+    assert_eq!(
+        bench_dbs(&turn.admin).await,
+        turn.before,
+        "its database was dropped"
+    );
     assert_eq!(made_here(), 0, "its files were removed");
     for p in run_pids {
         assert!(
