@@ -870,6 +870,13 @@ mod tests {
         }
     }
 
+    /// A fresh directory for one test's files, named after it and this process.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("es-produce-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     /// A plain replay of `input` into `topic`, refusals to `dir/bad.jsonl`,
     /// every option off.
     fn replay(brokers: String, topic: &str, input: PathBuf, dir: &Path) -> ProduceConfig {
@@ -896,8 +903,7 @@ mod tests {
     /// file.
     #[test]
     fn refused_lines_are_numbered_as_in_the_file_when_shuffled() {
-        let dir = std::env::temp_dir().join(format!("es-produce-shuffle-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("shuffle");
         let input = dir.join("in.jsonl");
         let good = r#"{"event_type":"user_login","event_time":"2025-06-01T00:00:00Z","payload":{"customer_id":"A","session_id":1,"channel":"web"}}"#;
         let mut text = String::new();
@@ -946,8 +952,7 @@ mod tests {
     /// messages still queued.
     #[test]
     fn bom_crlf_and_a_non_utf8_line_do_not_stop_the_replay() {
-        let dir = std::env::temp_dir().join(format!("es-produce-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("replay");
         let input = dir.join("in.jsonl");
         let good = |c: &str| {
             format!(
@@ -1023,8 +1028,7 @@ mod tests {
     /// only into a topic that holds nothing yet.
     #[test]
     fn input_once_sends_the_file_into_an_empty_topic_only() {
-        let dir = std::env::temp_dir().join(format!("es-produce-once-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("once");
         let input = dir.join("in.jsonl");
         std::fs::write(
             &input,
@@ -1059,8 +1063,7 @@ mod tests {
     /// (1 MiB), and the 2 MiB one a user sends to see too_large.
     #[test]
     fn messages_past_a_mebibyte_are_sent() {
-        let dir = std::env::temp_dir().join(format!("es-produce-big-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("big");
         let input = dir.join("in.jsonl");
         let line = |bytes: usize| {
             let head = "{\"event_type\":\"x\",\"event_time\":\"y\",\"payload\":{\"customer_id\":\"";
@@ -1083,8 +1086,7 @@ mod tests {
     /// file, and counted them, again on every pass.
     #[test]
     fn a_looped_input_records_its_bad_lines_once() {
-        let dir = std::env::temp_dir().join(format!("es-produce-loopbad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("loopbad");
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("loopbad", 1, 1).unwrap();
         let cfg = ProduceConfig {
@@ -1125,8 +1127,7 @@ mod tests {
     /// nothing.
     #[test]
     fn loop_stops_when_a_pass_sends_nothing() {
-        let dir = std::env::temp_dir().join(format!("es-produce-loop-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("loop");
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("looped", 1, 1).unwrap();
         let mut cfg = ProduceConfig {
@@ -1192,8 +1193,7 @@ mod tests {
     #[test]
     fn a_fenced_producer_stops_instead_of_failing_every_message() {
         use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-        let dir = std::env::temp_dir().join(format!("es-produce-fenced-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("fenced");
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         cluster.create_topic("fenced", 1, 1).unwrap();
         let cfg = ProduceConfig {
