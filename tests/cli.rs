@@ -1132,18 +1132,7 @@ async fn a_start_up_that_waits_on_postgres_says_what_it_waits_on() {
         ))
         .await
         .unwrap();
-    let mut child = common::Reaped::new(
-        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-            .args(["run", "--metrics-addr", "off", "--no-kpis"])
-            .args(["--brokers", "127.0.0.1:1"])
-            .env("DATABASE_URL", common::db_url_with_password(&db))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let lines = stderr_lines(&mut child);
+    let (child, lines) = run_logged(&["--no-kpis", "--brokers", "127.0.0.1:1"], &db);
     let notice = line_where(
         &lines,
         Duration::from_secs(90),
@@ -1446,20 +1435,18 @@ async fn a_kpi_failing_on_a_batch_names_the_file_it_was_read_from() {
         "SELECT channel, sum(CAST(channel AS BIGINT)) AS x FROM events GROUP BY channel",
     )]);
     let db = common::fresh_db("failingkpi").await;
-    let mut child = common::Reaped::new(
-        Command::new(env!("CARGO_BIN_EXE_energy-stream"))
-            .args(["run", "--metrics-addr", "off", "--stop-when-caught-up"])
-            .args(["--brokers", &brokers, "--topic", "failing_kpi"])
-            .arg("--queries-dir")
-            .arg(&kpis.dir)
-            .env("DATABASE_URL", common::db_url_with_password(&db))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (child, lines) = run_logged(
+        &[
+            "--stop-when-caught-up",
+            "--brokers",
+            &brokers,
+            "--topic",
+            "failing_kpi",
+            "--queries-dir",
+            kpis.dir.to_str().unwrap(),
+        ],
+        &db,
     );
-    let lines = stderr_lines(&mut child);
     let failed = line_where(&lines, Duration::from_secs(60), "the KPI's failure", |l| {
         l.contains("KPI failed on a batch")
     });
